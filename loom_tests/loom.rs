@@ -1,0 +1,1 @@
+#![cfg(writebehind_loom)]

@@ -1,0 +1,193 @@
+//! The one place that names `std::sync`, `parking_lot`, `loom`, `UnsafeCell` and threads.
+//!
+//! Everything concurrent in the crate imports from here, so that building with
+//! `RUSTFLAGS="--cfg writebehind_loom"` swaps every atomic, lock and cell for loom's
+//! model-checked versions. The cfg is prefixed so that dependencies which also
+//! support loom (crossbeam, for one) do not switch with us.
+//!
+//! Under loom the background flusher threads and timed parking are not modeled: models
+//! build caches in manual-flushing mode and drive flusher steps from their own threads.
+
+#[cfg(not(writebehind_loom))]
+pub(crate) use std::sync::Arc;
+
+#[cfg(writebehind_loom)]
+pub(crate) use loom::sync::Arc;
+
+pub(crate) mod atomic {
+    #[cfg(not(writebehind_loom))]
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+    #[cfg(writebehind_loom)]
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+}
+
+pub(crate) use crossbeam_utils::CachePadded;
+
+// ---------------------------------------------------------------------------------------
+// Mutex and Condvar: parking_lot in production, loom's under the model checker.
+// ---------------------------------------------------------------------------------------
+
+#[cfg(not(writebehind_loom))]
+pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
+
+#[cfg(writebehind_loom)]
+pub(crate) use self::loom_lock::{Condvar, Mutex, MutexGuard};
+
+#[cfg(writebehind_loom)]
+mod loom_lock {
+    use std::ops::{Deref, DerefMut};
+    use std::time::Duration;
+
+    /// A loom mutex with parking_lot's panic-free `lock()` signature.
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    /// Holds the loom guard in an `Option` so [`Condvar::wait_for`] can move it.
+    pub(crate) struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            MutexGuard(Some(self.0.lock().unwrap_or_else(|e| e.into_inner())))
+        }
+
+        pub(crate) fn into_inner(self) -> T {
+            self.0.into_inner().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            self.0.as_ref().expect("guard present outside wait")
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.0.as_mut().expect("guard present outside wait")
+        }
+    }
+
+    #[derive(Debug, Default)]
+    pub(crate) struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        pub(crate) fn new() -> Self {
+            Condvar(loom::sync::Condvar::new())
+        }
+
+        /// Loom cannot model time: this waits for a notification, which models must send.
+        pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, _timeout: Duration) {
+            let inner = guard.0.take().expect("guard present");
+            guard.0 = Some(self.0.wait(inner).unwrap_or_else(|e| e.into_inner()));
+        }
+
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// UnsafeCell with loom's closure-based API, so access is tracked under the model.
+// ---------------------------------------------------------------------------------------
+
+#[cfg(writebehind_loom)]
+pub(crate) use loom::cell::UnsafeCell;
+
+/// `std::cell::UnsafeCell` behind loom's `with` / `with_mut` API.
+#[cfg(not(writebehind_loom))]
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(writebehind_loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) fn new(value: T) -> Self {
+        UnsafeCell(std::cell::UnsafeCell::new(value))
+    }
+
+    #[inline]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+
+    #[inline]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Threads: named flusher threads, parking, and the handle writers use to wake them.
+// ---------------------------------------------------------------------------------------
+
+pub(crate) mod thread {
+    use std::io;
+    use std::time::Duration;
+
+    /// Spawns a named OS thread (the flushers).
+    #[cfg(not(writebehind_loom))]
+    pub(crate) fn spawn_named<F>(name: String, f: F) -> io::Result<std::thread::JoinHandle<()>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        std::thread::Builder::new().name(name).spawn(f)
+    }
+
+    /// Background threads are not modeled under loom: models use manual flushing.
+    #[cfg(writebehind_loom)]
+    pub(crate) fn spawn_named<F>(_name: String, _f: F) -> io::Result<std::thread::JoinHandle<()>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "background flushers are not modeled under loom; build with manual_flushing()",
+        ))
+    }
+
+    pub(crate) type JoinHandle = std::thread::JoinHandle<()>;
+
+    /// Parks the calling flusher until unparked or `timeout` passes.
+    #[cfg(not(writebehind_loom))]
+    pub(crate) fn park_timeout(timeout: Duration) {
+        std::thread::park_timeout(timeout);
+    }
+
+    #[cfg(writebehind_loom)]
+    pub(crate) fn park_timeout(_timeout: Duration) {
+        loom::thread::yield_now();
+    }
+
+    /// The id of the calling thread, to refuse joining oneself.
+    pub(crate) fn current_id() -> std::thread::ThreadId {
+        std::thread::current().id()
+    }
+
+    /// A slot for a flusher's thread handle, set once the thread runs; writers use it to
+    /// wake the flusher. Empty (and waking is a no-op) in manual-flushing mode.
+    #[derive(Debug, Default)]
+    pub(crate) struct Unparker(std::sync::OnceLock<std::thread::Thread>);
+
+    impl Unparker {
+        pub(crate) fn set(&self, thread: std::thread::Thread) {
+            let _ = self.0.set(thread);
+        }
+
+        #[inline]
+        pub(crate) fn unpark(&self) {
+            if let Some(t) = self.0.get() {
+                t.unpark();
+            }
+        }
+
+        pub(crate) fn thread_id(&self) -> Option<std::thread::ThreadId> {
+            self.0.get().map(|t| t.id())
+        }
+    }
+}
