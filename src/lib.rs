@@ -1,10 +1,62 @@
-//! writebehind (work in progress)
+#![doc = include_str!("../README.md")]
+//!
+//! # Guarantees
+//!
+//! * **Read your writes.** `get` returns the latest `put`, and `None` after `remove`, whether
+//!   or not the write has reached the store; a value read through the store never shadows a
+//!   pending write or delete.
+//! * **Conflation.** Any number of writes to a key within one flush window make at most one
+//!   store write, carrying the latest value.
+//! * **Staleness bound.** With a healthy store, a write reaches the store at most
+//!   `write_delay` (plus one flush) after the key's *first* unflushed write.
+//! * **Batching.** Dirty keys go to [`Store::write_all`] in batches of at most `max_batch`;
+//!   that many dirty keys start a flush before the delay is up.
+//! * **Per-key order.** The store never receives an older version of a key after a newer
+//!   one, across retries, `flush` and `close`.
+//! * **No silent loss.** An unavailable store makes writes wait and retry with capped
+//!   exponential backoff; a rejected record is retried `max_attempts` times and then handed
+//!   to [`Cache::failed_writes`] (and the `on_failed_write` callback); a panicking store is
+//!   caught and treated as unavailable; [`Cache::close`] returns what it could not write.
+//! * **`flush` is a barrier** (see [`Cache::flush`]).
+//! * **No lock across the store.** A store may call back into the cache (`get`, `put`).
+//! * **At-least-once, versioned.** A batch may be delivered again after a failure; every
+//!   write carries a version that only grows per key, so idempotent adapters make that
+//!   harmless. Versions start at the wall clock (nanoseconds since the Unix epoch) when the
+//!   cache is built, so a restarted process writes above its predecessor, unless the clock
+//!   was set back by more than the time between the two runs.
+//!
+//! # `flush`, `close` and `Drop`
+//! `flush` waits until everything written before it is in the store (or the flush timeout).
+//! `close(deadline)` stops writes, drains until the deadline, joins the flusher threads and
+//! returns a [`CloseReport`] listing every write that is not in the store. Dropping a cache
+//! that was not closed closes it with the builder's drop deadline and logs (with `tracing`)
+//! how many writes it could not write.
+//!
+//! # Thread safety
+//! `Cache` is `Send + Sync`; share it in an `Arc`. Readers and writers of different shards
+//! never contend; within a shard, one short lock guards the table and no lock is held while
+//! the store runs.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
-pub(crate) mod sync;
+mod cache;
+mod clock;
+mod config;
+mod dirty_ring;
 mod error;
+mod flusher;
+mod metrics;
+mod shard;
 mod store;
+pub(crate) mod sync;
+pub mod testing;
 
+pub use cache::{Cache, CloseReport, FailedWrite};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{
+    Builder, WriteMode, DEFAULT_FLUSHERS, DEFAULT_FLUSH_TIMEOUT, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BATCH, DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_WRITE_DELAY,
+};
 pub use error::{BatchError, Error, Source, StoreError};
+pub use metrics::{Health, Metrics};
 pub use store::{MemoryStore, Store, Write};

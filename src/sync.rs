@@ -29,10 +29,10 @@ pub(crate) use crossbeam_utils::CachePadded;
 // ---------------------------------------------------------------------------------------
 
 #[cfg(not(writebehind_loom))]
-pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
+pub(crate) use parking_lot::{Condvar, Mutex};
 
 #[cfg(writebehind_loom)]
-pub(crate) use self::loom_lock::{Condvar, Mutex, MutexGuard};
+pub(crate) use self::loom_lock::{Condvar, Mutex};
 
 #[cfg(writebehind_loom)]
 mod loom_lock {
@@ -164,6 +164,14 @@ pub(crate) mod thread {
         loom::thread::yield_now();
     }
 
+    /// Gives the CPU away (waiting for a producer that was preempted mid-push).
+    pub(crate) fn yield_now() {
+        #[cfg(not(writebehind_loom))]
+        std::thread::yield_now();
+        #[cfg(writebehind_loom)]
+        loom::thread::yield_now();
+    }
+
     /// The id of the calling thread, to refuse joining oneself.
     pub(crate) fn current_id() -> std::thread::ThreadId {
         std::thread::current().id()
@@ -185,9 +193,15 @@ pub(crate) mod thread {
                 t.unpark();
             }
         }
-
-        pub(crate) fn thread_id(&self) -> Option<std::thread::ThreadId> {
-            self.0.get().map(|t| t.id())
-        }
     }
+}
+
+/// Called in every retry loop: a CPU hint normally, a yield under loom (which must see
+/// spinning threads give way to explore the schedules in which they make progress).
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(writebehind_loom))]
+    std::hint::spin_loop();
+    #[cfg(writebehind_loom)]
+    loom::thread::yield_now();
 }

@@ -1,0 +1,266 @@
+//! [`Builder`]: every tunable of a cache, its default, and the validation `build` performs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::Error;
+use crate::store::Store;
+
+/// Default staleness bound: a write reaches the store at most this long after the key's first
+/// unflushed write (plus one flush).
+pub const DEFAULT_WRITE_DELAY: Duration = Duration::from_secs(1);
+/// Default largest batch handed to [`Store::write_all`], and the count trigger.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+/// Default number of shards.
+pub const DEFAULT_SHARDS: usize = 64;
+/// Default number of flusher threads.
+pub const DEFAULT_FLUSHERS: usize = 1;
+/// Default number of attempts for a record the store rejects before it goes to the
+/// failed-writes sink.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default first backoff after a failed store call; it doubles up to [`DEFAULT_RETRY_MAX`].
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(10);
+/// Default cap of the retry backoff.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Default time [`Cache::flush`](crate::Cache::flush) waits for its writes to reach the store.
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default deadline of the implicit close when a cache is dropped without `close`.
+pub const DEFAULT_DROP_DEADLINE: Duration = Duration::from_secs(10);
+/// Default capacity of each shard's dirty ring (keys). A full ring is not an error: the
+/// flusher then scans the shard's table, which costs more but loses nothing.
+pub const DEFAULT_RING_CAPACITY: usize = 1024;
+/// Most shards a cache may have.
+pub const MAX_SHARDS: usize = 1 << 16;
+/// Most flusher threads a cache may have.
+pub const MAX_FLUSHERS: usize = 256;
+
+/// How writes reach the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// `put` returns once the write is in memory; flushers write it later, conflated and
+    /// batched (the default).
+    #[default]
+    Behind,
+    /// `put` returns once the store has accepted the write; if the store fails, `put` returns
+    /// the error and the cache keeps its previous value.
+    Through,
+    /// Writes stay in the cache and are never sent to the store (a read-through replica).
+    ReadOnly,
+}
+
+/// A callback that sees every write the cache gave up on.
+pub(crate) type FailedWriteHook<K, V> = Box<dyn Fn(&crate::FailedWrite<K, V>) + Send + Sync>;
+
+/// Configures and builds a [`Cache`](crate::Cache). Made by [`Cache::builder`](crate::Cache::builder).
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use writebehind::{Cache, MemoryStore, WriteMode};
+///
+/// let cache: Cache<u64, String> = Cache::builder(MemoryStore::new())
+///     .write_mode(WriteMode::Behind)
+///     .write_delay(Duration::from_millis(200))
+///     .max_batch(500)
+///     .shards(16)
+///     .flushers(1)
+///     .build()
+///     .unwrap();
+/// # drop(cache);
+///
+/// // A bad setting is refused with a message that names it.
+/// let err = Cache::<u64, String>::builder(MemoryStore::new()).shards(0).build().unwrap_err();
+/// assert!(err.to_string().contains("shards"));
+/// ```
+pub struct Builder<K, V> {
+    pub(crate) store: Box<dyn Store<K, V>>,
+    pub(crate) write_mode: WriteMode,
+    pub(crate) write_delay: Duration,
+    pub(crate) max_batch: usize,
+    pub(crate) shards: usize,
+    pub(crate) flushers: usize,
+    pub(crate) max_attempts: u32,
+    pub(crate) retry_base: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) flush_timeout: Duration,
+    pub(crate) drop_deadline: Duration,
+    pub(crate) ring_capacity: usize,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) manual: bool,
+    pub(crate) name: String,
+    pub(crate) on_failed_write: Option<FailedWriteHook<K, V>>,
+}
+
+impl<K, V> Builder<K, V> {
+    pub(crate) fn new(store: impl Store<K, V>) -> Self {
+        Builder {
+            store: Box::new(store),
+            write_mode: WriteMode::Behind,
+            write_delay: DEFAULT_WRITE_DELAY,
+            max_batch: DEFAULT_MAX_BATCH,
+            shards: DEFAULT_SHARDS,
+            flushers: DEFAULT_FLUSHERS,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_base: DEFAULT_RETRY_BASE,
+            retry_max: DEFAULT_RETRY_MAX,
+            flush_timeout: DEFAULT_FLUSH_TIMEOUT,
+            drop_deadline: DEFAULT_DROP_DEADLINE,
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            clock: Arc::new(SystemClock::default()),
+            manual: false,
+            name: "writebehind".to_string(),
+            on_failed_write: None,
+        }
+    }
+
+    /// How writes reach the store (default [`WriteMode::Behind`]).
+    pub fn write_mode(mut self, mode: WriteMode) -> Self {
+        self.write_mode = mode;
+        self
+    }
+
+    /// The staleness bound: how long after a key's first unflushed write it is written at the
+    /// latest (plus one flush). Zero writes as soon as a flusher wakes. Default 1 s.
+    pub fn write_delay(mut self, delay: Duration) -> Self {
+        self.write_delay = delay;
+        self
+    }
+
+    /// The most writes in one `write_all` call; this many dirty keys also start a flush before
+    /// the delay is up. Must be at least 1. Default 1000.
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+
+    /// The number of shards; a power of two between 1 and 65536. Default 64.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+
+    /// The number of flusher threads; each owns the shards `i` with `i % flushers == k`.
+    /// Between 1 and 256 and at most the number of shards. Default 1.
+    pub fn flushers(mut self, n: usize) -> Self {
+        self.flushers = n;
+        self
+    }
+
+    /// How many times a record the store rejects is tried before it goes to the failed-writes
+    /// sink. At least 1. Default 5.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// The retry backoff: the first wait after a failure and the cap it doubles up to.
+    /// Defaults 10 ms and 5 s.
+    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.retry_base = base;
+        self.retry_max = max;
+        self
+    }
+
+    /// How long [`Cache::flush`](crate::Cache::flush) waits before it gives up with
+    /// [`Error::FlushTimeout`]. Default 30 s.
+    pub fn flush_timeout(mut self, timeout: Duration) -> Self {
+        self.flush_timeout = timeout;
+        self
+    }
+
+    /// The deadline of the close that `Drop` performs when the cache was not closed.
+    /// Default 10 s.
+    pub fn drop_deadline(mut self, deadline: Duration) -> Self {
+        self.drop_deadline = deadline;
+        self
+    }
+
+    /// Capacity of each shard's dirty ring, rounded up to a power of two. Default 1024.
+    pub fn dirty_ring_capacity(mut self, n: usize) -> Self {
+        self.ring_capacity = n;
+        self
+    }
+
+    /// The clock flushers use for delays and backoff (default: the system's monotonic clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Starts no flusher threads: the application (or a test, or a model check) drives the
+    /// flushers by calling [`Cache::flush_step`](crate::Cache::flush_step), `flush` and
+    /// `close` itself.
+    pub fn manual_flushing(mut self) -> Self {
+        self.manual = true;
+        self
+    }
+
+    /// A prefix for the flusher threads' names (default `writebehind`): threads are named
+    /// `{name}-flusher-{k}`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// A callback called (on the flusher thread) for every write the cache gives up on, in
+    /// addition to the queue that [`Cache::failed_writes`](crate::Cache::failed_writes) drains.
+    pub fn on_failed_write(
+        mut self,
+        hook: impl Fn(&crate::FailedWrite<K, V>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_failed_write = Some(Box::new(hook));
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        fn bad(setting: &'static str, reason: String) -> Result<(), Error> {
+            Err(Error::InvalidConfig { setting, reason })
+        }
+        if self.shards == 0 || !self.shards.is_power_of_two() || self.shards > MAX_SHARDS {
+            return bad(
+                "shards",
+                format!(
+                    "{} is not a power of two between 1 and {MAX_SHARDS}",
+                    self.shards
+                ),
+            );
+        }
+        if self.flushers == 0 || self.flushers > MAX_FLUSHERS || self.flushers > self.shards {
+            return bad(
+                "flushers",
+                format!(
+                    "{} must be between 1 and {MAX_FLUSHERS} and at most the number of shards ({})",
+                    self.flushers, self.shards
+                ),
+            );
+        }
+        if self.max_batch == 0 {
+            return bad("max_batch", "0: a batch must hold at least one write".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "0: every write is tried at least once".into());
+        }
+        if self.retry_base.is_zero() || self.retry_base > self.retry_max {
+            return bad(
+                "retry_backoff",
+                format!(
+                    "base {:?} must be above zero and at most max {:?}",
+                    self.retry_base, self.retry_max
+                ),
+            );
+        }
+        if self.ring_capacity == 0 || self.ring_capacity > 1 << 24 {
+            return bad(
+                "dirty_ring_capacity",
+                format!("{} must be between 1 and 2^24", self.ring_capacity),
+            );
+        }
+        // A delay so long it would overflow deadline arithmetic is a mistake, not a wish.
+        let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+        if self.write_delay > ten_years {
+            return bad("write_delay", format!("{:?} is longer than ten years", self.write_delay));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,598 @@
+//! [`Flusher`]: the background actor that owns a set of shards and writes their dirty keys
+//! to the store. Its logic is [`FlusherCore::step`], which the thread loop calls and which
+//! tests and model checks can call directly (manual flushing).
+//!
+//! One step, for every shard it selects (due, count-triggered, overflowed, or all of them when
+//! a flush/close asks):
+//! 1. disarm the shard's delay, close its epoch with one increment, drain its ring (and scan
+//!    its table if the ring overflowed);
+//! 2. add the retry items that are due;
+//! 3. take a snapshot of each key under the shard lock (latest value and version; the entry
+//!    becomes in-flight), in batches of at most `max_batch`;
+//! 4. call `Store::write_all` with no cache lock held, catching panics;
+//! 5. apply the outcome: persisted versions make entries clean, failures go to the retry
+//!    list (the entry keeps its in-flight mark, so nothing else sends the key meanwhile),
+//!    records rejected too often go to the failed-writes sink.
+//!
+//! Because one flusher owns a shard and its steps run one after another, a key is never in
+//! two batches at once, and every batch carries the latest version: the store never sees a
+//! key's versions go backwards.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use crate::cache::{FailedWrite, Inner};
+use crate::error::{BatchError, StoreError};
+use crate::metrics::FlusherStats;
+use crate::shard::NONE;
+use crate::store::Write;
+use crate::sync::atomic::Ordering;
+use crate::sync::thread::Unparker;
+use crate::sync::{Arc, Condvar, Mutex};
+
+/// How many keys a flusher snapshots per acquisition of a shard lock, to keep writers'
+/// waits short.
+const SNAPSHOT_CHUNK: usize = 32;
+/// The longest a flusher parks without a reason to wake (a safety net, not a poll).
+const MAX_PARK: Duration = Duration::from_secs(1);
+
+std::thread_local! {
+    /// Set while this thread is inside `Store::write_all` on behalf of a flusher.
+    static IN_STORE_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `true` when the calling thread is inside a flusher's store call.
+pub(crate) fn in_store_call() -> bool {
+    IN_STORE_CALL.with(|f| f.get())
+}
+
+/// A flush barrier shared by all flushers: each completes its part once no write older than
+/// the flush (per shard: a version below `targets[shard]`) is waiting in its shards.
+pub(crate) struct Ticket {
+    targets: Vec<u64>,
+    state: Mutex<TicketState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct TicketState {
+    remaining: usize,
+    rejected: usize,
+    pending: usize,
+    cancelled: bool,
+}
+
+/// How a flush ended.
+pub(crate) enum TicketOutcome {
+    Done { rejected: usize },
+    Pending(usize),
+}
+
+impl Ticket {
+    pub(crate) fn new(targets: Vec<u64>, flushers: usize) -> Self {
+        Ticket {
+            targets,
+            state: Mutex::new(TicketState {
+                remaining: flushers,
+                ..TicketState::default()
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn complete_part(&self) {
+        let mut s = self.state.lock();
+        s.remaining = s.remaining.saturating_sub(1);
+        if s.remaining == 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    fn note(&self, rejected: usize, pending: usize) {
+        let mut s = self.state.lock();
+        s.rejected += rejected;
+        s.pending = pending;
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.state.lock().cancelled
+    }
+
+    /// Waits until every flusher completed its part or `timeout` passes (then the ticket is
+    /// cancelled so flushers drop it).
+    pub(crate) fn wait(&self, timeout: Duration) -> TicketOutcome {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.state.lock();
+        loop {
+            if s.remaining == 0 {
+                return TicketOutcome::Done {
+                    rejected: s.rejected,
+                };
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                s.cancelled = true;
+                return TicketOutcome::Pending(s.pending.max(1));
+            }
+            self.cv.wait_for(&mut s, deadline - now);
+        }
+    }
+
+    /// The state after manual steps.
+    pub(crate) fn outcome(&self) -> TicketOutcome {
+        let s = self.state.lock();
+        if s.remaining == 0 {
+            TicketOutcome::Done {
+                rejected: s.rejected,
+            }
+        } else {
+            TicketOutcome::Pending(s.pending.max(1))
+        }
+    }
+}
+
+/// Requests for a flusher thread, posted by `flush` and `close`.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    tickets: Vec<Arc<Ticket>>,
+    /// Set by `close`: drain what is pending, then exit at the latest at this time.
+    close_deadline: Option<Duration>,
+}
+
+/// What every thread shares about one flusher.
+pub(crate) struct Flusher<K> {
+    pub(crate) core: Mutex<FlusherCore<K>>,
+    pub(crate) unparker: Unparker,
+    mailbox: Mutex<Mailbox>,
+    pub(crate) stats: FlusherStats,
+}
+
+impl<K> Flusher<K> {
+    pub(crate) fn new(index: usize, owned: Vec<usize>, retry_base: Duration) -> Self {
+        Flusher {
+            core: Mutex::new(FlusherCore::new(index, owned, retry_base)),
+            unparker: Unparker::default(),
+            mailbox: Mutex::new(Mailbox::default()),
+            stats: FlusherStats::default(),
+        }
+    }
+
+    /// Wakes the flusher thread (no-op in manual mode).
+    #[inline]
+    pub(crate) fn wake(&self) {
+        self.unparker.unpark();
+    }
+
+    pub(crate) fn post_ticket(&self, t: Arc<Ticket>) {
+        self.mailbox.lock().tickets.push(t);
+        self.wake();
+    }
+
+    pub(crate) fn post_close(&self, deadline: Duration) {
+        self.mailbox.lock().close_deadline = Some(deadline);
+        self.wake();
+    }
+}
+
+struct RetryItem<K> {
+    shard: usize,
+    key: K,
+    /// Rejections of `version` so far.
+    attempts: u32,
+    version: u64,
+    not_before: Duration,
+}
+
+/// Per-write bookkeeping of a batch in flight.
+struct Meta {
+    shard: usize,
+    hash: u64,
+    first: u64,
+    attempts: u32,
+}
+
+/// How a step treats time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepMode {
+    /// Take every owned shard and every retry item, due or not (flush and close).
+    pub(crate) full: bool,
+    /// Call the store even while the unavailable-backoff runs (manual flush and close).
+    pub(crate) ignore_backoff: bool,
+}
+
+/// The state one flusher keeps between steps. Only the flusher (thread or manual caller,
+/// serialized by the mutex around it) touches it.
+pub(crate) struct FlusherCore<K> {
+    index: usize,
+    owned: Vec<usize>,
+    /// Per owned shard: when its open epoch must be flushed.
+    due: Vec<Option<Duration>>,
+    retry: Vec<RetryItem<K>>,
+    backoff_until: Option<Duration>,
+    backoff_next: Duration,
+    rng: u64,
+    /// Flush tickets taken from the mailbox; `true` once a full step ran after taking it.
+    tickets: Vec<(Arc<Ticket>, bool)>,
+    scratch: Vec<K>,
+}
+
+impl<K> FlusherCore<K> {
+    fn new(index: usize, owned: Vec<usize>, retry_base: Duration) -> Self {
+        let n = owned.len();
+        FlusherCore {
+            index,
+            owned,
+            due: vec![None; n],
+            retry: Vec::new(),
+            backoff_until: None,
+            backoff_next: retry_base,
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1),
+            tickets: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+}
+
+impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
+    /// Adds a flush ticket to wait on (manual flush).
+    pub(crate) fn take_ticket(&mut self, t: Arc<Ticket>) {
+        self.tickets.push((t, false));
+    }
+
+    /// Runs one step; returns `false` if the store backoff made it skip the store.
+    pub(crate) fn step<V>(&mut self, inner: &Inner<K, V>, mode: StepMode) -> bool
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let now = inner.clock.now();
+        let delay = inner.config.write_delay;
+        for (slot, &s) in self.owned.iter().enumerate() {
+            if self.due[slot].is_none() && inner.shards[s].armed.load(Ordering::SeqCst) {
+                self.due[slot] = Some(now.saturating_add(delay));
+            }
+        }
+        if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
+            return false;
+        }
+
+        // 1. Close epochs and drain rings of the selected shards.
+        let mut work: Vec<(usize, K, Option<(u32, u64)>)> = Vec::new();
+        for slot in 0..self.owned.len() {
+            let s = self.owned[slot];
+            let shard = &inner.shards[s];
+            let selected = mode.full
+                || shard.triggered.load(Ordering::SeqCst)
+                || shard.overflow.load(Ordering::SeqCst)
+                || self.due[slot].is_some_and(|d| d <= now);
+            if !selected {
+                continue;
+            }
+            self.due[slot] = None;
+            shard.armed.store(false, Ordering::SeqCst);
+            shard.triggered.store(false, Ordering::SeqCst);
+            shard.epoch.fetch_add(1, Ordering::SeqCst);
+            let overflow = shard.overflow.swap(false, Ordering::SeqCst);
+            self.scratch.clear();
+            shard.ring.drain_into(&mut self.scratch, mode.full);
+            if overflow {
+                shard.table.lock().scan_dirty(&mut self.scratch);
+            }
+            work.extend(self.scratch.drain(..).map(|k| (s, k, None)));
+        }
+
+        // 2. Retry items that are due.
+        let mut i = 0;
+        while i < self.retry.len() {
+            if mode.full || self.retry[i].not_before <= now {
+                let r = self.retry.swap_remove(i);
+                work.push((r.shard, r.key, Some((r.attempts, r.version))));
+            } else {
+                i += 1;
+            }
+        }
+        if work.is_empty() {
+            return true;
+        }
+        // Keys of one shard together, so snapshots take each lock once per chunk.
+        work.sort_by_key(|w| w.0);
+
+        // 3-5. Snapshot in batches, send, apply.
+        let max_batch = inner.config.max_batch;
+        let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
+        let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
+        let mut work = work.into_iter().peekable();
+        while work.peek().is_some() {
+            let s = work.peek().map_or(0, |w| w.0);
+            let mut table = inner.shards[s].table.lock();
+            let mut taken = 0;
+            while let Some((ws, key, retry)) = work.next_if(|w| w.0 == s) {
+                let _ = ws;
+                let hash = inner.hash(&key);
+                if let Some(snap) = table.take(hash, &key, retry.is_some()) {
+                    let attempts = match retry {
+                        Some((a, v)) if v == snap.write.version() => a,
+                        _ => 0,
+                    };
+                    batch.push(snap.write);
+                    meta.push(Meta {
+                        shard: s,
+                        hash,
+                        first: snap.first,
+                        attempts,
+                    });
+                }
+                taken += 1;
+                if batch.len() == max_batch || taken == SNAPSHOT_CHUNK {
+                    break;
+                }
+            }
+            drop(table);
+            if batch.len() == max_batch {
+                self.send(inner, &mut batch, &mut meta);
+            }
+        }
+        if !batch.is_empty() {
+            self.send(inner, &mut batch, &mut meta);
+        }
+        true
+    }
+
+    /// Calls the store with `batch` and applies the outcome. Leaves both vectors empty.
+    fn send<V>(&mut self, inner: &Inner<K, V>, batch: &mut Vec<Write<K, V>>, meta: &mut Vec<Meta>)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let stats = &inner.flushers[self.index].stats;
+        FlusherStats::add(&stats.batches, 1);
+        let outcome = call_store(|| inner.store.write_all(batch));
+        let now = inner.clock.now();
+        let failed: Vec<(usize, StoreError)> = match outcome {
+            Ok(Ok(())) => Vec::new(),
+            Ok(Err(BatchError::Partial(list))) => {
+                let mut list = list;
+                list.retain(|(i, _)| {
+                    let ok = *i < batch.len();
+                    if !ok {
+                        tracing::warn!(index = *i, batch = batch.len(), "store reported a failure for an index outside the batch; ignored");
+                    }
+                    ok
+                });
+                list.sort_by_key(|(i, _)| *i);
+                list.dedup_by_key(|(i, _)| *i);
+                list
+            }
+            Ok(Err(BatchError::Unavailable(e))) => {
+                let e = StoreError::Unavailable(e);
+                (0..batch.len()).map(|i| (i, e.clone())).collect()
+            }
+            Err(panic_msg) => {
+                FlusherStats::add(&stats.store_panics, 1);
+                tracing::error!(message = %panic_msg, "store panicked in write_all; treated as unavailable");
+                let e = StoreError::unavailable(format!("store panicked: {panic_msg}"));
+                (0..batch.len()).map(|i| (i, e.clone())).collect()
+            }
+        };
+
+        let any_unavailable = failed.iter().any(|(_, e)| e.is_unavailable());
+        if any_unavailable {
+            FlusherStats::add(&stats.store_unavailable, 1);
+            stats.mark_degraded(now);
+            let jittered = self.jitter(self.backoff_next);
+            self.backoff_until = Some(now.saturating_add(jittered));
+            self.backoff_next = (self.backoff_next * 2).min(inner.config.retry_max);
+            tracing::warn!(failed = failed.len(), batch = batch.len(), backoff = ?jittered, "store unavailable; writes stay queued");
+        } else {
+            self.backoff_until = None;
+            self.backoff_next = inner.config.retry_base;
+            stats.mark_healthy();
+        }
+
+        let mut failed = failed.into_iter().peekable();
+        let mut written = 0u64;
+        for (i, (write, m)) in batch.drain(..).zip(meta.drain(..)).enumerate() {
+            let error = failed.next_if(|(fi, _)| *fi == i).map(|(_, e)| e);
+            let mut table = inner.shards[m.shard].table.lock();
+            match error {
+                None => {
+                    table.persisted(m.hash, write.key(), write.version());
+                    written += 1;
+                }
+                Some(e @ StoreError::Unavailable(_)) => {
+                    let _ = e;
+                    table.retry_later(m.hash, write.key(), m.first);
+                    drop(table);
+                    FlusherStats::add(&stats.retries, 1);
+                    self.retry.push(RetryItem {
+                        shard: m.shard,
+                        key: write.key().clone(),
+                        attempts: m.attempts,
+                        version: write.version(),
+                        not_before: self.backoff_until.unwrap_or(now),
+                    });
+                }
+                Some(e @ StoreError::Rejected(_)) => {
+                    FlusherStats::add(&stats.records_rejected, 1);
+                    let attempts = m.attempts + 1;
+                    if attempts >= inner.config.max_attempts {
+                        table.abandon(m.hash, write.key());
+                        drop(table);
+                        for (t, _) in &self.tickets {
+                            if m.first < t.targets[m.shard] {
+                                t.note(1, 0);
+                            }
+                        }
+                        FlusherStats::add(&stats.failed_writes, 1);
+                        tracing::error!(version = write.version(), attempts, error = %e, "store rejected a write too often; handed to the failed-writes sink");
+                        inner.give_up(FailedWrite {
+                            write,
+                            error: e,
+                            attempts,
+                        });
+                    } else {
+                        table.retry_later(m.hash, write.key(), m.first);
+                        drop(table);
+                        FlusherStats::add(&stats.retries, 1);
+                        let wait = inner
+                            .config
+                            .retry_base
+                            .saturating_mul(1 << (attempts - 1).min(20))
+                            .min(inner.config.retry_max);
+                        self.retry.push(RetryItem {
+                            shard: m.shard,
+                            key: write.key().clone(),
+                            attempts,
+                            version: write.version(),
+                            not_before: now.saturating_add(wait),
+                        });
+                    }
+                }
+            }
+        }
+        FlusherStats::add(&stats.records_written, written);
+    }
+
+    /// A wait between half and all of `d`, so flushers of many processes do not retry in step.
+    fn jitter(&mut self, d: Duration) -> Duration {
+        // xorshift64: enough to spread retries, no need for a crate.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let frac = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        d.mul_f64(0.5 + 0.5 * frac)
+    }
+
+    /// Checks the flush tickets after a step: a ticket is done for this flusher once a full
+    /// step ran after it was taken and no retry item holds a write older than the flush.
+    pub(crate) fn settle_tickets<V>(&mut self, inner: &Inner<K, V>, ran_full_step: bool)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        if self.tickets.is_empty() {
+            return;
+        }
+        let mut k = 0;
+        while k < self.tickets.len() {
+            let (ticket, full_done) = &mut self.tickets[k];
+            if ticket.is_cancelled() {
+                self.tickets.swap_remove(k);
+                continue;
+            }
+            *full_done |= ran_full_step;
+            if !*full_done {
+                k += 1;
+                continue;
+            }
+            let pending = self
+                .retry
+                .iter()
+                .filter(|r| {
+                    let hash = inner.hash(&r.key);
+                    let unsent = inner.shards[r.shard].table.lock().unsent_of(hash, &r.key);
+                    unsent != NONE && unsent < ticket.targets[r.shard]
+                })
+                .count();
+            ticket.note(0, pending);
+            if pending == 0 {
+                ticket.complete_part();
+                self.tickets.swap_remove(k);
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    /// Whether a full step is owed to a ticket.
+    pub(crate) fn wants_full_step(&self) -> bool {
+        self.tickets.iter().any(|(_, done)| !done)
+    }
+
+    /// `true` when nothing is pending in this flusher's shards.
+    pub(crate) fn is_idle<V>(&self, inner: &Inner<K, V>) -> bool
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        self.retry.is_empty()
+            && self
+                .owned
+                .iter()
+                .all(|&s| inner.shards[s].table.lock().dirty == 0)
+    }
+
+    /// When this flusher next has something to do, if anything.
+    fn next_wake(&self) -> Option<Duration> {
+        let due = self.due.iter().flatten().copied().min();
+        let retry = self.retry.iter().map(|r| r.not_before).min();
+        let retry = match (retry, self.backoff_until) {
+            (Some(r), Some(b)) => Some(r.max(b)),
+            (r, _) => r,
+        };
+        [due, retry].into_iter().flatten().min()
+    }
+}
+
+/// Calls the store on behalf of a flusher: marks the thread as inside a store call (so a
+/// re-entrant `flush`/`close` is refused instead of deadlocking) and turns a panic into an
+/// error message.
+pub(crate) fn call_store<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_STORE_CALL.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(IN_STORE_CALL.with(|c| c.replace(true)));
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_string())
+    })
+}
+
+/// The body of a flusher thread.
+pub(crate) fn run<K, V>(inner: Arc<Inner<K, V>>, index: usize)
+where
+    K: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let me = &inner.flushers[index];
+    loop {
+        let (new_tickets, close_deadline) = {
+            let mut mb = me.mailbox.lock();
+            (std::mem::take(&mut mb.tickets), mb.close_deadline)
+        };
+        let mut core = me.core.lock();
+        for t in new_tickets {
+            core.take_ticket(t);
+        }
+        let closing = close_deadline.is_some();
+        let full = closing || core.wants_full_step();
+        let ran = core.step(
+            &inner,
+            StepMode {
+                full,
+                ignore_backoff: false,
+            },
+        );
+        core.settle_tickets(&inner, ran && full);
+        let now = inner.clock.now();
+        if let Some(deadline) = close_deadline {
+            if core.is_idle(&inner) || now >= deadline {
+                return;
+            }
+        }
+        let mut wake = core.next_wake();
+        if core.wants_full_step() {
+            wake = core.backoff_until.or(Some(now));
+        }
+        if let Some(deadline) = close_deadline {
+            wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
+        }
+        drop(core);
+        let sleep = wake.map_or(MAX_PARK, |w| w.saturating_sub(now).min(MAX_PARK));
+        if !sleep.is_zero() {
+            crate::sync::thread::park_timeout(sleep);
+        }
+    }
+}
