@@ -29,8 +29,14 @@ fn main() -> Result<(), writebehind::Error> {
     let puts: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
     cache.flush()?;
     let m = cache.metrics();
-    println!("puts: {puts} in 1 s, store batches: {}, records written: {}", m.batches, m.records_written);
-    println!("conflation: {:.1} puts per record written", puts as f64 / m.records_written.max(1) as f64);
+    println!(
+        "puts: {puts} in 1 s, store batches: {}, records written: {}",
+        m.batches, m.records_written
+    );
+    println!(
+        "conflation: {:.1} puts per record written",
+        puts as f64 / m.records_written.max(1) as f64
+    );
     let report = cache.close(Duration::from_secs(5));
     println!("unwritten at close: {}", report.unwritten.len());
     Ok(())

@@ -495,7 +495,8 @@ where
                 };
                 let ran = core.step(inner, mode);
                 core.settle_tickets(inner, ran);
-                if !core.wants_full_step() && matches!(ticket.outcome(), TicketOutcome::Done { .. }) {
+                if !core.wants_full_step() && matches!(ticket.outcome(), TicketOutcome::Done { .. })
+                {
                     break;
                 }
                 if core.is_idle(inner) {

@@ -236,10 +236,16 @@ impl<K, V> Builder<K, V> {
             );
         }
         if self.max_batch == 0 {
-            return bad("max_batch", "0: a batch must hold at least one write".into());
+            return bad(
+                "max_batch",
+                "0: a batch must hold at least one write".into(),
+            );
         }
         if self.max_attempts == 0 {
-            return bad("max_attempts", "0: every write is tried at least once".into());
+            return bad(
+                "max_attempts",
+                "0: every write is tried at least once".into(),
+            );
         }
         if self.retry_base.is_zero() || self.retry_base > self.retry_max {
             return bad(
@@ -259,7 +265,10 @@ impl<K, V> Builder<K, V> {
         // A delay so long it would overflow deadline arithmetic is a mistake, not a wish.
         let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
         if self.write_delay > ten_years {
-            return bad("write_delay", format!("{:?} is longer than ten years", self.write_delay));
+            return bad(
+                "write_delay",
+                format!("{:?} is longer than ten years", self.write_delay),
+            );
         }
         Ok(())
     }

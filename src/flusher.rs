@@ -231,7 +231,6 @@ impl<K> FlusherCore<K> {
             scratch: Vec::new(),
         }
     }
-
 }
 
 impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
@@ -257,7 +256,9 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         }
 
         // 1. Close epochs and drain rings of the selected shards.
-        let mut work: Vec<(usize, K, Option<(u32, u64)>)> = Vec::new();
+        // (shard, key, for a retry: rejections so far and the version they were for)
+        type Work<K> = (usize, K, Option<(u32, u64)>);
+        let mut work: Vec<Work<K>> = Vec::new();
         for slot in 0..self.owned.len() {
             let s = self.owned[slot];
             let shard = &inner.shards[s];
@@ -354,7 +355,11 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 list.retain(|(i, _)| {
                     let ok = *i < batch.len();
                     if !ok {
-                        tracing::warn!(index = *i, batch = batch.len(), "store reported a failure for an index outside the batch; ignored");
+                        tracing::warn!(
+                            index = *i,
+                            batch = batch.len(),
+                            "store reported a failure for an index outside the batch; ignored"
+                        );
                     }
                     ok
                 });

@@ -84,9 +84,9 @@ impl FlusherStats {
 
     pub(crate) fn mark_degraded(&self, now: Duration) {
         let stamp = 1 + u64::try_from(now.as_nanos()).unwrap_or(u64::MAX - 1);
-        let _ = self
-            .degraded_since
-            .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.degraded_since
+                .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub(crate) fn mark_healthy(&self) {

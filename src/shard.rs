@@ -102,7 +102,10 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     #[inline]
     pub(crate) fn get(&mut self, hash: u64, key: &K) -> Option<Option<V>> {
         self.counters.gets += 1;
-        let found = self.map.find(hash, |e| e.key == *key).map(|e| e.value.clone());
+        let found = self
+            .map
+            .find(hash, |e| e.key == *key)
+            .map(|e| e.value.clone());
         if found.is_some() {
             self.counters.hits += 1;
         } else {

@@ -286,7 +286,9 @@ where
         if f.down || f.fail_next > 0 || random_fail {
             f.fail_next = f.fail_next.saturating_sub(1);
             log(&mut f, Outcome::Unavailable);
-            return Err(BatchError::unavailable("faulty store: injected unavailability"));
+            return Err(BatchError::unavailable(
+                "faulty store: injected unavailability",
+            ));
         }
         let split = if f.partial_next > 0 {
             f.partial_next -= 1;
@@ -299,7 +301,10 @@ where
             if f.reject.as_ref().is_some_and(|r| r(w)) {
                 failed.push((i, StoreError::rejected("faulty store: injected rejection")));
             } else if split && i % 2 == 1 {
-                failed.push((i, StoreError::unavailable("faulty store: injected partial failure")));
+                failed.push((
+                    i,
+                    StoreError::unavailable("faulty store: injected partial failure"),
+                ));
             } else {
                 self.memory.apply(w);
             }
@@ -308,7 +313,10 @@ where
             log(&mut f, Outcome::Applied);
             Ok(())
         } else {
-            log(&mut f, Outcome::Partial(failed.iter().map(|(i, _)| *i).collect()));
+            log(
+                &mut f,
+                Outcome::Partial(failed.iter().map(|(i, _)| *i).collect()),
+            );
             Err(BatchError::Partial(failed))
         }
     }

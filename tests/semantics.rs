@@ -1,0 +1,913 @@
+//! One or more tests per guarantee of the design card (the ten semantics), plus the engine
+//! behaviours the core issue lists. Engine tests use the in-memory fault-injecting store.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use common::*;
+use writebehind::testing::Outcome;
+use writebehind::{
+    BatchError, Cache, Error, Health, MemoryStore, Store, StoreError, Write, WriteMode,
+};
+
+// 1. Read your writes ------------------------------------------------------------------
+
+#[test]
+fn read_your_writes_before_and_after_flush() {
+    let s = store();
+    let (cache, _clock) = manual(&s, Duration::from_secs(1));
+    cache.put(1, 10).unwrap();
+    cache.put(1, 11).unwrap();
+    assert_eq!(cache.get(&1).unwrap(), Some(11));
+    cache.remove(&1).unwrap();
+    assert_eq!(cache.get(&1).unwrap(), None);
+    cache.put(2, 20).unwrap();
+    assert_eq!(s.load_calls(), 0, "every answer came from memory");
+    cache.flush().unwrap();
+    assert_eq!(cache.get(&2).unwrap(), Some(20));
+    // The tombstone left with the persisted delete; the store agrees the key is gone.
+    assert_eq!(cache.get(&1).unwrap(), None);
+}
+
+#[test]
+fn pending_delete_is_never_shadowed_by_the_store() {
+    let s = store();
+    s.memory().insert(5, 500); // the store holds a row the cache has not seen
+    let (cache, _clock) = manual(&s, Duration::from_secs(1));
+    cache.remove(&5).unwrap();
+    assert_eq!(
+        cache.get(&5).unwrap(),
+        None,
+        "the pending delete answers, not the store"
+    );
+    assert_eq!(s.load_calls(), 0);
+    cache.flush().unwrap();
+    assert_eq!(s.memory().get(&5), None, "the delete reached the store");
+    assert_eq!(cache.get(&5).unwrap(), None);
+}
+
+#[test]
+fn remove_while_store_is_slow_reads_none() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_delay(Duration::ZERO)
+        .build()
+        .unwrap();
+    cache.put(1, 1).unwrap();
+    s.hold(); // the flusher's next batch blocks in the store
+    cache.put(1, 2).unwrap();
+    assert!(
+        s.wait_until_held(Duration::from_secs(5)),
+        "a batch reached the store"
+    );
+    cache.remove(&1).unwrap();
+    assert_eq!(
+        cache.get(&1).unwrap(),
+        None,
+        "delete visible while a batch with a put is in flight"
+    );
+    cache.put(3, 3).unwrap();
+    assert_eq!(cache.get(&3).unwrap(), Some(3));
+    s.release();
+    cache.flush().unwrap();
+    assert_eq!(s.memory().get(&1), None);
+    assert_eq!(cache.get(&1).unwrap(), None);
+    assert_monotonic(&s);
+}
+
+// 2. Conflation ------------------------------------------------------------------------
+
+#[test]
+fn thousand_puts_to_one_key_make_one_store_write() {
+    let s = store();
+    let (cache, _clock) = manual(&s, Duration::from_secs(1));
+    for v in 0..1000 {
+        cache.put(42, v).unwrap();
+    }
+    cache.flush().unwrap();
+    let calls = s.calls();
+    let writes: Vec<_> = calls.iter().flat_map(|c| c.batch.iter()).collect();
+    assert_eq!(writes.len(), 1, "exactly one store write");
+    assert_eq!(writes[0].value(), Some(&999), "carrying the last value");
+    let m = cache.metrics();
+    assert_eq!(m.puts, 1000);
+    assert_eq!(m.conflated, 999);
+}
+
+#[test]
+fn writes_per_window_equal_distinct_keys() {
+    let s = store();
+    let (cache, clock) = manual(&s, Duration::from_millis(100));
+    for round in 0..3u64 {
+        for i in 0..10_000u64 {
+            cache.put(i % 250, round * 100_000 + i).unwrap();
+        }
+        cache.flush_step().unwrap(); // arms the delays
+        clock.advance(Duration::from_millis(100));
+        cache.flush_step().unwrap(); // everything due
+        let written: usize = s.calls().iter().map(|c| c.batch.len()).sum();
+        assert_eq!(
+            written as u64,
+            250 * (round + 1),
+            "one write per distinct key per window"
+        );
+    }
+}
+
+// 3. Staleness bound -------------------------------------------------------------------
+
+#[test]
+fn delay_counts_from_the_first_unflushed_write() {
+    let s = store();
+    let (cache, clock) = manual(&s, Duration::from_millis(100));
+    cache.put(1, 1).unwrap();
+    cache.flush_step().unwrap(); // the flusher sees the shard armed at t=0
+    clock.advance(Duration::from_millis(60));
+    cache.put(1, 2).unwrap(); // a later write must not restart the clock
+    cache.flush_step().unwrap();
+    assert!(s.calls().is_empty(), "not due at 60 ms");
+    clock.advance(Duration::from_millis(40));
+    cache.flush_step().unwrap();
+    assert_eq!(
+        s.memory().get(&1),
+        Some(2),
+        "due 100 ms after the first write, 40 ms after the last"
+    );
+}
+
+#[test]
+fn threaded_flusher_meets_the_staleness_bound() {
+    let s = store();
+    let delay = Duration::from_millis(200);
+    let cache = Cache::builder(s.clone())
+        .write_delay(delay)
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    cache.put(1, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(120));
+    cache.put(1, 2).unwrap();
+    assert!(eventually(Duration::from_secs(5), || s.memory().get(&1) == Some(2)));
+    let took = t0.elapsed();
+    // Written no earlier than the delay after the first write and well before the delay
+    // after the last one (which would be 320 ms).
+    assert!(took >= delay, "flushed too early: {took:?}");
+    assert!(
+        took < Duration::from_millis(310),
+        "flushed later than first write + delay: {took:?}"
+    );
+}
+
+// 4. Write-combining ----------------------------------------------------------------------
+
+#[test]
+fn batches_never_exceed_max_batch() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .manual_flushing()
+        .max_batch(7)
+        .shards(2)
+        .build()
+        .unwrap();
+    for k in 0..100 {
+        cache.put(k, k).unwrap();
+    }
+    cache.flush().unwrap();
+    let calls = s.calls();
+    assert!(calls
+        .iter()
+        .all(|c| c.batch.len() <= 7 && !c.batch.is_empty()));
+    assert_eq!(calls.iter().map(|c| c.batch.len()).sum::<usize>(), 100);
+    assert_eq!(
+        calls.len(),
+        100usize.div_ceil(7),
+        "batches are full but for the last"
+    );
+}
+
+#[test]
+fn count_trigger_flushes_before_the_delay() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_delay(Duration::from_secs(3600))
+        .max_batch(50)
+        .shards(1)
+        .build()
+        .unwrap();
+    for k in 0..49 {
+        cache.put(k, k).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        s.calls().is_empty(),
+        "49 dirty keys: below the trigger, the hour-long delay holds"
+    );
+    cache.put(49, 49).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || s.memory().len() == 50),
+        "the 50th dirty key triggers a flush long before the delay"
+    );
+    assert!(s.calls().iter().all(|c| c.batch.len() <= 50));
+}
+
+#[test]
+fn full_ring_loses_nothing() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .manual_flushing()
+        .shards(1)
+        .dirty_ring_capacity(2)
+        .max_batch(1) // trigger 1, ring capacity at least 2
+        .build()
+        .unwrap();
+    for k in 0..300 {
+        cache.put(k, k + 1).unwrap();
+    }
+    cache.flush().unwrap();
+    assert_eq!(
+        s.memory().len(),
+        300,
+        "keys that did not fit the ring were found by the scan"
+    );
+    for k in 0..300 {
+        assert_eq!(s.memory().get(&k), Some(k + 1));
+    }
+}
+
+// 5. Per-key order --------------------------------------------------------------------------
+
+#[test]
+fn versions_only_grow_in_the_store_under_failures() {
+    let s = store();
+    s.fail_with_probability(0.3, 7);
+    let cache = Arc::new(
+        Cache::builder(s.clone())
+            .write_delay(Duration::from_millis(1))
+            .max_batch(16)
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(4))
+            .build()
+            .unwrap(),
+    );
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let cache = cache.clone();
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..20_000u64 {
+                    if i % 500 == 0 {
+                        s.partial_next(2);
+                    }
+                    if i % 3 == 0 {
+                        cache.remove(&(i % 64)).unwrap();
+                    } else {
+                        cache.put(i % 64, t * 1_000_000 + i).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    s.panic_next(1);
+    s.heal();
+    cache.flush().unwrap();
+    assert_monotonic(&s);
+    assert_store_equals_cache(&s, &cache, 64);
+    let m = cache.metrics();
+    assert!(
+        m.retries > 0 && m.store_unavailable > 0,
+        "failures happened: {m:?}"
+    );
+}
+
+// 6. No silent loss ---------------------------------------------------------------------------
+
+#[test]
+fn unavailable_store_keeps_writes_and_accepts_more() {
+    let s = store();
+    let (cache, clock) = manual(&s, Duration::ZERO);
+    s.set_down(true);
+    for k in 0..10 {
+        cache.put(k, k).unwrap();
+    }
+    cache.flush_step().unwrap();
+    assert!(matches!(cache.metrics().health, Health::Degraded { .. }));
+    for k in 10..20 {
+        cache.put(k, k).unwrap(); // writes are still served from memory
+    }
+    assert_eq!(cache.metrics().dirty, 20);
+    for _ in 0..5 {
+        clock.advance(Duration::from_millis(50));
+        cache.flush_step().unwrap();
+    }
+    assert_eq!(s.memory().len(), 0);
+    s.set_down(false);
+    clock.advance(Duration::from_millis(50));
+    cache.flush_step().unwrap();
+    cache.flush().unwrap();
+    assert_eq!(s.memory().len(), 20);
+    let m = cache.metrics();
+    assert_eq!(m.health, Health::Healthy);
+    assert_eq!(m.dirty, 0);
+    assert!(m.retries >= 10);
+}
+
+#[test]
+fn backoff_grows_while_the_store_is_down() {
+    let s = store();
+    let (cache, clock) = manual(&s, Duration::ZERO);
+    s.set_down(true);
+    cache.put(1, 1).unwrap();
+    // Over 100 ms of steps every millisecond, a 1 ms base doubling to 8 ms makes far fewer
+    // calls than steps.
+    for _ in 0..100 {
+        cache.flush_step().unwrap();
+        clock.advance(Duration::from_millis(1));
+    }
+    let calls = s.calls().len();
+    assert!(
+        (5..=40).contains(&calls),
+        "{calls} store calls in 100 steps"
+    );
+}
+
+#[test]
+fn rejected_record_goes_to_the_sink_after_max_attempts() {
+    let s = store();
+    s.reject_if(|w| *w.key() == 13);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let cache = Cache::builder(s.clone())
+        .manual_flushing()
+        .max_attempts(3)
+        .on_failed_write(move |fw| seen2.lock().unwrap().push(fw.write.clone()))
+        .build()
+        .unwrap();
+    for k in 0..20 {
+        cache.put(k, k * 10).unwrap();
+    }
+    let err = cache.flush().unwrap_err();
+    assert!(
+        matches!(err, Error::Store(StoreError::Rejected(_))),
+        "{err}"
+    );
+    assert_eq!(s.memory().len(), 19, "the others were written");
+    let failed = cache.failed_writes();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].write.key(), &13);
+    assert_eq!(failed[0].write.value(), Some(&130));
+    assert_eq!(failed[0].attempts, 3);
+    assert_eq!(seen.lock().unwrap().len(), 1, "the callback saw it too");
+    let tries = s.received_versions()[&13].len();
+    assert_eq!(tries, 3, "tried exactly max_attempts times");
+    assert!(
+        cache.failed_writes().is_empty(),
+        "draining empties the sink"
+    );
+    // The application fixes the cause and re-submits.
+    s.stop_rejecting();
+    cache.put(13, 130).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(s.memory().get(&13), Some(130));
+}
+
+#[test]
+fn panicking_store_is_caught_and_the_flusher_survives() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_delay(Duration::ZERO)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .build()
+        .unwrap();
+    s.panic_next(2);
+    cache.put(1, 1).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(s.memory().get(&1), Some(1));
+    cache.put(2, 2).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(s.memory().get(&2), Some(2), "the flusher still runs");
+    assert_eq!(cache.metrics().store_panics, 2);
+    assert_eq!(
+        s.calls()
+            .iter()
+            .filter(|c| c.outcome == Outcome::Panicked)
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn partial_batch_requeues_only_failed_records() {
+    let s = store();
+    let (cache, _clock) = manual(&s, Duration::ZERO);
+    s.partial_next(1);
+    for k in 0..10 {
+        cache.put(k, k).unwrap();
+    }
+    cache.flush().unwrap();
+    let calls = s.calls();
+    assert!(matches!(calls[0].outcome, Outcome::Partial(_)));
+    let first_failed = match &calls[0].outcome {
+        Outcome::Partial(f) => f.len(),
+        _ => unreachable!(),
+    };
+    let resent: usize = calls[1..].iter().map(|c| c.batch.len()).sum();
+    assert_eq!(
+        resent, first_failed,
+        "only the failed records were sent again"
+    );
+    assert_eq!(s.memory().len(), 10);
+}
+
+// 7. flush() is a barrier ------------------------------------------------------------------------
+
+#[test]
+fn flush_is_a_barrier_for_concurrent_writers() {
+    let s = store();
+    let cache = Arc::new(
+        Cache::builder(s.clone())
+            .write_delay(Duration::from_secs(60))
+            .flushers(2)
+            .build()
+            .unwrap(),
+    );
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let cache = cache.clone();
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    let k = t * 1000 + i % 17;
+                    let v = t * 1_000_000 + i;
+                    cache.put(k, v).unwrap();
+                    cache.flush().unwrap();
+                    // Only this thread writes k, so the store must hold exactly v.
+                    assert_eq!(
+                        s.memory().get(&k),
+                        Some(v),
+                        "flush returned before the write was stored"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn flush_racing_an_in_flight_batch_waits_and_writes_nothing_twice() {
+    let s = store();
+    let cache = Arc::new(
+        Cache::builder(s.clone())
+            .write_delay(Duration::ZERO)
+            .build()
+            .unwrap(),
+    );
+    s.hold();
+    cache.put(1, 1).unwrap();
+    assert!(s.wait_until_held(Duration::from_secs(5)));
+    let done = Arc::new(AtomicBool::new(false));
+    let c2 = cache.clone();
+    let d2 = done.clone();
+    let flusher = std::thread::spawn(move || {
+        c2.flush().unwrap();
+        d2.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "flush waits for the batch in flight"
+    );
+    s.release();
+    flusher.join().unwrap();
+    assert_eq!(s.memory().get(&1), Some(1));
+    assert_eq!(s.received_versions()[&1].len(), 1, "written once");
+}
+
+#[test]
+fn flush_times_out_on_a_dead_store_without_losing_anything() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_delay(Duration::ZERO)
+        .flush_timeout(Duration::from_millis(150))
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(20))
+        .build()
+        .unwrap();
+    s.set_down(true);
+    cache.put(1, 1).unwrap();
+    let err = cache.flush().unwrap_err();
+    assert!(matches!(err, Error::FlushTimeout { .. }), "{err}");
+    s.set_down(false);
+    cache.flush().unwrap();
+    assert_eq!(s.memory().get(&1), Some(1));
+}
+
+// 8. No lock across the store ------------------------------------------------------------------------
+
+/// A store that calls back into its cache from `write_all`.
+struct Reentrant {
+    inner: MemoryStore<u64, u64>,
+    cache: OnceLock<Weak<Cache<u64, u64>>>,
+    flush_result: std::sync::Mutex<Option<String>>,
+}
+
+impl Store<u64, u64> for Reentrant {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.inner.load(key)
+    }
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
+            for w in batch {
+                if *w.key() < 1000 {
+                    // Read the key being written and write a derived key.
+                    let _ = cache.get(w.key()).unwrap();
+                    cache.put(w.key() + 1000, w.version()).unwrap();
+                }
+            }
+            let r = cache.flush();
+            *self.flush_result.lock().unwrap() = Some(format!("{r:?}"));
+        }
+        self.inner.write_all(batch)
+    }
+}
+
+#[test]
+fn store_may_call_back_into_the_cache() {
+    let store = Arc::new(Reentrant {
+        inner: MemoryStore::new(),
+        cache: OnceLock::new(),
+        flush_result: std::sync::Mutex::new(None),
+    });
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .write_delay(Duration::from_millis(1))
+            .build()
+            .unwrap(),
+    );
+    store.cache.set(Arc::downgrade(&cache)).ok();
+    for k in 0..50 {
+        cache.put(k, k).unwrap();
+    }
+    cache.flush().unwrap();
+    cache.flush().unwrap(); // the puts made from inside write_all
+    for k in 0..50 {
+        assert_eq!(store.inner.get(&k), Some(k));
+        assert!(
+            store.inner.get(&(k + 1000)).is_some(),
+            "a put made from the store was lost"
+        );
+    }
+    let r = store.flush_result.lock().unwrap().clone().unwrap();
+    assert!(
+        r.contains("Reentrant"),
+        "flush from inside the store is refused: {r}"
+    );
+}
+
+// 9. At-least-once, idempotent ----------------------------------------------------------------------
+
+#[test]
+fn redelivery_after_unknown_outcome_is_harmless() {
+    // A store that applies the batch and then reports it unavailable (outcome unknown).
+    struct AppliedThenFailed(MemoryStore<u64, u64>, std::sync::atomic::AtomicUsize);
+    impl Store<u64, u64> for AppliedThenFailed {
+        fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+            self.0.load(key)
+        }
+        fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+            self.0.write_all(batch)?;
+            if self.1.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(BatchError::unavailable("connection reset after commit"));
+            }
+            Ok(())
+        }
+    }
+    let store = Arc::new(AppliedThenFailed(MemoryStore::new(), Default::default()));
+    let cache = Cache::builder(store.clone())
+        .manual_flushing()
+        .build()
+        .unwrap();
+    cache.put(1, 1).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(store.0.get(&1), Some(1));
+    assert_eq!(store.0.batches(), 2, "delivered twice");
+}
+
+// 10. Versions outlive the process ----------------------------------------------------------------------
+
+#[test]
+fn a_second_cache_on_the_same_store_writes_higher_versions() {
+    let s = store();
+    let first = Cache::builder(s.clone()).manual_flushing().build().unwrap();
+    for v in 0..10_000 {
+        first.put(1, v).unwrap();
+    }
+    first.flush().unwrap();
+    let v1 = s.memory().version_of(&1).unwrap();
+    assert!(first.close(Duration::from_secs(1)).is_clean());
+    let second = Cache::builder(s.clone()).manual_flushing().build().unwrap();
+    second.put(1, 7).unwrap();
+    second.flush().unwrap();
+    let v2 = s.memory().version_of(&1).unwrap();
+    assert!(v2 > v1, "restart wrote version {v2} <= {v1}");
+    assert_eq!(
+        s.memory().get(&1),
+        Some(7),
+        "the version guard accepted the new write"
+    );
+    // Versions start at the wall clock.
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(v1 > now_ns - 3_600_000_000_000 && v2 <= now_ns + 1_000_000_000);
+}
+
+// close / Drop ---------------------------------------------------------------------------------------
+
+#[test]
+fn close_with_a_dead_store_hands_back_exactly_the_unwritten() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_delay(Duration::ZERO)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(10))
+        .build()
+        .unwrap();
+    for k in 0..10 {
+        cache.put(k, k).unwrap();
+    }
+    cache.flush().unwrap();
+    s.set_down(true);
+    for k in 5..15 {
+        cache.put(k, k * 100).unwrap();
+    }
+    cache.remove(&0).unwrap();
+    let report = cache.close(Duration::from_millis(200));
+    assert!(report.deadline_reached);
+    let mut got: Vec<(u64, Option<u64>)> = report
+        .unwritten
+        .iter()
+        .map(|w| (*w.key(), w.value().copied()))
+        .collect();
+    got.sort();
+    let mut want: Vec<(u64, Option<u64>)> = (5..15).map(|k| (k, Some(k * 100))).collect();
+    want.insert(0, (0, None));
+    assert_eq!(got, want);
+    let calls_at_close = s.calls().len();
+    assert!(matches!(cache.put(1, 1), Err(Error::Closed)));
+    assert!(matches!(cache.remove(&1), Err(Error::Closed)));
+    assert!(matches!(cache.flush(), Err(Error::Closed)));
+    assert!(
+        matches!(cache.get(&999), Err(Error::Closed)),
+        "no read-through after close"
+    );
+    assert_eq!(cache.get(&1).unwrap(), Some(1), "hits are still served");
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(
+        s.calls().len(),
+        calls_at_close,
+        "nothing calls the store after close"
+    );
+    assert!(cache.close(Duration::ZERO).already_closed);
+}
+
+#[test]
+fn close_drains_a_healthy_store() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_delay(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    for k in 0..1000 {
+        cache.put(k, k).unwrap();
+    }
+    let report = cache.close(Duration::from_secs(10));
+    assert!(report.is_clean() && !report.deadline_reached);
+    assert_eq!(s.memory().len(), 1000);
+}
+
+#[test]
+fn drop_flushes_what_is_pending() {
+    let s = store();
+    {
+        let cache = Cache::builder(s.clone())
+            .write_delay(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        cache.put(1, 1).unwrap();
+        cache.remove(&2).unwrap();
+    }
+    assert_eq!(s.memory().get(&1), Some(1));
+    assert!(s.memory().version_of(&2).is_some(), "the delete was sent");
+}
+
+fn flusher_threads(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .filter(|name| name.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn hundred_caches_leave_no_thread_behind() {
+    if !std::path::Path::new("/proc/self/task").exists() {
+        eprintln!("no /proc: thread count not checkable here");
+        return;
+    }
+    for i in 0..100u64 {
+        let cache = Cache::builder(MemoryStore::<u64, u64>::new())
+            .name("leakchk")
+            .flushers(2)
+            .build()
+            .unwrap();
+        cache.put(i, i).unwrap();
+        if i == 50 {
+            let visible = eventually(Duration::from_secs(5), || flusher_threads("leakchk") == 2);
+            assert!(visible, "the live cache's two flushers are visible");
+        }
+    }
+    assert_eq!(flusher_threads("leakchk"), 0);
+}
+
+// Read-through --------------------------------------------------------------------------------------------
+
+#[test]
+fn miss_reads_through_once_and_caches() {
+    let s = store();
+    s.memory().insert(9, 90);
+    let (cache, _clock) = manual(&s, Duration::from_secs(1));
+    assert_eq!(cache.get(&9).unwrap(), Some(90));
+    assert_eq!(cache.get(&9).unwrap(), Some(90));
+    assert_eq!(s.load_calls(), 1);
+    assert!(cache.contains_key(&9));
+    assert!(!cache.contains_key(&10));
+    assert_eq!(s.load_calls(), 1, "contains_key never loads");
+    let m = cache.metrics();
+    assert_eq!((m.gets, m.hits, m.misses, m.loads), (2, 1, 1, 1));
+    assert_eq!(cache.len(), 1);
+}
+
+#[test]
+fn load_error_is_an_error_not_none() {
+    let s = store();
+    let (cache, _clock) = manual(&s, Duration::from_secs(1));
+    s.set_down(true);
+    assert!(matches!(
+        cache.get(&1),
+        Err(Error::Load(StoreError::Unavailable(_)))
+    ));
+    assert_eq!(cache.metrics().load_errors, 1);
+    assert!(!cache.contains_key(&1), "nothing was cached");
+}
+
+// Configuration ---------------------------------------------------------------------------------------------
+
+#[test]
+fn invalid_configurations_are_refused_with_the_setting_named() {
+    let b = || Cache::<u64, u64>::builder(MemoryStore::new()).manual_flushing();
+    type Built = Result<Cache<u64, u64>, Error>;
+    let cases: Vec<(&str, Built)> = vec![
+        ("shards", b().shards(0).build()),
+        ("shards", b().shards(3).build()),
+        ("shards", b().shards(1 << 20).build()),
+        ("flushers", b().flushers(0).build()),
+        ("flushers", b().shards(2).flushers(4).build()),
+        ("max_batch", b().max_batch(0).build()),
+        ("max_attempts", b().max_attempts(0).build()),
+        (
+            "retry_backoff",
+            b().retry_backoff(Duration::ZERO, Duration::from_secs(1))
+                .build(),
+        ),
+        (
+            "retry_backoff",
+            b().retry_backoff(Duration::from_secs(2), Duration::from_secs(1))
+                .build(),
+        ),
+        ("dirty_ring_capacity", b().dirty_ring_capacity(0).build()),
+    ];
+    for (setting, result) in cases {
+        match result {
+            Err(Error::InvalidConfig { setting: s, reason }) => {
+                assert_eq!(s, setting, "{reason}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{setting}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    assert!(b().shards(1).flushers(1).max_batch(1).build().is_ok());
+}
+
+// Write modes -----------------------------------------------------------------------------------------------
+
+#[test]
+fn write_through_returns_after_the_store_and_keeps_old_value_on_failure() {
+    let s = store();
+    let cache = Cache::builder(s.clone())
+        .write_mode(WriteMode::Through)
+        .manual_flushing()
+        .build()
+        .unwrap();
+    cache.put(1, 1).unwrap();
+    assert_eq!(s.memory().get(&1), Some(1), "in the store when put returns");
+    s.set_down(true);
+    assert!(matches!(cache.put(1, 2), Err(Error::Store(_))));
+    assert_eq!(
+        cache.get(&1).unwrap(),
+        Some(1),
+        "the cache kept the old value"
+    );
+    s.set_down(false);
+    cache.remove(&1).unwrap();
+    assert_eq!(s.memory().get(&1), None);
+    assert_eq!(cache.get(&1).unwrap(), None);
+}
+
+#[test]
+fn read_only_mode_never_writes_to_the_store() {
+    let s = store();
+    s.memory().insert(2, 20);
+    let cache = Cache::builder(s.clone())
+        .write_mode(WriteMode::ReadOnly)
+        .manual_flushing()
+        .build()
+        .unwrap();
+    cache.put(1, 1).unwrap();
+    cache.remove(&2).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(cache.get(&1).unwrap(), Some(1));
+    assert_eq!(
+        cache.get(&2).unwrap(),
+        None,
+        "a local delete hides the store's row"
+    );
+    assert!(s.calls().is_empty());
+    assert_eq!(s.load_calls(), 0);
+}
+
+// Multi-threaded convergence -------------------------------------------------------------------------------
+
+#[test]
+fn four_threads_converge_with_a_store_failing_a_fifth_of_batches() {
+    let ops: u64 = 100_000;
+    let s = store();
+    s.fail_with_probability(0.2, 42);
+    let cache = Arc::new(
+        Cache::builder(s.clone())
+            .write_delay(Duration::from_millis(2))
+            .max_batch(256)
+            .flushers(2)
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(10))
+            .build()
+            .unwrap(),
+    );
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let cache = cache.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for i in 0..ops {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let k = x % 10_000;
+                    if x % 5 == 0 {
+                        cache.remove(&k).unwrap();
+                    } else {
+                        cache.put(k, t << 32 | i).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    cache.flush().unwrap();
+    assert_store_equals_cache(&s, &cache, 10_000);
+    assert_monotonic(&s);
+    let m = cache.metrics();
+    assert_eq!(m.dirty, 0);
+    assert_eq!(m.puts + m.removes, 4 * ops);
+    assert!(m.store_unavailable > 0, "the store did fail: {m:?}");
+    let counts: HashMap<_, _> = s
+        .calls()
+        .iter()
+        .map(|c| (format!("{:?}", c.outcome), 1))
+        .collect();
+    assert!(counts.contains_key("Unavailable"));
+}
