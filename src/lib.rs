@@ -5,6 +5,7 @@
 pub(crate) mod sync;
 mod error;
 mod store;
+pub mod stores;
 
 pub use error::{BatchError, Error, Source, StoreError};
 pub use store::{MemoryStore, Store, Write};
