@@ -59,7 +59,9 @@ impl StoreError {
 impl fmt::Debug for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Unavailable(s) => f.debug_tuple("Unavailable").field(&s.to_string()).finish(),
+            StoreError::Unavailable(s) => {
+                f.debug_tuple("Unavailable").field(&s.to_string()).finish()
+            }
             StoreError::Rejected(s) => f.debug_tuple("Rejected").field(&s.to_string()).finish(),
         }
     }

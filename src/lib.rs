@@ -2,10 +2,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
-pub(crate) mod sync;
 mod error;
 mod store;
 pub mod stores;
+pub(crate) mod sync;
 
 pub use error::{BatchError, Error, Source, StoreError};
 pub use store::{MemoryStore, Store, Write};

@@ -243,7 +243,11 @@ where
 
     /// Number of present rows.
     pub fn len(&self) -> usize {
-        self.lock().rows.values().filter(|(v, _)| v.is_some()).count()
+        self.lock()
+            .rows
+            .values()
+            .filter(|(v, _)| v.is_some())
+            .count()
     }
 
     /// `true` when no row is present.
@@ -281,7 +285,8 @@ where
     fn apply_locked(g: &mut MemoryInner<K, V>, w: &Write<K, V>) -> bool {
         let newer = g.rows.get(w.key()).map_or(true, |(_, v)| w.version() >= *v);
         if newer {
-            g.rows.insert(w.key().clone(), (w.value().cloned(), w.version()));
+            g.rows
+                .insert(w.key().clone(), (w.value().cloned(), w.version()));
         } else {
             g.stale_ignored += 1;
         }
