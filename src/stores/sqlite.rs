@@ -513,7 +513,7 @@ where
                 Ok(Attempt::Restart) => continue,
                 Ok(Attempt::CommitRejected) => {
                     self.one_by_one(&mut conn, &mut rows, &mut failed)
-                        .map_err(|e| BatchError::unavailable(e))?;
+                        .map_err(BatchError::unavailable)?;
                     break;
                 }
                 Err(e) => return Err(BatchError::unavailable(e)),
