@@ -376,3 +376,13 @@ fn bad_connection_strings_fail_clearly() {
     let err = PostgresStore::<u64, String>::connect("host=/tmp port=notaport", "kv").unwrap_err();
     assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
 }
+
+#[path = "../examples/profiles_postgres.rs"]
+mod profiles;
+
+#[test]
+fn typed_profiles_adapter_example_holds() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    profiles::demo(&url).unwrap();
+}
