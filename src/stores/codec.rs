@@ -1,19 +1,6 @@
 //! [`Codec`]: how the generic key/value adapters turn keys and values into bytes.
 //!
-//! The generic tables of [`SqliteStore`](super::SqliteStore) and
-//! [`PostgresStore`](super::PostgresStore) hold keys and values as bytes (`BLOB` / `BYTEA`).
-//! A codec is the two-way mapping between a Rust type and those bytes:
-//!
-//! | codec | types | bytes |
-//! | --- | --- | --- |
-//! | [`Raw`] | `Vec<u8>` | as they are |
-//! | [`Raw`] | `String` | UTF-8 |
-//! | [`Raw`] | `u64` | 8 bytes, big-endian (byte order is numeric order) |
-//! | [`Raw`] | `i64` | 8 bytes, big-endian with the sign bit flipped (byte order is numeric order) |
-//! | [`SerdeJson`] (feature `serde`) | any `Serialize + DeserializeOwned` | JSON text |
-//!
-//! Any other mapping is a small `impl Codec<T> for MyCodec`. For a typed schema (one column
-//! per field) write a [`Store`](crate::Store) of your own instead: see `docs/ADAPTERS.md`.
+//! The codec table is in the [`stores`](crate::stores#codecs) docs.
 //!
 //! # Examples
 //! ```
@@ -71,7 +58,8 @@ pub trait Codec<T>: Send + Sync + 'static {
     fn decode(&self, bytes: &[u8]) -> Result<T, CodecError>;
 }
 
-/// The plain codec for bytes, strings and 64-bit integers (see the [module docs](self)).
+/// The plain codec for bytes, strings and 64-bit integers (see
+/// [Codecs](crate::stores#codecs)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Raw;
 

@@ -14,6 +14,20 @@
 //! | `version` | `INTEGER NOT NULL` | `BIGINT NOT NULL` | version of the last write applied |
 //! | `deleted` | `INTEGER NOT NULL DEFAULT 0` | `BOOLEAN NOT NULL DEFAULT FALSE` | tombstone flag |
 //!
+//! # Codecs
+//! A [`Codec`] maps a Rust type to the bytes of a key or value column, both ways:
+//!
+//! | codec | types | bytes |
+//! | --- | --- | --- |
+//! | [`Raw`] | `Vec<u8>` | as they are |
+//! | [`Raw`] | `String` | UTF-8 |
+//! | [`Raw`] | `u64` | 8 bytes, big-endian (byte order is numeric order) |
+//! | [`Raw`] | `i64` | 8 bytes, big-endian with the sign bit flipped (byte order is numeric order) |
+//! | `SerdeJson` (feature `serde`) | any `Serialize + DeserializeOwned` | JSON text |
+//!
+//! Any other mapping is a small `impl Codec<T> for MyCodec`. Equal keys must encode to
+//! equal bytes: the database compares bytes, not Rust values.
+//!
 //! # Guarantees shared by both adapters
 //! * **Version guard.** A write is applied only if its version is newer than the row's, deletes
 //!   included: a delete keeps a tombstone row with its version, so an older put delivered
@@ -43,12 +57,12 @@ mod postgres;
 mod sqlite;
 
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresStore, PostgresStoreBuilder};
+pub use self::postgres::{PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT};
 #[cfg(feature = "serde")]
 pub use codec::SerdeJson;
 pub use codec::{Codec, CodecError, Raw};
 #[cfg(feature = "sqlite")]
-pub use sqlite::{SqliteStore, SqliteStoreBuilder};
+pub use sqlite::{SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT};
 
 /// A write's version as the signed 64-bit integer both databases store.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
