@@ -6,7 +6,7 @@
 //! `WRITEBEHIND_PG_CTL` (a pg_ctl command prefix) to stop and start the server.
 #![cfg(feature = "postgres")]
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -303,6 +303,7 @@ impl Outage {
         let status = Command::new("sh")
             .arg("-c")
             .arg(format!("{} {action}", self.ctl))
+            .stdout(Stdio::null())
             .status()
             .expect("run pg_ctl");
         assert!(status.success(), "`{} {action}` failed", self.ctl);
