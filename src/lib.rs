@@ -48,6 +48,7 @@ mod flusher;
 mod metrics;
 mod shard;
 mod store;
+pub mod stores;
 pub(crate) mod sync;
 pub mod testing;
 

@@ -1,0 +1,105 @@
+//! Store adapters for real databases, over a generic key/value table.
+//!
+//! | adapter | feature | database |
+//! | --- | --- | --- |
+//! | [`SqliteStore`] | `sqlite` | embedded SQLite (bundled, nothing to install) |
+//! | [`PostgresStore`] | `postgres` | a PostgreSQL server (or one speaking its protocol) |
+//!
+//! Both keep one row per key in a table they create if it is missing:
+//!
+//! | column | SQLite | PostgreSQL | meaning |
+//! | --- | --- | --- | --- |
+//! | `key` | `BLOB PRIMARY KEY` | `BYTEA PRIMARY KEY` | the key, through a key [`Codec`] |
+//! | `value` | `BLOB` | `BYTEA` | the value through a value [`Codec`]; `NULL` once deleted |
+//! | `version` | `INTEGER NOT NULL` | `BIGINT NOT NULL` | version of the last write applied |
+//! | `deleted` | `INTEGER NOT NULL DEFAULT 0` | `BOOLEAN NOT NULL DEFAULT FALSE` | tombstone flag |
+//!
+//! # Codecs
+//! A [`Codec`] maps a Rust type to the bytes of a key or value column, both ways:
+//!
+//! | codec | types | bytes |
+//! | --- | --- | --- |
+//! | [`Raw`] | `Vec<u8>` | as they are |
+//! | [`Raw`] | `String` | UTF-8 |
+//! | [`Raw`] | `u64` | 8 bytes, big-endian (byte order is numeric order) |
+//! | [`Raw`] | `i64` | 8 bytes, big-endian with the sign bit flipped (byte order is numeric order) |
+//! | `SerdeJson` (feature `serde`) | any `Serialize + DeserializeOwned` | JSON text |
+//!
+//! Any other mapping is a small `impl Codec<T> for MyCodec`. Equal keys must encode to
+//! equal bytes: the database compares bytes, not Rust values.
+//!
+//! # Guarantees shared by both adapters
+//! * **Version guard.** A write is applied only if its version is newer than the row's, deletes
+//!   included: a delete keeps a tombstone row with its version, so an older put delivered
+//!   late is ignored. Redelivering a batch is therefore harmless (an equal version is the same
+//!   write again and is skipped).
+//! * **One transaction per batch.** `write_all` applies the batch atomically, except for
+//!   records the database rejects: those are isolated and reported as
+//!   [`BatchError::Partial`](crate::BatchError::Partial) while every other record commits.
+//! * **Error mapping.** Busy, locked, I/O, disk-full, lost-connection and unknown errors are
+//!   [`StoreError::Unavailable`](crate::StoreError::Unavailable) (nothing is lost: the cache
+//!   retries). Constraint and data errors, codec failures and versions above `i64::MAX` are
+//!   [`StoreError::Rejected`](crate::StoreError::Rejected), for that record only.
+//! * **Loads ignore tombstones.** `load` of a deleted key is `Ok(None)`; `load_all` runs one
+//!   query (SQLite: one per 500 keys).
+//!
+//! Tombstones stay until you remove them, with `purge_tombstones`, once no write older than
+//! a given version can arrive any more.
+//!
+//! For an application's own typed schema (a column per field), write a small
+//! [`Store`](crate::Store) by hand; `docs/ADAPTERS.md` and `examples/profiles_sqlite.rs` show
+//! one, with the same version guard.
+
+mod codec;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT};
+#[cfg(feature = "serde")]
+pub use codec::SerdeJson;
+pub use codec::{Codec, CodecError, Raw};
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT};
+
+/// A write's version as the signed 64-bit integer both databases store.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn db_version(version: u64) -> Result<i64, crate::StoreError> {
+    i64::try_from(version).map_err(|_| {
+        crate::StoreError::rejected(format!(
+            "version {version} does not fit the database's signed 64-bit version column"
+        ))
+    })
+}
+
+/// `name` as an SQL identifier, each dot-separated part double-quoted (`schema.table` works).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn quote_ident(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(all(test, any(feature = "sqlite", feature = "postgres")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_per_part() {
+        assert_eq!(quote_ident("kv"), "\"kv\"");
+        assert_eq!(quote_ident("app.kv"), "\"app\".\"kv\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn versions_above_i64_max_are_rejected() {
+        assert_eq!(db_version(5).ok(), Some(5));
+        assert!(matches!(
+            db_version(u64::MAX),
+            Err(crate::StoreError::Rejected(_))
+        ));
+    }
+}

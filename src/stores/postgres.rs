@@ -1,0 +1,472 @@
+//! [`PostgresStore`]: a version-guarded key/value table in a PostgreSQL database.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use postgres::{Client, Config, NoTls, Statement};
+
+use super::codec::{Codec, Raw};
+use super::{db_version, quote_ident};
+use crate::error::{BatchError, StoreError};
+use crate::store::{Store, Write};
+
+/// How long connecting may take before the call fails as [`StoreError::Unavailable`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Store`] over one table of a PostgreSQL database (feature `postgres`), through the
+/// synchronous `postgres` client without TLS.
+///
+/// * A batch is **one statement**: the rows travel as four arrays and are merged with
+///   `INSERT ... SELECT * FROM unnest($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE ...
+///   WHERE t.version < EXCLUDED.version`, one round trip and one (implicit) transaction
+///   whatever the batch size.
+/// * If PostgreSQL rejects the data (SQLSTATE class `22` data exception or `23` integrity
+///   constraint violation), the batch is replayed in one transaction, one row per savepoint,
+///   to find the bad rows: they are reported in [`BatchError::Partial`] as
+///   [`StoreError::Rejected`] and every other row commits.
+/// * Any other error (connection lost or refused, server shutting down, serialization
+///   failure, ...) is [`StoreError::Unavailable`]; the connection is dropped and the next call
+///   opens a new one, so the store recovers on its own when the server is back.
+/// * Writes and loads use two connections, each behind its own mutex, so a read-through on
+///   a miss never waits for a batch in flight.
+///
+/// See the [module docs](crate::stores) for the table layout and the version guard. For a
+/// distributed database speaking the PostgreSQL protocol the same statements apply.
+///
+/// # Examples
+/// ```no_run
+/// use writebehind::stores::PostgresStore;
+/// use writebehind::{Store, Write};
+///
+/// let store = PostgresStore::<u64, String>::connect(
+///     "host=/tmp/pg port=5432 user=postgres dbname=writebehind",
+///     "kv",
+/// )?;
+/// store.write_all(&[Write::Put { key: 1, value: "one".to_string(), version: 10 }]).unwrap();
+/// assert_eq!(store.load(&1)?.as_deref(), Some("one"));
+/// # Ok::<(), writebehind::StoreError>(())
+/// ```
+pub struct PostgresStore<K, V> {
+    config: Config,
+    writer: Mutex<Option<Conn>>,
+    reader: Mutex<Option<Conn>>,
+    sql: Sql,
+    table: String,
+    key_codec: Arc<dyn Codec<K>>,
+    value_codec: Arc<dyn Codec<V>>,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+/// A connection with the store's statements prepared on it.
+struct Conn {
+    client: Client,
+    upsert: Statement,
+    load_one: Statement,
+    load_many: Statement,
+}
+
+struct Sql {
+    upsert: String,
+    load_one: String,
+    load_many: String,
+    purge: String,
+}
+
+impl Sql {
+    fn new(table: &str) -> Self {
+        let t = quote_ident(table);
+        Sql {
+            upsert: format!(
+                "INSERT INTO {t} AS t (key, value, version, deleted) \
+                 SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::bool[]) \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+                 version = EXCLUDED.version, deleted = EXCLUDED.deleted \
+                 WHERE t.version < EXCLUDED.version"
+            ),
+            load_one: format!("SELECT value FROM {t} WHERE key = $1 AND NOT deleted"),
+            load_many: format!("SELECT key, value FROM {t} WHERE key = ANY($1) AND NOT deleted"),
+            purge: format!("DELETE FROM {t} WHERE deleted AND version < $1"),
+        }
+    }
+
+    fn create(table: &str, constraints: &[String]) -> String {
+        let mut sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} (\n  key BYTEA PRIMARY KEY,\n  value BYTEA,\n  \
+             version BIGINT NOT NULL,\n  deleted BOOLEAN NOT NULL DEFAULT FALSE",
+            quote_ident(table)
+        );
+        for c in constraints {
+            sql.push_str(",\n  ");
+            sql.push_str(c);
+        }
+        sql.push_str("\n)");
+        sql
+    }
+}
+
+/// Options for [`PostgresStore`], from [`PostgresStore::builder`].
+pub struct PostgresStoreBuilder<K, V> {
+    url: String,
+    table: String,
+    key_codec: Arc<dyn Codec<K>>,
+    value_codec: Arc<dyn Codec<V>>,
+    connect_timeout: Duration,
+    constraints: Vec<String>,
+}
+
+impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
+    /// How long opening a connection may take. Default [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Adds a table constraint (SQL, such as `CHECK (deleted OR length(value) <= 4096)`) to
+    /// the `CREATE TABLE` statement. It has no effect on a table that already exists.
+    pub fn table_constraint(mut self, sql: impl Into<String>) -> Self {
+        self.constraints.push(sql.into());
+        self
+    }
+
+    /// Connects, creates the table if it is missing and prepares the statements.
+    ///
+    /// # Errors
+    /// [`StoreError::Rejected`] for a malformed connection string;
+    /// [`StoreError::Unavailable`] when the server cannot be reached or the table cannot be
+    /// created.
+    pub fn connect(self) -> Result<PostgresStore<K, V>, StoreError> {
+        let mut config: Config = self.url.parse().map_err(|e| {
+            StoreError::rejected(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        config.connect_timeout(self.connect_timeout);
+        let store = PostgresStore {
+            config,
+            writer: Mutex::new(None),
+            reader: Mutex::new(None),
+            sql: Sql::new(&self.table),
+            table: self.table,
+            key_codec: self.key_codec,
+            value_codec: self.value_codec,
+            _types: PhantomData,
+        };
+        let mut client = store
+            .config
+            .connect(NoTls)
+            .map_err(|e| StoreError::unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        client
+            .batch_execute(&Sql::create(&store.table, &self.constraints))
+            .map_err(|e| {
+                StoreError::unavailable(format!("cannot create table {}: {e}", store.table))
+            })?;
+        *store.writer.lock() = Some(store.prepare(client)?);
+        *store.reader.lock() = Some(store.open()?);
+        Ok(store)
+    }
+}
+
+/// `true` for SQLSTATE class 22 (data exception) and 23 (integrity constraint violation):
+/// the row is at fault, not the server.
+fn is_record_error(e: &postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+}
+
+/// Maps a client error to a store error. Anything but a record error drops the connection,
+/// so the next call reconnects.
+fn store_error(e: postgres::Error, slot: &mut Option<Conn>) -> StoreError {
+    if is_record_error(&e) {
+        StoreError::rejected(e)
+    } else {
+        *slot = None;
+        StoreError::unavailable(e)
+    }
+}
+
+/// An encoded row of the batch.
+struct Row {
+    index: usize,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    version: i64,
+}
+
+impl<K: 'static, V: 'static> PostgresStore<K, V> {
+    /// Connects to the server at `url` (a libpq key/value string such as
+    /// `host=/tmp/pg port=5432 user=app dbname=app`, or a `postgresql://` URL) and uses table
+    /// `table`, created if missing, with the [`Raw`] codec for keys and values.
+    ///
+    /// # Errors
+    /// As [`PostgresStoreBuilder::connect`].
+    pub fn connect(url: &str, table: &str) -> Result<Self, StoreError>
+    where
+        Raw: Codec<K> + Codec<V>,
+    {
+        Self::builder(url, table, Raw, Raw).connect()
+    }
+
+    /// Options for a store at `url` over `table` with the given key and value codecs.
+    pub fn builder(
+        url: &str,
+        table: &str,
+        key_codec: impl Codec<K>,
+        value_codec: impl Codec<V>,
+    ) -> PostgresStoreBuilder<K, V> {
+        PostgresStoreBuilder {
+            url: url.to_string(),
+            table: table.to_string(),
+            key_codec: Arc::new(key_codec),
+            value_codec: Arc::new(value_codec),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            constraints: Vec::new(),
+        }
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Removes tombstones (rows of deleted keys) older than `version`; see
+    /// [`SqliteStore::purge_tombstones`](super::SqliteStore::purge_tombstones) for when that
+    /// is safe. Returns the number of rows removed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the server cannot be reached.
+    pub fn purge_tombstones(&self, version: u64) -> Result<u64, StoreError> {
+        let version = db_version(version).unwrap_or(i64::MAX);
+        let mut slot = self.writer.lock();
+        let conn = self.conn(&mut slot)?;
+        match conn.client.execute(&self.sql.purge, &[&version]) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(store_error(e, &mut slot)),
+        }
+    }
+
+    fn open(&self) -> Result<Conn, StoreError> {
+        let client = self
+            .config
+            .connect(NoTls)
+            .map_err(|e| StoreError::unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        self.prepare(client)
+    }
+
+    fn prepare(&self, mut client: Client) -> Result<Conn, StoreError> {
+        let mut prep = |sql: &str| {
+            client.prepare(sql).map_err(|e| {
+                StoreError::unavailable(format!(
+                    "cannot prepare statements for table {}: {e}",
+                    self.table
+                ))
+            })
+        };
+        let upsert = prep(&self.sql.upsert)?;
+        let load_one = prep(&self.sql.load_one)?;
+        let load_many = prep(&self.sql.load_many)?;
+        Ok(Conn {
+            client,
+            upsert,
+            load_one,
+            load_many,
+        })
+    }
+
+    /// The live connection in `slot`, opening a new one if there is none or it was closed.
+    fn conn<'a>(&self, slot: &'a mut Option<Conn>) -> Result<&'a mut Conn, StoreError> {
+        if slot.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *slot = None;
+        }
+        let conn = match slot.take() {
+            Some(c) => c,
+            None => self.open()?,
+        };
+        Ok(slot.insert(conn))
+    }
+
+    fn decode_value(&self, bytes: Option<Vec<u8>>) -> Result<V, StoreError> {
+        let bytes = bytes.ok_or_else(|| {
+            StoreError::rejected(format!("table {}: a live row has a NULL value", self.table))
+        })?;
+        self.value_codec.decode(&bytes).map_err(|e| {
+            StoreError::rejected(format!(
+                "table {}: a stored value does not decode: {e}",
+                self.table
+            ))
+        })
+    }
+
+    fn encode(&self, index: usize, w: &Write<K, V>) -> Result<Row, StoreError> {
+        let key = self
+            .key_codec
+            .encode(w.key())
+            .map_err(StoreError::rejected)?;
+        let value = match w.value() {
+            Some(v) => Some(self.value_codec.encode(v).map_err(StoreError::rejected)?),
+            None => None,
+        };
+        Ok(Row {
+            index,
+            key,
+            value,
+            version: db_version(w.version())?,
+        })
+    }
+
+    /// Replays `rows` in one transaction, one savepoint per row, collecting rejected rows.
+    fn isolate(
+        conn: &mut Conn,
+        rows: &[Row],
+        failed: &mut Vec<(usize, StoreError)>,
+    ) -> Result<(), postgres::Error> {
+        let Conn { client, upsert, .. } = conn;
+        let mut tx = client.transaction()?;
+        for row in rows {
+            let mut sp = tx.savepoint("writebehind_row")?;
+            let done = sp.execute(
+                &*upsert,
+                &[
+                    &[&row.key[..]].as_slice(),
+                    &[row.value.as_deref()].as_slice(),
+                    &[row.version].as_slice(),
+                    &[row.value.is_none()].as_slice(),
+                ],
+            );
+            match done {
+                Ok(_) => sp.commit()?,
+                Err(e) if is_record_error(&e) => {
+                    sp.rollback()?;
+                    failed.push((row.index, StoreError::rejected(e)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit()
+    }
+}
+
+impl<K, V> Store<K, V> for PostgresStore<K, V>
+where
+    K: 'static,
+    V: 'static,
+{
+    fn load(&self, key: &K) -> Result<Option<V>, StoreError> {
+        let key = self.key_codec.encode(key).map_err(StoreError::rejected)?;
+        let row = {
+            let mut slot = self.reader.lock();
+            let conn = self.conn(&mut slot)?;
+            match conn.client.query_opt(&conn.load_one, &[&key]) {
+                Ok(row) => row,
+                Err(e) => return Err(store_error(e, &mut slot)),
+            }
+        };
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let bytes: Option<Vec<u8>> = row.try_get(0).map_err(StoreError::rejected)?;
+                self.decode_value(bytes).map(Some)
+            }
+        }
+    }
+
+    fn load_all(&self, keys: &[K]) -> Result<Vec<(K, V)>, StoreError>
+    where
+        K: Clone,
+    {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut encoded = Vec::with_capacity(keys.len());
+        for k in keys {
+            encoded.push(self.key_codec.encode(k).map_err(StoreError::rejected)?);
+        }
+        let rows = {
+            let mut slot = self.reader.lock();
+            let conn = self.conn(&mut slot)?;
+            match conn.client.query(&conn.load_many, &[&encoded]) {
+                Ok(rows) => rows,
+                Err(e) => return Err(store_error(e, &mut slot)),
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let k: Vec<u8> = row.try_get(0).map_err(StoreError::rejected)?;
+            let v: Option<Vec<u8>> = row.try_get(1).map_err(StoreError::rejected)?;
+            let key = self.key_codec.decode(&k).map_err(|e| {
+                StoreError::rejected(format!(
+                    "table {}: a stored key does not decode: {e}",
+                    self.table
+                ))
+            })?;
+            out.push((key, self.decode_value(v)?));
+        }
+        Ok(out)
+    }
+
+    fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
+        let mut failed = Vec::new();
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, w) in batch.iter().enumerate() {
+            match self.encode(i, w) {
+                Ok(row) => rows.push(row),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        // One statement cannot update a row twice. A batch holds one write per key, but if
+        // it does not, only the newest write of a key matters: the others are older versions
+        // the guard would ignore anyway.
+        let mut newest: HashMap<&[u8], (usize, i64)> = HashMap::with_capacity(rows.len());
+        for (pos, row) in rows.iter().enumerate() {
+            let e = newest.entry(&row.key[..]).or_insert((pos, row.version));
+            if row.version > e.1 {
+                *e = (pos, row.version);
+            }
+        }
+        if newest.len() < rows.len() {
+            let keep: HashSet<usize> = newest.into_values().map(|(pos, _)| pos).collect();
+            rows = rows
+                .into_iter()
+                .enumerate()
+                .filter_map(|(pos, row)| keep.contains(&pos).then_some(row))
+                .collect();
+        }
+
+        if !rows.is_empty() {
+            let keys: Vec<&[u8]> = rows.iter().map(|r| &r.key[..]).collect();
+            let values: Vec<Option<&[u8]>> = rows.iter().map(|r| r.value.as_deref()).collect();
+            let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+            let deleted: Vec<bool> = rows.iter().map(|r| r.value.is_none()).collect();
+
+            let mut slot = self.writer.lock();
+            let conn = self.conn(&mut slot).map_err(BatchError::from)?;
+            let done = conn
+                .client
+                .execute(&conn.upsert, &[&keys, &values, &versions, &deleted]);
+            match done {
+                Ok(_) => {}
+                Err(e) if is_record_error(&e) => {
+                    if let Err(e) = Self::isolate(conn, &rows, &mut failed) {
+                        return Err(BatchError::from(store_error(e, &mut slot)));
+                    }
+                }
+                Err(e) => return Err(BatchError::from(store_error(e, &mut slot))),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            failed.sort_by_key(|(i, _)| *i);
+            Err(BatchError::Partial(failed))
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for PostgresStore<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}

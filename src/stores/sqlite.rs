@@ -1,0 +1,539 @@
+//! [`SqliteStore`]: a version-guarded key/value table in an embedded SQLite database.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{params, params_from_iter, Connection, ErrorCode, OptionalExtension};
+use rusqlite::{Transaction, TransactionBehavior};
+
+use super::codec::{Codec, Raw};
+use super::{db_version, quote_ident};
+use crate::error::{BatchError, StoreError};
+use crate::store::{Store, Write};
+
+/// How long a write waits for another connection's lock before the batch is reported
+/// [`StoreError::Unavailable`] (and retried by the cache).
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keys per `load_all` query, well below SQLite's limit on bound variables.
+const LOAD_CHUNK: usize = 500;
+
+/// A [`Store`] over one table of an SQLite database file (feature `sqlite`).
+///
+/// * The database runs in WAL mode with `synchronous = NORMAL`: a committed batch survives a
+///   process crash; the last batches before a power loss may not, which the cache's
+///   at-least-once retry cannot help with either. `foreign_keys` is on, so constraints you
+///   add are enforced.
+/// * Writes go through one connection behind a mutex (SQLite has one writer at a time);
+///   loads use a second connection, so a reader on a miss never waits for a batch.
+/// * A batch is one `BEGIN IMMEDIATE` transaction of prepared, version-guarded upserts.
+///   A record the database rejects (constraint or type error) is left out and reported in
+///   [`BatchError::Partial`]; the others commit. If such an error makes SQLite roll back the
+///   whole transaction (an `ON CONFLICT ROLLBACK` constraint) the batch is replayed without
+///   the bad record; if the commit itself fails on a constraint (a deferred foreign key) the
+///   batch is replayed one record per transaction to find it.
+/// * `SQLITE_BUSY`, `SQLITE_LOCKED`, I/O, disk-full and every unclassified error are
+///   [`BatchError::Unavailable`]: nothing was committed, the cache retries the batch.
+///
+/// See the [module docs](crate::stores) for the table layout and the version guard.
+///
+/// # Examples
+/// ```
+/// use writebehind::stores::SqliteStore;
+/// use writebehind::{Store, Write};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = SqliteStore::<u64, String>::open(dir.path().join("app.db"), "kv").unwrap();
+///
+/// store
+///     .write_all(&[
+///         Write::Put { key: 1, value: "one".to_string(), version: 10 },
+///         Write::Put { key: 2, value: "two".to_string(), version: 10 },
+///     ])
+///     .unwrap();
+/// // An older write delivered late changes nothing.
+/// store.write_all(&[Write::Put { key: 1, value: "stale".to_string(), version: 9 }]).unwrap();
+/// assert_eq!(store.load(&1).unwrap().as_deref(), Some("one"));
+///
+/// // A delete leaves a tombstone: the key is gone, and an older put cannot bring it back.
+/// store.write_all(&[Write::Delete { key: 2, version: 11 }]).unwrap();
+/// store.write_all(&[Write::Put { key: 2, value: "late".to_string(), version: 10 }]).unwrap();
+/// assert_eq!(store.load(&2).unwrap(), None);
+///
+/// let found = store.load_all(&[1, 2, 3]).unwrap();
+/// assert_eq!(found, vec![(1, "one".to_string())]);
+/// ```
+pub struct SqliteStore<K, V> {
+    writer: Mutex<Connection>,
+    /// `None` for an in-memory database, which a second connection would not see.
+    reader: Option<Mutex<Connection>>,
+    sql: Sql,
+    path: PathBuf,
+    table: String,
+    key_codec: Arc<dyn Codec<K>>,
+    value_codec: Arc<dyn Codec<V>>,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+/// The statements of one table, built once.
+struct Sql {
+    upsert: String,
+    delete: String,
+    load_one: String,
+    /// `load_all` without the `IN (...)` list.
+    load_many: String,
+    purge: String,
+}
+
+impl Sql {
+    fn new(table: &str) -> Self {
+        let t = quote_ident(table);
+        Sql {
+            upsert: format!(
+                "INSERT INTO {t} AS t (key, value, version, deleted) VALUES (?1, ?2, ?3, 0) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+                 version = excluded.version, deleted = 0 \
+                 WHERE excluded.version > t.version"
+            ),
+            delete: format!(
+                "INSERT INTO {t} AS t (key, value, version, deleted) VALUES (?1, NULL, ?2, 1) \
+                 ON CONFLICT (key) DO UPDATE SET value = NULL, \
+                 version = excluded.version, deleted = 1 \
+                 WHERE excluded.version > t.version"
+            ),
+            load_one: format!("SELECT value FROM {t} WHERE key = ?1 AND deleted = 0"),
+            load_many: format!("SELECT key, value FROM {t} WHERE deleted = 0 AND key IN "),
+            purge: format!("DELETE FROM {t} WHERE deleted = 1 AND version < ?1"),
+        }
+    }
+
+    fn create(table: &str, constraints: &[String]) -> String {
+        let mut sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} (\n  key BLOB NOT NULL PRIMARY KEY,\n  value BLOB,\n  \
+             version INTEGER NOT NULL,\n  deleted INTEGER NOT NULL DEFAULT 0",
+            quote_ident(table)
+        );
+        for c in constraints {
+            sql.push_str(",\n  ");
+            sql.push_str(c);
+        }
+        sql.push_str("\n) WITHOUT ROWID");
+        sql
+    }
+}
+
+/// Options for [`SqliteStore`], from [`SqliteStore::builder`].
+pub struct SqliteStoreBuilder<K, V> {
+    path: PathBuf,
+    table: String,
+    key_codec: Arc<dyn Codec<K>>,
+    value_codec: Arc<dyn Codec<V>>,
+    busy_timeout: Duration,
+    constraints: Vec<String>,
+}
+
+impl<K, V> SqliteStoreBuilder<K, V> {
+    /// How long a statement waits for a lock held by another connection (another process
+    /// writing the same file) before the batch fails as `Unavailable`.
+    /// Default [`DEFAULT_BUSY_TIMEOUT`].
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Adds a table constraint (SQL, such as `CHECK (deleted = 1 OR length(value) <= 4096)`)
+    /// to the `CREATE TABLE` statement. It has no effect on a table that already exists.
+    /// A record that violates it is rejected on its own; the rest of its batch commits.
+    pub fn table_constraint(mut self, sql: impl Into<String>) -> Self {
+        self.constraints.push(sql.into());
+        self
+    }
+
+    /// Opens (or creates) the database file and the table.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the file cannot be opened or created, switched to WAL
+    /// mode, or the table cannot be created (a bad constraint among them); the message names
+    /// the path.
+    pub fn open(self) -> Result<SqliteStore<K, V>, StoreError> {
+        let at = |what: &str, e: rusqlite::Error| {
+            StoreError::unavailable(format!(
+                "SQLite database {}: {what}: {e}",
+                self.path.display()
+            ))
+        };
+        let writer = connect(&self.path, self.busy_timeout).map_err(|e| at("open", e))?;
+        writer
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+            .map_err(|e| at("switch to WAL mode", e))?;
+        writer
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| at("set synchronous", e))?;
+        writer
+            .execute_batch(&Sql::create(&self.table, &self.constraints))
+            .map_err(|e| at(&format!("create table {}", self.table), e))?;
+        let reader = if in_memory(&self.path) {
+            None
+        } else {
+            let r = connect(&self.path, self.busy_timeout).map_err(|e| at("open reader", e))?;
+            r.pragma_update(None, "query_only", true)
+                .map_err(|e| at("set query_only", e))?;
+            Some(Mutex::new(r))
+        };
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader,
+            sql: Sql::new(&self.table),
+            path: self.path,
+            table: self.table,
+            key_codec: self.key_codec,
+            value_codec: self.value_codec,
+            _types: PhantomData,
+        })
+    }
+}
+
+fn in_memory(path: &Path) -> bool {
+    path.as_os_str().is_empty() || path.as_os_str() == ":memory:"
+}
+
+fn connect(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(conn)
+}
+
+/// `true` for an error that concerns the record written, not the database.
+fn is_record_error(e: &rusqlite::Error) -> bool {
+    use rusqlite::Error as E;
+    match e {
+        E::SqliteFailure(f, _) => matches!(
+            f.code,
+            ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig
+        ),
+        E::ToSqlConversionFailure(_)
+        | E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::Utf8Error(..)
+        | E::InvalidColumnType(..) => true,
+        _ => false,
+    }
+}
+
+/// Maps an SQLite error to the cache's two outcomes (see [`SqliteStore`]).
+fn store_error(e: rusqlite::Error) -> StoreError {
+    if is_record_error(&e) {
+        StoreError::rejected(e)
+    } else {
+        StoreError::unavailable(e)
+    }
+}
+
+/// A write, encoded.
+struct Row {
+    key: Vec<u8>,
+    /// `None` for a delete.
+    value: Option<Vec<u8>>,
+    version: i64,
+}
+
+/// How one attempt at a batch ended.
+enum Attempt {
+    Committed,
+    /// A rejected record rolled back the whole transaction; it is marked failed, replay.
+    Restart,
+    /// `COMMIT` failed on a constraint: some record is bad, but which is unknown.
+    CommitRejected,
+}
+
+impl<K: 'static, V: 'static> SqliteStore<K, V> {
+    /// Opens (or creates) the database at `path` with a table `table` (created if missing),
+    /// storing keys and values with the [`Raw`] codec. Use [`SqliteStore::builder`] for other
+    /// codecs and options.
+    ///
+    /// `path` may be `":memory:"` for a private in-memory database (tests); loads then share
+    /// the writer's connection.
+    ///
+    /// # Errors
+    /// As [`SqliteStoreBuilder::open`].
+    pub fn open(path: impl AsRef<Path>, table: &str) -> Result<Self, StoreError>
+    where
+        Raw: Codec<K> + Codec<V>,
+    {
+        Self::builder(path, table, Raw, Raw).open()
+    }
+
+    /// Options for a store at `path` over `table`, with the given key and value codecs.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(feature = "serde")] {
+    /// use std::time::Duration;
+    /// use writebehind::stores::{Raw, SerdeJson, SqliteStore};
+    /// use writebehind::{Store, Write};
+    ///
+    /// #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    /// struct Profile { name: String, visits: u64 }
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::<u64, Profile>::builder(dir.path().join("p.db"), "profiles", Raw, SerdeJson)
+    ///     .busy_timeout(Duration::from_millis(500))
+    ///     .table_constraint("CHECK (deleted = 1 OR length(value) <= 4096)")
+    ///     .open()
+    ///     .unwrap();
+    /// let ada = Profile { name: "ada".into(), visits: 1 };
+    /// store.write_all(&[Write::Put { key: 7, value: ada, version: 1 }]).unwrap();
+    /// assert_eq!(store.load(&7).unwrap().map(|p| p.visits), Some(1));
+    /// # }
+    /// ```
+    pub fn builder(
+        path: impl AsRef<Path>,
+        table: &str,
+        key_codec: impl Codec<K>,
+        value_codec: impl Codec<V>,
+    ) -> SqliteStoreBuilder<K, V> {
+        SqliteStoreBuilder {
+            path: path.as_ref().to_path_buf(),
+            table: table.to_string(),
+            key_codec: Arc::new(key_codec),
+            value_codec: Arc::new(value_codec),
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            constraints: Vec::new(),
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Removes tombstones (rows of deleted keys) older than `version`. Call it only when no
+    /// write older than `version` can still arrive (no cache that could hold one is running),
+    /// or a late put of a deleted key could reappear. Returns the number of rows removed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database is busy or failing.
+    pub fn purge_tombstones(&self, version: u64) -> Result<usize, StoreError> {
+        let version = db_version(version).unwrap_or(i64::MAX);
+        let conn = self.writer.lock();
+        conn.execute(&self.sql.purge, params![version])
+            .map_err(store_error)
+    }
+
+    fn reader(&self) -> &Mutex<Connection> {
+        self.reader.as_ref().unwrap_or(&self.writer)
+    }
+
+    fn encode(&self, w: &Write<K, V>) -> Result<Row, StoreError> {
+        let key = self
+            .key_codec
+            .encode(w.key())
+            .map_err(StoreError::rejected)?;
+        let value = match w.value() {
+            Some(v) => Some(self.value_codec.encode(v).map_err(StoreError::rejected)?),
+            None => None,
+        };
+        Ok(Row {
+            key,
+            value,
+            version: db_version(w.version())?,
+        })
+    }
+
+    fn decode_value(&self, bytes: &[u8]) -> Result<V, StoreError> {
+        self.value_codec.decode(bytes).map_err(|e| {
+            StoreError::rejected(format!(
+                "table {}: a stored value does not decode: {e}",
+                self.table
+            ))
+        })
+    }
+
+    /// One transaction over every row still in `rows`; a rejected row is moved to `failed`.
+    fn attempt(
+        &self,
+        conn: &mut Connection,
+        rows: &mut [Option<Row>],
+        failed: &mut Vec<(usize, StoreError)>,
+    ) -> Result<Attempt, rusqlite::Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut upsert = tx.prepare_cached(&self.sql.upsert)?;
+            let mut delete = tx.prepare_cached(&self.sql.delete)?;
+            for (i, slot) in rows.iter_mut().enumerate() {
+                let Some(row) = slot else { continue };
+                let done = match &row.value {
+                    Some(v) => upsert.execute(params![row.key, v, row.version]),
+                    None => delete.execute(params![row.key, row.version]),
+                };
+                match done {
+                    Ok(_) => {}
+                    // Dropping `tx` rolls the whole batch back.
+                    Err(e) if !is_record_error(&e) => return Err(e),
+                    Err(e) => {
+                        // SQLite undid this statement only; the transaction goes on,
+                        // unless the constraint's conflict clause rolled it all back.
+                        failed.push((i, StoreError::rejected(e)));
+                        *slot = None;
+                        if tx.is_autocommit() {
+                            return Ok(Attempt::Restart);
+                        }
+                    }
+                }
+            }
+        }
+        match tx.commit() {
+            Ok(()) => Ok(Attempt::Committed),
+            Err(e) if is_record_error(&e) => Ok(Attempt::CommitRejected),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies each row in its own transaction, to find the rows a `COMMIT` rejects.
+    fn one_by_one(
+        &self,
+        conn: &mut Connection,
+        rows: &mut [Option<Row>],
+        failed: &mut Vec<(usize, StoreError)>,
+    ) -> Result<(), rusqlite::Error> {
+        for (i, slot) in rows.iter_mut().enumerate() {
+            let Some(row) = slot else { continue };
+            let tx: Transaction<'_> =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let done = match &row.value {
+                Some(v) => tx
+                    .prepare_cached(&self.sql.upsert)
+                    .and_then(|mut s| s.execute(params![row.key, v, row.version])),
+                None => tx
+                    .prepare_cached(&self.sql.delete)
+                    .and_then(|mut s| s.execute(params![row.key, row.version])),
+            }
+            .and_then(|_| tx.commit());
+            match done {
+                Ok(()) => {}
+                Err(e) if is_record_error(&e) => {
+                    failed.push((i, StoreError::rejected(e)));
+                    *slot = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<K, V> Store<K, V> for SqliteStore<K, V>
+where
+    K: 'static,
+    V: 'static,
+{
+    fn load(&self, key: &K) -> Result<Option<V>, StoreError> {
+        let key = self.key_codec.encode(key).map_err(StoreError::rejected)?;
+        let bytes: Option<Vec<u8>> = {
+            let conn = self.reader().lock();
+            let mut st = conn
+                .prepare_cached(&self.sql.load_one)
+                .map_err(store_error)?;
+            st.query_row(params![key], |r| r.get(0))
+                .optional()
+                .map_err(store_error)?
+        };
+        bytes.map(|b| self.decode_value(&b)).transpose()
+    }
+
+    fn load_all(&self, keys: &[K]) -> Result<Vec<(K, V)>, StoreError>
+    where
+        K: Clone,
+    {
+        let mut encoded = Vec::with_capacity(keys.len());
+        for k in keys {
+            encoded.push(self.key_codec.encode(k).map_err(StoreError::rejected)?);
+        }
+        let mut found: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        {
+            let conn = self.reader().lock();
+            for chunk in encoded.chunks(LOAD_CHUNK) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let sql = format!("{}({marks})", self.sql.load_many);
+                let mut st = conn.prepare_cached(&sql).map_err(store_error)?;
+                let rows = st
+                    .query_map(params_from_iter(chunk.iter()), |r| {
+                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })
+                    .map_err(store_error)?;
+                for row in rows {
+                    found.push(row.map_err(store_error)?);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(found.len());
+        for (k, v) in found {
+            let key = self.key_codec.decode(&k).map_err(|e| {
+                StoreError::rejected(format!(
+                    "table {}: a stored key does not decode: {e}",
+                    self.table
+                ))
+            })?;
+            out.push((key, self.decode_value(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut failed = Vec::new();
+        let mut rows: Vec<Option<Row>> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, w)| match self.encode(w) {
+                Ok(row) => Some(row),
+                Err(e) => {
+                    failed.push((i, e));
+                    None
+                }
+            })
+            .collect();
+        let mut conn = self.writer.lock();
+        // Each restart removes at least one row, so this loop ends.
+        loop {
+            match self.attempt(&mut conn, &mut rows, &mut failed) {
+                Ok(Attempt::Committed) => break,
+                Ok(Attempt::Restart) => continue,
+                Ok(Attempt::CommitRejected) => {
+                    self.one_by_one(&mut conn, &mut rows, &mut failed)
+                        .map_err(BatchError::unavailable)?;
+                    break;
+                }
+                Err(e) => return Err(BatchError::unavailable(e)),
+            }
+        }
+        drop(conn);
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            failed.sort_by_key(|(i, _)| *i);
+            Err(BatchError::Partial(failed))
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for SqliteStore<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,389 @@
+//! `PostgresStore` against a real PostgreSQL server.
+//!
+//! The server comes from `WRITEBEHIND_PG_URL` (`source .ci/pg.sh && pg_start` sets it up).
+//! Without it the tests print a skip message and pass, except under `CI`, where they fail:
+//! CI must not go green without having talked to a server. The outage test also needs
+//! `WRITEBEHIND_PG_CTL` (a pg_ctl command prefix) to stop and start the server.
+#![cfg(feature = "postgres")]
+
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+use writebehind::stores::{Codec, CodecError, PostgresStore, Raw};
+use writebehind::{BatchError, Store, StoreError, Write};
+
+/// The tests share one server and one of them stops it: run them one at a time.
+static SERVER: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERVER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn env_or_skip(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{var} is not set but CI is: the PostgreSQL tests must run in CI. \
+                 Start a server first: `source .ci/pg.sh && pg_start`"
+            );
+            eprintln!(
+                "SKIPPED: {var} is not set; start a server with `source .ci/pg.sh && pg_start`"
+            );
+            None
+        }
+    }
+}
+
+macro_rules! need {
+    ($var:expr) => {
+        match env_or_skip($var) {
+            Some(v) => v,
+            None => return,
+        }
+    };
+}
+
+fn put(key: u64, value: &str, version: u64) -> Write<u64, String> {
+    Write::Put {
+        key,
+        value: value.to_string(),
+        version,
+    }
+}
+
+fn del(key: u64, version: u64) -> Write<u64, String> {
+    Write::Delete { key, version }
+}
+
+fn drop_table(url: &str, table: &str) {
+    let mut c = Client::connect(url, NoTls).expect("connect for setup");
+    c.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .expect("drop table");
+}
+
+fn fresh(url: &str, table: &str) -> PostgresStore<u64, String> {
+    drop_table(url, table);
+    PostgresStore::connect(url, table).expect("connect store")
+}
+
+/// (value, version, deleted) straight from the table.
+fn raw_row(url: &str, table: &str, key: u64) -> Option<(Option<Vec<u8>>, i64, bool)> {
+    let mut c = Client::connect(url, NoTls).expect("connect for inspection");
+    c.query_opt(
+        &format!("SELECT value, version, deleted FROM {table} WHERE key = $1"),
+        &[&key.to_be_bytes().to_vec()],
+    )
+    .expect("select")
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+}
+
+fn failed_indices(e: BatchError) -> Vec<usize> {
+    match e {
+        BatchError::Partial(f) => {
+            assert!(
+                f.iter().all(|(_, e)| matches!(e, StoreError::Rejected(_))),
+                "{f:?}"
+            );
+            f.into_iter().map(|(i, _)| i).collect()
+        }
+        other => panic!("expected Partial, got {other:?}"),
+    }
+}
+
+#[test]
+fn upserts_and_loads_in_one_statement_per_batch() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let store = fresh(&url, "wb_test_upserts");
+    let batch: Vec<_> = (0..2_000u64).map(|k| put(k, &k.to_string(), 1)).collect();
+    store.write_all(&batch).expect("batch");
+    store
+        .write_all(&[put(1, "one", 2), del(2, 2)])
+        .expect("update");
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("one"));
+    assert_eq!(store.load(&2).unwrap(), None);
+    assert_eq!(store.load(&5_000).unwrap(), None);
+    let keys: Vec<u64> = (0..2_100).collect();
+    let mut all = store.load_all(&keys).unwrap();
+    all.sort();
+    assert_eq!(all.len(), 1_999);
+    assert_eq!(all[0], (0, "0".to_string()));
+    assert_eq!(all[1], (1, "one".to_string()));
+    assert_eq!(store.load_all(&[]).unwrap(), vec![]);
+    assert_eq!(
+        raw_row(&url, "wb_test_upserts", 1),
+        Some((Some(b"one".to_vec()), 2, false))
+    );
+}
+
+#[test]
+fn version_guard_ignores_older_puts_and_deletes() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let store = fresh(&url, "wb_test_guard");
+    store.write_all(&[put(1, "new", 10)]).unwrap();
+    store.write_all(&[put(1, "old", 9)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
+    store.write_all(&[del(1, 5)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
+    assert_eq!(raw_row(&url, "wb_test_guard", 1).map(|r| r.1), Some(10));
+}
+
+#[test]
+fn delete_keeps_a_tombstone_that_blocks_older_puts() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let store = fresh(&url, "wb_test_tombstone");
+    store.write_all(&[put(1, "a", 1)]).unwrap();
+    store.write_all(&[del(1, 3)]).unwrap();
+    assert_eq!(raw_row(&url, "wb_test_tombstone", 1), Some((None, 3, true)));
+    store.write_all(&[put(1, "late", 2)]).unwrap();
+    assert_eq!(store.load(&1).unwrap(), None);
+    assert_eq!(store.load_all(&[1]).unwrap(), vec![]);
+
+    store.write_all(&[del(7, 5)]).unwrap();
+    store.write_all(&[put(7, "older", 4)]).unwrap();
+    assert_eq!(store.load(&7).unwrap(), None);
+
+    store.write_all(&[put(1, "again", 4)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("again"));
+
+    assert_eq!(store.purge_tombstones(6).unwrap(), 1);
+    assert_eq!(raw_row(&url, "wb_test_tombstone", 7), None);
+}
+
+#[test]
+fn redelivered_batches_are_idempotent() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let store = fresh(&url, "wb_test_redeliver");
+    let batch = vec![put(1, "a", 5), put(2, "b", 5), del(3, 5)];
+    store.write_all(&batch).unwrap();
+    store.write_all(&[put(2, "b2", 6)]).unwrap();
+    store.write_all(&batch).unwrap();
+    store.write_all(&batch).unwrap();
+    let mut all = store.load_all(&[1, 2, 3]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, "a".to_string()), (2, "b2".to_string())]);
+}
+
+#[test]
+fn duplicate_keys_in_a_batch_keep_the_newest() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let store = fresh(&url, "wb_test_dupes");
+    store
+        .write_all(&[put(1, "v3", 3), put(1, "v1", 1), del(2, 1), put(2, "v2", 2)])
+        .unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("v3"));
+    assert_eq!(store.load(&2).unwrap().as_deref(), Some("v2"));
+}
+
+#[test]
+fn class_22_and_23_errors_reject_only_their_rows() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_rejected";
+    drop_table(&url, table);
+    let store = PostgresStore::<u64, Vec<u8>>::builder(&url, table, Raw, Raw)
+        // 23514 check_violation
+        .table_constraint("CHECK (deleted OR length(value) <= 8)")
+        // 22021 character_not_in_repertoire for bytes that are not UTF-8
+        .table_constraint("CHECK (deleted OR convert_from(value, 'UTF8') IS NOT NULL)")
+        .connect()
+        .unwrap();
+    store
+        .write_all(&[Write::Put {
+            key: 3,
+            value: b"three".to_vec(),
+            version: 1,
+        }])
+        .unwrap();
+    let err = store
+        .write_all(&[
+            Write::Put {
+                key: 1,
+                value: b"ok".to_vec(),
+                version: 2,
+            },
+            Write::Put {
+                key: 2,
+                value: b"far too long".to_vec(),
+                version: 2,
+            },
+            Write::Put {
+                key: 4,
+                value: vec![0xff, 0xfe],
+                version: 2,
+            },
+            Write::Delete { key: 3, version: 2 },
+            Write::Put {
+                key: 5,
+                value: b"fine".to_vec(),
+                version: 2,
+            },
+        ])
+        .unwrap_err();
+    let BatchError::Partial(failed) = err else {
+        panic!("expected Partial, got {err:?}")
+    };
+    let codes: Vec<(usize, String)> = failed
+        .iter()
+        .map(|(i, e)| {
+            assert!(matches!(e, StoreError::Rejected(_)), "{e:?}");
+            let code = e
+                .source_error()
+                .downcast_ref::<postgres::Error>()
+                .and_then(|pe| pe.code())
+                .map(|c| c.code().to_string())
+                .unwrap_or_default();
+            (*i, code)
+        })
+        .collect();
+    assert_eq!(codes, vec![(1, "23514".into()), (2, "22021".into())]);
+    assert_eq!(store.load(&1).unwrap(), Some(b"ok".to_vec()));
+    assert_eq!(store.load(&2).unwrap(), None);
+    assert_eq!(store.load(&3).unwrap(), None);
+    assert_eq!(store.load(&4).unwrap(), None);
+    assert_eq!(store.load(&5).unwrap(), Some(b"fine".to_vec()));
+}
+
+/// Fails to encode the value "poison".
+struct Picky;
+
+impl Codec<String> for Picky {
+    fn encode(&self, value: &String) -> Result<Vec<u8>, CodecError> {
+        if value == "poison" {
+            return Err("cannot encode poison".into());
+        }
+        Raw.encode(value)
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
+        Raw.decode(bytes)
+    }
+}
+
+#[test]
+fn codec_failures_and_oversized_versions_are_rejected_records() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    drop_table(&url, "wb_test_codec");
+    let store = PostgresStore::<u64, String>::builder(&url, "wb_test_codec", Raw, Picky)
+        .connect()
+        .unwrap();
+    let err = store
+        .write_all(&[put(1, "poison", 1), put(2, "b", u64::MAX), put(3, "c", 1)])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![0, 1]);
+    assert_eq!(store.load(&3).unwrap().as_deref(), Some("c"));
+
+    // A stored value the codec cannot read is a rejected load.
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.execute(
+        "INSERT INTO wb_test_codec (key, value, version) VALUES ($1, '\\xfffe', 1)",
+        &[&9u64.to_be_bytes().to_vec()],
+    )
+    .unwrap();
+    assert!(matches!(store.load(&9), Err(StoreError::Rejected(_))));
+    assert!(matches!(store.load_all(&[9]), Err(StoreError::Rejected(_))));
+}
+
+/// Stops the server on creation and makes sure it is started again, even if the test fails.
+struct Outage {
+    ctl: String,
+    down: bool,
+}
+
+impl Outage {
+    fn run(&self, action: &str) {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} {action}", self.ctl))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl");
+        assert!(status.success(), "`{} {action}` failed", self.ctl);
+    }
+
+    fn begin(ctl: String) -> Self {
+        let mut o = Outage { ctl, down: false };
+        o.run("stop -m fast");
+        o.down = true;
+        o
+    }
+
+    fn end(&mut self) {
+        self.run("start");
+        self.down = false;
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if self.down {
+            self.end();
+        }
+    }
+}
+
+#[test]
+fn a_stopped_server_is_unavailable_and_the_store_reconnects() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let ctl = need!("WRITEBEHIND_PG_CTL");
+    let store = fresh(&url, "wb_test_outage");
+    store.write_all(&[put(1, "before", 1)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("before"));
+
+    let mut outage = Outage::begin(ctl);
+    let err = store.write_all(&[put(1, "during", 2)]).unwrap_err();
+    assert!(matches!(err, BatchError::Unavailable(_)), "{err:?}");
+    // Reconnecting while the server is down fails the same way.
+    let err = store.write_all(&[put(1, "during", 2)]).unwrap_err();
+    assert!(matches!(err, BatchError::Unavailable(_)), "{err:?}");
+    assert!(store.load(&1).unwrap_err().is_unavailable());
+    assert!(store.load_all(&[1]).unwrap_err().is_unavailable());
+    outage.end();
+
+    // The same store object reconnects on its next call.
+    store
+        .write_all(&[put(1, "during", 2), put(2, "after", 2)])
+        .unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("during"));
+    let mut all = store.load_all(&[1, 2]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, "during".into()), (2, "after".into())]);
+}
+
+#[test]
+fn bad_connection_strings_fail_clearly() {
+    // No server needed: nothing listens on port 1.
+    let err = PostgresStore::<u64, String>::builder(
+        "host=127.0.0.1 port=1 user=postgres dbname=nope",
+        "kv",
+        Raw,
+        Raw,
+    )
+    .connect_timeout(Duration::from_secs(2))
+    .connect()
+    .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+
+    let err = PostgresStore::<u64, String>::connect("host=/tmp port=notaport", "kv").unwrap_err();
+    assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
+}
+
+#[path = "../examples/profiles_postgres.rs"]
+mod profiles;
+
+#[test]
+fn typed_profiles_adapter_example_holds() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    profiles::demo(&url).unwrap();
+}

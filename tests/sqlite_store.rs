@@ -1,0 +1,330 @@
+//! `SqliteStore` against real SQLite database files.
+#![cfg(feature = "sqlite")]
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use writebehind::stores::{Codec, CodecError, Raw, SqliteStore};
+use writebehind::{BatchError, Store, StoreError, Write};
+
+fn put(key: u64, value: &str, version: u64) -> Write<u64, String> {
+    Write::Put {
+        key,
+        value: value.to_string(),
+        version,
+    }
+}
+
+fn del(key: u64, version: u64) -> Write<u64, String> {
+    Write::Delete { key, version }
+}
+
+fn open(dir: &Path) -> SqliteStore<u64, String> {
+    SqliteStore::open(dir.join("t.db"), "kv").expect("open store")
+}
+
+/// (value or None if tombstoned, version, deleted) straight from the file.
+fn raw_row(path: &Path, table: &str, key: u64) -> Option<(Option<Vec<u8>>, i64, i64)> {
+    let conn = Connection::open(path).unwrap();
+    conn.query_row(
+        &format!("SELECT value, version, deleted FROM {table} WHERE key = ?1"),
+        [key.to_be_bytes().to_vec()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .ok()
+}
+
+fn failed_indices(e: BatchError) -> Vec<usize> {
+    match e {
+        BatchError::Partial(f) => {
+            assert!(
+                f.iter().all(|(_, e)| matches!(e, StoreError::Rejected(_))),
+                "{f:?}"
+            );
+            f.into_iter().map(|(i, _)| i).collect()
+        }
+        other => panic!("expected Partial, got {other:?}"),
+    }
+}
+
+#[test]
+fn upserts_load_and_survive_reopen_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .write_all(&[put(1, "a", 1), put(2, "b", 1)])
+        .expect("batch");
+    store.write_all(&[put(1, "a2", 2)]).expect("update");
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("a2"));
+    assert_eq!(store.load(&2).unwrap().as_deref(), Some("b"));
+    assert_eq!(store.load(&3).unwrap(), None);
+    drop(store);
+
+    let conn = Connection::open(dir.path().join("t.db")).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    drop(conn);
+
+    let store = open(dir.path());
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("a2"));
+    assert_eq!(raw_row(store.path(), "kv", 1).map(|r| r.1), Some(2));
+}
+
+#[test]
+fn version_guard_ignores_older_puts_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.write_all(&[put(1, "new", 10)]).unwrap();
+    store.write_all(&[put(1, "old", 9)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
+    store.write_all(&[del(1, 5)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
+    assert_eq!(raw_row(store.path(), "kv", 1).map(|r| r.1), Some(10));
+}
+
+#[test]
+fn delete_keeps_a_tombstone_that_blocks_older_puts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.write_all(&[put(1, "a", 1)]).unwrap();
+    store.write_all(&[del(1, 3)]).unwrap();
+    assert_eq!(store.load(&1).unwrap(), None);
+    assert_eq!(raw_row(store.path(), "kv", 1), Some((None, 3, 1)));
+
+    // A put older than the delete, delivered late, stays deleted.
+    store.write_all(&[put(1, "late", 2)]).unwrap();
+    assert_eq!(store.load(&1).unwrap(), None);
+    assert_eq!(store.load_all(&[1]).unwrap(), vec![]);
+
+    // A delete of a key never written also leaves a tombstone.
+    store.write_all(&[del(7, 5), put(7, "older", 4)]).unwrap();
+    assert_eq!(store.load(&7).unwrap(), None);
+
+    // A newer put revives the key.
+    store.write_all(&[put(1, "again", 4)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("again"));
+    assert_eq!(
+        raw_row(store.path(), "kv", 1),
+        Some((Some(b"again".to_vec()), 4, 0))
+    );
+}
+
+#[test]
+fn redelivered_batches_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let batch = vec![put(1, "a", 5), put(2, "b", 5), del(3, 5)];
+    store.write_all(&batch).unwrap();
+    store.write_all(&[put(2, "b2", 6)]).unwrap();
+    // The first batch again (a retry after an unknown outcome): nothing changes.
+    store.write_all(&batch).unwrap();
+    store.write_all(&batch).unwrap();
+    let mut all = store.load_all(&[1, 2, 3]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, "a".to_string()), (2, "b2".to_string())]);
+}
+
+#[test]
+fn load_all_spans_several_queries_and_skips_missing_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let batch: Vec<_> = (0..1_200u64).map(|k| put(k, &k.to_string(), 1)).collect();
+    store.write_all(&batch).unwrap();
+    store.write_all(&[del(5, 2)]).unwrap();
+    let keys: Vec<u64> = (0..1_300).collect();
+    let mut all = store.load_all(&keys).unwrap();
+    all.sort();
+    assert_eq!(all.len(), 1_199);
+    assert!(all.iter().all(|(k, v)| *k != 5 && *v == k.to_string()));
+    assert_eq!(store.load_all(&[]).unwrap(), vec![]);
+}
+
+#[test]
+fn a_check_violation_is_isolated_and_the_rest_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::<u64, String>::builder(dir.path().join("t.db"), "kv", Raw, Raw)
+        .table_constraint("CHECK (deleted = 1 OR length(value) <= 8)")
+        .open()
+        .unwrap();
+    store.write_all(&[put(3, "three", 1)]).unwrap();
+    let err = store
+        .write_all(&[
+            put(1, "ok", 2),
+            put(2, "far too long", 2),
+            del(3, 2),
+            put(4, "also way too long", 2),
+            put(5, "fine", 2),
+        ])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![1, 3]);
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("ok"));
+    assert_eq!(store.load(&2).unwrap(), None);
+    assert_eq!(store.load(&3).unwrap(), None);
+    assert_eq!(store.load(&5).unwrap().as_deref(), Some("fine"));
+}
+
+#[test]
+fn a_record_that_rolls_back_the_transaction_is_isolated_on_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    // ON CONFLICT ROLLBACK makes SQLite abort the whole transaction, not one statement.
+    let store = SqliteStore::<u64, String>::builder(dir.path().join("t.db"), "kv", Raw, Raw)
+        .table_constraint("UNIQUE (value) ON CONFLICT ROLLBACK")
+        .open()
+        .unwrap();
+    let err = store
+        .write_all(&[
+            put(1, "a", 1),
+            put(2, "b", 1),
+            put(3, "a", 1),
+            put(4, "c", 1),
+        ])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![2]);
+    let mut all = store.load_all(&[1, 2, 3, 4]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, "a".into()), (2, "b".into()), (4, "c".into())]);
+}
+
+#[test]
+fn a_deferred_constraint_failing_at_commit_is_isolated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE parents (id BLOB PRIMARY KEY); INSERT INTO parents VALUES (x'01');",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::<u64, Vec<u8>>::builder(&path, "kv", Raw, Raw)
+        .table_constraint(
+            "FOREIGN KEY (value) REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED",
+        )
+        .open()
+        .unwrap();
+    let err = store
+        .write_all(&[
+            Write::Put {
+                key: 1,
+                value: vec![1],
+                version: 1,
+            },
+            Write::Put {
+                key: 2,
+                value: vec![2],
+                version: 1,
+            },
+            Write::Delete { key: 3, version: 1 },
+        ])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![1]);
+    assert_eq!(store.load(&1).unwrap(), Some(vec![1]));
+    assert_eq!(store.load(&2).unwrap(), None);
+}
+
+/// Fails to encode the value "poison".
+struct Picky;
+
+impl Codec<String> for Picky {
+    fn encode(&self, value: &String) -> Result<Vec<u8>, CodecError> {
+        if value == "poison" {
+            return Err("cannot encode poison".into());
+        }
+        Raw.encode(value)
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
+        Raw.decode(bytes)
+    }
+}
+
+#[test]
+fn codec_failures_and_oversized_versions_are_rejected_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::<u64, String>::builder(dir.path().join("t.db"), "kv", Raw, Picky)
+        .open()
+        .unwrap();
+    let err = store
+        .write_all(&[put(1, "poison", 1), put(2, "b", u64::MAX), put(3, "c", 1)])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![0, 1]);
+    assert_eq!(store.load(&3).unwrap().as_deref(), Some("c"));
+    assert_eq!(store.load(&1).unwrap(), None);
+}
+
+#[test]
+fn a_stored_value_that_does_not_decode_is_rejected_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let conn = Connection::open(store.path()).unwrap();
+    conn.execute(
+        "INSERT INTO kv (key, value, version) VALUES (?1, x'fffe', 1)",
+        [9u64.to_be_bytes().to_vec()],
+    )
+    .unwrap();
+    assert!(matches!(store.load(&9), Err(StoreError::Rejected(_))));
+    assert!(matches!(store.load_all(&[9]), Err(StoreError::Rejected(_))));
+}
+
+#[test]
+fn a_locked_database_is_unavailable_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::<u64, String>::builder(dir.path().join("t.db"), "kv", Raw, Raw)
+        .busy_timeout(Duration::from_millis(50))
+        .open()
+        .unwrap();
+    store.write_all(&[put(1, "a", 1)]).unwrap();
+
+    // Another process (here: connection) holds the write lock.
+    let other = Connection::open(store.path()).unwrap();
+    other
+        .execute_batch(
+            "BEGIN IMMEDIATE; INSERT INTO kv (key, value, version) VALUES (x'00', x'00', 1);",
+        )
+        .unwrap();
+    let err = store.write_all(&[put(1, "b", 2)]).unwrap_err();
+    assert!(matches!(err, BatchError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("locked"), "{err}");
+    // WAL: readers are not blocked by the writer.
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("a"));
+
+    other.execute_batch("ROLLBACK").unwrap();
+    store.write_all(&[put(1, "b", 2)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("b"));
+}
+
+#[test]
+fn an_unopenable_path_is_unavailable_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no/such/dir/t.db");
+    let err = SqliteStore::<u64, String>::open(&path, "kv").unwrap_err();
+    assert!(err.is_unavailable());
+    assert!(err.to_string().contains("no/such/dir"), "{err}");
+}
+
+#[test]
+fn purge_tombstones_removes_only_old_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .write_all(&[put(1, "a", 1), del(2, 5), del(3, 20)])
+        .unwrap();
+    assert_eq!(store.purge_tombstones(10).unwrap(), 1);
+    assert_eq!(raw_row(store.path(), "kv", 2), None);
+    assert!(raw_row(store.path(), "kv", 3).is_some());
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("a"));
+}
+
+#[test]
+fn in_memory_database_works() {
+    let store = SqliteStore::<String, Vec<u8>>::open(":memory:", "kv").unwrap();
+    store
+        .write_all(&[Write::Put {
+            key: "k".into(),
+            value: vec![1, 2],
+            version: 1,
+        }])
+        .unwrap();
+    assert_eq!(store.load(&"k".to_string()).unwrap(), Some(vec![1, 2]));
+}
