@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::hash::Hash;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Builder, FailedWriteHook, WriteMode};
+use crate::config::{Backpressure, Builder, FailedWriteHook, WriteMode};
 use crate::error::{Error, StoreError};
 use crate::flusher::{self, call_store, in_store_call, Flusher, StepMode, Ticket, TicketOutcome};
 use crate::metrics::Metrics;
@@ -13,7 +13,7 @@ use crate::shard::Shard;
 use crate::store::{Store, Write};
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::thread::JoinHandle;
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, Condvar, Mutex};
 
 /// A write the cache gave up on: the store rejected it `attempts` times. The application
 /// decides what to do with it (log it, fix and re-submit it, park it elsewhere).
@@ -65,6 +65,15 @@ pub(crate) struct Inner<K, V> {
     failed: Mutex<VecDeque<FailedWrite<K, V>>>,
     on_failed_write: Option<FailedWriteHook<K, V>>,
     load_errors: AtomicU64,
+    /// Per-shard backpressure: (high watermark, low watermark, policy).
+    backpressure: Option<(usize, usize, Backpressure)>,
+    /// Flushers notify after every batch when someone waits (backpressure, `wait_durable`).
+    progress: Mutex<u64>,
+    progress_cv: Condvar,
+    progress_waiters: AtomicUsize,
+    bp_waits: AtomicU64,
+    bp_rejections: AtomicU64,
+    through_fallbacks: AtomicU64,
 }
 
 /// The settings the engine reads after build.
@@ -78,6 +87,8 @@ pub(crate) struct Config {
     pub(crate) flush_timeout: Duration,
     pub(crate) drop_deadline: Duration,
     pub(crate) manual: bool,
+    pub(crate) store_timeout: Duration,
+    pub(crate) failed_writes_capacity: usize,
 }
 
 impl<K, V> Inner<K, V>
@@ -100,6 +111,28 @@ where
     #[inline]
     fn flusher_of(&self, shard: usize) -> &Flusher<K> {
         &self.flushers[shard % self.flushers.len()]
+    }
+
+    /// `true` if the failed-writes sink can take one more write.
+    pub(crate) fn sink_has_room(&self) -> bool {
+        self.failed.lock().len() < self.config.failed_writes_capacity
+    }
+
+    /// Wakes threads waiting for the flushers to make progress.
+    pub(crate) fn notify_progress(&self) {
+        if self.progress_waiters.load(Ordering::SeqCst) > 0 {
+            *self.progress.lock() += 1;
+            self.progress_cv.notify_all();
+        }
+    }
+
+    /// Waits until a flusher made progress or `slice` passed.
+    fn wait_progress(&self, slice: Duration) {
+        self.progress_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.progress.lock();
+        self.progress_cv.wait_for(&mut g, slice);
+        drop(g);
+        self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub(crate) fn give_up(&self, fw: FailedWrite<K, V>) {
@@ -194,6 +227,8 @@ where
                 flush_timeout: b.flush_timeout,
                 drop_deadline: b.drop_deadline,
                 manual: b.manual,
+                store_timeout: b.store_timeout,
+                failed_writes_capacity: b.failed_writes_capacity,
             },
             clock: b.clock,
             flushers,
@@ -203,6 +238,18 @@ where
             failed: Mutex::new(VecDeque::new()),
             on_failed_write: b.on_failed_write,
             load_errors: AtomicU64::new(0),
+            backpressure: b.max_dirty.map(|(max, policy)| {
+                let high = (max / nshards).max(1);
+                // Low watermark at 90% (at least one below the high one).
+                let low = high.saturating_sub((high / 10).max(1));
+                (high, low, policy)
+            }),
+            progress: Mutex::new(0),
+            progress_cv: Condvar::new(),
+            progress_waiters: AtomicUsize::new(0),
+            bp_waits: AtomicU64::new(0),
+            bp_rejections: AtomicU64::new(0),
+            through_fallbacks: AtomicU64::new(0),
         });
         let cache = Cache {
             inner: inner.clone(),
@@ -237,14 +284,16 @@ where
         Ok(cache)
     }
 
-    /// Inserts or replaces `key`.
+    /// Inserts or replaces `key`, and returns the write's version (pass it to
+    /// [`Cache::wait_durable`] to learn when the store holds it).
     ///
     /// In [`WriteMode::Behind`] this returns once the write is in memory; a flusher writes it
     /// later. In [`WriteMode::Through`] it returns once the store accepted it.
     ///
     /// # Errors
     /// [`Error::Closed`] after `close`; in `Through` mode, [`Error::Store`] when the store
-    /// refused the write (the cache then keeps its previous value).
+    /// refused the write (the cache then keeps its previous value); with `max_dirty` set,
+    /// [`Error::Backpressure`] or [`Error::Store`] as the [`Backpressure`] policy says.
     ///
     /// # Examples
     /// ```
@@ -255,7 +304,7 @@ where
     /// # Ok::<(), writebehind::Error>(())
     /// ```
     #[inline]
-    pub fn put(&self, key: K, value: V) -> Result<(), Error> {
+    pub fn put(&self, key: K, value: V) -> Result<u64, Error> {
         self.write(key, Some(value))
     }
 
@@ -264,12 +313,12 @@ where
     ///
     /// # Errors
     /// As for [`Cache::put`].
-    pub fn remove(&self, key: &K) -> Result<(), Error> {
+    pub fn remove(&self, key: &K) -> Result<u64, Error> {
         self.write(key.clone(), None)
     }
 
     #[inline]
-    fn write(&self, key: K, value: Option<V>) -> Result<(), Error> {
+    fn write(&self, key: K, value: Option<V>) -> Result<u64, Error> {
         match self.inner.config.write_mode {
             WriteMode::Behind => self.write_behind(key, value),
             WriteMode::Through => self.write_through(key, value),
@@ -278,7 +327,7 @@ where
     }
 
     #[inline]
-    fn write_behind(&self, key: K, value: Option<V>) -> Result<(), Error> {
+    fn write_behind(&self, key: K, value: Option<V>) -> Result<u64, Error> {
         let inner = &*self.inner;
         let hash = inner.hash(&key);
         let s = inner.shard_of(hash);
@@ -287,6 +336,12 @@ where
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
+        if let Some((high, low, policy)) = inner.backpressure {
+            if table.over_limit(high, low) && table.would_add_dirty(hash, &key) {
+                drop(table);
+                return self.write_under_pressure(s, hash, key, value, policy);
+            }
+        }
         let epoch = shard.open_epoch();
         let outcome = table.write(hash, key, value, epoch);
         drop(table);
@@ -294,7 +349,76 @@ where
         if let Some(k) = outcome.ring_key {
             self.push(s, k);
         }
-        Ok(())
+        Ok(outcome.version)
+    }
+
+    /// A write that would add a dirty entry to a shard at its `max_dirty` share.
+    #[cold]
+    fn write_under_pressure(
+        &self,
+        s: usize,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        policy: Backpressure,
+    ) -> Result<u64, Error> {
+        let inner = &*self.inner;
+        let shard = &inner.shards[s];
+        let (high, low, _) = inner.backpressure.unwrap_or((usize::MAX, 0, policy));
+        let refused = || {
+            inner.bp_rejections.fetch_add(1, Ordering::Relaxed);
+            Err(Error::Backpressure { shard_limit: high })
+        };
+        match policy {
+            Backpressure::Reject => refused(),
+            Backpressure::Block { timeout } => {
+                inner.bp_waits.fetch_add(1, Ordering::Relaxed);
+                let deadline = std::time::Instant::now() + timeout;
+                loop {
+                    // Ask the flusher to write this shard now rather than at its delay.
+                    if !shard.triggered.swap(true, Ordering::SeqCst) {
+                        inner.flusher_of(s).wake();
+                    }
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        return refused();
+                    }
+                    inner.wait_progress((deadline - now).min(Duration::from_millis(10)));
+                    let mut table = shard.table.lock();
+                    if inner.closed.load(Ordering::Acquire) {
+                        return Err(Error::Closed);
+                    }
+                    if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
+                        let outcome = table.write(hash, key, value, shard.open_epoch());
+                        drop(table);
+                        drop(outcome.old);
+                        if let Some(k) = outcome.ring_key {
+                            self.push(s, k);
+                        }
+                        return Ok(outcome.version);
+                    }
+                }
+            }
+            Backpressure::WriteThrough => {
+                inner.through_fallbacks.fetch_add(1, Ordering::Relaxed);
+                // Holding the owning flusher's core keeps its batches out while this writer
+                // writes the key, so the key's versions reach the store in order.
+                let _core = inner.flusher_of(s).core.lock();
+                let mut table = shard.table.lock();
+                if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
+                    // Room appeared meanwhile: an ordinary write-behind.
+                    let outcome = table.write(hash, key, value, shard.open_epoch());
+                    drop(table);
+                    drop(outcome.old);
+                    if let Some(k) = outcome.ring_key {
+                        self.push(s, k);
+                    }
+                    return Ok(outcome.version);
+                }
+                drop(table);
+                self.write_through_at(s, hash, key, value)
+            }
+        }
     }
 
     /// Puts a key on its shard's ring and wakes the flusher when its delay starts, the count
@@ -320,17 +444,24 @@ where
         }
     }
 
-    fn write_through(&self, key: K, value: Option<V>) -> Result<(), Error> {
+    fn write_through(&self, key: K, value: Option<V>) -> Result<u64, Error> {
+        let hash = self.inner.hash(&key);
+        self.write_through_at(self.inner.shard_of(hash), hash, key, value)
+    }
+
+    /// Writes one key to the store on the caller's thread, then caches it as clean (unless
+    /// something newer arrived meanwhile).
+    fn write_through_at(
+        &self,
+        s: usize,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+    ) -> Result<u64, Error> {
         let inner = &*self.inner;
         let _use = inner.enter_store()?;
-        let hash = inner.hash(&key);
-        let shard = &inner.shards[inner.shard_of(hash)];
-        let version = {
-            let mut t = shard.table.lock();
-            let v = t.next_version;
-            t.next_version += 1;
-            v
-        };
+        let shard = &inner.shards[s];
+        let version = shard.table.lock().next_version();
         let write = match value {
             Some(value) => Write::Put {
                 key,
@@ -360,10 +491,10 @@ where
             }
             Write::Delete { key, version } => t.remove_clean(hash, &key, version),
         }
-        Ok(())
+        Ok(version)
     }
 
-    fn write_local(&self, key: K, value: Option<V>) -> Result<(), Error> {
+    fn write_local(&self, key: K, value: Option<V>) -> Result<u64, Error> {
         let inner = &*self.inner;
         let hash = inner.hash(&key);
         let shard = &inner.shards[inner.shard_of(hash)];
@@ -371,10 +502,10 @@ where
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let old = t.set_local(hash, key, value);
+        let (version, old) = t.set_local(hash, key, value);
         drop(t);
         drop(old);
-        Ok(())
+        Ok(version)
     }
 
     /// Returns the latest value of `key`: a pending write or delete if there is one, else the
@@ -505,6 +636,86 @@ where
             }
         }
         ticket.outcome()
+    }
+
+    /// Writes `key`'s pending write (if any) to the store now, on the caller's thread,
+    /// without waiting for its delay, and returns once the store holds it.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if the store failed (the write stays queued and is retried as
+    /// usual); [`Error::Closed`]; [`Error::Reentrant`] from inside a store callback.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let store = Arc::new(MemoryStore::new());
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// cache.put(1u64, "saved".to_string())?;
+    /// cache.flush_key(&1)?;
+    /// assert_eq!(store.get(&1).as_deref(), Some("saved"));
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn flush_key(&self, key: &K) -> Result<(), Error> {
+        let inner = &*self.inner;
+        if in_store_call() {
+            return Err(Error::Reentrant);
+        }
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let hash = inner.hash(key);
+        let s = inner.shard_of(hash);
+        let target = inner.shards[s].table.lock().next_version;
+        inner
+            .flusher_of(s)
+            .core
+            .lock()
+            .write_key(inner, s, key.clone());
+        let t = inner.shards[s].table.lock();
+        // Every write of the key from before the call has been handed over and persisted.
+        if t.unsent_of(hash, key) >= target && !t.in_flight(hash, key) {
+            return Ok(());
+        }
+        Err(Error::Store(StoreError::unavailable(
+            "the store did not take the write; it stays queued and is retried",
+        )))
+    }
+
+    /// Blocks until the store holds the write that returned `version` for `key` (or a newer
+    /// write of the key), or `timeout` passes. Use it to tell a client "saved" without
+    /// writing through on every request; [`Cache::flush_key`] makes it quick.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] (the write stays queued). In [`WriteMode::ReadOnly`] nothing is
+    /// ever written, so this always times out.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let cache = Cache::builder(MemoryStore::new())
+    ///     .write_delay(Duration::from_millis(10))
+    ///     .build()?;
+    /// let version = cache.put(7u64, 70u64)?;
+    /// cache.wait_durable(&7, version, Duration::from_secs(5))?;
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn wait_durable(&self, key: &K, version: u64, timeout: Duration) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let hash = inner.hash(key);
+        let shard = &inner.shards[inner.shard_of(hash)];
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if shard.table.lock().durable(hash, key, version) {
+                return Ok(());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout);
+            }
+            inner.wait_progress((deadline - now).min(Duration::from_millis(50)));
+        }
     }
 
     /// Manual flushing: runs one step of every flusher now, writing the shards whose delay is
@@ -641,9 +852,19 @@ where
             m.entries += t.len() as u64;
             m.dirty += t.dirty as u64;
         }
-        m.load_errors = self.inner.load_errors.load(Ordering::Relaxed);
-        for f in self.inner.flushers.iter() {
-            f.stats.add_into(&mut m);
+        let inner = &*self.inner;
+        m.load_errors = inner.load_errors.load(Ordering::Relaxed);
+        m.backpressure_waits = inner.bp_waits.load(Ordering::Relaxed);
+        m.backpressure_rejections = inner.bp_rejections.load(Ordering::Relaxed);
+        m.write_through_fallbacks = inner.through_fallbacks.load(Ordering::Relaxed);
+        let now = inner.clock.now();
+        let mut hists = Metrics::histograms();
+        for f in inner.flushers.iter() {
+            f.stats.add_into(&mut m, now, &mut hists);
+        }
+        m.set_distributions(&hists);
+        if m.dirty == 0 {
+            m.oldest_unflushed_age = Duration::ZERO;
         }
         m
     }

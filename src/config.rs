@@ -30,6 +30,10 @@ pub const DEFAULT_DROP_DEADLINE: Duration = Duration::from_secs(10);
 /// Default capacity of each shard's dirty ring (keys). A full ring is not an error: the
 /// flusher then scans the shard's table, which costs more but loses nothing.
 pub const DEFAULT_RING_CAPACITY: usize = 1024;
+/// Default time after which a store call is reported as slow.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default capacity of the failed-writes sink.
+pub const DEFAULT_FAILED_WRITES_CAPACITY: usize = 10_000;
 /// Most shards a cache may have.
 pub const MAX_SHARDS: usize = 1 << 16;
 /// Most flusher threads a cache may have.
@@ -47,6 +51,28 @@ pub enum WriteMode {
     Through,
     /// Writes stay in the cache and are never sent to the store (a read-through replica).
     ReadOnly,
+}
+
+/// What a write does when the cache already holds `max_dirty` entries waiting for the store.
+///
+/// Only writes that would add a dirty entry are held back: a write to a key that already
+/// waits for the store replaces its value and always goes through. Each shard admits
+/// `max_dirty / shards` dirty entries; once full, it admits new ones again only when it is
+/// back at 90% of that (the low watermark), so writers do not flap at the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Wait up to `timeout` for room (the flusher is asked to write early), then fail with
+    /// [`Error::Backpressure`](crate::Error::Backpressure).
+    Block {
+        /// The longest a writer waits.
+        timeout: Duration,
+    },
+    /// Fail at once with [`Error::Backpressure`](crate::Error::Backpressure).
+    Reject,
+    /// The writer writes its key to the store itself, as in [`WriteMode::Through`]; if the
+    /// store fails, the write fails with [`Error::Store`](crate::Error::Store) and the cache
+    /// keeps its previous value.
+    WriteThrough,
 }
 
 /// A callback that sees every write the cache gave up on.
@@ -90,6 +116,9 @@ pub struct Builder<K, V> {
     pub(crate) manual: bool,
     pub(crate) name: String,
     pub(crate) on_failed_write: Option<FailedWriteHook<K, V>>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) max_dirty: Option<(usize, Backpressure)>,
+    pub(crate) failed_writes_capacity: usize,
 }
 
 impl<K, V> Builder<K, V> {
@@ -111,7 +140,35 @@ impl<K, V> Builder<K, V> {
             manual: false,
             name: "writebehind".to_string(),
             on_failed_write: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            max_dirty: None,
+            failed_writes_capacity: DEFAULT_FAILED_WRITES_CAPACITY,
         }
+    }
+
+    /// A store call that takes longer than this is reported (metric `slow_store_calls` and a
+    /// warning). It is not interrupted (a blocking call cannot be), and it never stalls the
+    /// other flushers, which own other shards. Default 5 s.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// Bounds the entries waiting for the store to `max` and says what a write does beyond
+    /// it (see [`Backpressure`]). `max` must be at least the number of shards. Default:
+    /// unbounded (memory grows while the store is down).
+    pub fn max_dirty(mut self, max: usize, policy: Backpressure) -> Self {
+        self.max_dirty = Some((max, policy));
+        self
+    }
+
+    /// How many given-up writes the failed-writes sink holds before the application drains
+    /// it. When it is full, nothing is dropped: a write that would go there stays in the
+    /// cache, dirty, and is retried at the longest backoff (metric `sink_full`). Default
+    /// 10 000.
+    pub fn failed_writes_capacity(mut self, n: usize) -> Self {
+        self.failed_writes_capacity = n;
+        self
     }
 
     /// How writes reach the store (default [`WriteMode::Behind`]).
@@ -260,6 +317,23 @@ impl<K, V> Builder<K, V> {
             return bad(
                 "dirty_ring_capacity",
                 format!("{} must be between 1 and 2^24", self.ring_capacity),
+            );
+        }
+        if let Some((max, _)) = self.max_dirty {
+            if max < self.shards {
+                return bad(
+                    "max_dirty",
+                    format!(
+                        "{max} is below the number of shards ({}): each shard needs room for one dirty entry",
+                        self.shards
+                    ),
+                );
+            }
+        }
+        if self.failed_writes_capacity == 0 {
+            return bad(
+                "failed_writes_capacity",
+                "0: the sink must hold at least one write".into(),
             );
         }
         // A delay so long it would overflow deadline arithmetic is a mistake, not a wish.

@@ -144,6 +144,17 @@ pub enum Error {
         /// Writes from before the flush that were still waiting.
         pending: usize,
     },
+    /// The cache already holds `max_dirty` entries waiting for the store (see
+    /// [`Backpressure`](crate::Backpressure)); the write was not made. Retry later, shed load,
+    /// or check the store's health.
+    Backpressure {
+        /// The shard's share of `max_dirty` that was reached.
+        shard_limit: usize,
+    },
+    /// [`Cache::wait_durable`](crate::Cache::wait_durable) or
+    /// [`Cache::flush_key`](crate::Cache::flush_key) gave up before the store held the write.
+    /// The write is still queued.
+    Timeout,
     /// `flush` or `close` was called from inside a `Store` callback on a flusher thread, which
     /// would wait for itself.
     Reentrant,
@@ -168,6 +179,11 @@ impl fmt::Display for Error {
                 f,
                 "flush timed out with {pending} earlier write(s) not yet in the store; they stay queued and are retried"
             ),
+            Error::Backpressure { shard_limit } => write!(
+                f,
+                "too many writes waiting for the store ({shard_limit} in this shard); write refused"
+            ),
+            Error::Timeout => f.write_str("timed out before the store held the write; it stays queued"),
             Error::Reentrant => f.write_str(
                 "flush/close called from inside a Store callback on a flusher thread; it would wait for itself",
             ),

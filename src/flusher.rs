@@ -181,6 +181,17 @@ struct RetryItem<K> {
     attempts: u32,
     version: u64,
     not_before: Duration,
+    /// When the oldest write this item carries was made, at the latest.
+    since: Duration,
+}
+
+/// A key to snapshot and send.
+struct Work<K> {
+    shard: usize,
+    key: K,
+    /// For a retry: rejections so far and the version they were for.
+    retry: Option<(u32, u64)>,
+    since: Duration,
 }
 
 /// Per-write bookkeeping of a batch in flight.
@@ -189,6 +200,7 @@ struct Meta {
     hash: u64,
     first: u64,
     attempts: u32,
+    since: Duration,
 }
 
 /// How a step treats time.
@@ -252,12 +264,11 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             }
         }
         if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
+            self.publish_oldest(inner, delay);
             return false;
         }
 
         // 1. Close epochs and drain rings of the selected shards.
-        // (shard, key, for a retry: rejections so far and the version they were for)
-        type Work<K> = (usize, K, Option<(u32, u64)>);
         let mut work: Vec<Work<K>> = Vec::new();
         for slot in 0..self.owned.len() {
             let s = self.owned[slot];
@@ -269,6 +280,8 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             if !selected {
                 continue;
             }
+            // When the shard's delay started: the oldest write drained now is no older.
+            let since = self.due[slot].map_or(now, |d| d.saturating_sub(delay));
             self.due[slot] = None;
             shard.armed.store(false, Ordering::SeqCst);
             shard.triggered.store(false, Ordering::SeqCst);
@@ -279,7 +292,12 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             if overflow {
                 shard.table.lock().scan_dirty(&mut self.scratch);
             }
-            work.extend(self.scratch.drain(..).map(|k| (s, k, None)));
+            work.extend(self.scratch.drain(..).map(|key| Work {
+                shard: s,
+                key,
+                retry: None,
+                since,
+            }));
         }
 
         // 2. Retry items that are due.
@@ -287,31 +305,70 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         while i < self.retry.len() {
             if mode.full || self.retry[i].not_before <= now {
                 let r = self.retry.swap_remove(i);
-                work.push((r.shard, r.key, Some((r.attempts, r.version))));
+                work.push(Work {
+                    shard: r.shard,
+                    key: r.key,
+                    retry: Some((r.attempts, r.version)),
+                    since: r.since,
+                });
             } else {
                 i += 1;
             }
         }
+        self.write_out(inner, work);
+        self.publish_oldest(inner, delay);
+        true
+    }
+
+    /// Writes one key now, on the caller's thread (`Cache::flush_key`), whether or not its
+    /// delay is up and ignoring the store backoff. Holding this core's lock keeps the
+    /// flusher thread out meanwhile, so the key's order is kept.
+    pub(crate) fn write_key<V>(&mut self, inner: &Inner<K, V>, shard: usize, key: K)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let now = inner.clock.now();
+        let work = match self.retry.iter().position(|r| r.key == key) {
+            Some(i) => {
+                let r = self.retry.swap_remove(i);
+                Work {
+                    shard,
+                    key,
+                    retry: Some((r.attempts, r.version)),
+                    since: r.since,
+                }
+            }
+            None => Work {
+                shard,
+                key,
+                retry: None,
+                since: now,
+            },
+        };
+        self.write_out(inner, vec![work]);
+    }
+
+    /// Snapshots the keys of `work` in batches of at most `max_batch`, sends and applies them.
+    fn write_out<V>(&mut self, inner: &Inner<K, V>, mut work: Vec<Work<K>>)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
         if work.is_empty() {
-            return true;
+            return;
         }
         // Keys of one shard together, so snapshots take each lock once per chunk.
-        work.sort_by_key(|w| w.0);
-
-        // 3-5. Snapshot in batches, send, apply.
+        work.sort_by_key(|w| w.shard);
         let max_batch = inner.config.max_batch;
         let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
         let mut work = work.into_iter().peekable();
-        while work.peek().is_some() {
-            let s = work.peek().map_or(0, |w| w.0);
+        while let Some(s) = work.peek().map(|w| w.shard) {
             let mut table = inner.shards[s].table.lock();
             let mut taken = 0;
-            while let Some((ws, key, retry)) = work.next_if(|w| w.0 == s) {
-                let _ = ws;
-                let hash = inner.hash(&key);
-                if let Some(snap) = table.take(hash, &key, retry.is_some()) {
-                    let attempts = match retry {
+            while let Some(w) = work.next_if(|w| w.shard == s) {
+                let hash = inner.hash(&w.key);
+                if let Some(snap) = table.take(hash, &w.key, w.retry.is_some()) {
+                    let attempts = match w.retry {
                         Some((a, v)) if v == snap.write.version() => a,
                         _ => 0,
                     };
@@ -321,6 +378,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                         hash,
                         first: snap.first,
                         attempts,
+                        since: w.since,
                     });
                 }
                 taken += 1;
@@ -336,7 +394,24 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         if !batch.is_empty() {
             self.send(inner, &mut batch, &mut meta);
         }
-        true
+    }
+
+    /// Publishes when the oldest write still waiting in this flusher's shards was made (as
+    /// far as the flusher can tell without a clock on the put path: when the shard's delay
+    /// started, or when a retried write was first drained).
+    fn publish_oldest<V>(&self, inner: &Inner<K, V>, delay: Duration)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let armed = self
+            .due
+            .iter()
+            .flatten()
+            .map(|d| d.saturating_sub(delay))
+            .min();
+        let retry = self.retry.iter().map(|r| r.since).min();
+        let oldest = [armed, retry].into_iter().flatten().min();
+        inner.flushers[self.index].stats.set_oldest(oldest);
     }
 
     /// Calls the store with `batch` and applies the outcome. Leaves both vectors empty.
@@ -346,7 +421,14 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     {
         let stats = &inner.flushers[self.index].stats;
         FlusherStats::add(&stats.batches, 1);
+        let started = std::time::Instant::now();
         let outcome = call_store(|| inner.store.write_all(batch));
+        let took = started.elapsed();
+        stats.record_batch(batch.len(), took);
+        if took > inner.config.store_timeout {
+            FlusherStats::add(&stats.slow_store_calls, 1);
+            tracing::warn!(took = ?took, limit = ?inner.config.store_timeout, records = batch.len(), "a store call took longer than store_timeout");
+        }
         let now = inner.clock.now();
         let failed: Vec<(usize, StoreError)> = match outcome {
             Ok(Ok(())) => Vec::new(),
@@ -382,15 +464,19 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let any_unavailable = failed.iter().any(|(_, e)| e.is_unavailable());
         if any_unavailable {
             FlusherStats::add(&stats.store_unavailable, 1);
-            stats.mark_degraded(now);
+            if stats.mark_degraded(now) {
+                tracing::warn!("store unavailable: health is now degraded");
+            }
             let jittered = self.jitter(self.backoff_next);
             self.backoff_until = Some(now.saturating_add(jittered));
             self.backoff_next = (self.backoff_next * 2).min(inner.config.retry_max);
-            tracing::warn!(failed = failed.len(), batch = batch.len(), backoff = ?jittered, "store unavailable; writes stay queued");
+            tracing::debug!(failed = failed.len(), batch = batch.len(), backoff = ?jittered, "store unavailable; writes stay queued");
         } else {
             self.backoff_until = None;
             self.backoff_next = inner.config.retry_base;
-            stats.mark_healthy();
+            if stats.mark_healthy() {
+                tracing::info!("store healthy again");
+            }
         }
 
         let mut failed = failed.into_iter().peekable();
@@ -398,28 +484,19 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         for (i, (write, m)) in batch.drain(..).zip(meta.drain(..)).enumerate() {
             let error = failed.next_if(|(fi, _)| *fi == i).map(|(_, e)| e);
             let mut table = inner.shards[m.shard].table.lock();
-            match error {
+            let retry_wait = match error {
                 None => {
                     table.persisted(m.hash, write.key(), write.version());
                     written += 1;
+                    continue;
                 }
-                Some(e @ StoreError::Unavailable(_)) => {
-                    let _ = e;
-                    table.retry_later(m.hash, write.key(), m.first);
-                    drop(table);
-                    FlusherStats::add(&stats.retries, 1);
-                    self.retry.push(RetryItem {
-                        shard: m.shard,
-                        key: write.key().clone(),
-                        attempts: m.attempts,
-                        version: write.version(),
-                        not_before: self.backoff_until.unwrap_or(now),
-                    });
-                }
+                Some(StoreError::Unavailable(_)) => None,
                 Some(e @ StoreError::Rejected(_)) => {
                     FlusherStats::add(&stats.records_rejected, 1);
                     let attempts = m.attempts + 1;
-                    if attempts >= inner.config.max_attempts {
+                    if attempts < inner.config.max_attempts {
+                        Some((attempts, self.rejected_backoff(inner, attempts)))
+                    } else if inner.sink_has_room() {
                         table.abandon(m.hash, write.key());
                         drop(table);
                         for (t, _) in &self.tickets {
@@ -434,27 +511,49 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                             error: e,
                             attempts,
                         });
+                        continue;
                     } else {
-                        table.retry_later(m.hash, write.key(), m.first);
-                        drop(table);
-                        FlusherStats::add(&stats.retries, 1);
-                        let wait = inner
-                            .config
-                            .retry_base
-                            .saturating_mul(1 << (attempts - 1).min(20))
-                            .min(inner.config.retry_max);
-                        self.retry.push(RetryItem {
-                            shard: m.shard,
-                            key: write.key().clone(),
-                            attempts,
-                            version: write.version(),
-                            not_before: now.saturating_add(wait),
-                        });
+                        // The sink is full: keep the write in the cache, dirty, and try again
+                        // at the longest backoff until the application drains the sink.
+                        FlusherStats::add(&stats.sink_full, 1);
+                        tracing::warn!(
+                            version = write.version(),
+                            "failed-writes sink is full; the write stays queued"
+                        );
+                        Some((attempts, inner.config.retry_max))
                     }
                 }
-            }
+            };
+            table.retry_later(m.hash, write.key(), m.first);
+            drop(table);
+            FlusherStats::add(&stats.retries, 1);
+            let (attempts, not_before) = match retry_wait {
+                Some((a, wait)) => (a, now.saturating_add(wait)),
+                None => (m.attempts, self.backoff_until.unwrap_or(now)),
+            };
+            self.retry.push(RetryItem {
+                shard: m.shard,
+                key: write.key().clone(),
+                attempts,
+                version: write.version(),
+                not_before,
+                since: m.since,
+            });
         }
         FlusherStats::add(&stats.records_written, written);
+        inner.notify_progress();
+    }
+
+    /// The wait before retrying a record rejected `attempts` times.
+    fn rejected_backoff<V>(&self, inner: &Inner<K, V>, attempts: u32) -> Duration
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        inner
+            .config
+            .retry_base
+            .saturating_mul(1 << attempts.saturating_sub(1).min(20))
+            .min(inner.config.retry_max)
     }
 
     /// A wait between half and all of `d`, so flushers of many processes do not retry in step.

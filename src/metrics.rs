@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
+
 use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::Mutex;
 
 /// Whether the store has been accepting writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,12 +61,65 @@ pub struct Metrics {
     pub failed_writes: u64,
     /// Store calls that panicked (treated as unavailable).
     pub store_panics: u64,
+    /// Store calls that took longer than `store_timeout`.
+    pub slow_store_calls: u64,
+    /// Times a write given up on could not enter the full failed-writes sink (it stayed queued).
+    pub sink_full: u64,
+    /// Writes that waited for room under `Backpressure::Block`.
+    pub backpressure_waits: u64,
+    /// Writes refused with `Error::Backpressure` (`Reject`, or `Block` timing out).
+    pub backpressure_rejections: u64,
+    /// Writes the writer sent to the store itself under `Backpressure::WriteThrough`.
+    pub write_through_fallbacks: u64,
+    /// How long the oldest write not yet in the store has waited (zero if none), as far as
+    /// the flushers can tell: measured from when its shard's delay started.
+    pub oldest_unflushed_age: Duration,
+    /// Records per `write_all` call.
+    pub batch_size: Distribution,
+    /// Duration of `write_all` calls, in microseconds.
+    pub store_latency_us: Distribution,
     /// The store's health as the flushers see it.
     pub health: Health,
 }
 
+/// A summary of a histogram (hdrhistogram, 3 significant digits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Distribution {
+    /// Number of samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl Distribution {
+    fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Distribution::default();
+        }
+        Distribution {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Auto-resizing, 3 significant digits: never fails to record.
+    let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
+    h.auto(true);
+    h
+}
+
 /// One flusher's counters.
-#[derive(Debug, Default)]
 pub(crate) struct FlusherStats {
     pub(crate) batches: AtomicU64,
     pub(crate) records_written: AtomicU64,
@@ -72,8 +128,39 @@ pub(crate) struct FlusherStats {
     pub(crate) retries: AtomicU64,
     pub(crate) failed_writes: AtomicU64,
     pub(crate) store_panics: AtomicU64,
+    pub(crate) slow_store_calls: AtomicU64,
+    pub(crate) sink_full: AtomicU64,
     /// 0 when healthy, else 1 + nanoseconds of the clock when degradation began.
     pub(crate) degraded_since: AtomicU64,
+    /// 0 when nothing waits, else 1 + nanoseconds of the clock when the oldest waiting write
+    /// was made (at the latest).
+    oldest: AtomicU64,
+    batch_size: Mutex<Histogram<u64>>,
+    store_latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for FlusherStats {
+    fn default() -> Self {
+        FlusherStats {
+            batches: AtomicU64::new(0),
+            records_written: AtomicU64::new(0),
+            store_unavailable: AtomicU64::new(0),
+            records_rejected: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
+            store_panics: AtomicU64::new(0),
+            slow_store_calls: AtomicU64::new(0),
+            sink_full: AtomicU64::new(0),
+            degraded_since: AtomicU64::new(0),
+            oldest: AtomicU64::new(0),
+            batch_size: Mutex::new(new_histogram()),
+            store_latency_us: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+fn stamp(t: Duration) -> u64 {
+    1 + u64::try_from(t.as_nanos()).unwrap_or(u64::MAX - 1)
 }
 
 impl FlusherStats {
@@ -82,18 +169,31 @@ impl FlusherStats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(crate) fn mark_degraded(&self, now: Duration) {
-        let stamp = 1 + u64::try_from(now.as_nanos()).unwrap_or(u64::MAX - 1);
-        let _ =
-            self.degraded_since
-                .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
+    /// Returns `true` if this turned the health from healthy to degraded.
+    pub(crate) fn mark_degraded(&self, now: Duration) -> bool {
+        self.degraded_since
+            .compare_exchange(0, stamp(now), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
-    pub(crate) fn mark_healthy(&self) {
-        self.degraded_since.store(0, Ordering::Relaxed);
+    /// Returns `true` if this turned the health from degraded to healthy.
+    pub(crate) fn mark_healthy(&self) -> bool {
+        self.degraded_since.swap(0, Ordering::Relaxed) != 0
     }
 
-    pub(crate) fn add_into(&self, m: &mut Metrics) {
+    pub(crate) fn set_oldest(&self, oldest: Option<Duration>) {
+        self.oldest
+            .store(oldest.map_or(0, stamp), Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_batch(&self, records: usize, took: Duration) {
+        let _ = self.batch_size.lock().record(records as u64);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self.store_latency_us.lock().record(us);
+    }
+
+    /// Adds this flusher's numbers into `m`; `now` is the clock's time, for ages.
+    pub(crate) fn add_into(&self, m: &mut Metrics, now: Duration, hists: &mut [Histogram<u64>; 2]) {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         m.batches += r(&self.batches);
         m.records_written += r(&self.records_written);
@@ -102,6 +202,15 @@ impl FlusherStats {
         m.retries += r(&self.retries);
         m.failed_writes += r(&self.failed_writes);
         m.store_panics += r(&self.store_panics);
+        m.slow_store_calls += r(&self.slow_store_calls);
+        m.sink_full += r(&self.sink_full);
+        let oldest = r(&self.oldest);
+        if oldest != 0 {
+            let age = now.saturating_sub(Duration::from_nanos(oldest - 1));
+            m.oldest_unflushed_age = m.oldest_unflushed_age.max(age);
+        }
+        let _ = hists[0].add(&*self.batch_size.lock());
+        let _ = hists[1].add(&*self.store_latency_us.lock());
         let since = r(&self.degraded_since);
         if since != 0 {
             let since = Duration::from_nanos(since - 1);
@@ -133,7 +242,24 @@ impl Metrics {
             retries: 0,
             failed_writes: 0,
             store_panics: 0,
+            slow_store_calls: 0,
+            sink_full: 0,
+            backpressure_waits: 0,
+            backpressure_rejections: 0,
+            write_through_fallbacks: 0,
+            oldest_unflushed_age: Duration::ZERO,
+            batch_size: Distribution::default(),
+            store_latency_us: Distribution::default(),
             health: Health::Healthy,
         }
+    }
+
+    pub(crate) fn histograms() -> [Histogram<u64>; 2] {
+        [new_histogram(), new_histogram()]
+    }
+
+    pub(crate) fn set_distributions(&mut self, hists: &[Histogram<u64>; 2]) {
+        self.batch_size = Distribution::of(&hists[0]);
+        self.store_latency_us = Distribution::of(&hists[1]);
     }
 }

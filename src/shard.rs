@@ -31,6 +31,8 @@ pub(crate) struct Entry<K, V> {
     pub(crate) queued_epoch: u64,
     /// A flusher holds a snapshot of this key (in a batch, or in its retry list).
     pub(crate) in_flight: bool,
+    /// Highest version the store is known to hold (0: none). `wait_durable` reads it.
+    pub(crate) persisted: u64,
 }
 
 impl<K, V> Entry<K, V> {
@@ -64,11 +66,16 @@ pub(crate) struct Table<K, V> {
     /// Bumped whenever an entry leaves the table, so a read-through that started before can
     /// tell that its loaded value may be older than a delete that has come and gone.
     pub(crate) removals: u64,
+    /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
+    /// it is back at the low watermark.
+    pressured: bool,
     pub(crate) counters: ShardCounters,
 }
 
 /// What a write under the lock decided.
 pub(crate) struct WriteOutcome<K, V> {
+    /// The version given to the write.
+    pub(crate) version: u64,
     /// The replaced value, to drop after the lock is released.
     pub(crate) old: Option<V>,
     /// The key to push on the ring, if this is the key's first write in the open epoch.
@@ -89,6 +96,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             tombstones: 0,
             dirty: 0,
             removals: 0,
+            pressured: false,
             counters: ShardCounters::default(),
         }
     }
@@ -119,6 +127,42 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         self.map
             .find(hash, |e| e.key == *key)
             .is_some_and(|e| e.value.is_some())
+    }
+
+    /// Backpressure check for a write that would add a dirty entry: `false` once the table
+    /// holds `high` dirty entries, and until it is back at `low`.
+    #[inline]
+    pub(crate) fn over_limit(&mut self, high: usize, low: usize) -> bool {
+        if self.pressured && self.dirty <= low {
+            self.pressured = false;
+        }
+        if !self.pressured && self.dirty >= high {
+            self.pressured = true;
+        }
+        self.pressured
+    }
+
+    /// `true` if a write to `key` would make a new dirty entry (a write to a dirty entry only
+    /// replaces its value).
+    pub(crate) fn would_add_dirty(&self, hash: u64, key: &K) -> bool {
+        self.map
+            .find(hash, |e| e.key == *key)
+            .is_none_or(|e| !e.is_dirty())
+    }
+
+    /// `true` once the store holds `version` of the key or a newer one (or the key left the
+    /// table, which only a persisted delete or a given-up write does).
+    pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> bool {
+        self.map
+            .find(hash, |e| e.key == *key)
+            .is_none_or(|e| e.persisted >= version)
+    }
+
+    /// Hands out the next version (for a write that does not go through `write`).
+    pub(crate) fn next_version(&mut self) -> u64 {
+        let v = self.next_version;
+        self.next_version += 1;
+        v
     }
 
     /// Records a write (`value: None` is a delete) as dirty, for the flusher to send.
@@ -163,6 +207,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             }
             // The caller's key goes on the ring; the table already holds one.
             WriteOutcome {
+                version,
                 old,
                 ring_key: push.then_some(key),
             }
@@ -178,6 +223,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
                     unsent: version,
                     queued_epoch: open_epoch,
                     in_flight: false,
+                    persisted: 0,
                 },
                 |e| e.hash,
             );
@@ -186,6 +232,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
                 self.tombstones += 1;
             }
             WriteOutcome {
+                version,
                 old: None,
                 ring_key: Some(ring_key),
             }
@@ -202,6 +249,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             let was_tombstone = e.value.is_none();
             e.value = Some(value.clone());
             e.version = version;
+            e.persisted = e.persisted.max(version);
             if was_tombstone {
                 self.tombstones -= 1;
             }
@@ -217,6 +265,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
                 unsent: NONE,
                 queued_epoch: NOT_QUEUED,
                 in_flight: false,
+                persisted: version,
             },
             |e| e.hash,
         );
@@ -259,7 +308,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
 
     /// Read-only mode: a write that stays in memory and is never sent (a delete leaves a
     /// clean tombstone so the store's value does not come back). Returns the replaced value.
-    pub(crate) fn set_local(&mut self, hash: u64, key: K, value: Option<V>) -> Option<V> {
+    pub(crate) fn set_local(&mut self, hash: u64, key: K, value: Option<V>) -> (u64, Option<V>) {
         let version = self.next_version;
         self.next_version += 1;
         if value.is_some() {
@@ -277,7 +326,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
                 (true, false) => self.tombstones -= 1,
                 _ => {}
             }
-            return old;
+            return (version, old);
         }
         self.map.insert_unique(
             hash,
@@ -289,13 +338,14 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
                 unsent: NONE,
                 queued_epoch: NOT_QUEUED,
                 in_flight: false,
+                persisted: 0,
             },
             |e| e.hash,
         );
         if is_delete {
             self.tombstones += 1;
         }
-        None
+        (version, None)
     }
 
     /// Takes a snapshot of a dirty key for a batch. `retry` is set when the caller is the
@@ -343,6 +393,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             return false;
         }
         e.in_flight = false;
+        e.persisted = e.persisted.max(version);
         if e.unsent != NONE {
             // Written to again during the batch: still dirty, and that write pushed the key.
             return false;
@@ -388,6 +439,13 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         self.map
             .find(hash, |e| e.key == *key)
             .map_or(NONE, |e| e.unsent)
+    }
+
+    /// `true` if a flusher holds a snapshot of the key (batch or retry list).
+    pub(crate) fn in_flight(&self, hash: u64, key: &K) -> bool {
+        self.map
+            .find(hash, |e| e.key == *key)
+            .is_some_and(|e| e.in_flight)
     }
 
     /// Keys that are dirty and not owned by a retry list (the full-ring path).

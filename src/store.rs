@@ -89,7 +89,7 @@ impl<K, V> Write<K, V> {
 ///     fn write_all(&self, batch: &[Write<u64, String>]) -> Result<(), BatchError> {
 ///         let mut map = self.0.lock().unwrap();
 ///         for w in batch {
-///             let newer = map.get(w.key()).map_or(true, |(_, v)| w.version() >= *v);
+///             let newer = map.get(w.key()).is_none_or(|(_, v)| w.version() >= *v);
 ///             if newer {
 ///                 map.insert(*w.key(), (w.value().cloned(), w.version()));
 ///             }
@@ -283,7 +283,7 @@ where
     }
 
     fn apply_locked(g: &mut MemoryInner<K, V>, w: &Write<K, V>) -> bool {
-        let newer = g.rows.get(w.key()).map_or(true, |(_, v)| w.version() >= *v);
+        let newer = g.rows.get(w.key()).is_none_or(|(_, v)| w.version() >= *v);
         if newer {
             g.rows
                 .insert(w.key().clone(), (w.value().cloned(), w.version()));
