@@ -263,3 +263,58 @@ impl Metrics {
         self.store_latency_us = Distribution::of(&hists[1]);
     }
 }
+
+#[cfg(feature = "metrics")]
+impl Metrics {
+    /// Publishes this snapshot through the [`metrics`] facade: counters as
+    /// `{prefix}_{name}_total` (set to the absolute count), gauges as `{prefix}_{name}`, and the
+    /// distributions' p50/p99/p99.9/max as gauges. Call it periodically (e.g. every few
+    /// seconds from the application's metrics loop); every series carries no labels.
+    pub fn export(&self, prefix: &str) {
+        let counters: [(&str, u64); 22] = [
+            ("puts", self.puts),
+            ("removes", self.removes),
+            ("conflated", self.conflated),
+            ("gets", self.gets),
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("loads", self.loads),
+            ("load_errors", self.load_errors),
+            ("batches", self.batches),
+            ("records_written", self.records_written),
+            ("store_unavailable", self.store_unavailable),
+            ("records_rejected", self.records_rejected),
+            ("retries", self.retries),
+            ("failed_writes", self.failed_writes),
+            ("store_panics", self.store_panics),
+            ("slow_store_calls", self.slow_store_calls),
+            ("sink_full", self.sink_full),
+            ("backpressure_waits", self.backpressure_waits),
+            ("backpressure_rejections", self.backpressure_rejections),
+            ("write_through_fallbacks", self.write_through_fallbacks),
+            ("batch_size_count", self.batch_size.count),
+            ("store_latency_us_count", self.store_latency_us.count),
+        ];
+        for (name, v) in counters {
+            metrics::counter!(format!("{prefix}_{name}_total")).absolute(v);
+        }
+        let healthy = matches!(self.health, Health::Healthy);
+        let gauges: [(&str, f64); 12] = [
+            ("entries", self.entries as f64),
+            ("dirty", self.dirty as f64),
+            ("oldest_unflushed_age_seconds", self.oldest_unflushed_age.as_secs_f64()),
+            ("healthy", if healthy { 1.0 } else { 0.0 }),
+            ("batch_size_p50", self.batch_size.p50 as f64),
+            ("batch_size_p99", self.batch_size.p99 as f64),
+            ("batch_size_p999", self.batch_size.p999 as f64),
+            ("batch_size_max", self.batch_size.max as f64),
+            ("store_latency_us_p50", self.store_latency_us.p50 as f64),
+            ("store_latency_us_p99", self.store_latency_us.p99 as f64),
+            ("store_latency_us_p999", self.store_latency_us.p999 as f64),
+            ("store_latency_us_max", self.store_latency_us.max as f64),
+        ];
+        for (name, v) in gauges {
+            metrics::gauge!(format!("{prefix}_{name}")).set(v);
+        }
+    }
+}
