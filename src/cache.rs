@@ -1,17 +1,18 @@
 //! [`Cache`]: hashes a key to its shard, runs the write modes, read-through, flush barriers and
 //! close. It never holds two shard locks at once, and never holds one across a store call.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backpressure, Builder, FailedWriteHook, WriteMode};
+use crate::config::{Backpressure, Builder, FailedWriteHook, Weigher, WriteMode};
+use crate::loader::{LoadSlot, Loader, RefreshJob};
 use crate::error::{Error, StoreError};
 use crate::flusher::{self, call_store, in_store_call, Flusher, StepMode, Ticket, TicketOutcome};
 use crate::metrics::Metrics;
-use crate::shard::Shard;
+use crate::shard::{Limits, LoadRole, Lookup, Shard};
 use crate::store::{Store, Write};
-use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use crate::sync::thread::JoinHandle;
 use crate::sync::{Arc, Condvar, Mutex};
 
@@ -74,11 +75,22 @@ pub(crate) struct Inner<K, V> {
     bp_waits: AtomicU64,
     bp_rejections: AtomicU64,
     through_fallbacks: AtomicU64,
+    /// The write mode, switchable at run time (`WriteMode as u8`).
+    mode: AtomicU8,
+    /// Coarse clock (ns) for entry times, advanced by the flushers: the put path reads this
+    /// atomic, never the clock. Only kept when a time-based setting is on.
+    coarse: AtomicU64,
+    /// Some time-based setting (ttl, tti, refresh, absent caching) is on.
+    pub(crate) timed: bool,
+    /// How often flushers advance the coarse clock when `timed`.
+    pub(crate) tick: Duration,
+    weigher: Option<Weigher<K, V>>,
+    /// Refresh-ahead jobs (only with `refresh_ahead`).
+    loader: Option<Loader<K>>,
 }
 
 /// The settings the engine reads after build.
 pub(crate) struct Config {
-    pub(crate) write_mode: WriteMode,
     pub(crate) write_delay: Duration,
     pub(crate) max_batch: usize,
     pub(crate) max_attempts: u32,
@@ -96,6 +108,32 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    /// Advances the coarse clock to the real one (flusher steps do this).
+    pub(crate) fn tick_clock(&self) {
+        if self.timed {
+            let now = u64::try_from(self.clock.now().as_nanos()).unwrap_or(u64::MAX);
+            self.coarse.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The coarse time for entry bookkeeping (0 when nothing is time-based).
+    #[inline]
+    pub(crate) fn coarse_now(&self) -> u64 {
+        if self.timed {
+            self.coarse.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    #[inline]
+    fn weight(&self, key: &K, value: Option<&V>) -> u32 {
+        match (&self.weigher, value) {
+            (Some(w), Some(v)) => w(key, v).max(1),
+            _ => 1,
+        }
+    }
+
     #[inline]
     pub(crate) fn hash(&self, key: &K) -> u64 {
         self.hasher.hash_one(key)
@@ -201,8 +239,38 @@ where
         let owned_per_flusher = nshards / nflushers + usize::from(nshards % nflushers != 0);
         let trigger = (b.max_batch / owned_per_flusher).max(1);
         let ring_capacity = b.ring_capacity.max(2 * trigger).min(1 << 24);
+        let ns = |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let limits = Limits {
+            capacity: b.capacity.map_or(usize::MAX, |c| (c / nshards).max(1)),
+            max_weight: b.max_weight.map_or(u64::MAX, |w| (w / nshards as u64).max(1)),
+            ttl: ns(b.ttl),
+            tti: ns(b.tti),
+            negative_ttl: ns(b.negative_ttl),
+            refresh_after: match (b.refresh_ahead, b.ttl) {
+                (Some(f), Some(ttl)) => ns(Some(ttl.mul_f64(f))).max(1),
+                _ => 0,
+            },
+        };
+        let timed = (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0;
+        let shortest = [b.ttl, b.tti, b.negative_ttl]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let tick = (shortest / 20).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        // A bounded cache bounds its dirty entries too, unless told otherwise.
+        let max_dirty = b.max_dirty.or_else(|| {
+            b.capacity.map(|c| {
+                (
+                    c,
+                    Backpressure::Block {
+                        timeout: Duration::from_secs(5),
+                    },
+                )
+            })
+        });
         let shards = (0..nshards)
-            .map(|_| Shard::new(first_version, ring_capacity))
+            .map(|_| Shard::new(first_version, ring_capacity, limits))
             .collect::<Vec<_>>()
             .into_boxed_slice();
         let flushers = (0..nflushers)
@@ -218,7 +286,6 @@ where
             hasher: ahash::RandomState::new(),
             store: b.store,
             config: Config {
-                write_mode: b.write_mode,
                 write_delay: b.write_delay,
                 max_batch: b.max_batch,
                 max_attempts: b.max_attempts,
@@ -238,7 +305,7 @@ where
             failed: Mutex::new(VecDeque::new()),
             on_failed_write: b.on_failed_write,
             load_errors: AtomicU64::new(0),
-            backpressure: b.max_dirty.map(|(max, policy)| {
+            backpressure: max_dirty.map(|(max, policy)| {
                 let high = (max / nshards).max(1);
                 // Low watermark at 90% (at least one below the high one).
                 let low = high.saturating_sub((high / 10).max(1));
@@ -250,7 +317,14 @@ where
             bp_waits: AtomicU64::new(0),
             bp_rejections: AtomicU64::new(0),
             through_fallbacks: AtomicU64::new(0),
+            mode: AtomicU8::new(b.write_mode as u8),
+            coarse: AtomicU64::new(0),
+            timed,
+            tick,
+            weigher: b.weigher,
+            loader: b.refresh_ahead.map(|_| Loader::new()),
         });
+        inner.tick_clock();
         let cache = Cache {
             inner: inner.clone(),
             threads: Mutex::new(Some(Vec::new())),
@@ -278,6 +352,23 @@ where
                         // `cache` drops here and closes the flushers already started.
                         return Err(Error::Spawn(std::sync::Arc::new(e)));
                     }
+                }
+            }
+        }
+        if inner.loader.is_some() {
+            for k in 0..b.loaders {
+                let inner2 = inner.clone();
+                let spawned = crate::sync::thread::spawn_named(
+                    format!("{}-loader-{k}", b.name),
+                    move || run_loader(&inner2),
+                );
+                match spawned {
+                    Ok(h) => {
+                        if let Some(v) = cache.threads.lock().as_mut() {
+                            v.push(h);
+                        }
+                    }
+                    Err(e) => return Err(Error::Spawn(std::sync::Arc::new(e))),
                 }
             }
         }
@@ -319,7 +410,7 @@ where
 
     #[inline]
     fn write(&self, key: K, value: Option<V>) -> Result<u64, Error> {
-        match self.inner.config.write_mode {
+        match self.write_mode() {
             WriteMode::Behind => self.write_behind(key, value),
             WriteMode::Through => self.write_through(key, value),
             WriteMode::ReadOnly => self.write_local(key, value),
@@ -332,6 +423,8 @@ where
         let hash = inner.hash(&key);
         let s = inner.shard_of(hash);
         let shard = &inner.shards[s];
+        let weight = inner.weight(&key, value.as_ref());
+        let now = inner.coarse_now();
         let mut table = shard.table.lock();
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -343,13 +436,27 @@ where
             }
         }
         let epoch = shard.open_epoch();
-        let outcome = table.write(hash, key, value, epoch);
+        let outcome = table.write(hash, key, value, epoch, now, weight);
         drop(table);
+        Ok(self.after_write(s, outcome))
+    }
+
+    /// What follows a write-behind once the shard lock is released: drop the old value, push
+    /// the key, and ask for an early flush if pinned dirty entries hold the shard over its
+    /// capacity.
+    #[inline]
+    fn after_write(&self, s: usize, outcome: crate::shard::WriteOutcome<K, V>) -> u64 {
         drop(outcome.old);
         if let Some(k) = outcome.ring_key {
             self.push(s, k);
         }
-        Ok(outcome.version)
+        if outcome.over_capacity {
+            let shard = &self.inner.shards[s];
+            if !shard.triggered.swap(true, Ordering::SeqCst) {
+                self.inner.flusher_of(s).wake();
+            }
+        }
+        outcome.version
     }
 
     /// A write that would add a dirty entry to a shard at its `max_dirty` share.
@@ -389,13 +496,11 @@ where
                         return Err(Error::Closed);
                     }
                     if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
-                        let outcome = table.write(hash, key, value, shard.open_epoch());
+                        let weight = inner.weight(&key, value.as_ref());
+                        let now = inner.coarse_now();
+                        let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
                         drop(table);
-                        drop(outcome.old);
-                        if let Some(k) = outcome.ring_key {
-                            self.push(s, k);
-                        }
-                        return Ok(outcome.version);
+                        return Ok(self.after_write(s, outcome));
                     }
                 }
             }
@@ -407,13 +512,11 @@ where
                 let mut table = shard.table.lock();
                 if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
                     // Room appeared meanwhile: an ordinary write-behind.
-                    let outcome = table.write(hash, key, value, shard.open_epoch());
+                    let weight = inner.weight(&key, value.as_ref());
+                    let now = inner.coarse_now();
+                    let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
                     drop(table);
-                    drop(outcome.old);
-                    if let Some(k) = outcome.ring_key {
-                        self.push(s, k);
-                    }
-                    return Ok(outcome.version);
+                    return Ok(self.after_write(s, outcome));
                 }
                 drop(table);
                 self.write_through_at(s, hash, key, value)
@@ -487,7 +590,8 @@ where
                 value,
                 version,
             } => {
-                t.fill_clean(hash, key, value, version);
+                let weight = inner.weight(&key, Some(&value));
+                t.fill_clean(hash, key, value, version, inner.coarse_now(), weight);
             }
             Write::Delete { key, version } => t.remove_clean(hash, &key, version),
         }
@@ -502,7 +606,8 @@ where
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let (version, old) = t.set_local(hash, key, value);
+        let weight = inner.weight(&key, value.as_ref());
+        let (version, old) = t.set_local(hash, key, value, inner.coarse_now(), weight);
         drop(t);
         drop(old);
         Ok(version)
@@ -517,30 +622,199 @@ where
     pub fn get(&self, key: &K) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         let hash = inner.hash(key);
-        let shard = &inner.shards[inner.shard_of(hash)];
+        let s = inner.shard_of(hash);
+        let shard = &inner.shards[s];
+        let now = inner.coarse_now();
         let mut table = shard.table.lock();
-        if let Some(found) = table.get(hash, key) {
-            return Ok(found);
-        }
-        let removals = table.removals;
-        drop(table);
-        let _use = inner.enter_store()?;
-        let loaded = match call_store(|| inner.store.load(key)) {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                inner.load_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::Load(e));
+        let role = match table.get(hash, key, now) {
+            Lookup::Hit(found) => return Ok(found),
+            Lookup::HitRefresh(v, version) => {
+                drop(table);
+                if let Some(loader) = &inner.loader {
+                    loader.submit(RefreshJob {
+                        shard: s,
+                        key: key.clone(),
+                        version,
+                    });
+                }
+                return Ok(Some(v));
             }
-            Err(msg) => {
+            Lookup::Miss => table.join_load(hash, key),
+        };
+        drop(table);
+        match role {
+            LoadRole::Follower(slot) => slot.wait().map_err(Error::Load),
+            LoadRole::Leader(slot) => self.lead_load(s, hash, key, &slot),
+        }
+    }
+
+    /// Reads a missed key through the store for every caller waiting on `slot`.
+    fn lead_load(&self, s: usize, hash: u64, key: &K, slot: &LoadSlot<V>) -> Result<Option<V>, Error> {
+        let inner = &*self.inner;
+        let shard = &inner.shards[s];
+        let loaded = match inner.enter_store() {
+            Ok(_use) => match call_store(|| inner.store.load(key)) {
+                Ok(r) => r,
+                Err(msg) => Err(StoreError::unavailable(format!("store panicked in load: {msg}"))),
+            },
+            Err(_) => Err(StoreError::unavailable("the cache is closed")),
+        };
+        match loaded {
+            Ok(v) => {
+                let weight = inner.weight(key, v.as_ref());
+                let now = inner.coarse_now();
+                let answer = shard.table.lock().finish_load(hash, key, v, now, weight);
+                slot.publish(Ok(answer.clone()));
+                Ok(answer)
+            }
+            Err(e) => {
+                shard.table.lock().abort_load(hash, key);
+                slot.publish(Err(e.clone()));
+                if inner.closed.load(Ordering::SeqCst) {
+                    return Err(Error::Closed);
+                }
                 inner.load_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::Load(StoreError::unavailable(format!(
-                    "store panicked in load: {msg}"
-                ))));
+                Err(Error::Load(e))
+            }
+        }
+    }
+
+    /// Reads many keys: hits from memory, and every miss through one
+    /// [`Store::load_all`] call (misses already being loaded by another caller wait for
+    /// that load instead). The answer is in the order of `keys`.
+    ///
+    /// # Errors
+    /// [`Error::Load`] if the store failed; [`Error::Closed`] for misses after `close`.
+    pub fn get_all(&self, keys: &[K]) -> Result<Vec<Option<V>>, Error> {
+        let inner = &*self.inner;
+        let now = inner.coarse_now();
+        let mut out: Vec<Option<V>> = Vec::with_capacity(keys.len());
+        let mut lead: Vec<(usize, usize, u64, std::sync::Arc<LoadSlot<V>>)> = Vec::new();
+        let mut follow: Vec<(usize, std::sync::Arc<LoadSlot<V>>)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let hash = inner.hash(key);
+            let s = inner.shard_of(hash);
+            let mut table = inner.shards[s].table.lock();
+            match table.get(hash, key, now) {
+                Lookup::Hit(v) => out.push(v),
+                Lookup::HitRefresh(v, version) => {
+                    drop(table);
+                    if let Some(loader) = &inner.loader {
+                        loader.submit(RefreshJob { shard: s, key: key.clone(), version });
+                    }
+                    out.push(Some(v));
+                }
+                Lookup::Miss => {
+                    out.push(None);
+                    match table.join_load(hash, key) {
+                        LoadRole::Leader(slot) => lead.push((i, s, hash, slot.into())),
+                        LoadRole::Follower(slot) => follow.push((i, slot.into())),
+                    }
+                }
+            }
+        }
+        if !lead.is_empty() {
+            let wanted: Vec<K> = lead.iter().map(|(i, ..)| keys[*i].clone()).collect();
+            let loaded = match inner.enter_store() {
+                Ok(_use) => match call_store(|| inner.store.load_all(&wanted)) {
+                    Ok(r) => r,
+                    Err(msg) => Err(StoreError::unavailable(format!("store panicked in load_all: {msg}"))),
+                },
+                Err(_) => Err(StoreError::unavailable("the cache is closed")),
+            };
+            match loaded {
+                Ok(rows) => {
+                    let mut found: std::collections::HashMap<&K, V> = HashMap::new();
+                    for (k, v) in &rows {
+                        found.insert(k, v.clone());
+                    }
+                    for (i, s, hash, slot) in &lead {
+                        let key = &keys[*i];
+                        let v = found.remove(key);
+                        let weight = inner.weight(key, v.as_ref());
+                        let answer = inner.shards[*s].table.lock().finish_load(*hash, key, v, now, weight);
+                        slot.publish(Ok(answer.clone()));
+                        out[*i] = answer;
+                    }
+                }
+                Err(e) => {
+                    for (i, s, hash, slot) in &lead {
+                        inner.shards[*s].table.lock().abort_load(*hash, &keys[*i]);
+                        slot.publish(Err(e.clone()));
+                    }
+                    if inner.closed.load(Ordering::SeqCst) {
+                        return Err(Error::Closed);
+                    }
+                    inner.load_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::Load(e));
+                }
+            }
+        }
+        for (i, slot) in follow {
+            out[i] = slot.wait().map_err(Error::Load)?;
+        }
+        Ok(out)
+    }
+
+    /// Fills the cache with clean entries that are *not* written back (warming a cache from
+    /// its own database must not write every row again). An entry that holds a write, or any
+    /// entry already cached, is left as it is. Returns how many entries were added.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let store = Arc::new(MemoryStore::new());
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// assert_eq!(cache.preload((0..100u64).map(|k| (k, k * 2))), 100);
+    /// cache.flush()?;
+    /// assert_eq!(store.batches(), 0, "preloading wrote nothing");
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn preload(&self, entries: impl IntoIterator<Item = (K, V)>) -> usize {
+        let inner = &*self.inner;
+        let now = inner.coarse_now();
+        let mut added = 0;
+        for (key, value) in entries {
+            let hash = inner.hash(&key);
+            let weight = inner.weight(&key, Some(&value));
+            let mut t = inner.shards[inner.shard_of(hash)].table.lock();
+            if !t.contains_any(hash, &key) {
+                t.fill_clean(hash, key, value, 0, now, weight);
+                added += 1;
+            }
+        }
+        added
+    }
+
+    /// Reads `keys` from the store with one [`Store::load_all`] call and preloads what it
+    /// finds (see [`Cache::preload`]). Returns how many entries were added.
+    ///
+    /// # Errors
+    /// [`Error::Load`] if the store failed; [`Error::Closed`] after `close`.
+    pub fn preload_from_store(&self, keys: &[K]) -> Result<usize, Error> {
+        let inner = &*self.inner;
+        let rows = {
+            let _use = inner.enter_store()?;
+            match call_store(|| inner.store.load_all(keys)) {
+                Ok(r) => r.map_err(Error::Load)?,
+                Err(msg) => {
+                    return Err(Error::Load(StoreError::unavailable(format!(
+                        "store panicked in load_all: {msg}"
+                    ))))
+                }
             }
         };
-        let mut table = shard.table.lock();
-        table.counters.loads += 1;
-        Ok(table.fill_loaded(hash, key, loaded, removals))
+        Ok(self.preload(rows))
+    }
+
+    /// A snapshot of every live entry in memory. Never reads the store.
+    pub fn entries(&self) -> Vec<(K, V)> {
+        let mut out = Vec::new();
+        for s in self.inner.shards.iter() {
+            s.table.lock().entries(&mut out);
+        }
+        out
     }
 
     /// `true` if `key` holds a value in memory. Never reads the store.
@@ -583,9 +857,6 @@ where
         }
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
-        }
-        if inner.config.write_mode != WriteMode::Behind {
-            return Ok(());
         }
         // Every write that returned before now has a version below its shard's next version.
         let targets: Vec<u64> = inner
@@ -804,6 +1075,9 @@ where
             for f in inner.flushers.iter() {
                 f.post_close(until);
             }
+            if let Some(loader) = &inner.loader {
+                loader.stop();
+            }
             let me = crate::sync::thread::current_id();
             for h in threads {
                 if h.thread().id() == me {
@@ -849,6 +1123,11 @@ where
             m.hits += c.hits;
             m.misses += c.misses;
             m.loads += c.loads;
+            m.evictions += c.evictions;
+            m.expirations += c.expirations;
+            m.refreshes += c.refreshes;
+            m.refresh_failures += c.refresh_failures;
+            m.load_waits += c.load_waits;
             m.entries += t.len() as u64;
             m.dirty += t.dirty as u64;
         }
@@ -869,9 +1148,45 @@ where
         m
     }
 
-    /// The write mode chosen at build time.
+    /// The current write mode.
+    #[inline]
     pub fn write_mode(&self) -> WriteMode {
-        self.inner.config.write_mode
+        match self.inner.mode.load(Ordering::Relaxed) {
+            0 => WriteMode::Behind,
+            1 => WriteMode::Through,
+            _ => WriteMode::ReadOnly,
+        }
+    }
+
+    /// Switches the write mode without a restart. Leaving [`WriteMode::Behind`] first
+    /// flushes what is pending, so after `Behind -> ReadOnly` returns `Ok`, everything written
+    /// before is in the store and nothing written after is ever sent. (A write racing the
+    /// switch itself is a write-behind write and is sent.)
+    ///
+    /// # Errors
+    /// What [`Cache::flush`] returns when leaving `Behind`; the mode is switched regardless.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore, WriteMode};
+    /// let store = Arc::new(MemoryStore::new());
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// cache.put(1u64, 1u64)?;
+    /// cache.set_write_mode(WriteMode::ReadOnly)?; // flushes the pending write
+    /// cache.put(2, 2)?;                           // stays in memory
+    /// cache.flush()?;
+    /// assert_eq!(store.get(&1), Some(1));
+    /// assert_eq!(store.get(&2), None);
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn set_write_mode(&self, mode: WriteMode) -> Result<(), Error> {
+        let old = self.inner.mode.swap(mode as u8, Ordering::SeqCst);
+        if old == (WriteMode::Behind as u8) && mode != WriteMode::Behind {
+            tracing::info!(?mode, "leaving write-behind: flushing pending writes");
+            return self.flush();
+        }
+        Ok(())
     }
 
     /// `true` once `close` has started.
@@ -907,7 +1222,7 @@ where
         f.debug_struct("Cache")
             .field("shards", &self.inner.shards.len())
             .field("flushers", &self.inner.flushers.len())
-            .field("write_mode", &self.inner.config.write_mode)
+            .field("write_mode", &self.write_mode())
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
@@ -925,6 +1240,35 @@ where
     /// not be started.
     pub fn build(self) -> Result<Cache<K, V>, Error> {
         Cache::from_builder(self)
+    }
+}
+
+/// The body of a refresh-ahead loader thread.
+fn run_loader<K, V>(inner: &Inner<K, V>)
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let Some(loader) = &inner.loader else { return };
+    while let Some(job) = loader.next() {
+        let Ok(_use) = inner.enter_store() else { break };
+        let loaded = match call_store(|| inner.store.load(&job.key)) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "refresh-ahead reload failed; the old value stays until it expires");
+                Err(())
+            }
+            Err(msg) => {
+                tracing::error!(message = %msg, "store panicked in a refresh-ahead reload");
+                Err(())
+            }
+        };
+        let hash = inner.hash(&job.key);
+        let now = inner.coarse_now();
+        inner.shards[job.shard]
+            .table
+            .lock()
+            .finish_refresh(hash, &job.key, job.version, loaded, now);
     }
 }
 

@@ -75,6 +75,9 @@ pub enum Backpressure {
     WriteThrough,
 }
 
+/// Gives an entry's weight (e.g. its size in bytes) for [`Builder::weigher`].
+pub(crate) type Weigher<K, V> = std::sync::Arc<dyn Fn(&K, &V) -> u32 + Send + Sync>;
+
 /// A callback that sees every write the cache gave up on.
 pub(crate) type FailedWriteHook<K, V> = Box<dyn Fn(&crate::FailedWrite<K, V>) + Send + Sync>;
 
@@ -119,6 +122,14 @@ pub struct Builder<K, V> {
     pub(crate) store_timeout: Duration,
     pub(crate) max_dirty: Option<(usize, Backpressure)>,
     pub(crate) failed_writes_capacity: usize,
+    pub(crate) capacity: Option<usize>,
+    pub(crate) weigher: Option<Weigher<K, V>>,
+    pub(crate) max_weight: Option<u64>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) tti: Option<Duration>,
+    pub(crate) refresh_ahead: Option<f64>,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) loaders: usize,
 }
 
 impl<K, V> Builder<K, V> {
@@ -143,7 +154,79 @@ impl<K, V> Builder<K, V> {
             store_timeout: DEFAULT_STORE_TIMEOUT,
             max_dirty: None,
             failed_writes_capacity: DEFAULT_FAILED_WRITES_CAPACITY,
+            capacity: None,
+            weigher: None,
+            max_weight: None,
+            ttl: None,
+            tti: None,
+            refresh_ahead: None,
+            negative_ttl: None,
+            loaders: 1,
         }
+    }
+
+    /// Bounds the number of entries (pending deletes included). Clean entries are evicted
+    /// with S3-FIFO (a small probationary FIFO, a main CLOCK, and a ghost list); an entry
+    /// with a write not yet in the store is never evicted: it is pinned, and the flusher is
+    /// asked to write early. Unless [`Builder::max_dirty`] says otherwise, at most `n` entries
+    /// may be dirty, with [`Backpressure::Block`] for 5 s beyond that. Each shard holds
+    /// `n / shards`, so `n` must be at least the number of shards. Default: unbounded.
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity = Some(n);
+        self
+    }
+
+    /// Weighs entries (for example by their size in bytes) for [`Builder::max_weight`].
+    /// Called with no cache lock held, on the writer's or loader's thread.
+    pub fn weigher(mut self, f: impl Fn(&K, &V) -> u32 + Send + Sync + 'static) -> Self {
+        self.weigher = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    /// Bounds the total weight of the entries (each weighs 1 without a weigher); evicts like
+    /// [`Builder::capacity`]. Each shard holds `max / shards`.
+    pub fn max_weight(mut self, max: u64) -> Self {
+        self.max_weight = Some(max);
+        self
+    }
+
+    /// An entry expires this long after its last write or load. An expired entry that holds
+    /// a write not yet in the store is written first and disappears then. Precision: the
+    /// cache's coarse clock, which the flushers advance (a few percent of the shortest time
+    /// setting, at most 100 ms).
+    pub fn time_to_live(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// An entry also expires this long after its last access (read or write).
+    pub fn time_to_idle(mut self, tti: Duration) -> Self {
+        self.tti = Some(tti);
+        self
+    }
+
+    /// Refresh-ahead, as Coherence defines it: an access later than `factor x time_to_live`
+    /// after the entry's write or load (but before it expires) returns the current value at
+    /// once and schedules a reload on the loader threads; an access after expiry reloads
+    /// synchronously. A reload never overwrites a write; a failed reload keeps the old value
+    /// until it expires (metric `refresh_failures`). `factor` is in (0, 1) and needs
+    /// [`Builder::time_to_live`].
+    pub fn refresh_ahead(mut self, factor: f64) -> Self {
+        self.refresh_ahead = Some(factor);
+        self
+    }
+
+    /// Remembers that the store has no row for a key, for `d`, so repeated gets of an absent
+    /// key do not reach the store each time. Default: absent keys are not cached.
+    pub fn cache_absent_for(mut self, d: Duration) -> Self {
+        self.negative_ttl = Some(d);
+        self
+    }
+
+    /// Number of loader threads for refresh-ahead (default 1). Between 1 and 64.
+    pub fn loaders(mut self, n: usize) -> Self {
+        self.loaders = n;
+        self
     }
 
     /// A store call that takes longer than this is reported (metric `slow_store_calls` and a
@@ -329,6 +412,42 @@ impl<K, V> Builder<K, V> {
                     ),
                 );
             }
+        }
+        if let Some(c) = self.capacity {
+            if c < self.shards {
+                return bad(
+                    "capacity",
+                    format!("{c} is below the number of shards ({}): every shard needs room", self.shards),
+                );
+            }
+        }
+        if let Some(w) = self.max_weight {
+            if w < self.shards as u64 {
+                return bad(
+                    "max_weight",
+                    format!("{w} is below the number of shards ({})", self.shards),
+                );
+            }
+        }
+        for (setting, d) in [
+            ("time_to_live", self.ttl),
+            ("time_to_idle", self.tti),
+            ("cache_absent_for", self.negative_ttl),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return bad(setting, "zero: use a positive duration, or leave it unset".into());
+            }
+        }
+        if let Some(f) = self.refresh_ahead {
+            if !(f > 0.0 && f < 1.0) {
+                return bad("refresh_ahead", format!("factor {f} must be between 0 and 1 (exclusive)"));
+            }
+            if self.ttl.is_none() {
+                return bad("refresh_ahead", "needs time_to_live to be set".into());
+            }
+        }
+        if self.loaders == 0 || self.loaders > 64 {
+            return bad("loaders", format!("{} must be between 1 and 64", self.loaders));
         }
         if self.failed_writes_capacity == 0 {
             return bad(

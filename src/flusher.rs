@@ -256,6 +256,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     where
         V: Clone + Send + Sync + 'static,
     {
+        inner.tick_clock();
         let now = inner.clock.now();
         let delay = inner.config.write_delay;
         for (slot, &s) in self.owned.iter().enumerate() {
@@ -430,6 +431,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             tracing::warn!(took = ?took, limit = ?inner.config.store_timeout, records = batch.len(), "a store call took longer than store_timeout");
         }
         let now = inner.clock.now();
+        let coarse = inner.coarse_now();
         let failed: Vec<(usize, StoreError)> = match outcome {
             Ok(Ok(())) => Vec::new(),
             Ok(Err(BatchError::Partial(list))) => {
@@ -486,7 +488,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             let mut table = inner.shards[m.shard].table.lock();
             let retry_wait = match error {
                 None => {
-                    table.persisted(m.hash, write.key(), write.version());
+                    table.persisted(m.hash, write.key(), write.version(), coarse);
                     written += 1;
                     continue;
                 }
@@ -694,7 +696,8 @@ where
             wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
         }
         drop(core);
-        let sleep = wake.map_or(MAX_PARK, |w| w.saturating_sub(now).min(MAX_PARK));
+        let max_park = if inner.timed { inner.tick } else { MAX_PARK };
+        let sleep = wake.map_or(max_park, |w| w.saturating_sub(now).min(max_park));
         if !sleep.is_zero() {
             crate::sync::thread::park_timeout(sleep);
         }

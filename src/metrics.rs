@@ -43,6 +43,16 @@ pub struct Metrics {
     pub loads: u64,
     /// Read-throughs that failed.
     pub load_errors: u64,
+    /// Misses that waited for another caller's load of the same key (single-flight).
+    pub load_waits: u64,
+    /// Clean entries evicted to respect the capacity or weight bound.
+    pub evictions: u64,
+    /// Entries that expired (time to live / idle, or a cached absence).
+    pub expirations: u64,
+    /// Refresh-ahead reloads that replaced a value.
+    pub refreshes: u64,
+    /// Refresh-ahead reloads that failed (the old value stayed).
+    pub refresh_failures: u64,
     /// Live entries (gauge).
     pub entries: u64,
     /// Entries with a write not yet in the store (gauge).
@@ -233,6 +243,11 @@ impl Metrics {
             misses: 0,
             loads: 0,
             load_errors: 0,
+            load_waits: 0,
+            evictions: 0,
+            expirations: 0,
+            refreshes: 0,
+            refresh_failures: 0,
             entries: 0,
             dirty: 0,
             batches: 0,
@@ -271,7 +286,12 @@ impl Metrics {
     /// distributions' p50/p99/p99.9/max as gauges. Call it periodically (e.g. every few
     /// seconds from the application's metrics loop); every series carries no labels.
     pub fn export(&self, prefix: &str) {
-        let counters: [(&str, u64); 22] = [
+        let counters: [(&str, u64); 27] = [
+            ("load_waits", self.load_waits),
+            ("evictions", self.evictions),
+            ("expirations", self.expirations),
+            ("refreshes", self.refreshes),
+            ("refresh_failures", self.refresh_failures),
             ("puts", self.puts),
             ("removes", self.removes),
             ("conflated", self.conflated),

@@ -2,12 +2,15 @@
 //! one lock and are plain single-threaded code ([`Table`]); the dirty ring and the epoch next
 //! to it are what writers and the owning flusher share without that lock.
 
+use std::collections::VecDeque;
+
 use hashbrown::HashTable;
 
 use crate::dirty_ring::DirtyRing;
+use crate::loader::LoadSlot;
 use crate::store::Write;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use crate::sync::{CachePadded, Mutex};
+use crate::sync::{Arc, CachePadded, Mutex};
 
 /// `Entry::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
@@ -33,6 +36,20 @@ pub(crate) struct Entry<K, V> {
     pub(crate) in_flight: bool,
     /// Highest version the store is known to hold (0: none). `wait_durable` reads it.
     pub(crate) persisted: u64,
+    /// Coarse time (ns) of the last write or load: time-to-live counts from here.
+    born: u64,
+    /// Coarse time (ns) of the last access: time-to-idle counts from here.
+    accessed: u64,
+    /// Weight given by the weigher (1 without one).
+    weight: u32,
+    /// Matches the entry's live position in the eviction queues (stale positions differ).
+    stamp: u32,
+    /// S3-FIFO access frequency, 0..=3.
+    freq: u8,
+    /// In the main queue (else the small one).
+    in_main: bool,
+    /// An asynchronous refresh of this entry is scheduled or running.
+    refreshing: bool,
 }
 
 impl<K, V> Entry<K, V> {
@@ -52,6 +69,83 @@ pub(crate) struct ShardCounters {
     pub(crate) hits: u64,
     pub(crate) misses: u64,
     pub(crate) loads: u64,
+    pub(crate) evictions: u64,
+    pub(crate) expirations: u64,
+    pub(crate) refreshes: u64,
+    pub(crate) refresh_failures: u64,
+    pub(crate) load_waits: u64,
+}
+
+/// Read-side settings of a table, all per shard; times in nanoseconds of the coarse clock,
+/// 0 for "off".
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Most entries (tombstones included).
+    pub(crate) capacity: usize,
+    /// Most total weight.
+    pub(crate) max_weight: u64,
+    pub(crate) ttl: u64,
+    pub(crate) tti: u64,
+    /// How long an absent key is remembered as absent (0: not cached).
+    pub(crate) negative_ttl: u64,
+    /// Age after which an access schedules a refresh (0: no refresh-ahead).
+    pub(crate) refresh_after: u64,
+}
+
+impl Limits {
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) const UNBOUNDED: Limits = Limits {
+        capacity: usize::MAX,
+        max_weight: u64::MAX,
+        ttl: 0,
+        tti: 0,
+        negative_ttl: 0,
+        refresh_after: 0,
+    };
+
+    fn bounded(&self) -> bool {
+        self.capacity != usize::MAX || self.max_weight != u64::MAX
+    }
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup<V> {
+    /// In memory: a value, or `None` (a pending or local delete, or a cached absence).
+    Hit(Option<V>),
+    /// In memory, and old enough that a refresh was scheduled: serve it, reload in the
+    /// background. Carries the version the refresh must still find.
+    HitRefresh(V, u64),
+    /// Not in memory (or expired).
+    Miss,
+}
+
+/// Whether a miss leads a load or joins one in flight.
+pub(crate) enum LoadRole<V> {
+    Leader(Arc<LoadSlot<V>>),
+    Follower(Arc<LoadSlot<V>>),
+}
+
+/// A load in flight for a key (single-flight).
+struct Loading<K, V> {
+    key: K,
+    hash: u64,
+    /// The key was written, removed or evicted while the load ran: its result may be older
+    /// than what happened since, so it is returned but not cached.
+    stale: bool,
+    slot: Arc<LoadSlot<V>>,
+}
+
+/// The S3-FIFO queues: new keys enter `small`; keys accessed again while there move to
+/// `main`, the others leave (remembered in `ghost`, so a quick return goes straight to
+/// `main`); `main` is a CLOCK over the frequency bits. Dirty entries are pinned: passed over
+/// and kept until they are written.
+struct Queues<K> {
+    small: VecDeque<(K, u64, u32)>,
+    main: VecDeque<(K, u64, u32)>,
+    small_live: usize,
+    ghost: VecDeque<u64>,
+    ghost_set: HashTable<u64>,
+    next_stamp: u32,
 }
 
 /// The single-threaded part of a shard.
@@ -63,13 +157,16 @@ pub(crate) struct Table<K, V> {
     tombstones: usize,
     /// Entries that are dirty (`unsent != NONE || in_flight`).
     pub(crate) dirty: usize,
-    /// Bumped whenever an entry leaves the table, so a read-through that started before can
-    /// tell that its loaded value may be older than a delete that has come and gone.
-    pub(crate) removals: u64,
     /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
     /// it is back at the low watermark.
     pressured: bool,
     pub(crate) counters: ShardCounters,
+    limits: Limits,
+    /// Sum of the entries' weights.
+    weight: u64,
+    queues: Queues<K>,
+    /// Loads in flight (single-flight read-through).
+    loading: HashTable<Loading<K, V>>,
 }
 
 /// What a write under the lock decided.
@@ -80,6 +177,9 @@ pub(crate) struct WriteOutcome<K, V> {
     pub(crate) old: Option<V>,
     /// The key to push on the ring, if this is the key's first write in the open epoch.
     pub(crate) ring_key: Option<K>,
+    /// The table is over its capacity because its dirty entries are pinned: the flusher
+    /// should write early.
+    pub(crate) over_capacity: bool,
 }
 
 /// A snapshot the flusher took: the write to send and the oldest version it covers.
@@ -88,16 +188,32 @@ pub(crate) struct Snapshot<K, V> {
     pub(crate) first: u64,
 }
 
+impl<K> Default for Queues<K> {
+    fn default() -> Self {
+        Queues {
+            small: VecDeque::new(),
+            main: VecDeque::new(),
+            small_live: 0,
+            ghost: VecDeque::new(),
+            ghost_set: HashTable::new(),
+            next_stamp: 0,
+        }
+    }
+}
+
 impl<K: Eq + Clone, V: Clone> Table<K, V> {
-    fn new(first_version: u64) -> Self {
+    pub(crate) fn new(first_version: u64, limits: Limits) -> Self {
         Table {
             map: HashTable::new(),
             next_version: first_version,
             tombstones: 0,
             dirty: 0,
-            removals: 0,
             pressured: false,
             counters: ShardCounters::default(),
+            limits,
+            weight: 0,
+            queues: Queues::default(),
+            loading: HashTable::new(),
         }
     }
 
@@ -106,20 +222,53 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         self.map.len() - self.tombstones
     }
 
-    /// Looks a key up: `Some(Some(v))` a value, `Some(None)` a pending delete, `None` a miss.
-    #[inline]
-    pub(crate) fn get(&mut self, hash: u64, key: &K) -> Option<Option<V>> {
-        self.counters.gets += 1;
-        let found = self
-            .map
-            .find(hash, |e| e.key == *key)
-            .map(|e| e.value.clone());
-        if found.is_some() {
-            self.counters.hits += 1;
-        } else {
-            self.counters.misses += 1;
+    fn expired(limits: &Limits, e: &Entry<K, V>, now: u64) -> bool {
+        if e.is_dirty() {
+            return false; // written first, then it may go
         }
-        found
+        if e.value.is_none() && e.version == 0 {
+            return now >= e.born.saturating_add(limits.negative_ttl);
+        }
+        (limits.ttl != 0 && now >= e.born.saturating_add(limits.ttl))
+            || (limits.tti != 0 && now >= e.accessed.saturating_add(limits.tti))
+    }
+
+    /// Looks a key up at coarse time `now`.
+    #[inline]
+    pub(crate) fn get(&mut self, hash: u64, key: &K, now: u64) -> Lookup<V> {
+        self.counters.gets += 1;
+        let limits = self.limits;
+        let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
+            self.counters.misses += 1;
+            return Lookup::Miss;
+        };
+        if (limits.ttl | limits.tti | limits.negative_ttl) != 0 && Self::expired(&limits, e, now) {
+            self.counters.expirations += 1;
+            self.counters.misses += 1;
+            self.remove_entry(hash, key);
+            return Lookup::Miss;
+        }
+        self.counters.hits += 1;
+        e.freq = (e.freq + 1).min(3);
+        if limits.tti != 0 {
+            e.accessed = now;
+        }
+        if limits.refresh_after != 0
+            && !e.refreshing
+            && !e.is_dirty()
+            && now >= e.born.saturating_add(limits.refresh_after)
+        {
+            if let Some(v) = &e.value {
+                e.refreshing = true;
+                return Lookup::HitRefresh(v.clone(), e.version);
+            }
+        }
+        Lookup::Hit(e.value.clone())
+    }
+
+    /// `true` if the key has any entry (a value, a pending delete, or a cached absence).
+    pub(crate) fn contains_any(&self, hash: u64, key: &K) -> bool {
+        self.map.find(hash, |e| e.key == *key).is_some()
     }
 
     /// `true` if the key holds a value (not a tombstone).
@@ -165,6 +314,60 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         v
     }
 
+    /// Marks an in-flight load of `key` stale: something happened to the key since it began.
+    #[inline]
+    fn touch_loading(&mut self, hash: u64, key: &K) {
+        if !self.loading.is_empty() {
+            if let Some(l) = self.loading.find_mut(hash, |l| l.key == *key) {
+                l.stale = true;
+            }
+        }
+    }
+
+    fn new_entry(&mut self, key: K, hash: u64, value: Option<V>, version: u64, now: u64, weight: u32) -> Entry<K, V> {
+        let stamp = self.queues.next_stamp;
+        self.queues.next_stamp = stamp.wrapping_add(1);
+        Entry {
+            key,
+            hash,
+            value,
+            version,
+            unsent: NONE,
+            queued_epoch: NOT_QUEUED,
+            in_flight: false,
+            persisted: 0,
+            born: now,
+            accessed: now,
+            weight,
+            stamp,
+            freq: 0,
+            in_main: false,
+            refreshing: false,
+        }
+    }
+
+    /// Inserts a new entry and queues it for eviction (when the table is bounded).
+    fn insert(&mut self, mut e: Entry<K, V>) {
+        if e.value.is_none() {
+            self.tombstones += 1;
+        }
+        self.weight += u64::from(e.weight);
+        if self.limits.bounded() {
+            let q = &mut self.queues;
+            let ghost = q.ghost_set.find(e.hash, |h| *h == e.hash).is_some();
+            e.in_main = ghost;
+            let pos = (e.key.clone(), e.hash, e.stamp);
+            if ghost {
+                q.main.push_back(pos);
+            } else {
+                q.small.push_back(pos);
+                q.small_live += 1;
+            }
+        }
+        let hash = e.hash;
+        self.map.insert_unique(hash, e, |e| e.hash);
+    }
+
     /// Records a write (`value: None` is a delete) as dirty, for the flusher to send.
     #[inline]
     pub(crate) fn write(
@@ -173,6 +376,8 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         key: K,
         value: Option<V>,
         open_epoch: u64,
+        now: u64,
+        weight: u32,
     ) -> WriteOutcome<K, V> {
         let version = self.next_version;
         self.next_version += 1;
@@ -181,12 +386,16 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         } else {
             self.counters.removes += 1;
         }
+        self.touch_loading(hash, &key);
         let is_delete = value.is_none();
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             let was_dirty = e.is_dirty();
             let was_tombstone = e.value.is_none();
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
+            e.born = now;
+            e.accessed = now;
+            let old_weight = std::mem::replace(&mut e.weight, weight);
             if e.unsent == NONE {
                 e.unsent = version;
             }
@@ -205,98 +414,147 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             if !push {
                 self.counters.conflated += 1;
             }
+            if old_weight != weight {
+                self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
+            }
             // The caller's key goes on the ring; the table already holds one.
             WriteOutcome {
                 version,
                 old,
                 ring_key: push.then_some(key),
+                over_capacity: false,
             }
         } else {
             let ring_key = key.clone();
-            self.map.insert_unique(
-                hash,
-                Entry {
-                    key,
-                    hash,
-                    value,
-                    version,
-                    unsent: version,
-                    queued_epoch: open_epoch,
-                    in_flight: false,
-                    persisted: 0,
-                },
-                |e| e.hash,
-            );
+            let mut e = self.new_entry(key, hash, value, version, now, weight);
+            e.unsent = version;
+            e.queued_epoch = open_epoch;
+            self.insert(e);
             self.dirty += 1;
-            if is_delete {
-                self.tombstones += 1;
-            }
+            let over_capacity = self.enforce();
             WriteOutcome {
                 version,
                 old: None,
                 ring_key: Some(ring_key),
+                over_capacity,
             }
         }
     }
 
-    /// Stores a clean value (loaded, preloaded, or written through) unless the key already
-    /// holds something newer. Returns the value the cache now answers with for the key.
-    pub(crate) fn fill_clean(&mut self, hash: u64, key: K, value: V, version: u64) -> Option<V> {
+    /// Stores a clean value (loaded, preloaded, or written through) unless the key holds
+    /// something at least as new. Returns the value the cache now answers with.
+    pub(crate) fn fill_clean(&mut self, hash: u64, key: K, value: V, version: u64, now: u64, weight: u32) -> Option<V> {
+        self.touch_loading(hash, &key);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
-            if e.version >= version || e.is_dirty() {
+            if e.version >= version || (version == 0 && e.is_dirty()) {
                 return e.value.clone();
             }
+            // A newer, stored version (write-through): it replaces even a dirty older value;
+            // the flusher then sends this same version again, never an older one.
             let was_tombstone = e.value.is_none();
             e.value = Some(value.clone());
             e.version = version;
             e.persisted = e.persisted.max(version);
+            e.born = now;
+            e.accessed = now;
+            let old_weight = std::mem::replace(&mut e.weight, weight);
             if was_tombstone {
                 self.tombstones -= 1;
             }
+            self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             return Some(value);
         }
-        self.map.insert_unique(
-            hash,
-            Entry {
-                key,
-                hash,
-                value: Some(value.clone()),
-                version,
-                unsent: NONE,
-                queued_epoch: NOT_QUEUED,
-                in_flight: false,
-                persisted: version,
-            },
-            |e| e.hash,
-        );
+        let mut e = self.new_entry(key, hash, Some(value.clone()), version, now, weight);
+        e.persisted = version;
+        self.insert(e);
+        self.enforce();
         Some(value)
     }
 
-    /// Caches a value read through the store, unless the key was written meanwhile (the
-    /// write wins) or an entry left the table since the read began (`removals` moved: a
-    /// delete may have come and gone, so the loaded value may be stale; it is returned to the
-    /// caller but not cached). Returns what the caller should see.
-    pub(crate) fn fill_loaded(
-        &mut self,
-        hash: u64,
-        key: &K,
-        loaded: Option<V>,
-        removals: u64,
-    ) -> Option<V> {
+    /// A miss: join the load of `key` in flight, or lead a new one.
+    pub(crate) fn join_load(&mut self, hash: u64, key: &K) -> LoadRole<V> {
+        if let Some(l) = self.loading.find(hash, |l| l.key == *key) {
+            self.counters.load_waits += 1;
+            return LoadRole::Follower(l.slot.clone());
+        }
+        let slot = Arc::new(LoadSlot::new());
+        self.loading.insert_unique(
+            hash,
+            Loading {
+                key: key.clone(),
+                hash,
+                stale: false,
+                slot: slot.clone(),
+            },
+            |l| l.hash,
+        );
+        LoadRole::Leader(slot)
+    }
+
+    /// The leader's load finished (successfully): cache the result unless the key was
+    /// written, removed or evicted meanwhile (then what is in memory, or the loaded value,
+    /// is the answer but nothing is cached). Absent keys are cached as absent when negative
+    /// caching is on. Returns what the callers see.
+    pub(crate) fn finish_load(&mut self, hash: u64, key: &K, loaded: Option<V>, now: u64, weight: u32) -> Option<V> {
+        self.counters.loads += 1;
+        let stale = match self.loading.find_entry(hash, |l| l.key == *key) {
+            Ok(occ) => occ.remove().0.stale,
+            Err(_) => true,
+        };
         if let Some(e) = self.map.find(hash, |e| e.key == *key) {
             return e.value.clone();
         }
+        if stale {
+            return loaded;
+        }
         match loaded {
-            Some(v) if removals == self.removals => {
-                self.fill_clean(hash, key.clone(), v.clone(), 0);
-                Some(v)
+            Some(v) => self.fill_clean(hash, key.clone(), v, 0, now, weight),
+            None => {
+                if self.limits.negative_ttl != 0 {
+                    let e = self.new_entry(key.clone(), hash, None, 0, now, 1);
+                    self.insert(e);
+                    self.enforce();
+                }
+                None
             }
-            other => other,
+        }
+    }
+
+    /// The leader's load failed: forget it (followers get the error through the slot).
+    pub(crate) fn abort_load(&mut self, hash: u64, key: &K) {
+        if let Ok(occ) = self.loading.find_entry(hash, |l| l.key == *key) {
+            occ.remove();
+        }
+    }
+
+    /// An asynchronous refresh finished. The new value replaces the entry only if the entry
+    /// is still the one the refresh was scheduled for (same version, clean): a refresh never
+    /// overwrites a write. A failure keeps the old value until it really expires.
+    pub(crate) fn finish_refresh(&mut self, hash: u64, key: &K, version: u64, loaded: Result<Option<V>, ()>, now: u64) {
+        let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
+            return;
+        };
+        e.refreshing = false;
+        match loaded {
+            Err(()) => self.counters.refresh_failures += 1,
+            Ok(_) if e.version != version || e.is_dirty() => {}
+            Ok(Some(v)) => {
+                e.value = Some(v);
+                e.born = now;
+                e.accessed = now;
+                self.counters.refreshes += 1;
+            }
+            Ok(None) => {
+                // Deleted in the store by someone else: forget it.
+                self.counters.refreshes += 1;
+                self.remove_entry(hash, key);
+            }
         }
     }
 
     /// Write-through delete: drops the entry unless it holds something newer.
     pub(crate) fn remove_clean(&mut self, hash: u64, key: &K, version: u64) {
+        self.touch_loading(hash, key);
         let stale = self
             .map
             .find(hash, |e| e.key == *key)
@@ -307,8 +565,10 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     }
 
     /// Read-only mode: a write that stays in memory and is never sent (a delete leaves a
-    /// clean tombstone so the store's value does not come back). Returns the replaced value.
-    pub(crate) fn set_local(&mut self, hash: u64, key: K, value: Option<V>) -> (u64, Option<V>) {
+    /// clean tombstone so the store's value does not come back). A pending write of the key
+    /// from an earlier write-behind period is superseded and will not be sent. Returns the
+    /// version and the replaced value.
+    pub(crate) fn set_local(&mut self, hash: u64, key: K, value: Option<V>, now: u64, weight: u32) -> (u64, Option<V>) {
         let version = self.next_version;
         self.next_version += 1;
         if value.is_some() {
@@ -316,11 +576,22 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         } else {
             self.counters.removes += 1;
         }
+        self.touch_loading(hash, &key);
         let is_delete = value.is_none();
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             let was_tombstone = e.value.is_none();
+            let was_dirty = e.is_dirty();
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
+            e.born = now;
+            e.accessed = now;
+            e.unsent = NONE;
+            let clean_now = !e.is_dirty();
+            let old_weight = std::mem::replace(&mut e.weight, weight);
+            self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
+            if was_dirty && clean_now {
+                self.dirty -= 1;
+            }
             match (was_tombstone, is_delete) {
                 (false, true) => self.tombstones += 1,
                 (true, false) => self.tombstones -= 1,
@@ -328,23 +599,9 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             }
             return (version, old);
         }
-        self.map.insert_unique(
-            hash,
-            Entry {
-                key,
-                hash,
-                value,
-                version,
-                unsent: NONE,
-                queued_epoch: NOT_QUEUED,
-                in_flight: false,
-                persisted: 0,
-            },
-            |e| e.hash,
-        );
-        if is_delete {
-            self.tombstones += 1;
-        }
+        let e = self.new_entry(key, hash, value, version, now, weight);
+        self.insert(e);
+        self.enforce();
         (version, None)
     }
 
@@ -384,8 +641,10 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         Some(Snapshot { write, first })
     }
 
-    /// The store applied `version` of the key. Returns `true` if the entry is now clean.
-    pub(crate) fn persisted(&mut self, hash: u64, key: &K, version: u64) -> bool {
+    /// The store applied `version` of the key. Returns `true` if the entry is now clean. An
+    /// entry that expired while it waited for the store goes now.
+    pub(crate) fn persisted(&mut self, hash: u64, key: &K, version: u64, now: u64) -> bool {
+        let limits = self.limits;
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             return false;
         };
@@ -398,9 +657,13 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             // Written to again during the batch: still dirty, and that write pushed the key.
             return false;
         }
-        let gone = e.value.is_none() && e.version == version;
+        let tombstone_done = e.value.is_none() && e.version == version;
+        let expired = (limits.ttl | limits.tti) != 0 && Self::expired(&limits, e, now);
         self.dirty -= 1;
-        if gone {
+        if tombstone_done {
+            self.remove_entry(hash, key);
+        } else if expired {
+            self.counters.expirations += 1;
             self.remove_entry(hash, key);
         }
         true
@@ -475,13 +738,98 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         }
     }
 
+    /// Every live entry (for `Cache::entries`); never loads.
+    pub(crate) fn entries(&self, out: &mut Vec<(K, V)>) {
+        out.extend(
+            self.map
+                .iter()
+                .filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v))),
+        );
+    }
+
+    /// `true` while the table holds more than its capacity or weight allows.
+    fn over_capacity(&self) -> bool {
+        self.map.len() > self.limits.capacity || self.weight > self.limits.max_weight
+    }
+
+    /// Evicts clean entries (S3-FIFO) until the table fits. Dirty entries are pinned: passed
+    /// over, never dropped. Returns `true` if the table is still too big because too much of
+    /// it is dirty (the caller then asks the flusher to write early).
+    fn enforce(&mut self) -> bool {
+        if !self.limits.bounded() || !self.over_capacity() {
+            return false;
+        }
+        let small_target = (self.limits.capacity / 10).max(1);
+        let mut budget = 2 * (self.queues.small.len() + self.queues.main.len()) + 4;
+        while self.over_capacity() && budget > 0 {
+            budget -= 1;
+            let from_small = self.queues.small_live > small_target || self.queues.main.is_empty();
+            let popped = if from_small {
+                self.queues.small.pop_front()
+            } else {
+                self.queues.main.pop_front()
+            };
+            let Some((key, hash, stamp)) = popped else {
+                break;
+            };
+            let Some(e) = self
+                .map
+                .find_mut(hash, |e| e.key == key && e.stamp == stamp)
+            else {
+                continue; // a stale position: the entry left or was re-inserted
+            };
+            if from_small != !e.in_main {
+                continue; // moved to the other queue since
+            }
+            if e.is_dirty() {
+                // Pinned until written: keep its place at the back.
+                let q = if from_small { &mut self.queues.small } else { &mut self.queues.main };
+                q.push_back((key, hash, stamp));
+                continue;
+            }
+            if from_small {
+                self.queues.small_live -= 1;
+                if e.freq > 0 {
+                    e.freq = 0;
+                    e.in_main = true;
+                    self.queues.main.push_back((key, hash, stamp));
+                    continue;
+                }
+                // Remember it briefly: a quick return goes straight to the main queue.
+                let q = &mut self.queues;
+                if q.ghost.len() >= self.limits.capacity.min(1 << 20) {
+                    if let Some(old) = q.ghost.pop_front() {
+                        if let Ok(occ) = q.ghost_set.find_entry(old, |h| *h == old) {
+                            occ.remove();
+                        }
+                    }
+                }
+                if q.ghost_set.find(hash, |h| *h == hash).is_none() {
+                    q.ghost.push_back(hash);
+                    q.ghost_set.insert_unique(hash, hash, |h| *h);
+                }
+            } else if e.freq > 0 {
+                e.freq -= 1;
+                self.queues.main.push_back((key, hash, stamp));
+                continue;
+            }
+            self.counters.evictions += 1;
+            self.remove_entry(hash, &key);
+        }
+        self.over_capacity()
+    }
+
     fn remove_entry(&mut self, hash: u64, key: &K) {
         if let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) {
             let (e, _) = occ.remove();
             if e.value.is_none() {
                 self.tombstones -= 1;
             }
-            self.removals += 1;
+            if !e.in_main && self.limits.bounded() {
+                self.queues.small_live = self.queues.small_live.saturating_sub(1);
+            }
+            self.weight -= u64::from(e.weight);
+            self.touch_loading(hash, key);
         }
     }
 }
@@ -503,9 +851,9 @@ pub(crate) struct Shard<K, V> {
 }
 
 impl<K: Eq + Clone, V: Clone> Shard<K, V> {
-    pub(crate) fn new(first_version: u64, ring_capacity: usize) -> Self {
+    pub(crate) fn new(first_version: u64, ring_capacity: usize, limits: Limits) -> Self {
         Shard {
-            table: CachePadded::new(Mutex::new(Table::new(first_version))),
+            table: CachePadded::new(Mutex::new(Table::new(first_version, limits))),
             epoch: AtomicU64::new(1),
             ring: DirtyRing::new(ring_capacity),
             armed: AtomicBool::new(false),
