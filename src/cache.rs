@@ -6,9 +6,9 @@ use std::hash::Hash;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Backpressure, Builder, FailedWriteHook, Weigher, WriteMode};
-use crate::loader::{LoadSlot, Loader, RefreshJob};
 use crate::error::{Error, StoreError};
 use crate::flusher::{self, call_store, in_store_call, Flusher, StepMode, Ticket, TicketOutcome};
+use crate::loader::{LoadSlot, Loader, RefreshJob};
 use crate::metrics::Metrics;
 use crate::shard::{Limits, LoadRole, Lookup, Shard};
 use crate::store::{Store, Write};
@@ -239,10 +239,13 @@ where
         let owned_per_flusher = nshards / nflushers + usize::from(nshards % nflushers != 0);
         let trigger = (b.max_batch / owned_per_flusher).max(1);
         let ring_capacity = b.ring_capacity.max(2 * trigger).min(1 << 24);
-        let ns = |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let ns =
+            |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let limits = Limits {
             capacity: b.capacity.map_or(usize::MAX, |c| (c / nshards).max(1)),
-            max_weight: b.max_weight.map_or(u64::MAX, |w| (w / nshards as u64).max(1)),
+            max_weight: b
+                .max_weight
+                .map_or(u64::MAX, |w| (w / nshards as u64).max(1)),
             ttl: ns(b.ttl),
             tti: ns(b.tti),
             negative_ttl: ns(b.negative_ttl),
@@ -358,10 +361,10 @@ where
         if inner.loader.is_some() {
             for k in 0..b.loaders {
                 let inner2 = inner.clone();
-                let spawned = crate::sync::thread::spawn_named(
-                    format!("{}-loader-{k}", b.name),
-                    move || run_loader(&inner2),
-                );
+                let spawned =
+                    crate::sync::thread::spawn_named(format!("{}-loader-{k}", b.name), move || {
+                        run_loader(&inner2)
+                    });
                 match spawned {
                     Ok(h) => {
                         if let Some(v) = cache.threads.lock().as_mut() {
@@ -498,7 +501,8 @@ where
                     if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
                         let weight = inner.weight(&key, value.as_ref());
                         let now = inner.coarse_now();
-                        let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
+                        let outcome =
+                            table.write(hash, key, value, shard.open_epoch(), now, weight);
                         drop(table);
                         return Ok(self.after_write(s, outcome));
                     }
@@ -649,13 +653,21 @@ where
     }
 
     /// Reads a missed key through the store for every caller waiting on `slot`.
-    fn lead_load(&self, s: usize, hash: u64, key: &K, slot: &LoadSlot<V>) -> Result<Option<V>, Error> {
+    fn lead_load(
+        &self,
+        s: usize,
+        hash: u64,
+        key: &K,
+        slot: &LoadSlot<V>,
+    ) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         let shard = &inner.shards[s];
         let loaded = match inner.enter_store() {
             Ok(_use) => match call_store(|| inner.store.load(key)) {
                 Ok(r) => r,
-                Err(msg) => Err(StoreError::unavailable(format!("store panicked in load: {msg}"))),
+                Err(msg) => Err(StoreError::unavailable(format!(
+                    "store panicked in load: {msg}"
+                ))),
             },
             Err(_) => Err(StoreError::unavailable("the cache is closed")),
         };
@@ -689,8 +701,8 @@ where
         let inner = &*self.inner;
         let now = inner.coarse_now();
         let mut out: Vec<Option<V>> = Vec::with_capacity(keys.len());
-        let mut lead: Vec<(usize, usize, u64, std::sync::Arc<LoadSlot<V>>)> = Vec::new();
-        let mut follow: Vec<(usize, std::sync::Arc<LoadSlot<V>>)> = Vec::new();
+        let mut lead: Vec<(usize, usize, u64, Arc<LoadSlot<V>>)> = Vec::new();
+        let mut follow: Vec<(usize, Arc<LoadSlot<V>>)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let hash = inner.hash(key);
             let s = inner.shard_of(hash);
@@ -700,15 +712,19 @@ where
                 Lookup::HitRefresh(v, version) => {
                     drop(table);
                     if let Some(loader) = &inner.loader {
-                        loader.submit(RefreshJob { shard: s, key: key.clone(), version });
+                        loader.submit(RefreshJob {
+                            shard: s,
+                            key: key.clone(),
+                            version,
+                        });
                     }
                     out.push(Some(v));
                 }
                 Lookup::Miss => {
                     out.push(None);
                     match table.join_load(hash, key) {
-                        LoadRole::Leader(slot) => lead.push((i, s, hash, slot.into())),
-                        LoadRole::Follower(slot) => follow.push((i, slot.into())),
+                        LoadRole::Leader(slot) => lead.push((i, s, hash, slot)),
+                        LoadRole::Follower(slot) => follow.push((i, slot)),
                     }
                 }
             }
@@ -718,7 +734,9 @@ where
             let loaded = match inner.enter_store() {
                 Ok(_use) => match call_store(|| inner.store.load_all(&wanted)) {
                     Ok(r) => r,
-                    Err(msg) => Err(StoreError::unavailable(format!("store panicked in load_all: {msg}"))),
+                    Err(msg) => Err(StoreError::unavailable(format!(
+                        "store panicked in load_all: {msg}"
+                    ))),
                 },
                 Err(_) => Err(StoreError::unavailable("the cache is closed")),
             };
@@ -732,7 +750,10 @@ where
                         let key = &keys[*i];
                         let v = found.remove(key);
                         let weight = inner.weight(key, v.as_ref());
-                        let answer = inner.shards[*s].table.lock().finish_load(*hash, key, v, now, weight);
+                        let answer = inner.shards[*s]
+                            .table
+                            .lock()
+                            .finish_load(*hash, key, v, now, weight);
                         slot.publish(Ok(answer.clone()));
                         out[*i] = answer;
                     }
@@ -1265,10 +1286,13 @@ where
         };
         let hash = inner.hash(&job.key);
         let now = inner.coarse_now();
-        inner.shards[job.shard]
-            .table
-            .lock()
-            .finish_refresh(hash, &job.key, job.version, loaded, now);
+        inner.shards[job.shard].table.lock().finish_refresh(
+            hash,
+            &job.key,
+            job.version,
+            loaded,
+            now,
+        );
     }
 }
 

@@ -417,7 +417,10 @@ impl<K, V> Builder<K, V> {
             if c < self.shards {
                 return bad(
                     "capacity",
-                    format!("{c} is below the number of shards ({}): every shard needs room", self.shards),
+                    format!(
+                        "{c} is below the number of shards ({}): every shard needs room",
+                        self.shards
+                    ),
                 );
             }
         }
@@ -435,19 +438,28 @@ impl<K, V> Builder<K, V> {
             ("cache_absent_for", self.negative_ttl),
         ] {
             if d.is_some_and(|d| d.is_zero()) {
-                return bad(setting, "zero: use a positive duration, or leave it unset".into());
+                return bad(
+                    setting,
+                    "zero: use a positive duration, or leave it unset".into(),
+                );
             }
         }
         if let Some(f) = self.refresh_ahead {
             if !(f > 0.0 && f < 1.0) {
-                return bad("refresh_ahead", format!("factor {f} must be between 0 and 1 (exclusive)"));
+                return bad(
+                    "refresh_ahead",
+                    format!("factor {f} must be between 0 and 1 (exclusive)"),
+                );
             }
             if self.ttl.is_none() {
                 return bad("refresh_ahead", "needs time_to_live to be set".into());
             }
         }
         if self.loaders == 0 || self.loaders > 64 {
-            return bad("loaders", format!("{} must be between 1 and 64", self.loaders));
+            return bad(
+                "loaders",
+                format!("{} must be between 1 and 64", self.loaders),
+            );
         }
         if self.failed_writes_capacity == 0 {
             return bad(

@@ -322,7 +322,10 @@ impl Metrics {
         let gauges: [(&str, f64); 12] = [
             ("entries", self.entries as f64),
             ("dirty", self.dirty as f64),
-            ("oldest_unflushed_age_seconds", self.oldest_unflushed_age.as_secs_f64()),
+            (
+                "oldest_unflushed_age_seconds",
+                self.oldest_unflushed_age.as_secs_f64(),
+            ),
             ("healthy", if healthy { 1.0 } else { 0.0 }),
             ("batch_size_p50", self.batch_size.p50 as f64),
             ("batch_size_p99", self.batch_size.p99 as f64),

@@ -93,16 +93,6 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) const UNBOUNDED: Limits = Limits {
-        capacity: usize::MAX,
-        max_weight: u64::MAX,
-        ttl: 0,
-        tti: 0,
-        negative_ttl: 0,
-        refresh_after: 0,
-    };
-
     fn bounded(&self) -> bool {
         self.capacity != usize::MAX || self.max_weight != u64::MAX
     }
@@ -324,7 +314,15 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         }
     }
 
-    fn new_entry(&mut self, key: K, hash: u64, value: Option<V>, version: u64, now: u64, weight: u32) -> Entry<K, V> {
+    fn new_entry(
+        &mut self,
+        key: K,
+        hash: u64,
+        value: Option<V>,
+        version: u64,
+        now: u64,
+        weight: u32,
+    ) -> Entry<K, V> {
         let stamp = self.queues.next_stamp;
         self.queues.next_stamp = stamp.wrapping_add(1);
         Entry {
@@ -443,7 +441,15 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
 
     /// Stores a clean value (loaded, preloaded, or written through) unless the key holds
     /// something at least as new. Returns the value the cache now answers with.
-    pub(crate) fn fill_clean(&mut self, hash: u64, key: K, value: V, version: u64, now: u64, weight: u32) -> Option<V> {
+    pub(crate) fn fill_clean(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: V,
+        version: u64,
+        now: u64,
+        weight: u32,
+    ) -> Option<V> {
         self.touch_loading(hash, &key);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             if e.version >= version || (version == 0 && e.is_dirty()) {
@@ -495,7 +501,14 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     /// written, removed or evicted meanwhile (then what is in memory, or the loaded value,
     /// is the answer but nothing is cached). Absent keys are cached as absent when negative
     /// caching is on. Returns what the callers see.
-    pub(crate) fn finish_load(&mut self, hash: u64, key: &K, loaded: Option<V>, now: u64, weight: u32) -> Option<V> {
+    pub(crate) fn finish_load(
+        &mut self,
+        hash: u64,
+        key: &K,
+        loaded: Option<V>,
+        now: u64,
+        weight: u32,
+    ) -> Option<V> {
         self.counters.loads += 1;
         let stale = match self.loading.find_entry(hash, |l| l.key == *key) {
             Ok(occ) => occ.remove().0.stale,
@@ -530,7 +543,14 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     /// An asynchronous refresh finished. The new value replaces the entry only if the entry
     /// is still the one the refresh was scheduled for (same version, clean): a refresh never
     /// overwrites a write. A failure keeps the old value until it really expires.
-    pub(crate) fn finish_refresh(&mut self, hash: u64, key: &K, version: u64, loaded: Result<Option<V>, ()>, now: u64) {
+    pub(crate) fn finish_refresh(
+        &mut self,
+        hash: u64,
+        key: &K,
+        version: u64,
+        loaded: Result<Option<V>, ()>,
+        now: u64,
+    ) {
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             return;
         };
@@ -568,7 +588,14 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     /// clean tombstone so the store's value does not come back). A pending write of the key
     /// from an earlier write-behind period is superseded and will not be sent. Returns the
     /// version and the replaced value.
-    pub(crate) fn set_local(&mut self, hash: u64, key: K, value: Option<V>, now: u64, weight: u32) -> (u64, Option<V>) {
+    pub(crate) fn set_local(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        now: u64,
+        weight: u32,
+    ) -> (u64, Option<V>) {
         let version = self.next_version;
         self.next_version += 1;
         if value.is_some() {
@@ -778,20 +805,24 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             else {
                 continue; // a stale position: the entry left or was re-inserted
             };
-            if from_small != !e.in_main {
+            if from_small == e.in_main {
                 continue; // moved to the other queue since
             }
             if e.is_dirty() {
                 // Pinned until written: keep its place at the back.
-                let q = if from_small { &mut self.queues.small } else { &mut self.queues.main };
+                let q = if from_small {
+                    &mut self.queues.small
+                } else {
+                    &mut self.queues.main
+                };
                 q.push_back((key, hash, stamp));
                 continue;
             }
             if from_small {
-                self.queues.small_live -= 1;
                 if e.freq > 0 {
                     e.freq = 0;
                     e.in_main = true;
+                    self.queues.small_live -= 1;
                     self.queues.main.push_back((key, hash, stamp));
                     continue;
                 }

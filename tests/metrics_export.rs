@@ -24,8 +24,14 @@ fn export_publishes_counters_and_gauges() {
         .map(|(key, _, _, v)| (key.key().name().to_string(), v))
         .collect();
     assert!(matches!(values["wb_puts_total"], DebugValue::Counter(3)));
-    assert!(matches!(values["wb_conflated_total"], DebugValue::Counter(1)));
-    assert!(matches!(values["wb_records_written_total"], DebugValue::Counter(2)));
+    assert!(matches!(
+        values["wb_conflated_total"],
+        DebugValue::Counter(1)
+    ));
+    assert!(matches!(
+        values["wb_records_written_total"],
+        DebugValue::Counter(2)
+    ));
     match &values["wb_dirty"] {
         DebugValue::Gauge(g) => assert_eq!(g.into_inner(), 0.0),
         other => panic!("{other:?}"),
