@@ -63,3 +63,8 @@ pub use config::{
 pub use error::{BatchError, Error, Source, StoreError};
 pub use metrics::{Distribution, Health, Metrics};
 pub use store::{MemoryStore, Store, Write};
+
+/// Compiles the examples of `docs/FEDERATION.md` as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/FEDERATION.md")]
+struct FederationDocs;
