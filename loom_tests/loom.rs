@@ -217,6 +217,36 @@ fn conflation_handshake() {
     });
 }
 
+/// A single `put` against a flusher step on an already armed shard: the step may close the
+/// epoch between the put's table write (stamped with the old epoch) and its ring push. The
+/// key must still reach the ring (a later write would mask a lost push, so there is none),
+/// and a final `flush` must write it.
+#[test]
+fn epoch_closes_between_write_and_push() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(8, 80).unwrap();
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || c1.put(7, 1).unwrap());
+        let c2 = cache.clone();
+        let flusher = thread::spawn(move || {
+            c2.flush_step().unwrap();
+        });
+        writer.join().unwrap();
+        flusher.join().unwrap();
+        cache.flush().unwrap();
+        assert_eq!(
+            store.memory().get(&7),
+            Some(1),
+            "the put never reached the store"
+        );
+        assert_eq!(store.memory().get(&8), Some(80));
+        assert_eq!(cache.metrics().dirty, 0, "a dirty key was left behind");
+        assert_versions_grow(&store);
+    });
+}
+
 /// Two writers on one key against a flusher step: the store ends at one of the two values, the
 /// one the cache answers with, and versions never go backwards.
 #[test]
@@ -224,6 +254,7 @@ fn two_writers_one_key_against_a_step() {
     loom::model(|| {
         let store = store();
         let cache = Arc::new(cache(&store));
+        cache.put(8, 80).unwrap(); // arm the shard: the step may run inside the puts
         let writers: Vec<_> = [1u64, 2]
             .into_iter()
             .map(|v| {
