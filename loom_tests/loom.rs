@@ -343,6 +343,51 @@ fn flush_barrier_with_a_failed_batch() {
     });
 }
 
+/// The barrier through the full-ring path: with `max_batch(1)` the ring has two slots, so the
+/// third key of the writer overflows and only the table scan finds it. A put that returned
+/// before `flush` began is in the store when it returns, scanned or drained.
+#[test]
+fn flush_barrier_through_ring_overflow() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(
+            Cache::builder(store.clone())
+                .shards(1)
+                .flushers(1)
+                .write_delay(Duration::ZERO)
+                .max_batch(1)
+                .dirty_ring_capacity(2)
+                .clock(std::sync::Arc::new(ManualClock::new()))
+                .manual_flushing()
+                .build()
+                .unwrap(),
+        );
+        cache.put(1, 10).unwrap();
+        cache.put(2, 20).unwrap(); // the ring is full now
+        let returned = Arc::new(AtomicBool::new(false));
+        let (c1, r1) = (cache.clone(), returned.clone());
+        let writer = thread::spawn(move || {
+            c1.put(3, 30).unwrap(); // overflows: the key is only in the table
+            r1.store(true, Ordering::SeqCst);
+        });
+        let before = returned.load(Ordering::SeqCst);
+        cache.flush().unwrap();
+        if before {
+            assert_eq!(
+                store.memory().get(&3),
+                Some(30),
+                "an overflowed put was missed"
+            );
+        }
+        assert_eq!(store.memory().get(&1), Some(10));
+        assert_eq!(store.memory().get(&2), Some(20));
+        writer.join().unwrap();
+        cache.flush().unwrap();
+        assert_eq!(store.memory().get(&3), Some(30));
+        assert_eq!(cache.metrics().dirty, 0);
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // Model 4: close against put (and against a concurrent flush step).
 // ---------------------------------------------------------------------------------------
@@ -391,6 +436,36 @@ fn close_vs_put() {
             calls_at_close,
             "the store was called after close"
         );
+    });
+}
+
+/// `close` against a put while the store fails the first batch: close's own retries and its
+/// report still account for every accepted write.
+#[test]
+fn close_vs_put_with_a_failing_store() {
+    loom::model(|| {
+        let store = store();
+        store.fail_next(1);
+        let cache = Arc::new(cache(&store));
+        cache.put(1, 10).unwrap();
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || c1.put(1, 11).is_ok());
+        let report = cache.close(Duration::from_secs(1));
+        let calls_at_close = store.calls().len();
+        let second = writer.join().unwrap();
+        let latest = if second { 11 } else { 10 };
+        let written = store.memory().get(&1) == Some(latest);
+        let returned = report.unwritten.iter().any(|w| w.value() == Some(&latest));
+        assert!(
+            written || returned,
+            "the latest accepted put ({latest}) was lost"
+        );
+        assert_eq!(
+            store.calls().len(),
+            calls_at_close,
+            "the store was called after close"
+        );
+        assert_versions_grow(&store);
     });
 }
 
