@@ -1,1 +1,551 @@
 #![cfg(writebehind_loom)]
+//! Loom models of the lock-free core and of the cache protocols built on it.
+//!
+//! Run with (see `.ci/loom.sh` and `docs/VERIFICATION.md`):
+//!
+//! ```text
+//! RUSTFLAGS="--cfg writebehind_loom" LOOM_MAX_PREEMPTIONS=2 CARGO_TARGET_DIR=target/loom \
+//!     cargo test --release --test loom
+//! ```
+//!
+//! Under `cfg(writebehind_loom)` every atomic, lock, condvar, cell and `Arc` of the engine is
+//! loom's. Flusher threads are not modeled: every cache is built with `manual_flushing()` and
+//! the models drive `flush_step`, `flush` and `close` from their own threads. Time is a
+//! `ManualClock` (its atomic is loom's too, so it is created inside each model). The stores are
+//! `FaultyStore`/`MemoryStore`, which use plain `std` locks: a store call is one indivisible step
+//! for loom, which is exactly the atomicity a real store's transaction gives.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+
+use writebehind::__verify::DirtyRing;
+use writebehind::testing::FaultyStore;
+use writebehind::{Cache, Error, ManualClock};
+
+type Store = std::sync::Arc<FaultyStore<u64, u64>>;
+
+/// A one-shard, one-flusher cache with manual flushing, a zero write delay (every armed shard
+/// is due at the next step) and a clock that never moves unless a model moves it.
+fn cache(store: &Store) -> Cache<u64, u64> {
+    Cache::builder(store.clone())
+        .shards(1)
+        .flushers(1)
+        .write_delay(Duration::ZERO)
+        .max_batch(8)
+        .dirty_ring_capacity(4)
+        .clock(std::sync::Arc::new(ManualClock::new()))
+        .manual_flushing()
+        .build()
+        .expect("valid model configuration")
+}
+
+fn store() -> Store {
+    std::sync::Arc::new(FaultyStore::new())
+}
+
+/// Per-key order: the versions the store received for each key never go down.
+fn assert_versions_grow(store: &FaultyStore<u64, u64>) {
+    for (key, versions) in store.received_versions() {
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "key {key}: the store received versions out of order: {versions:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 1: the dirty ring on its own.
+// ---------------------------------------------------------------------------------------
+
+/// Two producers and a consumer that pops while they push: every key pushed with `Ok` is
+/// popped exactly once, and loom's cell tracking fails the model if the consumer reads a slot
+/// before its producer published it (or two threads touch one slot at once).
+#[test]
+fn ring_two_producers_one_consumer() {
+    loom::model(|| {
+        let ring = Arc::new(DirtyRing::<u64>::new(2));
+        let producers: Vec<_> = [1u64, 2]
+            .into_iter()
+            .map(|k| {
+                let ring = ring.clone();
+                thread::spawn(move || {
+                    ring.push(k).expect("two keys fit a two-slot ring");
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        if let Some(k) = ring.pop() {
+            seen.push(k);
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
+        ring.drain_into(&mut seen, false);
+        seen.sort_unstable();
+        assert_eq!(seen, vec![1, 2], "each pushed key drained exactly once");
+        assert_eq!(ring.pop(), None);
+    });
+}
+
+/// The full-ring path: three keys into two slots while the consumer drains once. A push either
+/// succeeds (and its key is drained exactly once) or gives its key back; nothing is lost or
+/// duplicated, and a wrapped slot is never overwritten before it was read.
+#[test]
+fn ring_full_path_gives_keys_back() {
+    loom::model(|| {
+        let ring = Arc::new(DirtyRing::<u64>::new(2));
+        let r1 = ring.clone();
+        let p1 = thread::spawn(move || {
+            let mut refused = Vec::new();
+            for k in [1u64, 2] {
+                if let Err(back) = r1.push(k) {
+                    refused.push(back);
+                }
+            }
+            refused
+        });
+        let r2 = ring.clone();
+        let p2 = thread::spawn(move || r2.push(3).err().into_iter().collect::<Vec<_>>());
+        let mut drained = Vec::new();
+        ring.drain_into(&mut drained, true);
+        let mut refused = p1.join().unwrap();
+        refused.extend(p2.join().unwrap());
+        ring.drain_into(&mut drained, true);
+        let drained_set: HashSet<u64> = drained.iter().copied().collect();
+        assert_eq!(
+            drained_set.len(),
+            drained.len(),
+            "a key drained twice: {drained:?}"
+        );
+        for k in &refused {
+            assert!(!drained_set.contains(k), "key {k} refused and drained");
+        }
+        let mut all: Vec<u64> = drained.iter().chain(refused.iter()).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            vec![1, 2, 3],
+            "drained {drained:?}, refused {refused:?}"
+        );
+        assert!(
+            drained.len() >= 2,
+            "a two-slot ring accepts at least two keys"
+        );
+    });
+}
+
+/// `drain_into(.., wait_for_claimed = true)` is the ring's half of the flush barrier: a push
+/// that returned before the drain began is drained by it, even if a slower producer claimed an
+/// earlier slot and has not published it yet.
+#[test]
+fn ring_drain_waits_for_pushes_that_returned() {
+    loom::model(|| {
+        let ring = Arc::new(DirtyRing::<u64>::new(4));
+        let pushed = Arc::new(AtomicBool::new(false));
+        let (r1, r2, f2) = (ring.clone(), ring.clone(), pushed.clone());
+        let slow = thread::spawn(move || r1.push(1).unwrap());
+        let fast = thread::spawn(move || {
+            r2.push(2).unwrap();
+            f2.store(true, Ordering::SeqCst);
+        });
+        let saw = pushed.load(Ordering::SeqCst);
+        let mut drained = Vec::new();
+        ring.drain_into(&mut drained, true);
+        if saw {
+            assert!(
+                drained.contains(&2),
+                "a push that returned was missed: {drained:?}"
+            );
+        }
+        slow.join().unwrap();
+        fast.join().unwrap();
+        ring.drain_into(&mut drained, true);
+        drained.sort_unstable();
+        assert_eq!(drained, vec![1, 2]);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 2: the conflation handshake (epoch close vs put).
+// ---------------------------------------------------------------------------------------
+
+/// `put(k,1); put(k,2)` against a flusher step. Whatever the interleaving: the store never
+/// receives an older version after a newer one, and once a final `flush` ran the store holds
+/// `2` and nothing is dirty. This catches a key that is dirty but on no ring (the epoch closed
+/// between the value write and the push, or the key was drained early and the second write
+/// conflated into an epoch the flusher had already taken).
+///
+/// Another key is written first, so the shard is already armed and the step may close the
+/// epoch at any point of the two puts (a step only selects an armed, due shard).
+#[test]
+fn conflation_handshake() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(8, 80).unwrap();
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || {
+            c1.put(7, 1).unwrap();
+            c1.put(7, 2).unwrap();
+        });
+        let c2 = cache.clone();
+        let flusher = thread::spawn(move || {
+            c2.flush_step().unwrap();
+        });
+        writer.join().unwrap();
+        flusher.join().unwrap();
+        assert_versions_grow(&store);
+        // Every write has returned: nothing may be dirty yet off every ring.
+        cache.flush().unwrap();
+        assert_eq!(
+            store.memory().get(&7),
+            Some(2),
+            "the latest value reached the store"
+        );
+        assert_eq!(cache.metrics().dirty, 0, "a dirty key was left behind");
+        assert_versions_grow(&store);
+        for call in store.calls() {
+            let mut keys: Vec<u64> = call.batch.iter().map(|w| *w.key()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), call.batch.len(), "a key twice in one batch");
+        }
+    });
+}
+
+/// A single `put` against a flusher step on an already armed shard: the step may close the
+/// epoch between the put's table write (stamped with the old epoch) and its ring push. The
+/// key must still reach the ring (a later write would mask a lost push, so there is none),
+/// and a final `flush` must write it.
+#[test]
+fn epoch_closes_between_write_and_push() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(8, 80).unwrap();
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || c1.put(7, 1).unwrap());
+        let c2 = cache.clone();
+        let flusher = thread::spawn(move || {
+            c2.flush_step().unwrap();
+        });
+        writer.join().unwrap();
+        flusher.join().unwrap();
+        cache.flush().unwrap();
+        assert_eq!(
+            store.memory().get(&7),
+            Some(1),
+            "the put never reached the store"
+        );
+        assert_eq!(store.memory().get(&8), Some(80));
+        assert_eq!(cache.metrics().dirty, 0, "a dirty key was left behind");
+        assert_versions_grow(&store);
+    });
+}
+
+/// Two writers on one key against a flusher step: the store ends at one of the two values, the
+/// one the cache answers with, and versions never go backwards.
+#[test]
+fn two_writers_one_key_against_a_step() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(8, 80).unwrap(); // arm the shard: the step may run inside the puts
+        let writers: Vec<_> = [1u64, 2]
+            .into_iter()
+            .map(|v| {
+                let c = cache.clone();
+                thread::spawn(move || c.put(9, v).unwrap())
+            })
+            .collect();
+        cache.flush_step().unwrap();
+        for w in writers {
+            w.join().unwrap();
+        }
+        cache.flush().unwrap();
+        let latest = cache.get(&9).unwrap();
+        assert!(matches!(latest, Some(1) | Some(2)));
+        assert_eq!(
+            store.memory().get(&9),
+            latest,
+            "store and cache agree after flush"
+        );
+        assert_eq!(cache.metrics().dirty, 0);
+        assert_versions_grow(&store);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 3: the flush barrier against a concurrent writer.
+// ---------------------------------------------------------------------------------------
+
+/// A write that returned before `flush()` began is in the store when `flush()` returns, while
+/// the same thread keeps writing the key (a newer version may be there instead, never an older
+/// one), and another key's write is caught by the barrier too.
+#[test]
+fn flush_barrier_vs_writer() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        let returned = Arc::new(AtomicBool::new(false));
+        let (c1, r1) = (cache.clone(), returned.clone());
+        let writer = thread::spawn(move || {
+            c1.put(1, 10).unwrap();
+            c1.put(2, 20).unwrap();
+            r1.store(true, Ordering::SeqCst);
+            c1.put(1, 11).unwrap();
+        });
+        let before = returned.load(Ordering::SeqCst);
+        cache.flush().unwrap();
+        if before {
+            let one = store.memory().get(&1);
+            assert!(
+                matches!(one, Some(10) | Some(11)),
+                "put(1) returned before flush began, store has {one:?}"
+            );
+            assert_eq!(
+                store.memory().get(&2),
+                Some(20),
+                "put(2) missed by the barrier"
+            );
+        }
+        writer.join().unwrap();
+        assert_versions_grow(&store);
+    });
+}
+
+/// The barrier also holds when the first batch fails (the retry belongs to the same flush).
+#[test]
+fn flush_barrier_with_a_failed_batch() {
+    loom::model(|| {
+        let store = store();
+        store.fail_next(1);
+        let cache = Arc::new(cache(&store));
+        let returned = Arc::new(AtomicBool::new(false));
+        let (c1, r1) = (cache.clone(), returned.clone());
+        let writer = thread::spawn(move || {
+            c1.put(1, 10).unwrap();
+            r1.store(true, Ordering::SeqCst);
+            c1.put(1, 11).unwrap();
+        });
+        let before = returned.load(Ordering::SeqCst);
+        cache.flush().unwrap();
+        if before {
+            let one = store.memory().get(&1);
+            assert!(matches!(one, Some(10) | Some(11)), "store has {one:?}");
+        }
+        writer.join().unwrap();
+        assert_versions_grow(&store);
+    });
+}
+
+/// The barrier through the full-ring path: with `max_batch(1)` the ring has two slots, so the
+/// third key of the writer overflows and only the table scan finds it. A put that returned
+/// before `flush` began is in the store when it returns, scanned or drained.
+#[test]
+fn flush_barrier_through_ring_overflow() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(
+            Cache::builder(store.clone())
+                .shards(1)
+                .flushers(1)
+                .write_delay(Duration::ZERO)
+                .max_batch(1)
+                .dirty_ring_capacity(2)
+                .clock(std::sync::Arc::new(ManualClock::new()))
+                .manual_flushing()
+                .build()
+                .unwrap(),
+        );
+        cache.put(1, 10).unwrap();
+        cache.put(2, 20).unwrap(); // the ring is full now
+        let returned = Arc::new(AtomicBool::new(false));
+        let (c1, r1) = (cache.clone(), returned.clone());
+        let writer = thread::spawn(move || {
+            c1.put(3, 30).unwrap(); // overflows: the key is only in the table
+            r1.store(true, Ordering::SeqCst);
+        });
+        let before = returned.load(Ordering::SeqCst);
+        cache.flush().unwrap();
+        if before {
+            assert_eq!(
+                store.memory().get(&3),
+                Some(30),
+                "an overflowed put was missed"
+            );
+        }
+        assert_eq!(store.memory().get(&1), Some(10));
+        assert_eq!(store.memory().get(&2), Some(20));
+        writer.join().unwrap();
+        cache.flush().unwrap();
+        assert_eq!(store.memory().get(&3), Some(30));
+        assert_eq!(cache.metrics().dirty, 0);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 4: close against put (and against a concurrent flush step).
+// ---------------------------------------------------------------------------------------
+
+/// Every write `put` accepted is, after `close` returns, in the store or in the report (its
+/// latest accepted value), and from then on nothing calls the store.
+#[test]
+fn close_vs_put() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || {
+            let mut accepted = HashMap::new();
+            for (k, v) in [(1u64, 10u64), (2, 20)] {
+                match c1.put(k, v) {
+                    Ok(()) => {
+                        accepted.insert(k, v);
+                    }
+                    Err(Error::Closed) => {}
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+            accepted
+        });
+        let report = cache.close(Duration::from_secs(1));
+        let calls_at_close = store.calls().len();
+        let accepted = writer.join().unwrap();
+        let handed_back: HashMap<u64, Option<u64>> = report
+            .unwritten
+            .iter()
+            .map(|w| (*w.key(), w.value().copied()))
+            .collect();
+        for (k, v) in &accepted {
+            let written = store.memory().get(k) == Some(*v);
+            let returned = handed_back.get(k) == Some(&Some(*v));
+            assert!(
+                written || returned,
+                "accepted put({k}, {v}) was lost: report {handed_back:?}"
+            );
+        }
+        assert!(matches!(cache.flush_step(), Err(Error::Closed)));
+        assert!(matches!(cache.get(&3), Err(Error::Closed)));
+        assert_eq!(
+            store.calls().len(),
+            calls_at_close,
+            "the store was called after close"
+        );
+    });
+}
+
+/// `close` against a put while the store fails the first batch: close's own retries and its
+/// report still account for every accepted write.
+#[test]
+fn close_vs_put_with_a_failing_store() {
+    loom::model(|| {
+        let store = store();
+        store.fail_next(1);
+        let cache = Arc::new(cache(&store));
+        cache.put(1, 10).unwrap();
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || c1.put(1, 11).is_ok());
+        let report = cache.close(Duration::from_secs(1));
+        let calls_at_close = store.calls().len();
+        let second = writer.join().unwrap();
+        let latest = if second { 11 } else { 10 };
+        let written = store.memory().get(&1) == Some(latest);
+        let returned = report.unwritten.iter().any(|w| w.value() == Some(&latest));
+        assert!(
+            written || returned,
+            "the latest accepted put ({latest}) was lost"
+        );
+        assert_eq!(
+            store.calls().len(),
+            calls_at_close,
+            "the store was called after close"
+        );
+        assert_versions_grow(&store);
+    });
+}
+
+/// `close` against a `flush_step` that started before it and a `put` that was accepted just
+/// before `close` (so `close` may hand it back): once `close` returned, nothing may call the
+/// store, and the put is in the store or in the report.
+#[test]
+fn close_vs_flush_step() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || c1.put(1, 10).is_ok());
+        let c2 = cache.clone();
+        let stepper = thread::spawn(move || {
+            let _ = c2.flush_step();
+        });
+        let report = cache.close(Duration::from_secs(1));
+        let calls_at_close = store.calls().len();
+        let accepted = writer.join().unwrap();
+        stepper.join().unwrap();
+        assert_eq!(
+            store.calls().len(),
+            calls_at_close,
+            "a flush step called the store after close returned"
+        );
+        if accepted {
+            let written = store.memory().get(&1) == Some(10);
+            let returned = report.unwritten.iter().any(|w| w.value() == Some(&10));
+            assert!(written || returned, "the accepted put was lost");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 5: read-through against put / remove on the same key.
+// ---------------------------------------------------------------------------------------
+
+/// A value loaded from the store never overwrites a newer put: after both calls returned the
+/// cache answers with the put's value, and the get saw either the old or the new value.
+#[test]
+fn read_through_vs_put() {
+    loom::model(|| {
+        let store = store();
+        store.memory().insert(5, 1); // the store's row, version 0
+        let cache = Arc::new(cache(&store));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&5).unwrap());
+        cache.put(5, 2).unwrap();
+        let seen = reader.join().unwrap();
+        assert!(matches!(seen, Some(1) | Some(2)), "get saw {seen:?}");
+        assert_eq!(
+            cache.get(&5).unwrap(),
+            Some(2),
+            "a loaded value overwrote a newer put"
+        );
+        cache.flush().unwrap();
+        assert_eq!(store.memory().get(&5), Some(2));
+    });
+}
+
+/// A read-through racing a delete that is written and leaves the table (the tombstone is
+/// dropped once persisted): the stale loaded value must not come back.
+#[test]
+fn read_through_vs_persisted_remove() {
+    loom::model(|| {
+        let store = store();
+        store.memory().insert(5, 1);
+        let cache = Arc::new(cache(&store));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&5).unwrap());
+        cache.remove(&5).unwrap();
+        cache.flush().unwrap();
+        let seen = reader.join().unwrap();
+        assert!(matches!(seen, Some(1) | None), "get saw {seen:?}");
+        assert_eq!(
+            cache.get(&5).unwrap(),
+            None,
+            "a stale loaded value came back"
+        );
+        assert_eq!(store.memory().get(&5), None);
+    });
+}

@@ -887,7 +887,10 @@ where
             .collect();
         let ticket = Arc::new(Ticket::new(targets, inner.flushers.len()));
         let outcome = if inner.config.manual {
-            self.manual_flush(&ticket)
+            match self.manual_flush(&ticket) {
+                Some(outcome) => outcome,
+                None => return Err(Error::Closed),
+            }
         } else {
             for f in inner.flushers.iter() {
                 f.post_ticket(ticket.clone());
@@ -905,11 +908,16 @@ where
 
     /// Manual flushing: run full steps on the caller's thread until the ticket is settled,
     /// giving rejected records their attempts.
-    fn manual_flush(&self, ticket: &Arc<Ticket>) -> TicketOutcome {
+    /// `None` if the cache was closed meanwhile.
+    fn manual_flush(&self, ticket: &Arc<Ticket>) -> Option<TicketOutcome> {
         let inner = &*self.inner;
         let rounds = inner.config.max_attempts as usize + 1;
         for f in inner.flushers.iter() {
             let mut core = f.core.lock();
+            // As in `flush_step`: no store call once a concurrent `close` has taken over.
+            if inner.closed.load(Ordering::SeqCst) {
+                return None;
+            }
             core.take_ticket(ticket.clone());
             for _ in 0..rounds {
                 let mode = StepMode {
@@ -927,7 +935,7 @@ where
                 }
             }
         }
-        ticket.outcome()
+        Some(ticket.outcome())
     }
 
     /// Writes `key`'s pending write (if any) to the store now, on the caller's thread,
@@ -1032,6 +1040,13 @@ where
         let mut ran = 0;
         for f in inner.flushers.iter() {
             let mut core = f.core.lock();
+            // `close` may have run between the check above and this lock, handed back what
+            // was dirty and returned: a step now would call the store after `close`. `close`
+            // sets the flag before it takes the cores, so checking it under the core lock
+            // orders every step either before `close` returns or not at all.
+            if inner.closed.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
             let mode = StepMode {
                 full: false,
                 ignore_backoff: false,

@@ -17,6 +17,10 @@
 //!
 //! The engine has one consumer per ring (the owning flusher), but `pop` claims positions with
 //! a CAS as well, so it stays correct if two threads ever drain the same ring.
+//!
+//! The type is `pub` inside this private module only so that the loom models and the fuzz
+//! target can reach it through `writebehind::__verify` (compiled only under
+//! `cfg(writebehind_loom)` or `cfg(fuzzing)`); it is not part of the public API.
 
 use std::mem::MaybeUninit;
 
@@ -30,7 +34,7 @@ struct Slot<T> {
 }
 
 /// A bounded multi-producer ring. See the module docs for the protocol.
-pub(crate) struct DirtyRing<T> {
+pub struct DirtyRing<T> {
     /// Next position to pop. Only the consumer side moves it.
     head: CachePadded<AtomicUsize>,
     /// Next position to push. Producers move it with a CAS.
@@ -51,7 +55,7 @@ unsafe impl<T: Send> Sync for DirtyRing<T> {}
 
 impl<T> DirtyRing<T> {
     /// A ring with room for `capacity` keys, rounded up to a power of two (at least 2).
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize) -> Self {
         let cap = capacity.max(2).next_power_of_two();
         let slots = (0..cap)
             .map(|i| Slot {
@@ -69,13 +73,13 @@ impl<T> DirtyRing<T> {
     }
 
     /// The number of slots.
-    pub(crate) fn capacity(&self) -> usize {
+    pub fn capacity(&self) -> usize {
         self.mask + 1
     }
 
     /// Pushes `value`. Returns the number of keys in the ring just after the push (a hint for
     /// the count trigger), or gives the value back when the ring is full.
-    pub(crate) fn push(&self, value: T) -> Result<usize, T> {
+    pub fn push(&self, value: T) -> Result<usize, T> {
         let mut pos = self.tail.load(Ordering::Relaxed);
         loop {
             let slot = &self.slots[pos & self.mask];
@@ -120,7 +124,7 @@ impl<T> DirtyRing<T> {
 
     /// Pops the oldest published key, or `None` if there is none (a key whose producer has
     /// claimed a slot but not yet published counts as not there yet).
-    pub(crate) fn pop(&self) -> Option<T> {
+    pub fn pop(&self) -> Option<T> {
         let mut pos = self.head.load(Ordering::Relaxed);
         loop {
             let slot = &self.slots[pos & self.mask];
@@ -160,7 +164,7 @@ impl<T> DirtyRing<T> {
     /// claimed a slot before the call but had not yet published it: a `flush()` barrier needs
     /// every push that *returned* before it began, and such a push may sit behind a slower
     /// producer's claimed slot. The wait is for a few instructions of a running producer.
-    pub(crate) fn drain_into(&self, out: &mut Vec<T>, wait_for_claimed: bool) {
+    pub fn drain_into(&self, out: &mut Vec<T>, wait_for_claimed: bool) {
         let end = self.tail.load(Ordering::SeqCst);
         loop {
             match self.pop() {
@@ -177,8 +181,8 @@ impl<T> DirtyRing<T> {
     }
 
     /// An estimate of the number of keys in the ring.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn len(&self) -> usize {
+    #[cfg_attr(not(any(test, fuzzing, writebehind_loom)), allow(dead_code))]
+    pub fn len(&self) -> usize {
         let tail = self.tail.load(Ordering::SeqCst);
         let head = self.head.load(Ordering::SeqCst);
         tail.wrapping_sub(head).min(self.capacity())

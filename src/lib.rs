@@ -53,6 +53,14 @@ pub mod stores;
 pub(crate) mod sync;
 pub mod testing;
 
+/// Internals for the loom models (`loom_tests/`) and the fuzz targets (`fuzz/`) only. Not part
+/// of the public API; compiled only under `cfg(writebehind_loom)` or `cfg(fuzzing)`.
+#[cfg(any(writebehind_loom, fuzzing))]
+#[doc(hidden)]
+pub mod __verify {
+    pub use crate::dirty_ring::DirtyRing;
+}
+
 pub use cache::{Cache, CloseReport, FailedWrite};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{

@@ -55,6 +55,7 @@ mod loom_lock {
             MutexGuard(Some(self.0.lock().unwrap_or_else(|e| e.into_inner())))
         }
 
+        #[allow(dead_code)] // parity with parking_lot::Mutex
         pub(crate) fn into_inner(self) -> T {
             self.0.into_inner().unwrap_or_else(|e| e.into_inner())
         }

@@ -1,0 +1,63 @@
+//! Decodes an arbitrary sequence of cache operations and store faults and runs it through the
+//! same reference model and invariants as `tests/model.rs` (the harness is shared by path).
+#![no_main]
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../tests/harness/mod.rs"]
+mod harness;
+
+use harness::{Harness, Op, KEYS};
+
+#[derive(Arbitrary, Debug)]
+enum FuzzOp {
+    Put(u8, u8),
+    Remove(u8),
+    Get(u8),
+    Step(u8),
+    Flush,
+    FailNext(u8),
+    PartialNext(u8),
+    Down,
+    Heal,
+    CloseReopen,
+}
+
+impl FuzzOp {
+    fn to_op(&self) -> Op {
+        let k = |k: &u8| u64::from(*k) % KEYS;
+        match self {
+            FuzzOp::Put(key, v) => Op::Put(k(key), u64::from(*v)),
+            FuzzOp::Remove(key) => Op::Remove(k(key)),
+            FuzzOp::Get(key) => Op::Get(k(key)),
+            FuzzOp::Step(ms) => Op::Step(u64::from(*ms % 32)),
+            FuzzOp::Flush => Op::Flush,
+            FuzzOp::FailNext(n) => Op::FailNext(usize::from(*n % 4) + 1),
+            FuzzOp::PartialNext(n) => Op::PartialNext(usize::from(*n % 3) + 1),
+            FuzzOp::Down => Op::Down,
+            FuzzOp::Heal => Op::Heal,
+            FuzzOp::CloseReopen => Op::CloseReopen,
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    initial: Vec<(u8, u8)>,
+    ops: Vec<FuzzOp>,
+}
+
+fuzz_target!(|input: Input| {
+    let initial: Vec<(u64, u64)> = input
+        .initial
+        .iter()
+        .take(4)
+        .map(|&(k, v)| (u64::from(k) % KEYS, 100 + u64::from(v)))
+        .collect();
+    let mut h = Harness::new(&initial);
+    for op in input.ops.iter().take(200) {
+        h.apply(&op.to_op());
+    }
+    h.finish();
+});

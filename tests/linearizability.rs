@@ -1,0 +1,242 @@
+//! Per-key linearizability with real threads and background flushers.
+//!
+//! Threads put, remove and get a handful of shared keys while the flushers write them to a
+//! store that fails some batches. Every call is stamped with a global logical clock taken just
+//! before and just after it, so "A returned before B began" is `a.end < b.start`. Every value
+//! written is unique, so each `get` names the write it observed (`None`: a remove or the
+//! initial absence). A `get` is accepted if the write it saw
+//! 1. had begun before the get returned (no reads from the future), and
+//! 2. had not been overwritten by a write that began after it returned and itself returned
+//!    before the get began (no stale reads).
+//!
+//! These are the two conditions that define linearizability of one register when every write
+//! is distinct and every read is checked on its own; they are the ones a cache can break
+//! (a stale store value shadowing a newer write, a lost pending delete).
+//! The store's log is checked too: per key, the versions it received never go down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use writebehind::testing::FaultyStore;
+use writebehind::Cache;
+
+const KEYS: u64 = 4;
+const THREADS: u64 = 4;
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// A put of the unique value, or (`None`) a remove.
+    Write(Option<u64>),
+    /// A get and what it returned.
+    Read(Option<u64>),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    key: u64,
+    kind: Kind,
+    start: u64,
+    end: u64,
+}
+
+fn run_threads(cache: &Arc<Cache<u64, u64>>, ops_per_thread: u64) -> Vec<Event> {
+    let clock = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (cache, clock, barrier) = (cache.clone(), clock.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1).wrapping_mul(0xA24B_AED4);
+                let mut next = || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                let mut log = Vec::new();
+                barrier.wait();
+                for i in 0..ops_per_thread {
+                    let r = next();
+                    let key = r % KEYS;
+                    // Unique across threads: thread in the high bits, sequence in the low.
+                    let value = (t << 32) | i;
+                    let start = clock.fetch_add(1, Ordering::SeqCst);
+                    let kind = match (r >> 8) % 10 {
+                        0..=3 => {
+                            cache.put(key, value).unwrap();
+                            Kind::Write(Some(value))
+                        }
+                        4 => {
+                            cache.remove(&key).unwrap();
+                            Kind::Write(None)
+                        }
+                        _ => Kind::Read(cache.get(&key).expect("the store never fails loads")),
+                    };
+                    let end = clock.fetch_add(1, Ordering::SeqCst);
+                    log.push(Event {
+                        key,
+                        kind,
+                        start,
+                        end,
+                    });
+                    if r % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                log
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("worker panicked"))
+        .collect()
+}
+
+/// Checks every read of one key against that key's writes.
+fn check_key(key: u64, events: &[Event]) {
+    let writes: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Write(_)))
+        .collect();
+    for read in events.iter().filter(|e| matches!(e.kind, Kind::Read(_))) {
+        let Kind::Read(seen) = read.kind else {
+            unreachable!()
+        };
+        // The candidates that could explain the read: the writes of that value (one, since
+        // values are unique; any remove for `None`), plus the initial absence for `None`.
+        let mut candidates: Vec<(u64, u64)> = writes
+            .iter()
+            .filter(|w| matches!(w.kind, Kind::Write(v) if v == seen))
+            .map(|w| (w.start, w.end))
+            .collect();
+        if seen.is_none() {
+            candidates.push((0, 0)); // the key did not exist before any write
+        }
+        let ok = candidates.iter().any(|&(ws, we)| {
+            let not_future = ws < read.end || (ws, we) == (0, 0);
+            let initial = (ws, we) == (0, 0);
+            let overwritten = writes.iter().any(|o| {
+                (initial || o.start > we) && o.end < read.start && (o.start, o.end) != (ws, we)
+            });
+            not_future && !overwritten
+        });
+        assert!(
+            ok,
+            "key {key}: get during [{}, {}] returned {seen:?}, which was not current at any \
+             point of the call; writes: {:?}",
+            read.start,
+            read.end,
+            writes
+                .iter()
+                .map(|w| (w.kind, w.start, w.end))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+fn run(flaky: bool, ops_per_thread: u64) {
+    let store = Arc::new(FaultyStore::<u64, u64>::new());
+    if flaky {
+        store.fail_with_probability(0.2, 42);
+    }
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .write_delay(Duration::from_micros(200))
+            .retry_backoff(Duration::from_micros(100), Duration::from_millis(2))
+            .max_batch(4)
+            .shards(2)
+            .flushers(2)
+            .dirty_ring_capacity(2)
+            .build()
+            .unwrap(),
+    );
+    let events = run_threads(&cache, ops_per_thread);
+    let mut per_key: HashMap<u64, Vec<Event>> = HashMap::new();
+    for e in events {
+        per_key.entry(e.key).or_default().push(e);
+    }
+    let mut reads = 0;
+    for (key, evs) in &per_key {
+        reads += evs
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Read(_)))
+            .count();
+        check_key(*key, evs);
+    }
+    assert!(reads > 0, "the workload made no reads");
+
+    store.heal();
+    cache.flush().unwrap();
+    for (key, versions) in store.received_versions() {
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "key {key}: the store received versions out of order: {versions:?}"
+        );
+    }
+    for key in 0..KEYS {
+        assert_eq!(
+            store.memory().get(&key),
+            cache.get(&key).unwrap(),
+            "key {key}: store and cache disagree after the final flush"
+        );
+    }
+    let report = cache.close(Duration::from_secs(5));
+    assert!(report.is_clean());
+}
+
+#[test]
+fn per_key_linearizable_healthy_store() {
+    run(false, if cfg!(miri) { 20 } else { 4000 });
+}
+
+#[test]
+fn per_key_linearizable_flaky_store() {
+    run(true, if cfg!(miri) { 20 } else { 4000 });
+}
+
+/// The checker itself must reject a stale read (a test that cannot fail proves nothing).
+#[test]
+#[should_panic(expected = "was not current")]
+fn checker_rejects_a_stale_read() {
+    let w = |v: u64, start, end| Event {
+        key: 0,
+        kind: Kind::Write(Some(v)),
+        start,
+        end,
+    };
+    let events = [
+        w(1, 1, 2),
+        w(2, 3, 4),
+        Event {
+            key: 0,
+            kind: Kind::Read(Some(1)),
+            start: 5,
+            end: 6,
+        },
+    ];
+    check_key(0, &events);
+}
+
+/// ... and a read from the future.
+#[test]
+#[should_panic(expected = "was not current")]
+fn checker_rejects_a_future_read() {
+    let events = [
+        Event {
+            key: 0,
+            kind: Kind::Read(Some(1)),
+            start: 1,
+            end: 2,
+        },
+        Event {
+            key: 0,
+            kind: Kind::Write(Some(1)),
+            start: 3,
+            end: 4,
+        },
+    ];
+    check_key(0, &events);
+}
