@@ -127,7 +127,9 @@ fn main() {
         ("zipf 0.8, 100k keys", zipf_trace(100_000, 0.8, len, 2)),
         ("zipf 1.0 + scans", scan_trace(100_000, len, 3)),
     ];
-    println!("| trace | capacity | writebehind (S3-FIFO) | moka (W-TinyLFU) | quick_cache (CLOCK-Pro) |");
+    println!(
+        "| trace | capacity | writebehind (S3-FIFO) | moka (W-TinyLFU) | quick_cache (CLOCK-Pro) |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for (name, trace) in &traces {
         for cap in [1_000usize, 10_000] {

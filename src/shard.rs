@@ -909,12 +909,40 @@ mod tests {
         k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
+    const UNBOUNDED: Limits = Limits {
+        capacity: usize::MAX,
+        max_weight: u64::MAX,
+        ttl: 0,
+        tti: 0,
+        negative_ttl: 0,
+        refresh_after: 0,
+    };
+
     fn table() -> Table<u64, u64> {
-        Table::new(100)
+        Table::new(100, UNBOUNDED)
     }
 
     fn put(t: &mut Table<u64, u64>, k: u64, v: u64, epoch: u64) -> bool {
-        t.write(h(k), k, Some(v), epoch).ring_key.is_some()
+        t.write(h(k), k, Some(v), epoch, 0, 1).ring_key.is_some()
+    }
+
+    fn del(t: &mut Table<u64, u64>, k: u64, epoch: u64) {
+        t.write(h(k), k, None, epoch, 0, 1);
+    }
+
+    /// `Some(v)` for a hit (`v` is `None` for a pending delete), `None` for a miss.
+    fn look(t: &mut Table<u64, u64>, k: u64) -> Option<Option<u64>> {
+        match t.get(h(k), &k, 0) {
+            Lookup::Hit(v) => Some(v),
+            Lookup::HitRefresh(v, _) => Some(Some(v)),
+            Lookup::Miss => None,
+        }
+    }
+
+    /// A whole read-through: lead the load, then finish it with `loaded`.
+    fn load(t: &mut Table<u64, u64>, k: u64, loaded: Option<u64>) -> Option<u64> {
+        assert!(matches!(t.join_load(h(k), &k), LoadRole::Leader(_)));
+        t.finish_load(h(k), &k, loaded, 0, 1)
     }
 
     #[test]
@@ -924,7 +952,7 @@ mod tests {
         assert!(!put(&mut t, 1, 11, 1), "same epoch: conflated");
         assert_eq!(t.counters.conflated, 1);
         assert!(put(&mut t, 1, 12, 2), "next epoch: pushed again");
-        assert_eq!(t.get(h(1), &1), Some(Some(12)));
+        assert_eq!(look(&mut t, 1), Some(Some(12)));
         assert_eq!((t.len(), t.dirty), (1, 1));
         assert_eq!(t.next_version, 103, "one version per write");
         assert_eq!(
@@ -953,11 +981,11 @@ mod tests {
             t.take(h(1), &1, false).is_none(),
             "in flight: not taken twice"
         );
-        assert!(t.persisted(h(1), &1, 101));
+        assert!(t.persisted(h(1), &1, 101, 0));
         assert_eq!(t.dirty, 0);
         assert_eq!(t.unsent_of(h(1), &1), NONE);
         assert_eq!(
-            t.get(h(1), &1),
+            look(&mut t, 1),
             Some(Some(11)),
             "a clean entry stays cached"
         );
@@ -972,13 +1000,13 @@ mod tests {
         let snap = t.take(h(1), &1, false).unwrap();
         assert!(put(&mut t, 1, 11, 2), "the key must go on the ring again");
         assert!(
-            !t.persisted(h(1), &1, snap.write.version()),
+            !t.persisted(h(1), &1, snap.write.version(), 0),
             "a newer write keeps the entry dirty"
         );
         assert_eq!(t.dirty, 1);
         let again = t.take(h(1), &1, false).unwrap();
         assert_eq!(again.write.value(), Some(&11));
-        assert!(t.persisted(h(1), &1, again.write.version()));
+        assert!(t.persisted(h(1), &1, again.write.version(), 0));
         assert_eq!(t.dirty, 0);
     }
 
@@ -986,16 +1014,14 @@ mod tests {
     fn persisted_delete_drops_the_tombstone() {
         let mut t = table();
         put(&mut t, 1, 10, 1);
-        t.write(h(1), 1, None, 1);
+        del(&mut t, 1, 1);
         assert_eq!(t.len(), 0, "a tombstone is not a live entry");
-        assert_eq!(t.get(h(1), &1), Some(None), "a pending delete answers None");
+        assert_eq!(look(&mut t, 1), Some(None), "a pending delete answers None");
         assert!(!t.contains(h(1), &1));
         let snap = t.take(h(1), &1, false).unwrap();
         assert!(snap.write.is_delete());
-        let removals = t.removals;
-        assert!(t.persisted(h(1), &1, snap.write.version()));
-        assert_eq!(t.get(h(1), &1), None, "the entry left the table");
-        assert_eq!(t.removals, removals + 1);
+        assert!(t.persisted(h(1), &1, snap.write.version(), 0));
+        assert_eq!(look(&mut t, 1), None, "the entry left the table");
         assert_eq!((t.dirty, t.tombstones), (0, 0));
     }
 
@@ -1017,12 +1043,12 @@ mod tests {
             "the retry covers the first failed version"
         );
         assert_eq!(retried.write.version(), 101, "and carries the latest value");
-        assert!(t.persisted(h(1), &1, 101));
+        assert!(t.persisted(h(1), &1, 101, 0));
         assert_eq!(t.dirty, 0);
         // A retry of a key that has nothing unsent any more just releases it.
         put(&mut t, 2, 20, 3);
         let s2 = t.take(h(2), &2, false).unwrap();
-        assert!(t.persisted(h(2), &2, s2.write.version()));
+        assert!(t.persisted(h(2), &2, s2.write.version(), 0));
         assert!(t.take(h(2), &2, true).is_none());
         assert_eq!(t.dirty, 0);
     }
@@ -1034,12 +1060,12 @@ mod tests {
         t.take(h(1), &1, false).unwrap();
         t.abandon(h(1), &1);
         assert_eq!(t.dirty, 0);
-        assert_eq!(t.get(h(1), &1), Some(Some(10)));
+        assert_eq!(look(&mut t, 1), Some(Some(10)));
 
-        t.write(h(2), 2, None, 1);
+        del(&mut t, 2, 1);
         t.take(h(2), &2, false).unwrap();
         t.abandon(h(2), &2);
-        assert_eq!(t.get(h(2), &2), None, "an abandoned tombstone is dropped");
+        assert_eq!(look(&mut t, 2), None, "an abandoned tombstone is dropped");
 
         put(&mut t, 3, 30, 1);
         t.take(h(3), &3, false).unwrap();
@@ -1053,29 +1079,33 @@ mod tests {
     fn loaded_values_never_shadow_writes() {
         let mut t = table();
         // A write that happened while the load ran wins.
-        let r = t.removals;
+        assert!(matches!(t.join_load(h(1), &1), LoadRole::Leader(_)));
         put(&mut t, 1, 10, 1);
-        assert_eq!(t.fill_loaded(h(1), &1, Some(5), r), Some(10));
+        assert_eq!(t.finish_load(h(1), &1, Some(5), 0, 1), Some(10));
         // A pending delete wins too.
-        t.write(h(2), 2, None, 1);
-        assert_eq!(t.fill_loaded(h(2), &2, Some(5), r), None);
-        // An entry that left the table meanwhile: the load is answered but not cached.
-        let r = t.removals;
+        assert!(matches!(t.join_load(h(2), &2), LoadRole::Leader(_)));
+        del(&mut t, 2, 1);
+        assert_eq!(t.finish_load(h(2), &2, Some(5), 0, 1), None);
+        // A second miss of a key being loaded follows the first.
+        assert!(matches!(t.join_load(h(5), &5), LoadRole::Leader(_)));
+        assert!(matches!(t.join_load(h(5), &5), LoadRole::Follower(_)));
+        t.abort_load(h(5), &5);
+        // A delete that came and went while the load ran: answered but not cached.
+        assert!(matches!(t.join_load(h(2), &2), LoadRole::Leader(_)));
         let s = t.take(h(2), &2, false).unwrap();
-        t.persisted(h(2), &2, s.write.version());
-        assert_eq!(t.fill_loaded(h(2), &2, Some(5), r), Some(5));
+        t.persisted(h(2), &2, s.write.version(), 0);
+        assert_eq!(t.finish_load(h(2), &2, Some(5), 0, 1), Some(5));
         assert_eq!(
-            t.get(h(2), &2),
+            look(&mut t, 2),
             None,
             "the possibly stale load was not cached"
         );
         // An undisturbed load is cached clean.
-        let r = t.removals;
-        assert_eq!(t.fill_loaded(h(3), &3, Some(7), r), Some(7));
-        assert_eq!(t.get(h(3), &3), Some(Some(7)));
+        assert_eq!(load(&mut t, 3, Some(7)), Some(7));
+        assert_eq!(look(&mut t, 3), Some(Some(7)));
         assert_eq!(t.dirty, 1, "loaded entries are clean");
-        // fill_clean never replaces a dirty or newer entry.
-        assert_eq!(t.fill_clean(h(1), 1, 99, 1_000_000), Some(10));
+        // A loaded value (version 0) never replaces a write.
+        assert_eq!(t.fill_clean(h(1), 1, 99, 0, 0, 1), Some(10));
     }
 
     #[test]
@@ -1083,9 +1113,8 @@ mod tests {
         let mut t = table();
         put(&mut t, 1, 10, 1);
         put(&mut t, 2, 20, 1);
-        t.write(h(3), 3, None, 1);
-        let r = t.removals;
-        t.fill_loaded(h(4), &4, Some(40), r);
+        del(&mut t, 3, 1);
+        load(&mut t, 4, Some(40));
         t.take(h(2), &2, false).unwrap(); // in flight: not the scan's, but still unwritten
         let mut scanned = Vec::new();
         t.scan_dirty(&mut scanned);
@@ -1106,14 +1135,14 @@ mod tests {
         use std::sync::Arc;
         let rounds = if cfg!(miri) { 5 } else { 2_000 };
         for _ in 0..if cfg!(miri) { 2 } else { 20 } {
-            let shard = Arc::new(Shard::<u64, u64>::new(1, 4));
+            let shard = Arc::new(Shard::<u64, u64>::new(1, 4, UNBOUNDED));
             let s2 = shard.clone();
             let writer = std::thread::spawn(move || {
                 for i in 0..rounds {
                     let k = i % 3;
                     let mut t = s2.table.lock();
                     let epoch = s2.open_epoch();
-                    let out = t.write(h(k), k, Some(i), epoch);
+                    let out = t.write(h(k), k, Some(i), epoch, 0, 1);
                     drop(t);
                     if let Some(key) = out.ring_key {
                         if s2.ring.push(key).is_err() {
@@ -1133,7 +1162,7 @@ mod tests {
                 }
                 for k in keys {
                     if let Some(s) = t.take(h(k), &k, false) {
-                        t.persisted(h(k), &k, s.write.version());
+                        t.persisted(h(k), &k, s.write.version(), 0);
                         *persisted += 1;
                     }
                 }

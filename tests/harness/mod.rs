@@ -284,7 +284,7 @@ impl Harness {
             match w {
                 Write::Put { key, value, .. } => self.cache.put(key, value).unwrap(),
                 Write::Delete { key, .. } => self.cache.remove(&key).unwrap(),
-            }
+            };
         }
     }
 
