@@ -412,6 +412,49 @@ where
         Ok(table.fill_loaded(hash, key, loaded, removals))
     }
 
+    /// Fills the cache with entries that already match the store (say, rows read at start-up),
+    /// without writing them back.
+    ///
+    /// Each entry goes in *clean*: it is never sent to the store, and the next `put` or
+    /// `remove` of its key is written as usual. An entry never replaces anything already in
+    /// memory for its key: not a pending write or delete (read-your-writes holds), and not a
+    /// value cached before. The caller vouches that the values are the store's current
+    /// ones; the cache does not check.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after `close` (entries before that point stay in memory).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let store = Arc::new(MemoryStore::<u64, String>::new());
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// cache.put(2, "pending".to_string())?;
+    /// cache.preload([(1, "ada".to_string()), (2, "stale".to_string())])?;
+    /// assert_eq!(cache.get(&1)?.as_deref(), Some("ada"));
+    /// assert_eq!(cache.get(&2)?.as_deref(), Some("pending")); // the write wins
+    /// cache.flush()?;
+    /// assert_eq!(store.get(&1), None); // preloaded entries are not written back
+    /// assert_eq!(store.get(&2).as_deref(), Some("pending"));
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn preload(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<(), Error> {
+        let inner = &*self.inner;
+        for (key, value) in entries {
+            let hash = inner.hash(&key);
+            let shard = &inner.shards[inner.shard_of(hash)];
+            let mut table = shard.table.lock();
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            // Version 0 is below every version a write gets, so an entry already in the
+            // table (dirty or not) is kept as it is.
+            table.fill_clean(hash, key, value, 0);
+        }
+        Ok(())
+    }
+
     /// `true` if `key` holds a value in memory. Never reads the store.
     pub fn contains_key(&self, key: &K) -> bool {
         let hash = self.inner.hash(key);
