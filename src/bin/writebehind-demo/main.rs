@@ -51,15 +51,15 @@ struct Args {
     threads: u16,
 
     /// Seconds of load per mode.
-    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
+    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds, allow_negative_numbers = true)]
     duration: f64,
 
     /// Share of operations that are reads (the rest are updates).
-    #[arg(long, default_value_t = 0.9, value_parser = fraction)]
+    #[arg(long, default_value_t = 0.9, value_parser = fraction, allow_negative_numbers = true)]
     read_ratio: f64,
 
     /// Zipf exponent of the key distribution (0 = uniform; 1 = a few very hot users).
-    #[arg(long, default_value_t = 1.0, value_parser = zipf_exponent)]
+    #[arg(long, default_value_t = 1.0, value_parser = zipf_exponent, allow_negative_numbers = true)]
     zipf: f64,
 
     /// Which write modes to run.
@@ -138,6 +138,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// An error and its sources, `: `-separated (the postgres crate puts the cause in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 /// Where the database lives, for the report and for clean-up.
 struct Target {
     db: Arc<Db>,
@@ -168,7 +183,7 @@ fn open_target(args: &Args) -> Result<Target, BoxError> {
         // A first connection with a timeout, so an unreachable server is a clear error.
         config
             .connect(postgres::NoTls)
-            .map_err(|e| format!("cannot reach PostgreSQL at {url:?}: {e}"))?;
+            .map_err(|e| format!("cannot reach PostgreSQL at {url:?}: {}", chain(&e)))?;
         let store = pg_profiles::ProfileStore::connect(url)
             .map_err(|e| format!("cannot use PostgreSQL at {url:?}: {e}"))?;
         return Ok(Target {
