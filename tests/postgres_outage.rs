@@ -224,7 +224,20 @@ fn write_behind_load_rides_out_a_postgres_restart() {
 
     // The table equals the cache, key by key, and both equal what the writers did.
     let keys: Vec<u64> = (0..THREADS * KEYS_PER_THREAD).collect();
-    let table: HashMap<u64, String> = store.load_all(&keys).unwrap().into_iter().collect();
+    // The store's read connection has not been used since the restart: its first call
+    // reports the old connection's end (Unavailable) and the next one reconnects, so read
+    // the table as any caller would, retrying an unavailable store a few times.
+    let mut attempt = 0;
+    let table: HashMap<u64, String> = loop {
+        match store.load_all(&keys) {
+            Ok(rows) => break rows.into_iter().collect(),
+            Err(e) if e.is_unavailable() && attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("reading the table back: {e:?}"),
+        }
+    };
     let mut compared = 0;
     for &k in &keys {
         let in_cache = cache.get(&k).unwrap();
