@@ -283,7 +283,7 @@ where
     }
 
     fn apply_locked(g: &mut MemoryInner<K, V>, w: &Write<K, V>) -> bool {
-        let newer = g.rows.get(w.key()).map_or(true, |(_, v)| w.version() >= *v);
+        let newer = g.rows.get(w.key()).is_none_or(|(_, v)| w.version() >= *v);
         if newer {
             g.rows
                 .insert(w.key().clone(), (w.value().cloned(), w.version()));
