@@ -2,13 +2,14 @@
 //! [`Probed`] store that counts transactions and rows and times each key's wait.
 //!
 //! **Oldest unflushed write.** Before each `put` the driver stamps the key with the time of
-//! its first write since the key last reached the database (a compare-and-swap from "clean",
-//! so later writes keep the first stamp). When a transaction that carries the key commits,
-//! the probe takes the stamp away and records `commit time - stamp`: how long the oldest
-//! write of that flush window waited. In write-through mode that is the `put` itself. A put
-//! that races its own key's commit (stamped just before the flusher clears the stamp, in the
-//! cache just after the flusher read the value) is carried by the next window unstamped; the
-//! probe counts such rows (`unstamped`), and their wait is not measured.
+//! its first write since the key was last handed to the database (a compare-and-swap from
+//! "clean", so later writes keep the first stamp). When a batch reaches the store the probe
+//! takes the stamps of its keys away (a write from then on starts a new window), and when the
+//! transaction commits it records `commit time - stamp` per row: how long the oldest write of
+//! that flush window waited. A failed transaction puts its stamps back. In write-through mode
+//! this is the `put` itself. A put that lands between the flusher's snapshot of its key and
+//! the batch reaching the store leaves no stamp for the next window; the probe counts the rows
+//! written without a stamp (`unstamped`), whose wait it does not know.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -117,17 +118,36 @@ impl Probe {
         }
     }
 
-    /// The committed transaction carried `batch`.
-    fn committed(&self, batch: &[Write<u64, Profile>]) {
+    /// A batch reached the store: takes its keys' stamps (0 where there was none).
+    fn take(&self, batch: &[Write<u64, Profile>]) -> Vec<u64> {
+        batch
+            .iter()
+            .map(|w| {
+                self.first_dirty
+                    .get(*w.key() as usize)
+                    .map_or(0, |s| s.swap(0, Ordering::AcqRel))
+            })
+            .collect()
+    }
+
+    /// The batch failed: its writes are still waiting since their (earliest) stamps.
+    fn restore(&self, batch: &[Write<u64, Profile>], stamps: &[u64]) {
+        for (w, &old) in batch.iter().zip(stamps) {
+            if let (Some(slot), true) = (self.first_dirty.get(*w.key() as usize), old != 0) {
+                let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |cur| {
+                    Some(if cur == 0 { old } else { cur.min(old) })
+                });
+            }
+        }
+    }
+
+    /// The transaction carrying `batch`, whose stamps were `stamps`, committed.
+    fn committed(&self, batch: &[Write<u64, Profile>], stamps: &[u64]) {
         let now = self.nanos_at(Instant::now());
         self.transactions.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for w in batch {
-            let stamp = self
-                .first_dirty
-                .get(*w.key() as usize)
-                .map_or(0, |s| s.swap(0, Ordering::AcqRel));
+        for &stamp in stamps {
             if stamp == 0 {
                 self.unstamped.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -182,12 +202,15 @@ impl Store<u64, Profile> for Probed {
     }
 
     fn write_all(&self, batch: &[Write<u64, Profile>]) -> Result<(), BatchError> {
+        let stamps = self.probe.take(batch);
         let result = self.db.write_all(batch);
         match &result {
-            Ok(()) => self.probe.committed(batch),
+            Ok(()) => self.probe.committed(batch, &stamps),
             Err(_) => {
                 // The driver writes only valid profiles, so a failure is the database being
-                // unavailable: the cache retries the whole batch and the stamps stay.
+                // unavailable: the cache retries the whole batch, still waiting since the
+                // same stamps.
+                self.probe.restore(batch, &stamps);
                 self.probe
                     .failed_transactions
                     .fetch_add(1, Ordering::Relaxed);
