@@ -233,7 +233,11 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
         .x_label_area_size(30)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..x_max, (lo..hi).log_scale())?;
-    chart.configure_mesh().x_desc("seconds").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the run")
+        .y_label_formatter(&|v| format!("{v}"))
+        .draw()?;
     for (i, (r, pts)) in results.iter().zip(&lat).enumerate() {
         let c = COLORS[i % 2];
         chart
@@ -266,7 +270,11 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
         .x_label_area_size(30)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..x_max, 0.0..top_rate)?;
-    chart.configure_mesh().x_desc("seconds").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the run (the last point includes the final flush)")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
     for (i, (r, pts)) in results.iter().zip(&rate).enumerate() {
         let c = COLORS[i % 2];
         chart
