@@ -781,18 +781,24 @@ where
     /// its own database must not write every row again). An entry that holds a write, or any
     /// entry already cached, is left as it is. Returns how many entries were added.
     ///
+    /// # Errors
+    /// [`Error::Closed`] after `close`.
+    ///
     /// # Examples
     /// ```
     /// use std::sync::Arc;
     /// use writebehind::{Cache, MemoryStore};
     /// let store = Arc::new(MemoryStore::new());
     /// let cache = Cache::builder(store.clone()).build()?;
-    /// assert_eq!(cache.preload((0..100u64).map(|k| (k, k * 2))), 100);
+    /// assert_eq!(cache.preload((0..100u64).map(|k| (k, k * 2)))?, 100);
     /// cache.flush()?;
     /// assert_eq!(store.batches(), 0, "preloading wrote nothing");
+    /// cache.put(200, 0)?;
+    /// assert_eq!(cache.preload([(200, 400)])?, 0, "a pending write is never overwritten");
+    /// assert_eq!(cache.get(&200)?, Some(0));
     /// # Ok::<(), writebehind::Error>(())
     /// ```
-    pub fn preload(&self, entries: impl IntoIterator<Item = (K, V)>) -> usize {
+    pub fn preload(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<usize, Error> {
         let inner = &*self.inner;
         let now = inner.coarse_now();
         let mut added = 0;
@@ -800,12 +806,15 @@ where
             let hash = inner.hash(&key);
             let weight = inner.weight(&key, Some(&value));
             let mut t = inner.shards[inner.shard_of(hash)].table.lock();
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
             if !t.contains_any(hash, &key) {
                 t.fill_clean(hash, key, value, 0, now, weight);
                 added += 1;
             }
         }
-        added
+        Ok(added)
     }
 
     /// Reads `keys` from the store with one [`Store::load_all`] call and preloads what it
@@ -826,7 +835,7 @@ where
                 }
             }
         };
-        Ok(self.preload(rows))
+        self.preload(rows)
     }
 
     /// A snapshot of every live entry in memory. Never reads the store.

@@ -241,7 +241,7 @@ fn contains_key_and_entries_never_load() {
 fn capacity_evicts_clean_entries_and_pins_dirty_ones() {
     let s = store();
     let (cache, _) = manual_with(&s, |b| b.capacity(100).max_dirty(100, Backpressure::Reject));
-    assert_eq!(cache.preload((0..100).map(|k| (k, k))), 100);
+    assert_eq!(cache.preload((0..100).map(|k| (k, k))).unwrap(), 100);
     for k in 1000..1050 {
         cache.put(k, k).unwrap();
     }
@@ -313,7 +313,7 @@ fn s3_fifo_keeps_the_hot_keys_through_a_scan() {
 fn weigher_bounds_total_weight() {
     let s = store();
     let (cache, _) = manual_with(&s, |b| b.weigher(|_, v: &u64| *v as u32).max_weight(1000));
-    cache.preload((0..100).map(|k| (k, 100))); // 100 entries of weight 100
+    cache.preload((0..100).map(|k| (k, 100))).unwrap(); // 100 entries of weight 100
     let m = cache.metrics();
     assert!(
         m.entries <= 10,

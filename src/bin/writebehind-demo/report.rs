@@ -1,0 +1,292 @@
+//! The side-by-side table and the SVG chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+use writebehind::WriteMode;
+
+use crate::probe::BUCKET;
+use crate::{group, ModeResult};
+
+/// `write-through` / `write-behind`.
+pub fn mode_name(mode: WriteMode) -> &'static str {
+    match mode {
+        WriteMode::Through => "write-through",
+        WriteMode::Behind => "write-behind",
+        _ => "read-only",
+    }
+}
+
+/// `nproc` and the CPU model, from the OS.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    format!("{cpus} CPUs, {model}")
+}
+
+/// Nanoseconds as a short human duration.
+pub fn dur(ns: u64) -> String {
+    let ns = ns as f64;
+    if ns < 1e3 {
+        format!("{ns:.0} ns")
+    } else if ns < 1e6 {
+        format!("{:.1} µs", ns / 1e3)
+    } else if ns < 1e9 {
+        format!("{:.1} ms", ns / 1e6)
+    } else {
+        format!("{:.2} s", ns / 1e9)
+    }
+}
+
+fn quantiles(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "-".to_string();
+    }
+    format!(
+        "{} / {} / {}",
+        dur(h.value_at_quantile(0.5)),
+        dur(h.value_at_quantile(0.99)),
+        dur(h.value_at_quantile(0.999))
+    )
+}
+
+/// The side-by-side table, after a header of settings.
+pub fn table(header: String, results: &[ModeResult]) -> String {
+    let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
+    let col = |f: &dyn Fn(&ModeResult) -> String| results.iter().map(f).collect::<Vec<_>>();
+    rows.push(("", col(&|r| mode_name(r.mode).to_string())));
+    rows.push((
+        "throughput (ops/s)",
+        col(&|r| group((r.reads.len() + r.writes.len()) as f64 / r.seconds)),
+    ));
+    rows.push((
+        "  reads / updates",
+        col(&|r| {
+            format!(
+                "{} / {}",
+                group(r.reads.len() as f64),
+                group(r.writes.len() as f64)
+            )
+        }),
+    ));
+    rows.push(("read latency p50/p99/p99.9", col(&|r| quantiles(&r.reads))));
+    rows.push((
+        "write latency p50/p99/p99.9",
+        col(&|r| quantiles(&r.writes)),
+    ));
+    rows.push((
+        "DB transactions",
+        col(&|r| {
+            if r.failed_transactions == 0 {
+                group(r.transactions as f64)
+            } else {
+                format!(
+                    "{} (+{} failed)",
+                    group(r.transactions as f64),
+                    group(r.failed_transactions as f64)
+                )
+            }
+        }),
+    ));
+    rows.push(("DB rows written", col(&|r| group(r.rows as f64))));
+    rows.push((
+        "rows per transaction",
+        col(&|r| format!("{:.1}", r.rows as f64 / r.transactions.max(1) as f64)),
+    ));
+    rows.push((
+        "conflation (updates/row)",
+        col(&|r| format!("{:.2}", r.writes.len() as f64 / r.rows.max(1) as f64)),
+    ));
+    rows.push((
+        "oldest unflushed write",
+        col(&|r| {
+            if r.ages.is_empty() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{} (p99 {})",
+                    dur(r.ages.max()),
+                    dur(r.ages.value_at_quantile(0.99))
+                )
+            }
+        }),
+    ));
+    rows.push(("final flush", col(&|r| dur(r.flush_time.as_nanos() as u64))));
+    rows.push((
+        "consistency (DB = cache)",
+        col(&|r| {
+            if r.mismatched == 0 {
+                format!("OK, {} compared", group(r.compared as f64))
+            } else {
+                format!(
+                    "FAILED: {} of {} differ",
+                    group(r.mismatched as f64),
+                    group(r.compared as f64)
+                )
+            }
+        }),
+    ));
+    let w0 = rows
+        .iter()
+        .map(|(l, _)| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let widths: Vec<usize> = (0..results.len())
+        .map(|i| {
+            rows.iter()
+                .map(|(_, c)| c[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = header;
+    out.push('\n');
+    for (i, (label, cells)) in rows.iter().enumerate() {
+        let _ = write!(out, "{label:<w0$}");
+        for (c, w) in cells.iter().zip(&widths) {
+            let pad = w.saturating_sub(c.chars().count());
+            let _ = write!(out, " | {}{c}", " ".repeat(pad));
+        }
+        out.push('\n');
+        if i == 0 {
+            let total = w0 + widths.iter().map(|w| w + 3).sum::<usize>();
+            out.push_str(&"-".repeat(total));
+            out.push('\n');
+        }
+    }
+    let unstamped: u64 = results.iter().map(|r| r.unstamped).sum();
+    let unwritten: usize = results.iter().map(|r| r.unwritten_at_close).sum();
+    let _ = writeln!(
+        out,
+        "\noldest unflushed write: per flush window, the time from a key's first update to the \
+         commit that carried it (write-through: the put itself).{}",
+        if unstamped > 0 {
+            format!(" {unstamped} row(s) raced their stamp and were not timed.")
+        } else {
+            String::new()
+        }
+    );
+    if unwritten > 0 {
+        let _ = writeln!(out, "WARNING: {unwritten} write(s) were unwritten at close");
+    }
+    out
+}
+
+const COLORS: [RGBColor; 2] = [RGBColor(200, 60, 40), RGBColor(30, 110, 200)];
+
+/// Two panels, both modes in each: p99 write latency per time bucket (log scale) and
+/// database rows written per second.
+pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::error::Error>> {
+    let secs = BUCKET.as_secs_f64();
+    let x_max = results
+        .iter()
+        .map(|r| r.seconds)
+        .fold(1.0_f64, f64::max)
+        .ceil();
+    let root = SVGBackend::new(path, (1000, 760)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(380);
+
+    let lat: Vec<Vec<(f64, f64)>> = results
+        .iter()
+        .map(|r| {
+            r.writes_over_time
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(i, h)| {
+                    (
+                        (i as f64 + 0.5) * secs,
+                        h.value_at_quantile(0.99) as f64 / 1e3,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let (lo, hi) = lat
+        .iter()
+        .flatten()
+        .fold((f64::MAX, 0.0_f64), |(lo, hi), p| {
+            (lo.min(p.1), hi.max(p.1))
+        });
+    let (lo, hi) = if hi > 0.0 {
+        ((lo / 2.0).max(0.01), hi * 2.0)
+    } else {
+        (0.01, 1.0)
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "write latency p99 per 250 ms (µs, log scale)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the run")
+        .y_label_formatter(&|v| format!("{v}"))
+        .draw()?;
+    for (i, (r, pts)) in results.iter().zip(&lat).enumerate() {
+        let c = COLORS[i % 2];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(mode_name(r.mode))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+
+    let rate: Vec<Vec<(f64, f64)>> = results
+        .iter()
+        .map(|r| {
+            let n = (r.seconds / secs).ceil() as usize + 1;
+            (0..n)
+                .map(|i| {
+                    let rows = r.rows_over_time.get(i).copied().unwrap_or(0);
+                    ((i as f64 + 0.5) * secs, rows as f64 / secs)
+                })
+                .collect()
+        })
+        .collect();
+    let top_rate = rate.iter().flatten().map(|p| p.1).fold(1.0_f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("database rows written per second", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..top_rate)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the run (the last point includes the final flush)")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    for (i, (r, pts)) in results.iter().zip(&rate).enumerate() {
+        let c = COLORS[i % 2];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(mode_name(r.mode))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
