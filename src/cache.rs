@@ -182,6 +182,23 @@ where
         self.failed.lock().push_back(fw);
     }
 
+    /// Runs a read (`load`, `load_all`) on the caller's thread: refused once the cache is
+    /// closed, with a panic in the store turned into an `Unavailable` error.
+    fn read_store<R>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let Ok(_use) = self.enter_store() else {
+            return Err(StoreError::unavailable("the cache is closed"));
+        };
+        call_store(f).unwrap_or_else(|msg| {
+            Err(StoreError::unavailable(format!(
+                "store panicked in {what}: {msg}"
+            )))
+        })
+    }
+
     /// Enters a store call from a caller's thread, unless the cache is closed.
     fn enter_store(&self) -> Result<StoreUse<'_>, Error> {
         self.store_users.fetch_add(1, Ordering::SeqCst);
@@ -662,15 +679,7 @@ where
     ) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         let shard = &inner.shards[s];
-        let loaded = match inner.enter_store() {
-            Ok(_use) => match call_store(|| inner.store.load(key)) {
-                Ok(r) => r,
-                Err(msg) => Err(StoreError::unavailable(format!(
-                    "store panicked in load: {msg}"
-                ))),
-            },
-            Err(_) => Err(StoreError::unavailable("the cache is closed")),
-        };
+        let loaded = inner.read_store("load", || inner.store.load(key));
         match loaded {
             Ok(v) => {
                 let weight = inner.weight(key, v.as_ref());
@@ -731,15 +740,7 @@ where
         }
         if !lead.is_empty() {
             let wanted: Vec<K> = lead.iter().map(|(i, ..)| keys[*i].clone()).collect();
-            let loaded = match inner.enter_store() {
-                Ok(_use) => match call_store(|| inner.store.load_all(&wanted)) {
-                    Ok(r) => r,
-                    Err(msg) => Err(StoreError::unavailable(format!(
-                        "store panicked in load_all: {msg}"
-                    ))),
-                },
-                Err(_) => Err(StoreError::unavailable("the cache is closed")),
-            };
+            let loaded = inner.read_store("load_all", || inner.store.load_all(&wanted));
             match loaded {
                 Ok(rows) => {
                     let mut found: std::collections::HashMap<&K, V> = HashMap::new();
@@ -824,17 +825,12 @@ where
     /// [`Error::Load`] if the store failed; [`Error::Closed`] after `close`.
     pub fn preload_from_store(&self, keys: &[K]) -> Result<usize, Error> {
         let inner = &*self.inner;
-        let rows = {
-            let _use = inner.enter_store()?;
-            match call_store(|| inner.store.load_all(keys)) {
-                Ok(r) => r.map_err(Error::Load)?,
-                Err(msg) => {
-                    return Err(Error::Load(StoreError::unavailable(format!(
-                        "store panicked in load_all: {msg}"
-                    ))))
-                }
-            }
-        };
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let rows = inner
+            .read_store("load_all", || inner.store.load_all(keys))
+            .map_err(Error::Load)?;
         self.preload(rows)
     }
 
@@ -1296,18 +1292,14 @@ where
 {
     let Some(loader) = &inner.loader else { return };
     while let Some(job) = loader.next() {
-        let Ok(_use) = inner.enter_store() else { break };
-        let loaded = match call_store(|| inner.store.load(&job.key)) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
+        if inner.closed.load(Ordering::SeqCst) {
+            break;
+        }
+        let loaded = inner
+            .read_store("load", || inner.store.load(&job.key))
+            .map_err(|e| {
                 tracing::warn!(error = %e, "refresh-ahead reload failed; the old value stays until it expires");
-                Err(())
-            }
-            Err(msg) => {
-                tracing::error!(message = %msg, "store panicked in a refresh-ahead reload");
-                Err(())
-            }
-        };
+            });
         let hash = inner.hash(&job.key);
         let now = inner.coarse_now();
         inner.shards[job.shard].table.lock().finish_refresh(

@@ -304,6 +304,21 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         v
     }
 
+    /// Hands out a version for a write of `key` and counts it; any load of the key in flight
+    /// becomes stale.
+    #[inline]
+    fn begin_write(&mut self, hash: u64, key: &K, is_delete: bool) -> u64 {
+        let version = self.next_version;
+        self.next_version += 1;
+        if is_delete {
+            self.counters.removes += 1;
+        } else {
+            self.counters.puts += 1;
+        }
+        self.touch_loading(hash, key);
+        version
+    }
+
     /// Marks an in-flight load of `key` stale: something happened to the key since it began.
     #[inline]
     fn touch_loading(&mut self, hash: u64, key: &K) {
@@ -377,15 +392,8 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> WriteOutcome<K, V> {
-        let version = self.next_version;
-        self.next_version += 1;
-        if value.is_some() {
-            self.counters.puts += 1;
-        } else {
-            self.counters.removes += 1;
-        }
-        self.touch_loading(hash, &key);
         let is_delete = value.is_none();
+        let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             let was_dirty = e.is_dirty();
             let was_tombstone = e.value.is_none();
@@ -596,15 +604,8 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> (u64, Option<V>) {
-        let version = self.next_version;
-        self.next_version += 1;
-        if value.is_some() {
-            self.counters.puts += 1;
-        } else {
-            self.counters.removes += 1;
-        }
-        self.touch_loading(hash, &key);
         let is_delete = value.is_none();
+        let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             let was_tombstone = e.value.is_none();
             let was_dirty = e.is_dirty();
