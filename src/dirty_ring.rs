@@ -53,6 +53,8 @@ unsafe impl<T: Send> Send for DirtyRing<T> {}
 // stamp protocol.
 unsafe impl<T: Send> Sync for DirtyRing<T> {}
 
+// `len` is an estimate under concurrency; an `is_empty` would invite check-then-act.
+#[allow(clippy::len_without_is_empty)]
 impl<T> DirtyRing<T> {
     /// A ring with room for `capacity` keys, rounded up to a power of two (at least 2).
     pub fn new(capacity: usize) -> Self {

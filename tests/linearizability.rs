@@ -12,6 +12,9 @@
 //! These are the two conditions that define linearizability of one register when every write
 //! is distinct and every read is checked on its own; they are the ones a cache can break
 //! (a stale store value shadowing a newer write, a lost pending delete).
+//! Now and then a thread calls `flush()` and then reads every key's row from the store: by the
+//! barrier, each row must be a value current at some point since the flush began, which is
+//! the same check with the read spanning `[flush start, store read end]`.
 //! The store's log is checked too: per key, the versions it received never go down.
 
 use std::collections::HashMap;
@@ -31,6 +34,9 @@ enum Kind {
     Write(Option<u64>),
     /// A get and what it returned.
     Read(Option<u64>),
+    /// The store's row, read right after a `flush()` that began at `start`: the flush barrier
+    /// makes it a read of the key over `[flush start, store read end]`.
+    StoreRead(Option<u64>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -41,12 +47,17 @@ struct Event {
     end: u64,
 }
 
-fn run_threads(cache: &Arc<Cache<u64, u64>>, ops_per_thread: u64) -> Vec<Event> {
+fn run_threads(
+    cache: &Arc<Cache<u64, u64>>,
+    store: &Arc<FaultyStore<u64, u64>>,
+    ops_per_thread: u64,
+) -> Vec<Event> {
     let clock = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(THREADS as usize));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let (cache, clock, barrier) = (cache.clone(), clock.clone(), barrier.clone());
+            let store = store.clone();
             std::thread::spawn(move || {
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1).wrapping_mul(0xA24B_AED4);
                 let mut next = || {
@@ -62,6 +73,22 @@ fn run_threads(cache: &Arc<Cache<u64, u64>>, ops_per_thread: u64) -> Vec<Event> 
                     let key = r % KEYS;
                     // Unique across threads: thread in the high bits, sequence in the low.
                     let value = (t << 32) | i;
+                    if r % 97 == 0 {
+                        // The flush barrier: after flush() returns, the store holds, for every
+                        // key, a value that was current at some point since the flush began.
+                        let start = clock.fetch_add(1, Ordering::SeqCst);
+                        cache.flush().expect("flush with a store that recovers");
+                        let rows: Vec<(u64, Option<u64>)> =
+                            (0..KEYS).map(|k| (k, store.memory().get(&k))).collect();
+                        let end = clock.fetch_add(1, Ordering::SeqCst);
+                        log.extend(rows.into_iter().map(|(key, v)| Event {
+                            key,
+                            kind: Kind::StoreRead(v),
+                            start,
+                            end,
+                        }));
+                        continue;
+                    }
                     let start = clock.fetch_add(1, Ordering::SeqCst);
                     let kind = match (r >> 8) % 10 {
                         0..=3 => {
@@ -101,9 +128,11 @@ fn check_key(key: u64, events: &[Event]) {
         .iter()
         .filter(|e| matches!(e.kind, Kind::Write(_)))
         .collect();
-    for read in events.iter().filter(|e| matches!(e.kind, Kind::Read(_))) {
-        let Kind::Read(seen) = read.kind else {
-            unreachable!()
+    for read in events.iter() {
+        let (seen, what) = match read.kind {
+            Kind::Write(_) => continue,
+            Kind::Read(v) => (v, "get"),
+            Kind::StoreRead(v) => (v, "the store after flush()"),
         };
         // The candidates that could explain the read: the writes of that value (one, since
         // values are unique; any remove for `None`), plus the initial absence for `None`.
@@ -123,17 +152,21 @@ fn check_key(key: u64, events: &[Event]) {
             });
             not_future && !overwritten
         });
-        assert!(
-            ok,
-            "key {key}: get during [{}, {}] returned {seen:?}, which was not current at any \
-             point of the call; writes: {:?}",
-            read.start,
-            read.end,
-            writes
+        if !ok {
+            // The writes that matter: the last few that began before the read ended.
+            let recent: Vec<_> = writes
                 .iter()
+                .filter(|w| w.start < read.end)
                 .map(|w| (w.kind, w.start, w.end))
-                .collect::<Vec<_>>()
-        );
+                .collect();
+            panic!(
+                "key {key}: {what} during [{}, {}] returned {seen:?}, which was not current at \
+                 any point of the call; last writes before it: {:?}",
+                read.start,
+                read.end,
+                &recent[recent.len().saturating_sub(8)..]
+            );
+        }
     }
 }
 
@@ -153,20 +186,27 @@ fn run(flaky: bool, ops_per_thread: u64) {
             .build()
             .unwrap(),
     );
-    let events = run_threads(&cache, ops_per_thread);
+    let events = run_threads(&cache, &store, ops_per_thread);
     let mut per_key: HashMap<u64, Vec<Event>> = HashMap::new();
     for e in events {
         per_key.entry(e.key).or_default().push(e);
     }
-    let mut reads = 0;
+    let (mut reads, mut store_reads) = (0, 0);
     for (key, evs) in &per_key {
-        reads += evs
-            .iter()
-            .filter(|e| matches!(e.kind, Kind::Read(_)))
-            .count();
+        for e in evs {
+            match e.kind {
+                Kind::Read(_) => reads += 1,
+                Kind::StoreRead(_) => store_reads += 1,
+                Kind::Write(_) => {}
+            }
+        }
         check_key(*key, evs);
     }
     assert!(reads > 0, "the workload made no reads");
+    assert!(
+        store_reads > 0 || cfg!(miri),
+        "the workload made no flushes"
+    );
 
     store.heal();
     cache.flush().unwrap();
@@ -236,6 +276,29 @@ fn checker_rejects_a_future_read() {
             kind: Kind::Write(Some(1)),
             start: 3,
             end: 4,
+        },
+    ];
+    check_key(0, &events);
+}
+
+/// ... and a store that, after a flush, still holds a value overwritten before the flush.
+#[test]
+#[should_panic(expected = "the store after flush()")]
+fn checker_rejects_a_store_row_older_than_the_flush() {
+    let w = |v: u64, start, end| Event {
+        key: 0,
+        kind: Kind::Write(Some(v)),
+        start,
+        end,
+    };
+    let events = [
+        w(1, 1, 2),
+        w(2, 3, 4),
+        Event {
+            key: 0,
+            kind: Kind::StoreRead(Some(1)),
+            start: 5,
+            end: 6,
         },
     ];
     check_key(0, &events);

@@ -30,10 +30,7 @@ fn initial_rows() -> impl Strategy<Value = Vec<(u64, u64)>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: if cfg!(miri) { 4 } else { 256 },
-        ..ProptestConfig::default()
-    })]
+    // Default config: 256 cases, `PROPTEST_CASES=N` for a longer run.
 
     /// Read-your-writes after every op; store == model after every successful flush; close
     /// loses nothing; per-key versions received by the store never go down.
