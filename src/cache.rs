@@ -908,6 +908,7 @@ where
                 "{rejected} write(s) were rejected by the store and moved to failed_writes()"
             )))),
             TicketOutcome::Pending(pending) => Err(Error::FlushTimeout { pending }),
+            TicketOutcome::Closed => Err(Error::Closed),
         }
     }
 
@@ -1128,6 +1129,10 @@ where
                     tracing::error!("a flusher thread panicked");
                 }
             }
+        }
+        // The flushers are stopped: a flush still waiting (or racing this close) gets `Closed`.
+        for f in inner.flushers.iter() {
+            f.shut();
         }
         // No new read- or write-through can start now; wait for those in progress.
         while inner.store_users.load(Ordering::SeqCst) != 0 {

@@ -60,12 +60,15 @@ struct TicketState {
     rejected: usize,
     pending: usize,
     cancelled: bool,
+    /// The cache closed before the flushers could settle the ticket.
+    closed: bool,
 }
 
 /// How a flush ended.
 pub(crate) enum TicketOutcome {
     Done { rejected: usize },
     Pending(usize),
+    Closed,
 }
 
 impl Ticket {
@@ -98,6 +101,14 @@ impl Ticket {
         self.state.lock().cancelled
     }
 
+    /// The cache closed: whoever waits on this ticket gets `Closed` at once.
+    fn abort_closed(&self) {
+        let mut s = self.state.lock();
+        s.closed = true;
+        s.cancelled = true;
+        self.cv.notify_all();
+    }
+
     /// Waits until every flusher completed its part or `timeout` passes (then the ticket is
     /// cancelled so flushers drop it).
     pub(crate) fn wait(&self, timeout: Duration) -> TicketOutcome {
@@ -108,6 +119,9 @@ impl Ticket {
                 return TicketOutcome::Done {
                     rejected: s.rejected,
                 };
+            }
+            if s.closed {
+                return TicketOutcome::Closed;
             }
             let now = std::time::Instant::now();
             if now >= deadline {
@@ -137,6 +151,8 @@ pub(crate) struct Mailbox {
     tickets: Vec<Arc<Ticket>>,
     /// Set by `close`: drain what is pending, then exit at the latest at this time.
     close_deadline: Option<Duration>,
+    /// The flusher has stopped: a ticket posted now is answered `Closed` at once.
+    shut: bool,
 }
 
 /// What every thread shares about one flusher.
@@ -164,8 +180,29 @@ impl<K> Flusher<K> {
     }
 
     pub(crate) fn post_ticket(&self, t: Arc<Ticket>) {
-        self.mailbox.lock().tickets.push(t);
+        let mut mb = self.mailbox.lock();
+        if mb.shut {
+            t.abort_closed();
+            return;
+        }
+        mb.tickets.push(t);
+        drop(mb);
         self.wake();
+    }
+
+    /// After `close` stopped this flusher: answers every flush still waiting on it (and any
+    /// posted later) with `Closed`, instead of letting it time out.
+    pub(crate) fn shut(&self) {
+        let waiting = {
+            let mut mb = self.mailbox.lock();
+            mb.shut = true;
+            std::mem::take(&mut mb.tickets)
+        };
+        let mut core = self.core.lock();
+        for t in waiting.iter().chain(core.tickets.iter().map(|(t, _)| t)) {
+            t.abort_closed();
+        }
+        core.tickets.clear();
     }
 
     pub(crate) fn post_close(&self, deadline: Duration) {

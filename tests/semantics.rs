@@ -911,3 +911,32 @@ fn four_threads_converge_with_a_store_failing_a_fifth_of_batches() {
         .collect();
     assert!(counts.contains_key("Unavailable"));
 }
+
+#[test]
+fn a_flush_racing_close_answers_closed_not_a_timeout() {
+    let s = store();
+    s.set_down(true);
+    let cache = Arc::new(
+        Cache::builder(s.clone())
+            .write_delay(Duration::ZERO)
+            .flush_timeout(Duration::from_secs(30))
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .build()
+            .unwrap(),
+    );
+    cache.put(1, 1).unwrap();
+    let c2 = cache.clone();
+    let flusher = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        (c2.flush(), t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(50)); // the flush waits on the dead store
+    let report = cache.close(Duration::from_millis(50));
+    assert_eq!(report.unwritten.len(), 1);
+    let (result, waited) = flusher.join().unwrap();
+    assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered at close, not after the timeout"
+    );
+}
