@@ -404,7 +404,7 @@ fn close_vs_put() {
             let mut accepted = HashMap::new();
             for (k, v) in [(1u64, 10u64), (2, 20)] {
                 match c1.put(k, v) {
-                    Ok(()) => {
+                    Ok(_) => {
                         accepted.insert(k, v);
                     }
                     Err(Error::Closed) => {}
