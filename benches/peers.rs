@@ -42,7 +42,15 @@ fn group<V: Val>(c: &mut Criterion, name: &str, w: Workload, threads: usize) {
         g.bench_function(BenchmarkId::from_parameter(kind.name()), |b| {
             b.iter_custom(|iters| {
                 run_id += 1;
-                timed_run(kind, &plan, threads, iters, run_id, &mut cached, &miss_store)
+                timed_run(
+                    kind,
+                    &plan,
+                    threads,
+                    iters,
+                    run_id,
+                    &mut cached,
+                    &miss_store,
+                )
             })
         });
         drop(cached);

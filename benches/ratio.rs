@@ -107,7 +107,11 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
 }
 
 fn ratio(rows: &[Row], k: Kind) -> f64 {
-    let of = |k| rows.iter().find(|r| r.kind == k).map_or(f64::NAN, |r| r.median);
+    let of = |k| {
+        rows.iter()
+            .find(|r| r.kind == k)
+            .map_or(f64::NAN, |r| r.median)
+    };
     of(Kind::Writebehind) / of(k)
 }
 
@@ -159,7 +163,10 @@ fn machine() {
         .unwrap_or_else(|| "unknown".into());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("machine: {cpus} CPUs, {cpu}; load average at start: {}", load.trim());
+    println!(
+        "machine: {cpus} CPUs, {cpu}; load average at start: {}",
+        load.trim()
+    );
 }
 
 fn main() {
@@ -172,14 +179,24 @@ fn main() {
         dist,
         keyspace: KEYSPACE,
     };
-    let get = workload("get hit (uniform)", on(Mix::GetHit, Dist::Uniform), rounds, aim);
+    let get = workload(
+        "get hit (uniform)",
+        on(Mix::GetHit, Dist::Uniform),
+        rounds,
+        aim,
+    );
     let put = workload(
         "put update (Zipf 1.0), flusher running against the in-memory store",
         on(Mix::Put, Dist::Zipf),
         rounds,
         aim,
     );
-    workload("put distinct keys", on(Mix::Put, Dist::Distinct), rounds, aim);
+    workload(
+        "put distinct keys",
+        on(Mix::Put, Dist::Distinct),
+        rounds,
+        aim,
+    );
     workload(
         "mixed 90% get / 10% put (Zipf 1.0)",
         on(Mix::Mixed { read_percent: 90 }, Dist::Zipf),
@@ -192,8 +209,16 @@ fn main() {
     target("get hit vs dashmap", ratio(&get, Kind::Dashmap), 0.9);
     target("get hit vs quick_cache", ratio(&get, Kind::QuickCache), 1.5);
     target("get hit vs moka", ratio(&get, Kind::Moka), 10.0);
-    target("put Zipf vs dashmap insert", ratio(&put, Kind::Dashmap), 0.7);
-    target("put Zipf vs hand-rolled", ratio(&put, Kind::HandRolled), 2.0);
+    target(
+        "put Zipf vs dashmap insert",
+        ratio(&put, Kind::Dashmap),
+        0.7,
+    );
+    target(
+        "put Zipf vs hand-rolled",
+        ratio(&put, Kind::HandRolled),
+        2.0,
+    );
     conflation(20, 50_000);
     println!("\ntotal time: {:.1}s", t0.elapsed().as_secs_f64());
 }
