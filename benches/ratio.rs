@@ -3,7 +3,9 @@
 //! throughput and the ratio writebehind/peer, checks the targets, and checks conflation.
 //!
 //! `cargo bench --bench ratio` (env: `RATIO_ROUNDS`, default 7; `RATIO_MS`, the aimed length
-//! of one contender's run in milliseconds, default 150).
+//! of one contender's run in milliseconds, default 150; `RATIO_ONLY`, a comma-separated list
+//! of contenders, e.g. `writebehind,dashmap`; `RATIO_WORKLOADS`, a comma-separated subset of
+//! `get,put_zipf,put_distinct,mixed`, for profiling one of them).
 
 // wb-cache's futures are deep.
 #![recursion_limit = "512"]
@@ -20,7 +22,10 @@ use writebehind::{Cache, MemoryStore};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const KEYSPACE: u64 = 1 << 17;
+/// Prefilled keys (`RATIO_KEYSPACE` overrides).
+fn keyspace() -> u64 {
+    env_u64("RATIO_KEYSPACE", 1 << 17)
+}
 const SEED: u64 = 0x5EED_0007;
 const THREADS: usize = 2;
 
@@ -52,7 +57,14 @@ struct Row {
 fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     let plan = Arc::new(Plan::new(w, THREADS, SEED));
     let miss: Option<SharedStore<u64>> = None;
-    let kinds = Kind::ALL;
+    let only = std::env::var("RATIO_ONLY").ok();
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| {
+            only.as_deref()
+                .map_or(true, |o| o.split(',').any(|o| o == k.name()))
+        })
+        .collect();
     let mut cached: Vec<Option<Box<dyn Contender<u64>>>> = kinds.iter().map(|_| None).collect();
     // Calibrate: ops per thread so one run takes about `aim`.
     let mut ops = Vec::new();
@@ -78,6 +90,11 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
             samples[i].push((ops[i] * THREADS as u64) as f64 / d.as_secs_f64());
         }
     }
+    let reports: Vec<String> = cached
+        .iter()
+        .flatten()
+        .filter_map(|c| c.report().map(|r| format!("{}: {r}", c.name())))
+        .collect();
     drop(cached);
     let rows: Vec<Row> = kinds
         .iter()
@@ -89,7 +106,10 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
             median: median(s),
         })
         .collect();
-    let wb = rows[0].median;
+    let wb = rows
+        .iter()
+        .find(|r| r.kind == Kind::Writebehind)
+        .map_or(f64::NAN, |r| r.median);
     println!("\n### {name} ({THREADS} threads, 8-byte values, {rounds} rounds)\n");
     println!("| contender | median Mops/s | min | max | writebehind / peer |");
     println!("|---|---:|---:|---:|---:|");
@@ -102,6 +122,9 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
             r.max / 1e6,
             wb / r.median
         );
+    }
+    for r in reports {
+        println!("\n{r} (whole workload, calibration included)");
     }
     rows
 }
@@ -128,14 +151,14 @@ fn conflation(windows: usize, puts_per_window: usize) {
         .manual_flushing()
         .build()
         .expect("valid config");
-    let zipf = Zipf::new(KEYSPACE, 1.0);
+    let zipf = Zipf::new(keyspace(), 1.0);
     let mut rng = Rng::new(SEED);
     let (mut equal, mut total_puts, mut total_distinct, mut total_writes) = (0, 0, 0, 0);
     for _ in 0..windows {
         let before = store.records();
         let mut distinct = HashSet::new();
         for i in 0..puts_per_window {
-            let k = scatter(zipf.sample(&mut rng), KEYSPACE);
+            let k = scatter(zipf.sample(&mut rng), keyspace());
             distinct.insert(k);
             cache.put(k, i as u64).expect("open");
         }
@@ -173,36 +196,45 @@ fn main() {
     let rounds = env_u64("RATIO_ROUNDS", 7);
     let aim = Duration::from_millis(env_u64("RATIO_MS", 150));
     let t0 = Instant::now();
+    let only = std::env::var("RATIO_ONLY").ok();
     machine();
     let on = |mix, dist| Workload {
         mix,
         dist,
-        keyspace: KEYSPACE,
+        keyspace: keyspace(),
     };
-    let get = workload(
-        "get hit (uniform)",
-        on(Mix::GetHit, Dist::Uniform),
-        rounds,
-        aim,
-    );
-    let put = workload(
+    let chosen = std::env::var("RATIO_WORKLOADS").ok();
+    let want = |w: &str| {
+        chosen
+            .as_deref()
+            .map_or(true, |c| c.split(',').any(|c| c == w))
+    };
+    let run = |key: &str, name: &str, w: Workload| {
+        if want(key) {
+            workload(name, w, rounds, aim)
+        } else {
+            Vec::new()
+        }
+    };
+    let get = run("get", "get hit (uniform)", on(Mix::GetHit, Dist::Uniform));
+    let put = run(
+        "put_zipf",
         "put update (Zipf 1.0), flusher running against the in-memory store",
         on(Mix::Put, Dist::Zipf),
-        rounds,
-        aim,
     );
-    workload(
+    run(
+        "put_distinct",
         "put distinct keys",
         on(Mix::Put, Dist::Distinct),
-        rounds,
-        aim,
     );
-    workload(
+    run(
+        "mixed",
         "mixed 90% get / 10% put (Zipf 1.0)",
         on(Mix::Mixed { read_percent: 90 }, Dist::Zipf),
-        rounds,
-        aim,
     );
+    if chosen.is_some() || only.is_some() {
+        return;
+    }
     println!("\n### targets (2 threads)\n");
     println!("| target | want | got | |");
     println!("|---|---:|---:|---|");

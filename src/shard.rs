@@ -41,22 +41,35 @@ impl<K, V> Entry<K, V> {
 }
 
 /// Per-shard counters, bumped under the shard lock (so they cost no atomic operation).
+/// `gets` is not counted: it is `hits + misses`.
+///
+/// `repr(C)`, hottest first: see [`Table`] for why the order matters.
 #[derive(Default, Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct ShardCounters {
-    pub(crate) puts: u64,
-    pub(crate) removes: u64,
-    pub(crate) conflated: u64,
-    pub(crate) gets: u64,
     pub(crate) hits: u64,
+    pub(crate) puts: u64,
+    pub(crate) conflated: u64,
+    pub(crate) removes: u64,
     pub(crate) misses: u64,
     pub(crate) loads: u64,
 }
 
 /// The single-threaded part of a shard.
+///
+/// Layout (`repr(C)`): the fields every `get` and `put` writes (`next_version`, the counters)
+/// come first, so that together with the lock word in front of them (`lock_api::Mutex` keeps
+/// its raw lock first, since its data may be unsized) they fill the shard's first cache line.
+/// A hit then writes one cache line besides the entry's, as a read lock of a concurrent map
+/// does; with the counters after the table header it wrote two, and on two cores each of them
+/// bounced between the cores (measured in docs/BENCHMARKS.md). `map`'s header starts the
+/// second line and is only written when an entry is added or removed.
+#[repr(C)]
 pub(crate) struct Table<K, V> {
-    map: HashTable<Entry<K, V>>,
     /// Next version to hand out; starts at the wall clock (see `Cache` docs) and only grows.
     pub(crate) next_version: u64,
+    pub(crate) counters: ShardCounters,
+    map: HashTable<Entry<K, V>>,
     /// Entries that are tombstones.
     tombstones: usize,
     /// Entries that are dirty (`unsent != NONE || in_flight`).
@@ -64,7 +77,6 @@ pub(crate) struct Table<K, V> {
     /// Bumped whenever an entry leaves the table, so a read-through that started before can
     /// tell that its loaded value may be older than a delete that has come and gone.
     pub(crate) removals: u64,
-    pub(crate) counters: ShardCounters,
 }
 
 /// What a write under the lock decided.
@@ -84,12 +96,12 @@ pub(crate) struct Snapshot<K, V> {
 impl<K: Eq + Clone, V: Clone> Table<K, V> {
     fn new(first_version: u64) -> Self {
         Table {
-            map: HashTable::new(),
             next_version: first_version,
+            counters: ShardCounters::default(),
+            map: HashTable::new(),
             tombstones: 0,
             dirty: 0,
             removals: 0,
-            counters: ShardCounters::default(),
         }
     }
 
@@ -101,7 +113,6 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     /// Looks a key up: `Some(Some(v))` a value, `Some(None)` a pending delete, `None` a miss.
     #[inline]
     pub(crate) fn get(&mut self, hash: u64, key: &K) -> Option<Option<V>> {
-        self.counters.gets += 1;
         let found = self
             .map
             .find(hash, |e| e.key == *key)
@@ -460,5 +471,29 @@ impl<K: Eq + Clone, V: Clone> Shard<K, V> {
     #[inline]
     pub(crate) fn open_epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(all(test, not(writebehind_loom)))]
+mod tests {
+    use super::*;
+
+    /// The lock word, `next_version` and the counters share the shard's first cache line.
+    #[test]
+    fn hot_fields_share_the_first_cache_line() {
+        let m: Mutex<Table<u64, u64>> = Mutex::new(Table::new(1));
+        let base = &m as *const _ as usize;
+        let g = m.lock();
+        let t: &Table<u64, u64> = &g;
+        let data = t as *const _ as usize;
+        let counters_end = &t.counters as *const _ as usize + std::mem::size_of::<ShardCounters>();
+        let map = &t.map as *const _ as usize;
+        assert_eq!(data - base, 8, "the raw lock comes first");
+        assert_eq!(
+            counters_end - base,
+            64,
+            "lock + next_version + counters = one line"
+        );
+        assert_eq!(map - base, 64, "the table header starts the second line");
     }
 }

@@ -204,6 +204,9 @@ pub trait SyncCache<V: Val>: Send + Sync + 'static {
     /// inside the timed part after a run with puts, so a backlog left in a queue is paid for
     /// (sustained throughput, not the speed of filling a buffer).
     fn settle(&self) {}
+    fn report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Something the runner can time.
@@ -213,8 +216,13 @@ pub trait Contender<V: Val>: Send + Sync {
     /// returns the wall time from the start until the last thread finished. `run_id` makes
     /// distinct keys differ between runs.
     fn run(&self, plan: &Arc<Plan>, threads: usize, ops: u64, run_id: u64) -> Duration;
-    /// Puts the prefill keys (not timed).
+    /// Puts the prefill keys and waits until a write-behind contender has written them (not
+    /// timed: a flusher still busy with the prefill would steal the measured threads' cores).
     fn prefill(&self, n: u64);
+    /// A line about what happened inside (writebehind: its metrics).
+    fn report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The key of operation `i` of thread `t`.
@@ -303,10 +311,14 @@ macro_rules! sync_contender {
             fn run(&self, plan: &Arc<Plan>, threads: usize, ops: u64, run_id: u64) -> Duration {
                 run_threads(self, plan, threads, ops, run_id)
             }
+            fn report(&self) -> Option<String> {
+                SyncCache::report(&**self)
+            }
             fn prefill(&self, n: u64) {
                 for k in 0..n {
                     SyncCache::put(&**self, k, V::make(k));
                 }
+                SyncCache::settle(&**self);
             }
         }
     };
@@ -320,9 +332,14 @@ pub struct Wb<V: Val> {
 
 impl<V: Val> Wb<V> {
     pub fn new(store: SharedStore<V>) -> Arc<Self> {
-        let cache = Cache::builder(store)
-            .build()
-            .expect("default configuration is valid");
+        // `WB_MANUAL=1` (a diagnostic, not a contender): no flusher thread; the flush at the
+        // end of a timed run writes everything on the calling thread.
+        let manual = std::env::var("WB_MANUAL").is_ok_and(|v| v == "1");
+        let mut b = Cache::builder(store);
+        if manual {
+            b = b.manual_flushing();
+        }
+        let cache = b.build().expect("default configuration is valid");
         Arc::new(Wb { cache })
     }
 }
@@ -340,6 +357,18 @@ impl<V: Val> SyncCache<V> for Wb<V> {
         self.cache
             .flush()
             .expect("in-memory store accepts everything");
+    }
+    fn report(&self) -> Option<String> {
+        let m = self.cache.metrics();
+        Some(format!(
+            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch)",
+            m.puts,
+            m.conflated,
+            100.0 * m.conflated as f64 / m.puts.max(1) as f64,
+            m.batches,
+            m.records_written,
+            m.records_written as f64 / m.batches.max(1) as f64
+        ))
     }
 }
 sync_contender!(Wb, "writebehind");
@@ -676,6 +705,7 @@ impl<V: Val> Contender<V> for WbCache<V> {
             for k in 0..n {
                 c.insert(Rec(k, V::make(k))).await.expect("wb-cache insert");
             }
+            c.flush().await.expect("wb-cache flush");
         });
     }
     fn run(&self, plan: &Arc<Plan>, threads: usize, ops: u64, run_id: u64) -> Duration {
