@@ -336,6 +336,13 @@ impl<V: Val> Wb<V> {
         // end of a timed run writes everything on the calling thread.
         let manual = std::env::var("WB_MANUAL").is_ok_and(|v| v == "1");
         let mut b = Cache::builder(store);
+        // `WB_MAX_BATCH=n` (a diagnostic): another count trigger / batch size.
+        if let Some(n) = std::env::var("WB_MAX_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            b = b.max_batch(n);
+        }
         if manual {
             b = b.manual_flushing();
         }
