@@ -1165,7 +1165,7 @@ where
             m.puts += c.puts;
             m.removes += c.removes;
             m.conflated += c.conflated;
-            m.gets += c.gets;
+            m.gets += c.hits + c.misses;
             m.hits += c.hits;
             m.misses += c.misses;
             m.loads += c.loads;

@@ -518,6 +518,27 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             }
         }
 
+        if failed.is_empty() {
+            // The common case, everything applied: mark the records persisted taking each
+            // shard's lock once per run of its records (the batch is in shard order), at most
+            // SNAPSHOT_CHUNK records per acquisition so writers wait no longer than they do
+            // for a snapshot chunk. Never two shard locks at once.
+            let mut i = 0;
+            while i < batch.len() {
+                let s = meta[i].shard;
+                let mut table = inner.shards[s].table.lock();
+                let mut n = 0;
+                while i < batch.len() && meta[i].shard == s && n < SNAPSHOT_CHUNK {
+                    table.persisted(meta[i].hash, batch[i].key(), batch[i].version(), coarse);
+                    i += 1;
+                    n += 1;
+                }
+            }
+            FlusherStats::add(&stats.records_written, batch.len() as u64);
+            batch.clear();
+            meta.clear();
+            return;
+        }
         let mut failed = failed.into_iter().peekable();
         let mut written = 0u64;
         for (i, (write, m)) in batch.drain(..).zip(meta.drain(..)).enumerate() {

@@ -60,13 +60,16 @@ impl<K, V> Entry<K, V> {
 }
 
 /// Per-shard counters, bumped under the shard lock (so they cost no atomic operation).
+/// `gets` is not counted: it is `hits + misses`.
+///
+/// `repr(C)`, the counters every get and put writes first: see [`Table`] for why.
 #[derive(Default, Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct ShardCounters {
-    pub(crate) puts: u64,
-    pub(crate) removes: u64,
-    pub(crate) conflated: u64,
-    pub(crate) gets: u64,
     pub(crate) hits: u64,
+    pub(crate) puts: u64,
+    pub(crate) conflated: u64,
+    pub(crate) removes: u64,
     pub(crate) misses: u64,
     pub(crate) loads: u64,
     pub(crate) evictions: u64,
@@ -139,10 +142,19 @@ struct Queues<K> {
 }
 
 /// The single-threaded part of a shard.
+///
+/// Layout (`repr(C)`): the fields every `get` and `put` writes (`next_version` and the hot
+/// counters) come first, so that with the lock word in front of them (`lock_api::Mutex` keeps
+/// its raw lock first) they share the shard's first cache line. A hit then writes one line of
+/// the shard besides the entry's; with the counters after the table header it wrote two, and
+/// on two cores both bounced between the cores (docs/BENCHMARKS.md). The table header and the
+/// cold state follow.
+#[repr(C)]
 pub(crate) struct Table<K, V> {
-    map: HashTable<Entry<K, V>>,
     /// Next version to hand out; starts at the wall clock (see `Cache` docs) and only grows.
     pub(crate) next_version: u64,
+    pub(crate) counters: ShardCounters,
+    map: HashTable<Entry<K, V>>,
     /// Entries that are tombstones.
     tombstones: usize,
     /// Entries that are dirty (`unsent != NONE || in_flight`).
@@ -150,7 +162,6 @@ pub(crate) struct Table<K, V> {
     /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
     /// it is back at the low watermark.
     pressured: bool,
-    pub(crate) counters: ShardCounters,
     limits: Limits,
     /// Sum of the entries' weights.
     weight: u64,
@@ -194,12 +205,12 @@ impl<K> Default for Queues<K> {
 impl<K: Eq + Clone, V: Clone> Table<K, V> {
     pub(crate) fn new(first_version: u64, limits: Limits) -> Self {
         Table {
-            map: HashTable::new(),
             next_version: first_version,
+            counters: ShardCounters::default(),
+            map: HashTable::new(),
             tombstones: 0,
             dirty: 0,
             pressured: false,
-            counters: ShardCounters::default(),
             limits,
             weight: 0,
             queues: Queues::default(),
@@ -226,7 +237,6 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     /// Looks a key up at coarse time `now`.
     #[inline]
     pub(crate) fn get(&mut self, hash: u64, key: &K, now: u64) -> Lookup<V> {
-        self.counters.gets += 1;
         let limits = self.limits;
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             self.counters.misses += 1;
@@ -1177,5 +1187,21 @@ mod tests {
             assert_eq!(shard.table.lock().dirty, 0, "a dirty key was on no ring");
             assert!(persisted > 0);
         }
+    }
+
+    /// The lock word, `next_version` and the hot counters share the shard's first cache line.
+    #[test]
+    fn hot_fields_share_the_first_cache_line() {
+        let m: Mutex<Table<u64, u64>> = Mutex::new(table());
+        let base = &m as *const _ as usize;
+        let g = m.lock();
+        let t: &Table<u64, u64> = &g;
+        let data = t as *const _ as usize;
+        let hot_end = &t.counters.misses as *const _ as usize + std::mem::size_of::<u64>();
+        assert_eq!(data - base, 8, "the raw lock comes first");
+        assert!(
+            hot_end - base <= 64,
+            "lock + next_version + hot counters = one line"
+        );
     }
 }

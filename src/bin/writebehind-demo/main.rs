@@ -187,7 +187,7 @@ fn open_target(args: &Args) -> Result<Target, BoxError> {
         let store = pg_profiles::ProfileStore::connect(url)
             .map_err(|e| format!("cannot use PostgreSQL at {url:?}: {e}"))?;
         return Ok(Target {
-            db: Arc::new(Db::Postgres(store)),
+            db: Arc::new(Db::Postgres(Box::new(store))),
             label: "PostgreSQL".to_string(),
             temp_file: None,
         });

@@ -27,8 +27,8 @@ pub const BUCKET: Duration = Duration::from_millis(250);
 pub enum Db {
     /// Embedded SQLite file.
     Sqlite(sqlite_profiles::ProfileStore),
-    /// PostgreSQL server.
-    Postgres(pg_profiles::ProfileStore),
+    /// PostgreSQL server (boxed: its client is several times larger than SQLite's).
+    Postgres(Box<pg_profiles::ProfileStore>),
 }
 
 impl Db {

@@ -1,0 +1,256 @@
+//! The ratio report (issue 7): the headline workloads for every contender in one process,
+//! interleaved (the order rotates each round), several rounds; prints each contender's median
+//! throughput and the ratio writebehind/peer, checks the targets, and checks conflation.
+//!
+//! `cargo bench --bench ratio` (env: `RATIO_ROUNDS`, default 7; `RATIO_MS`, the aimed length
+//! of one contender's run in milliseconds, default 150; `RATIO_ONLY`, a comma-separated list
+//! of contenders, e.g. `writebehind,dashmap`; `RATIO_WORKLOADS`, a comma-separated subset of
+//! `get,put_zipf,put_distinct,mixed`, for profiling one of them).
+
+// wb-cache's futures are deep.
+#![recursion_limit = "512"]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use writebehind::{Cache, MemoryStore};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Prefilled keys (`RATIO_KEYSPACE` overrides).
+fn keyspace() -> u64 {
+    env_u64("RATIO_KEYSPACE", 1 << 17)
+}
+const SEED: u64 = 0x5EED_0007;
+const THREADS: usize = 2;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Row {
+    kind: Kind,
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+/// Runs one workload for every contender; returns median throughput (ops/s) per contender.
+fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
+    let plan = Arc::new(Plan::new(w, THREADS, SEED));
+    let miss: Option<SharedStore<u64>> = None;
+    let only = std::env::var("RATIO_ONLY").ok();
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|o| o == k.name()))
+        })
+        .collect();
+    let mut cached: Vec<Option<Box<dyn Contender<u64>>>> = kinds.iter().map(|_| None).collect();
+    // Calibrate: ops per thread so one run takes about `aim`.
+    let mut ops = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        let probe = 20_000;
+        let d = timed_run(*k, &plan, THREADS, probe, 1, &mut cached[i], &miss);
+        let rate = probe as f64 / d.as_secs_f64().max(1e-9);
+        ops.push(((rate * aim.as_secs_f64()) as u64).clamp(5_000, 20_000_000));
+    }
+    let mut samples: Vec<Vec<f64>> = kinds.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for j in 0..kinds.len() {
+            let i = (j + round as usize) % kinds.len();
+            let d = timed_run(
+                kinds[i],
+                &plan,
+                THREADS,
+                ops[i],
+                round + 2,
+                &mut cached[i],
+                &miss,
+            );
+            samples[i].push((ops[i] * THREADS as u64) as f64 / d.as_secs_f64());
+        }
+    }
+    let reports: Vec<String> = cached
+        .iter()
+        .flatten()
+        .filter_map(|c| c.report().map(|r| format!("{}: {r}", c.name())))
+        .collect();
+    drop(cached);
+    let rows: Vec<Row> = kinds
+        .iter()
+        .zip(samples.iter_mut())
+        .map(|(k, s)| Row {
+            kind: *k,
+            min: s.iter().cloned().fold(f64::INFINITY, f64::min),
+            max: s.iter().cloned().fold(0.0, f64::max),
+            median: median(s),
+        })
+        .collect();
+    let wb = rows
+        .iter()
+        .find(|r| r.kind == Kind::Writebehind)
+        .map_or(f64::NAN, |r| r.median);
+    println!("\n### {name} ({THREADS} threads, 8-byte values, {rounds} rounds)\n");
+    println!("| contender | median Mops/s | min | max | writebehind / peer |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2}x |",
+            r.kind.name(),
+            r.median / 1e6,
+            r.min / 1e6,
+            r.max / 1e6,
+            wb / r.median
+        );
+    }
+    for r in reports {
+        println!("\n{r} (whole workload, calibration included)");
+    }
+    rows
+}
+
+fn ratio(rows: &[Row], k: Kind) -> f64 {
+    let of = |k| {
+        rows.iter()
+            .find(|r| r.kind == k)
+            .map_or(f64::NAN, |r| r.median)
+    };
+    of(Kind::Writebehind) / of(k)
+}
+
+fn target(what: &str, got: f64, want: f64) {
+    let verdict = if got >= want { "met" } else { "MISSED" };
+    println!("| {what} | >= {want:.1}x | {got:.2}x | {verdict} |");
+}
+
+/// Perfect conflation: with manual flushing, every flush window's store writes must equal
+/// the number of distinct keys put in that window (Zipf 1.0 keys, so most puts repeat).
+fn conflation(windows: usize, puts_per_window: usize) {
+    let store = Arc::new(MemoryStore::<u64, u64>::new());
+    let cache: Cache<u64, u64> = Cache::builder(store.clone())
+        .manual_flushing()
+        .build()
+        .expect("valid config");
+    let zipf = Zipf::new(keyspace(), 1.0);
+    let mut rng = Rng::new(SEED);
+    let (mut equal, mut total_puts, mut total_distinct, mut total_writes) = (0, 0, 0, 0);
+    for _ in 0..windows {
+        let before = store.records();
+        let mut distinct = HashSet::new();
+        for i in 0..puts_per_window {
+            let k = scatter(zipf.sample(&mut rng), keyspace());
+            distinct.insert(k);
+            cache.put(k, i as u64).expect("open");
+        }
+        cache.flush().expect("in-memory store");
+        let writes = store.records() - before;
+        equal += usize::from(writes == distinct.len() as u64);
+        total_puts += puts_per_window;
+        total_distinct += distinct.len();
+        total_writes += writes;
+    }
+    println!(
+        "\nconflation: {equal}/{windows} flush windows had store writes == distinct keys dirtied \
+         ({total_puts} puts, {total_distinct} distinct keys per window summed, {total_writes} store writes)"
+    );
+}
+
+fn machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "machine: {cpus} CPUs, {cpu}; load average at start: {}",
+        load.trim()
+    );
+}
+
+fn main() {
+    let rounds = env_u64("RATIO_ROUNDS", 7);
+    let aim = Duration::from_millis(env_u64("RATIO_MS", 150));
+    let t0 = Instant::now();
+    let only = std::env::var("RATIO_ONLY").ok();
+    machine();
+    let on = |mix, dist| Workload {
+        mix,
+        dist,
+        keyspace: keyspace(),
+    };
+    let chosen = std::env::var("RATIO_WORKLOADS").ok();
+    let want = |w: &str| {
+        chosen
+            .as_deref()
+            .is_none_or(|c| c.split(',').any(|c| c == w))
+    };
+    let run = |key: &str, name: &str, w: Workload| {
+        if want(key) {
+            workload(name, w, rounds, aim)
+        } else {
+            Vec::new()
+        }
+    };
+    let get = run("get", "get hit (uniform)", on(Mix::GetHit, Dist::Uniform));
+    let put = run(
+        "put_zipf",
+        "put update (Zipf 1.0), flusher running against the in-memory store",
+        on(Mix::Put, Dist::Zipf),
+    );
+    run(
+        "put_distinct",
+        "put distinct keys",
+        on(Mix::Put, Dist::Distinct),
+    );
+    run(
+        "mixed",
+        "mixed 90% get / 10% put (Zipf 1.0)",
+        on(Mix::Mixed { read_percent: 90 }, Dist::Zipf),
+    );
+    if chosen.is_some() || only.is_some() {
+        return;
+    }
+    println!("\n### targets (2 threads)\n");
+    println!("| target | want | got | |");
+    println!("|---|---:|---:|---|");
+    target("get hit vs dashmap", ratio(&get, Kind::Dashmap), 0.9);
+    target("get hit vs quick_cache", ratio(&get, Kind::QuickCache), 1.5);
+    target("get hit vs moka", ratio(&get, Kind::Moka), 10.0);
+    target(
+        "put Zipf vs dashmap insert",
+        ratio(&put, Kind::Dashmap),
+        0.7,
+    );
+    target(
+        "put Zipf vs hand-rolled",
+        ratio(&put, Kind::HandRolled),
+        2.0,
+    );
+    conflation(20, 50_000);
+    println!("\ntotal time: {:.1}s", t0.elapsed().as_secs_f64());
+}
