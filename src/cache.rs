@@ -289,8 +289,9 @@ where
                 )
             })
         });
+        let hasher = ahash::RandomState::new();
         let shards = (0..nshards)
-            .map(|_| Shard::new(first_version, ring_capacity, limits))
+            .map(|_| Shard::new(first_version, ring_capacity, limits, hasher.clone()))
             .collect::<Vec<_>>()
             .into_boxed_slice();
         let flushers = (0..nflushers)
@@ -303,7 +304,7 @@ where
         let inner = Arc::new(Inner {
             shards,
             shard_mask: (nshards - 1) as u64,
-            hasher: ahash::RandomState::new(),
+            hasher,
             store: b.store,
             config: Config {
                 write_delay: b.write_delay,

@@ -18,10 +18,13 @@ pub(crate) const NONE: u64 = u64::MAX;
 pub(crate) const NOT_QUEUED: u64 = 0;
 
 /// One cached key.
+///
+/// `repr(C)`, in the order a get and a put touch the fields: the key and value first, then
+/// the write-path versions and the flags; what only the flusher, expiry or eviction reads
+/// comes last. The hash is not stored: the table rehashes the few keys it moves when it grows.
+#[repr(C)]
 pub(crate) struct Entry<K, V> {
     pub(crate) key: K,
-    /// The key's hash, kept so that growing the table never hashes a key again.
-    hash: u64,
     /// The latest value; `None` is a pending delete (a tombstone): `get` answers `None` and
     /// never reads the key through until the delete is in the store.
     pub(crate) value: Option<V>,
@@ -34,22 +37,22 @@ pub(crate) struct Entry<K, V> {
     pub(crate) queued_epoch: u64,
     /// A flusher holds a snapshot of this key (in a batch, or in its retry list).
     pub(crate) in_flight: bool,
+    /// S3-FIFO access frequency, 0..=3 (only kept when the cache is bounded).
+    freq: u8,
+    /// In the main queue (else the small one).
+    in_main: bool,
+    /// An asynchronous refresh of this entry is scheduled or running.
+    refreshing: bool,
+    /// Weight given by the weigher (1 without one).
+    weight: u32,
     /// Highest version the store is known to hold (0: none). `wait_durable` reads it.
     pub(crate) persisted: u64,
     /// Coarse time (ns) of the last write or load: time-to-live counts from here.
     born: u64,
     /// Coarse time (ns) of the last access: time-to-idle counts from here.
     accessed: u64,
-    /// Weight given by the weigher (1 without one).
-    weight: u32,
     /// Matches the entry's live position in the eviction queues (stale positions differ).
     stamp: u32,
-    /// S3-FIFO access frequency, 0..=3.
-    freq: u8,
-    /// In the main queue (else the small one).
-    in_main: bool,
-    /// An asynchronous refresh of this entry is scheduled or running.
-    refreshing: bool,
 }
 
 impl<K, V> Entry<K, V> {
@@ -168,6 +171,8 @@ pub(crate) struct Table<K, V> {
     queues: Queues<K>,
     /// Loads in flight (single-flight read-through).
     loading: HashTable<Loading<K, V>>,
+    /// The cache's hasher, to rehash keys when the table grows.
+    hasher: ahash::RandomState,
 }
 
 /// What a write under the lock decided.
@@ -202,8 +207,8 @@ impl<K> Default for Queues<K> {
     }
 }
 
-impl<K: Eq + Clone, V: Clone> Table<K, V> {
-    pub(crate) fn new(first_version: u64, limits: Limits) -> Self {
+impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
+    pub(crate) fn new(first_version: u64, limits: Limits, hasher: ahash::RandomState) -> Self {
         Table {
             next_version: first_version,
             counters: ShardCounters::default(),
@@ -215,6 +220,7 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             weight: 0,
             queues: Queues::default(),
             loading: HashTable::new(),
+            hasher,
         }
     }
 
@@ -249,7 +255,10 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             return Lookup::Miss;
         }
         self.counters.hits += 1;
-        e.freq = (e.freq + 1).min(3);
+        if limits.capacity != usize::MAX || limits.max_weight != u64::MAX {
+            // Only a bounded table evicts: an unbounded one does not write the entry's line.
+            e.freq = (e.freq + 1).min(3);
+        }
         if limits.tti != 0 {
             e.accessed = now;
         }
@@ -342,7 +351,6 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
     fn new_entry(
         &mut self,
         key: K,
-        hash: u64,
         value: Option<V>,
         version: u64,
         now: u64,
@@ -352,34 +360,33 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
         self.queues.next_stamp = stamp.wrapping_add(1);
         Entry {
             key,
-            hash,
             value,
             version,
             unsent: NONE,
             queued_epoch: NOT_QUEUED,
             in_flight: false,
-            persisted: 0,
-            born: now,
-            accessed: now,
-            weight,
-            stamp,
             freq: 0,
             in_main: false,
             refreshing: false,
+            weight,
+            persisted: 0,
+            born: now,
+            accessed: now,
+            stamp,
         }
     }
 
     /// Inserts a new entry and queues it for eviction (when the table is bounded).
-    fn insert(&mut self, mut e: Entry<K, V>) {
+    fn insert(&mut self, hash: u64, mut e: Entry<K, V>) {
         if e.value.is_none() {
             self.tombstones += 1;
         }
         self.weight += u64::from(e.weight);
         if self.limits.bounded() {
             let q = &mut self.queues;
-            let ghost = q.ghost_set.find(e.hash, |h| *h == e.hash).is_some();
+            let ghost = q.ghost_set.find(hash, |h| *h == hash).is_some();
             e.in_main = ghost;
-            let pos = (e.key.clone(), e.hash, e.stamp);
+            let pos = (e.key.clone(), hash, e.stamp);
             if ghost {
                 q.main.push_back(pos);
             } else {
@@ -387,8 +394,8 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
                 q.small_live += 1;
             }
         }
-        let hash = e.hash;
-        self.map.insert_unique(hash, e, |e| e.hash);
+        let hasher = &self.hasher;
+        self.map.insert_unique(hash, e, |e| hasher.hash_one(&e.key));
     }
 
     /// Records a write (`value: None` is a delete) as dirty, for the flusher to send.
@@ -442,10 +449,10 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             }
         } else {
             let ring_key = key.clone();
-            let mut e = self.new_entry(key, hash, value, version, now, weight);
+            let mut e = self.new_entry(key, value, version, now, weight);
             e.unsent = version;
             e.queued_epoch = open_epoch;
-            self.insert(e);
+            self.insert(hash, e);
             self.dirty += 1;
             let over_capacity = self.enforce();
             WriteOutcome {
@@ -488,9 +495,9 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             return Some(value);
         }
-        let mut e = self.new_entry(key, hash, Some(value.clone()), version, now, weight);
+        let mut e = self.new_entry(key, Some(value.clone()), version, now, weight);
         e.persisted = version;
-        self.insert(e);
+        self.insert(hash, e);
         self.enforce();
         Some(value)
     }
@@ -542,8 +549,8 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             Some(v) => self.fill_clean(hash, key.clone(), v, 0, now, weight),
             None => {
                 if self.limits.negative_ttl != 0 {
-                    let e = self.new_entry(key.clone(), hash, None, 0, now, 1);
-                    self.insert(e);
+                    let e = self.new_entry(key.clone(), None, 0, now, 1);
+                    self.insert(hash, e);
                     self.enforce();
                 }
                 None
@@ -637,8 +644,8 @@ impl<K: Eq + Clone, V: Clone> Table<K, V> {
             }
             return (version, old);
         }
-        let e = self.new_entry(key, hash, value, version, now, weight);
-        self.insert(e);
+        let e = self.new_entry(key, value, version, now, weight);
+        self.insert(hash, e);
         self.enforce();
         (version, None)
     }
@@ -892,10 +899,15 @@ pub(crate) struct Shard<K, V> {
     pub(crate) overflow: AtomicBool,
 }
 
-impl<K: Eq + Clone, V: Clone> Shard<K, V> {
-    pub(crate) fn new(first_version: u64, ring_capacity: usize, limits: Limits) -> Self {
+impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
+    pub(crate) fn new(
+        first_version: u64,
+        ring_capacity: usize,
+        limits: Limits,
+        hasher: ahash::RandomState,
+    ) -> Self {
         Shard {
-            table: CachePadded::new(Mutex::new(Table::new(first_version, limits))),
+            table: CachePadded::new(Mutex::new(Table::new(first_version, limits, hasher))),
             epoch: AtomicU64::new(1),
             ring: DirtyRing::new(ring_capacity),
             armed: AtomicBool::new(false),
@@ -915,9 +927,14 @@ impl<K: Eq + Clone, V: Clone> Shard<K, V> {
 mod tests {
     use super::*;
 
-    /// The table takes the hash from the caller; any function of the key will do.
+    /// The table takes the hash from the caller; it must be the table's own hasher's (the
+    /// table rehashes with it when it grows).
+    fn hasher() -> ahash::RandomState {
+        ahash::RandomState::with_seeds(1, 2, 3, 4)
+    }
+
     fn h(k: u64) -> u64 {
-        k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        hasher().hash_one(k)
     }
 
     const UNBOUNDED: Limits = Limits {
@@ -930,7 +947,7 @@ mod tests {
     };
 
     fn table() -> Table<u64, u64> {
-        Table::new(100, UNBOUNDED)
+        Table::new(100, UNBOUNDED, hasher())
     }
 
     fn put(t: &mut Table<u64, u64>, k: u64, v: u64, epoch: u64) -> bool {
@@ -1146,7 +1163,7 @@ mod tests {
         use std::sync::Arc;
         let rounds = if cfg!(miri) { 5 } else { 2_000 };
         for _ in 0..if cfg!(miri) { 2 } else { 20 } {
-            let shard = Arc::new(Shard::<u64, u64>::new(1, 4, UNBOUNDED));
+            let shard = Arc::new(Shard::<u64, u64>::new(1, 4, UNBOUNDED, hasher()));
             let s2 = shard.clone();
             let writer = std::thread::spawn(move || {
                 for i in 0..rounds {
