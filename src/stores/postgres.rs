@@ -286,6 +286,30 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
         Ok(slot.insert(conn))
     }
 
+    /// Runs a read on the reader connection. Reads are idempotent, so when a connection that
+    /// was already open fails as unavailable (the server restarted since its last use and
+    /// the first query on it finds the old session gone) the read is tried once more on a
+    /// fresh connection before the error reaches the caller.
+    fn read<T>(
+        &self,
+        f: impl Fn(&mut Conn) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.reader.lock();
+        let reused = slot.as_ref().is_some_and(|c| !c.client.is_closed());
+        let conn = self.conn(&mut slot)?;
+        match f(conn) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let err = store_error(e, &mut slot);
+                if !(reused && err.is_unavailable()) {
+                    return Err(err);
+                }
+                let conn = self.conn(&mut slot)?;
+                f(conn).map_err(|e| store_error(e, &mut slot))
+            }
+        }
+    }
+
     fn decode_value(&self, bytes: Option<Vec<u8>>) -> Result<V, StoreError> {
         let bytes = bytes.ok_or_else(|| {
             StoreError::rejected(format!("table {}: a live row has a NULL value", self.table))
@@ -354,14 +378,7 @@ where
 {
     fn load(&self, key: &K) -> Result<Option<V>, StoreError> {
         let key = self.key_codec.encode(key).map_err(StoreError::rejected)?;
-        let row = {
-            let mut slot = self.reader.lock();
-            let conn = self.conn(&mut slot)?;
-            match conn.client.query_opt(&conn.load_one, &[&key]) {
-                Ok(row) => row,
-                Err(e) => return Err(store_error(e, &mut slot)),
-            }
-        };
+        let row = self.read(|conn| conn.client.query_opt(&conn.load_one, &[&key]))?;
         match row {
             None => Ok(None),
             Some(row) => {
@@ -382,14 +399,7 @@ where
         for k in keys {
             encoded.push(self.key_codec.encode(k).map_err(StoreError::rejected)?);
         }
-        let rows = {
-            let mut slot = self.reader.lock();
-            let conn = self.conn(&mut slot)?;
-            match conn.client.query(&conn.load_many, &[&encoded]) {
-                Ok(rows) => rows,
-                Err(e) => return Err(store_error(e, &mut slot)),
-            }
-        };
+        let rows = self.read(|conn| conn.client.query(&conn.load_many, &[&encoded]))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let k: Vec<u8> = row.try_get(0).map_err(StoreError::rejected)?;
