@@ -1,0 +1,161 @@
+//! The store-side targets of issue 7, against real databases:
+//!
+//! 1. put latency (p50/p99/p99.9/max) on 2 writer threads while a flusher writes batches to
+//!    SQLite (write-behind), and the same puts in write-through mode for scale;
+//! 2. sustained flush throughput into SQLite: `N` dirty keys flushed by the engine
+//!    (`flush()`), against a plain loop of batched upserts (`SqliteStore::write_all` with
+//!    batches of the same size) on the same kind of file; the same for PostgreSQL when
+//!    `WRITEBEHIND_PG_URL` is set (`source .ci/pg.sh && pg_start`).
+//!
+//! Run: `cargo bench --features sqlite,postgres --bench stores`
+//! (env: `STORES_KEYS`, default 200000; `STORES_SECONDS`, default 3).
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use writebehind::stores::{PostgresStore, SqliteStore};
+use writebehind::{Cache, Store, Write};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn value(i: u64) -> Vec<u8> {
+    let mut v = vec![0u8; 64];
+    v[..8].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+/// Put latency on 2 threads, Zipf-ish hot keys (every 8th put a new cold key), while the
+/// flusher writes to `store`.
+fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, through: bool, seconds: u64) {
+    let mut b = Cache::builder(store)
+        .write_delay(Duration::from_millis(50))
+        .max_batch(1000);
+    if through {
+        b = b.write_mode(writebehind::WriteMode::Through);
+    }
+    let cache = Arc::new(b.build().expect("cache"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(3));
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let cache = cache.clone();
+            let stop = stop.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                let mut i = 0u64;
+                start.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let key = if i % 8 == 0 { 1_000_000 + (x % 1_000_000) } else { x % 1000 };
+                    let v = value(i);
+                    let t0 = Instant::now();
+                    cache.put(key, v).expect("put");
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    let _ = h.record(ns.max(1));
+                    i += 1;
+                }
+                h
+            })
+        })
+        .collect();
+    start.wait();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Histogram::<u64>::new(3).expect("histogram");
+    for t in threads {
+        let _ = all.add(t.join().expect("writer"));
+    }
+    cache.flush().expect("flush");
+    let m = cache.metrics();
+    println!(
+        "| {label} | {} | {} ns | {} ns | {} ns | {} ns | {} | {} |",
+        all.len(),
+        all.value_at_quantile(0.5),
+        all.value_at_quantile(0.99),
+        all.value_at_quantile(0.999),
+        all.max(),
+        m.batches,
+        m.records_written,
+    );
+}
+
+/// Rows per second: the engine flushing `n` dirty keys, against a plain loop of batched
+/// upserts of the same rows through the same adapter.
+fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(label: &str, engine_store: S, plain_store: S, n: u64) {
+    let batch = 1000usize;
+    // Plain: write_all over batches of `batch` rows, versions as the engine would give.
+    let writes: Vec<Write<u64, Vec<u8>>> = (0..n)
+        .map(|k| Write::Put { key: k, value: value(k), version: 1 + k })
+        .collect();
+    let t0 = Instant::now();
+    for chunk in writes.chunks(batch) {
+        plain_store.write_all(chunk).expect("plain write_all");
+    }
+    let plain = n as f64 / t0.elapsed().as_secs_f64();
+
+    let cache = Cache::builder(engine_store)
+        .write_delay(Duration::from_secs(3600))
+        .max_batch(batch)
+        .shards(64)
+        .dirty_ring_capacity(1 << 14)
+        .build()
+        .expect("cache");
+    // The count trigger would start flushing while we fill; fill first with the flusher
+    // held back by a long delay and a trigger above n (max_batch/shards per shard is small,
+    // so measure from the start of the fill to the end of the flush instead, which counts
+    // the puts against the engine).
+    let t0 = Instant::now();
+    for k in 0..n {
+        cache.put(k, value(k)).expect("put");
+    }
+    cache.flush().expect("flush");
+    let engine = n as f64 / t0.elapsed().as_secs_f64();
+    let m = cache.metrics();
+    println!(
+        "| {label} | {n} | {:.0} | {:.0} | {:.2}x | {} batches, {} rows |",
+        plain,
+        engine,
+        engine / plain,
+        m.batches,
+        m.records_written
+    );
+}
+
+fn main() {
+    let n = env("STORES_KEYS", 200_000);
+    let seconds = env("STORES_SECONDS", 3);
+    let dir = tempfile::tempdir().expect("temp dir");
+    println!("machine: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    println!("\n### put latency while the flusher writes to the database (2 writer threads)\n");
+    println!("| mode | puts | p50 | p99 | p99.9 | max | store batches | rows written |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let sqlite = |name: &str| {
+        Arc::new(SqliteStore::<u64, Vec<u8>>::open(dir.path().join(format!("{name}.db")), "kv").expect("sqlite"))
+    };
+    put_latency("SQLite, write-behind", sqlite("lat_behind"), false, seconds);
+    put_latency("SQLite, write-through", sqlite("lat_through"), true, seconds);
+
+    println!("\n### sustained flush throughput (rows/s)\n");
+    println!("| store | rows | plain batched upserts | engine (puts + flush) | engine / plain | engine batches |");
+    println!("|---|---:|---:|---:|---:|---|");
+    flush_throughput("SQLite", sqlite("flush_engine"), sqlite("flush_plain"), n);
+    match std::env::var("WRITEBEHIND_PG_URL") {
+        Ok(url) => {
+            let pg = |table: &str| Arc::new(PostgresStore::<u64, Vec<u8>>::connect(&url, table).expect("postgres"));
+            flush_throughput("PostgreSQL", pg("bench_engine"), pg("bench_plain"), n);
+            put_latency("PostgreSQL, write-behind", pg("bench_latency"), false, seconds);
+        }
+        Err(_) => println!("| PostgreSQL | - | (WRITEBEHIND_PG_URL not set: skipped) | | | |"),
+    }
+}
