@@ -21,7 +21,10 @@ use writebehind::{Cache, Store, Write};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn value(i: u64) -> Vec<u8> {
@@ -56,7 +59,11 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, through: b
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let key = if i % 8 == 0 { 1_000_000 + (x % 1_000_000) } else { x % 1000 };
+                    let key = if i % 8 == 0 {
+                        1_000_000 + (x % 1_000_000)
+                    } else {
+                        x % 1000
+                    };
                     let v = value(i);
                     let t0 = Instant::now();
                     cache.put(key, v).expect("put");
@@ -91,11 +98,20 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, through: b
 
 /// Rows per second: the engine flushing `n` dirty keys, against a plain loop of batched
 /// upserts of the same rows through the same adapter.
-fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(label: &str, engine_store: S, plain_store: S, n: u64) {
+fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
+    label: &str,
+    engine_store: S,
+    plain_store: S,
+    n: u64,
+) {
     let batch = 1000usize;
     // Plain: write_all over batches of `batch` rows, versions as the engine would give.
     let writes: Vec<Write<u64, Vec<u8>>> = (0..n)
-        .map(|k| Write::Put { key: k, value: value(k), version: 1 + k })
+        .map(|k| Write::Put {
+            key: k,
+            value: value(k),
+            version: 1 + k,
+        })
         .collect();
     let t0 = Instant::now();
     for chunk in writes.chunks(batch) {
@@ -135,16 +151,27 @@ fn main() {
     let n = env("STORES_KEYS", 200_000);
     let seconds = env("STORES_SECONDS", 3);
     let dir = tempfile::tempdir().expect("temp dir");
-    println!("machine: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "machine: {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     println!("\n### put latency while the flusher writes to the database (2 writer threads)\n");
     println!("| mode | puts | p50 | p99 | p99.9 | max | store batches | rows written |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let sqlite = |name: &str| {
-        Arc::new(SqliteStore::<u64, Vec<u8>>::open(dir.path().join(format!("{name}.db")), "kv").expect("sqlite"))
+        Arc::new(
+            SqliteStore::<u64, Vec<u8>>::open(dir.path().join(format!("{name}.db")), "kv")
+                .expect("sqlite"),
+        )
     };
     put_latency("SQLite, write-behind", sqlite("lat_behind"), false, seconds);
-    put_latency("SQLite, write-through", sqlite("lat_through"), true, seconds);
+    put_latency(
+        "SQLite, write-through",
+        sqlite("lat_through"),
+        true,
+        seconds,
+    );
 
     println!("\n### sustained flush throughput (rows/s)\n");
     println!("| store | rows | plain batched upserts | engine (puts + flush) | engine / plain | engine batches |");
@@ -152,9 +179,16 @@ fn main() {
     flush_throughput("SQLite", sqlite("flush_engine"), sqlite("flush_plain"), n);
     match std::env::var("WRITEBEHIND_PG_URL") {
         Ok(url) => {
-            let pg = |table: &str| Arc::new(PostgresStore::<u64, Vec<u8>>::connect(&url, table).expect("postgres"));
+            let pg = |table: &str| {
+                Arc::new(PostgresStore::<u64, Vec<u8>>::connect(&url, table).expect("postgres"))
+            };
             flush_throughput("PostgreSQL", pg("bench_engine"), pg("bench_plain"), n);
-            put_latency("PostgreSQL, write-behind", pg("bench_latency"), false, seconds);
+            put_latency(
+                "PostgreSQL, write-behind",
+                pg("bench_latency"),
+                false,
+                seconds,
+            );
         }
         Err(_) => println!("| PostgreSQL | - | (WRITEBEHIND_PG_URL not set: skipped) | | | |"),
     }
