@@ -173,6 +173,11 @@ impl<K, V> SqliteStoreBuilder<K, V> {
         writer
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| at("set synchronous", e))?;
+        // A 32 MiB page cache (the default is 2 MiB): batches of random keys into a large
+        // table otherwise re-read most of their pages from the OS on every batch.
+        writer
+            .pragma_update(None, "cache_size", -32_768)
+            .map_err(|e| at("set cache_size", e))?;
         writer
             .execute_batch(&Sql::create(&self.table, &self.constraints))
             .map_err(|e| at(&format!("create table {}", self.table), e))?;
@@ -364,13 +369,15 @@ impl<K: 'static, V: 'static> SqliteStore<K, V> {
         &self,
         conn: &mut Connection,
         rows: &mut [Option<Row>],
+        order: &[usize],
         failed: &mut Vec<(usize, StoreError)>,
     ) -> Result<Attempt, rusqlite::Error> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut upsert = tx.prepare_cached(&self.sql.upsert)?;
             let mut delete = tx.prepare_cached(&self.sql.delete)?;
-            for (i, slot) in rows.iter_mut().enumerate() {
+            for &i in order {
+                let slot = &mut rows[i];
                 let Some(row) = slot else { continue };
                 let done = match &row.value {
                     Some(v) => upsert.execute(params![row.key, v, row.version]),
@@ -505,10 +512,18 @@ where
                 }
             })
             .collect();
+        // Apply in key order: a batch arrives in hash order, and walking the B-tree in order
+        // touches each page once instead of jumping around the file (measured in
+        // docs/BENCHMARKS.md: several times faster on a table larger than SQLite's page cache).
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by(|&a, &b| {
+            let key = |i: usize| rows[i].as_ref().map(|r| &r.key[..]);
+            key(a).cmp(&key(b))
+        });
         let mut conn = self.writer.lock();
         // Each restart removes at least one row, so this loop ends.
         loop {
-            match self.attempt(&mut conn, &mut rows, &mut failed) {
+            match self.attempt(&mut conn, &mut rows, &order, &mut failed) {
                 Ok(Attempt::Committed) => break,
                 Ok(Attempt::Restart) => continue,
                 Ok(Attempt::CommitRejected) => {
