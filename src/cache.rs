@@ -451,13 +451,12 @@ where
             return Err(Error::Closed);
         }
         if let Some((high, low, policy)) = inner.backpressure {
-            if table.over_limit(high, low) && table.would_add_dirty(hash, &key) {
+            if !table.admits(high, low, hash, &key) {
                 drop(table);
-                return self.write_under_pressure(s, hash, key, value, policy);
+                return self.write_under_pressure(s, hash, key, value, weight, policy);
             }
         }
-        let epoch = shard.open_epoch();
-        let outcome = table.write(hash, key, value, epoch, now, weight);
+        let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
         drop(table);
         Ok(self.after_write(s, outcome))
     }
@@ -488,6 +487,7 @@ where
         hash: u64,
         key: K,
         value: Option<V>,
+        weight: u32,
         policy: Backpressure,
     ) -> Result<u64, Error> {
         let inner = &*self.inner;
@@ -516,8 +516,7 @@ where
                     if inner.closed.load(Ordering::Acquire) {
                         return Err(Error::Closed);
                     }
-                    if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
-                        let weight = inner.weight(&key, value.as_ref());
+                    if table.admits(high, low, hash, &key) {
                         let now = inner.coarse_now();
                         let outcome =
                             table.write(hash, key, value, shard.open_epoch(), now, weight);
@@ -532,9 +531,8 @@ where
                 // writes the key, so the key's versions reach the store in order.
                 let _core = inner.flusher_of(s).core.lock();
                 let mut table = shard.table.lock();
-                if !(table.over_limit(high, low) && table.would_add_dirty(hash, &key)) {
+                if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
-                    let weight = inner.weight(&key, value.as_ref());
                     let now = inner.coarse_now();
                     let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
                     drop(table);
@@ -605,6 +603,7 @@ where
         if let Some(e) = error {
             return Err(Error::Store(e));
         }
+        let weight = inner.weight(write.key(), write.value());
         let mut t = shard.table.lock();
         match write {
             Write::Put {
@@ -612,7 +611,6 @@ where
                 value,
                 version,
             } => {
-                let weight = inner.weight(&key, Some(&value));
                 t.fill_clean(hash, key, value, version, inner.coarse_now(), weight);
             }
             Write::Delete { key, version } => t.remove_clean(hash, &key, version),
@@ -624,11 +622,11 @@ where
         let inner = &*self.inner;
         let hash = inner.hash(&key);
         let shard = &inner.shards[inner.shard_of(hash)];
+        let weight = inner.weight(&key, value.as_ref());
         let mut t = shard.table.lock();
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let weight = inner.weight(&key, value.as_ref());
         let (version, old) = t.set_local(hash, key, value, inner.coarse_now(), weight);
         drop(t);
         drop(old);

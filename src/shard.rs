@@ -290,7 +290,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// Backpressure check for a write that would add a dirty entry: `false` once the table
     /// holds `high` dirty entries, and until it is back at `low`.
     #[inline]
-    pub(crate) fn over_limit(&mut self, high: usize, low: usize) -> bool {
+    fn over_limit(&mut self, high: usize, low: usize) -> bool {
         if self.pressured && self.dirty <= low {
             self.pressured = false;
         }
@@ -300,12 +300,15 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.pressured
     }
 
-    /// `true` if a write to `key` would make a new dirty entry (a write to a dirty entry only
-    /// replaces its value).
-    pub(crate) fn would_add_dirty(&self, hash: u64, key: &K) -> bool {
-        self.map
-            .find(hash, |e| e.key == *key)
-            .is_none_or(|e| !e.is_dirty())
+    /// Backpressure: `true` if a write to `key` may go ahead, i.e. the table is below its
+    /// dirty limit, or the key is dirty already (the write only replaces its value).
+    #[inline]
+    pub(crate) fn admits(&mut self, high: usize, low: usize, hash: u64, key: &K) -> bool {
+        !self.over_limit(high, low)
+            || self
+                .map
+                .find(hash, |e| e.key == *key)
+                .is_some_and(|e| e.is_dirty())
     }
 
     /// `true` once the store holds `version` of the key or a newer one (or the key left the

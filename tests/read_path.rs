@@ -544,3 +544,45 @@ fn invalid_read_side_settings_are_refused() {
     );
     assert_eq!(setting(b().loaders(0).build()), "loaders");
 }
+
+#[test]
+fn the_weigher_runs_with_no_cache_lock_held() {
+    use std::sync::{mpsc, OnceLock, Weak};
+    // A weigher that reads the cache: it would deadlock if it ran under a shard lock.
+    let slot: Arc<OnceLock<Weak<Cache<u64, u64>>>> = Arc::new(OnceLock::new());
+    let s2 = slot.clone();
+    let s = store();
+    let cache = Arc::new(
+        Cache::builder(s.clone())
+            .manual_flushing()
+            .shards(1)
+            .max_weight(1_000)
+            .max_dirty(1, Backpressure::WriteThrough)
+            .weigher(move |_, v: &u64| {
+                if let Some(c) = s2.get().and_then(Weak::upgrade) {
+                    let _ = c.len(); // takes every shard lock
+                }
+                *v as u32
+            })
+            .build()
+            .unwrap(),
+    );
+    slot.set(Arc::downgrade(&cache)).ok();
+    let (tx, rx) = mpsc::channel();
+    let c2 = cache.clone();
+    std::thread::spawn(move || {
+        c2.put(1, 10).unwrap(); // write-behind
+        c2.put(2, 20).unwrap(); // over max_dirty: the write-through fallback
+        c2.set_write_mode(WriteMode::Through).unwrap();
+        c2.put(3, 30).unwrap();
+        c2.set_write_mode(WriteMode::ReadOnly).unwrap();
+        c2.put(4, 40).unwrap();
+        c2.preload([(5, 50)]).unwrap();
+        tx.send(()).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "a write deadlocked: the weigher ran under a shard lock"
+    );
+    assert_eq!(cache.get(&2).unwrap(), Some(20));
+}
