@@ -82,6 +82,8 @@ pub(crate) struct Inner<K, V> {
     coarse: AtomicU64,
     /// Some time-based setting (ttl, tti, refresh, absent caching) is on.
     pub(crate) timed: bool,
+    /// A capacity or weight bound is set: the tables evict.
+    bounded: bool,
     /// How often flushers advance the coarse clock when `timed`.
     pub(crate) tick: Duration,
     weigher: Option<Weigher<K, V>>,
@@ -272,6 +274,7 @@ where
             },
         };
         let timed = (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0;
+        let bounded = limits.capacity != usize::MAX || limits.max_weight != u64::MAX;
         let shortest = [b.ttl, b.tti, b.negative_ttl]
             .into_iter()
             .flatten()
@@ -341,6 +344,7 @@ where
             mode: AtomicU8::new(b.write_mode as u8),
             coarse: AtomicU64::new(0),
             timed,
+            bounded,
             tick,
             weigher: b.weigher,
             loader: b.refresh_ahead.map(|_| Loader::new()),
@@ -639,13 +643,31 @@ where
     /// # Errors
     /// [`Error::Load`] if the key was not in memory and the store failed (never `Ok(None)` for
     /// a failure); [`Error::Closed`] for a miss after `close`.
+    #[inline]
     pub fn get(&self, key: &K) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         let hash = inner.hash(key);
         let s = inner.shard_of(hash);
-        let shard = &inner.shards[s];
+        if inner.timed {
+            return self.get_timed(s, hash, key);
+        }
+        // The common case, inlined: no time-based rule, so a hit reads the shard's first
+        // line and the entry, and nothing else.
+        let mut table = inner.shards[s].table.lock();
+        if let Some(found) = table.get_untimed(hash, key, inner.bounded) {
+            return Ok(found);
+        }
+        let role = table.join_load(hash, key);
+        drop(table);
+        self.finish_miss(s, hash, key, role)
+    }
+
+    /// [`Cache::get`] when a time-based rule is on (expiry, refresh-ahead).
+    #[inline(never)]
+    fn get_timed(&self, s: usize, hash: u64, key: &K) -> Result<Option<V>, Error> {
+        let inner = &*self.inner;
         let now = inner.coarse_now();
-        let mut table = shard.table.lock();
+        let mut table = inner.shards[s].table.lock();
         let role = match table.get(hash, key, now) {
             Lookup::Hit(found) => return Ok(found),
             Lookup::HitRefresh(v, version) => {
@@ -662,6 +684,18 @@ where
             Lookup::Miss => table.join_load(hash, key),
         };
         drop(table);
+        self.finish_miss(s, hash, key, role)
+    }
+
+    /// A missed key: waits for the load in flight, or leads it.
+    #[cold]
+    fn finish_miss(
+        &self,
+        s: usize,
+        hash: u64,
+        key: &K,
+        role: LoadRole<V>,
+    ) -> Result<Option<V>, Error> {
         match role {
             LoadRole::Follower(slot) => slot.wait().map_err(Error::Load),
             LoadRole::Leader(slot) => self.lead_load(s, hash, key, &slot),
@@ -1160,7 +1194,7 @@ where
         let mut m = Metrics::empty();
         for s in self.inner.shards.iter() {
             let t = s.table.lock();
-            let c = t.counters;
+            let c = t.counters();
             m.puts += c.puts;
             m.removes += c.removes;
             m.conflated += c.conflated;

@@ -146,31 +146,42 @@ struct Queues<K> {
 
 /// The single-threaded part of a shard.
 ///
-/// Layout (`repr(C)`): the fields every `get` and `put` writes (`next_version` and the hot
-/// counters) come first, so that with the lock word in front of them (`lock_api::Mutex` keeps
-/// its raw lock first) they share the shard's first cache line. A hit then writes one line of
-/// the shard besides the entry's; with the counters after the table header it wrote two, and
-/// on two cores both bounced between the cores (docs/BENCHMARKS.md). The table header and the
-/// cold state follow.
+/// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
+/// writes, and what every put writes, fills the shard's first cache line with the lock word
+/// (the table header, `next_version`, `hits`, `puts`); the rest of the put path (conflation,
+/// dirty and tombstone counts, the loads-in-flight header, the flags) fills the second. A hit
+/// on a cache without time-based rules so touches one line of the shard besides the entry's
+/// (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss per
+/// get once the entries no longer fit in the cache). The cold state follows.
 #[repr(C)]
 pub(crate) struct Table<K, V> {
+    map: HashTable<Entry<K, V>>,
     /// Next version to hand out; starts at the wall clock (see `Cache` docs) and only grows.
     pub(crate) next_version: u64,
-    pub(crate) counters: ShardCounters,
-    map: HashTable<Entry<K, V>>,
-    /// Entries that are tombstones.
-    tombstones: usize,
+    hits: u64,
+    puts: u64,
+    // -- second line
+    conflated: u64,
     /// Entries that are dirty (`unsent != NONE || in_flight`).
     pub(crate) dirty: usize,
+    /// Entries that are tombstones.
+    tombstones: usize,
+    /// Loads in flight (single-flight read-through).
+    loading: HashTable<Loading<K, V>>,
     /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
     /// it is back at the low watermark.
     pressured: bool,
+    /// A time-based rule is on (TTL, TTI, negative caching, refresh-ahead): entries keep
+    /// their write and access times.
+    timed: bool,
+    // -- cold
+    /// The counters off the hot path (`hits`, `puts` and `conflated` are kept above and
+    /// stay zero here; [`Table::counters`] joins them).
+    cold: ShardCounters,
     limits: Limits,
     /// Sum of the entries' weights.
     weight: u64,
     queues: Queues<K>,
-    /// Loads in flight (single-flight read-through).
-    loading: HashTable<Loading<K, V>>,
     /// The cache's hasher, to rehash keys when the table grows.
     hasher: ahash::RandomState,
 }
@@ -210,17 +221,31 @@ impl<K> Default for Queues<K> {
 impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn new(first_version: u64, limits: Limits, hasher: ahash::RandomState) -> Self {
         Table {
-            next_version: first_version,
-            counters: ShardCounters::default(),
             map: HashTable::new(),
-            tombstones: 0,
+            next_version: first_version,
+            hits: 0,
+            puts: 0,
+            conflated: 0,
             dirty: 0,
+            tombstones: 0,
+            loading: HashTable::new(),
             pressured: false,
+            timed: (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0,
+            cold: ShardCounters::default(),
             limits,
             weight: 0,
             queues: Queues::default(),
-            loading: HashTable::new(),
             hasher,
+        }
+    }
+
+    /// The shard's counters.
+    pub(crate) fn counters(&self) -> ShardCounters {
+        ShardCounters {
+            hits: self.hits,
+            puts: self.puts,
+            conflated: self.conflated,
+            ..self.cold
         }
     }
 
@@ -240,21 +265,39 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             || (limits.tti != 0 && now >= e.accessed.saturating_add(limits.tti))
     }
 
+    /// Looks a key up in a table without time-based rules (the caller knows: no TTL, TTI,
+    /// negative caching or refresh-ahead); `bounded` says the table evicts, so a hit counts
+    /// for the entry's frequency. `None` is a miss, counted. Reads the table's first line and
+    /// the entry, nothing else.
+    #[inline]
+    pub(crate) fn get_untimed(&mut self, hash: u64, key: &K, bounded: bool) -> Option<Option<V>> {
+        debug_assert!(!self.timed, "a timed table goes through `get`");
+        let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
+            self.cold.misses += 1;
+            return None;
+        };
+        self.hits += 1;
+        if bounded {
+            e.freq = (e.freq + 1).min(3);
+        }
+        Some(e.value.clone())
+    }
+
     /// Looks a key up at coarse time `now`.
     #[inline]
     pub(crate) fn get(&mut self, hash: u64, key: &K, now: u64) -> Lookup<V> {
         let limits = self.limits;
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
-            self.counters.misses += 1;
+            self.cold.misses += 1;
             return Lookup::Miss;
         };
         if (limits.ttl | limits.tti | limits.negative_ttl) != 0 && Self::expired(&limits, e, now) {
-            self.counters.expirations += 1;
-            self.counters.misses += 1;
+            self.cold.expirations += 1;
+            self.cold.misses += 1;
             self.remove_entry(hash, key);
             return Lookup::Miss;
         }
-        self.counters.hits += 1;
+        self.hits += 1;
         if limits.capacity != usize::MAX || limits.max_weight != u64::MAX {
             // Only a bounded table evicts: an unbounded one does not write the entry's line.
             e.freq = (e.freq + 1).min(3);
@@ -333,9 +376,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let version = self.next_version;
         self.next_version += 1;
         if is_delete {
-            self.counters.removes += 1;
+            self.cold.removes += 1;
         } else {
-            self.counters.puts += 1;
+            self.puts += 1;
         }
         self.touch_loading(hash, key);
         version
@@ -419,8 +462,11 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_tombstone = e.value.is_none();
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
-            e.born = now;
-            e.accessed = now;
+            if self.timed {
+                // Only then: the times sit on the entry's second line.
+                e.born = now;
+                e.accessed = now;
+            }
             let old_weight = std::mem::replace(&mut e.weight, weight);
             if e.unsent == NONE {
                 e.unsent = version;
@@ -438,7 +484,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 _ => {}
             }
             if !push {
-                self.counters.conflated += 1;
+                self.conflated += 1;
             }
             if old_weight != weight {
                 self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
@@ -508,7 +554,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// A miss: join the load of `key` in flight, or lead a new one.
     pub(crate) fn join_load(&mut self, hash: u64, key: &K) -> LoadRole<V> {
         if let Some(l) = self.loading.find(hash, |l| l.key == *key) {
-            self.counters.load_waits += 1;
+            self.cold.load_waits += 1;
             return LoadRole::Follower(l.slot.clone());
         }
         let slot = Arc::new(LoadSlot::new());
@@ -537,7 +583,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> Option<V> {
-        self.counters.loads += 1;
+        self.cold.loads += 1;
         let stale = match self.loading.find_entry(hash, |l| l.key == *key) {
             Ok(occ) => occ.remove().0.stale,
             Err(_) => true,
@@ -584,17 +630,17 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         };
         e.refreshing = false;
         match loaded {
-            Err(()) => self.counters.refresh_failures += 1,
+            Err(()) => self.cold.refresh_failures += 1,
             Ok(_) if e.version != version || e.is_dirty() => {}
             Ok(Some(v)) => {
                 e.value = Some(v);
                 e.born = now;
                 e.accessed = now;
-                self.counters.refreshes += 1;
+                self.cold.refreshes += 1;
             }
             Ok(None) => {
                 // Deleted in the store by someone else: forget it.
-                self.counters.refreshes += 1;
+                self.cold.refreshes += 1;
                 self.remove_entry(hash, key);
             }
         }
@@ -631,8 +677,11 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_dirty = e.is_dirty();
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
-            e.born = now;
-            e.accessed = now;
+            if self.timed {
+                // Only then: the times sit on the entry's second line.
+                e.born = now;
+                e.accessed = now;
+            }
             e.unsent = NONE;
             let clean_now = !e.is_dirty();
             let old_weight = std::mem::replace(&mut e.weight, weight);
@@ -711,7 +760,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         if tombstone_done {
             self.remove_entry(hash, key);
         } else if expired {
-            self.counters.expirations += 1;
+            self.cold.expirations += 1;
             self.remove_entry(hash, key);
         }
         true
@@ -865,7 +914,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 self.queues.main.push_back((key, hash, stamp));
                 continue;
             }
-            self.counters.evictions += 1;
+            self.cold.evictions += 1;
             self.remove_entry(hash, &key);
         }
         self.over_capacity()
@@ -900,6 +949,12 @@ pub(crate) struct Shard<K, V> {
     pub(crate) triggered: AtomicBool,
     /// A push found the ring full: the flusher must scan the table for dirty keys.
     pub(crate) overflow: AtomicBool,
+    /// Makes the shard's size an odd multiple of 128 bytes. The shards sit in one array, and
+    /// at a power-of-two stride (1024 bytes without this) every shard's lock line fell into
+    /// the same few sets of the L1 cache: 64 shards evicted each other's hot line and a get
+    /// took three times as long on a table that fits in L2 (docs/BENCHMARKS.md). The unit
+    /// test `shard_stride_is_an_odd_multiple_of_128` keeps it so.
+    _stride: [u8; 128],
 }
 
 impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
@@ -916,6 +971,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
             armed: AtomicBool::new(false),
             triggered: AtomicBool::new(false),
             overflow: AtomicBool::new(false),
+            _stride: [0; 128],
         }
     }
 
@@ -981,7 +1037,7 @@ mod tests {
         let mut t = table();
         assert!(put(&mut t, 1, 10, 1), "a new key goes on the ring");
         assert!(!put(&mut t, 1, 11, 1), "same epoch: conflated");
-        assert_eq!(t.counters.conflated, 1);
+        assert_eq!(t.counters().conflated, 1);
         assert!(put(&mut t, 1, 12, 2), "next epoch: pushed again");
         assert_eq!(look(&mut t, 1), Some(Some(12)));
         assert_eq!((t.len(), t.dirty), (1, 1));
@@ -1209,19 +1265,33 @@ mod tests {
         }
     }
 
-    /// The lock word, `next_version` and the hot counters share the shard's first cache line.
     #[test]
-    fn hot_fields_share_the_first_cache_line() {
-        let m: Mutex<Table<u64, u64>> = Mutex::new(table());
-        let base = &m as *const _ as usize;
+    fn shard_stride_is_an_odd_multiple_of_128() {
+        for size in [
+            std::mem::size_of::<Shard<u64, u64>>(),
+            std::mem::size_of::<Shard<String, Vec<u8>>>(),
+        ] {
+            assert_eq!(size % 128, 0, "CachePadded aligns shards to 128 bytes");
+            assert_eq!((size / 128) % 2, 1, "a shard of {size} bytes: power-of-two-ish stride");
+        }
+    }
+
+    /// The lock word and what a hit touches share the shard's first cache line; the rest of
+    /// the put path the second.
+    #[test]
+    fn hot_fields_share_the_first_cache_lines() {
+        let m: CachePadded<Mutex<Table<u64, u64>>> = CachePadded::new(Mutex::new(table()));
+        let base = &*m as *const Mutex<Table<u64, u64>> as usize;
         let g = m.lock();
         let t: &Table<u64, u64> = &g;
-        let data = t as *const _ as usize;
-        let hot_end = &t.counters.misses as *const _ as usize + std::mem::size_of::<u64>();
-        assert_eq!(data - base, 8, "the raw lock comes first");
+        let end = |f: *const u64| f as usize + std::mem::size_of::<u64>() - base;
+        assert_eq!(t as *const _ as usize - base, 8, "the raw lock comes first");
+        assert_eq!(&t.map as *const _ as usize - base, 8, "the table header follows it");
+        assert!(end(&t.puts) <= 64, "lock, header, next_version, hits, puts: one line");
+        let flags = &t.timed as *const bool as usize - base;
         assert!(
-            hot_end - base <= 64,
-            "lock + next_version + hot counters = one line"
+            &t.conflated as *const u64 as usize - base >= 64 && flags < 128,
+            "the rest of the put path: the second line"
         );
     }
 }
