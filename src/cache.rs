@@ -272,6 +272,7 @@ where
                 (Some(f), Some(ttl)) => ns(Some(ttl.mul_f64(f))).max(1),
                 _ => 0,
             },
+            weighted: b.weigher.is_some(),
         };
         let timed = (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0;
         let bounded = limits.capacity != usize::MAX || limits.max_weight != u64::MAX;
@@ -643,7 +644,7 @@ where
     /// # Errors
     /// [`Error::Load`] if the key was not in memory and the store failed (never `Ok(None)` for
     /// a failure); [`Error::Closed`] for a miss after `close`.
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, key: &K) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         let hash = inner.hash(key);

@@ -17,11 +17,14 @@ pub(crate) const NONE: u64 = u64::MAX;
 /// `Entry::queued_epoch` when the key is not on the ring for any epoch.
 pub(crate) const NOT_QUEUED: u64 = 0;
 
-/// One cached key.
+/// One cached key, as the hash table holds it: what a hit and an update read and write.
 ///
 /// `repr(C)`, in the order a get and a put touch the fields: the key and value first, then
-/// the write-path versions and the flags; what only the flusher, expiry or eviction reads
-/// comes last. The hash is not stored: the table rehashes the few keys it moves when it grows.
+/// the write-path versions and the flags. What only the flusher's acknowledgement, expiry,
+/// eviction or a weigher needs is the entry's [`Side`] state, kept in the table's slab: 56
+/// bytes in the table for `u64` keys and values instead of 88 (docs/BENCHMARKS.md: the
+/// table's size decides a get's cache misses once it no longer fits in the cache). The hash
+/// is not stored: the table rehashes the few keys it moves when it grows.
 #[repr(C)]
 pub(crate) struct Entry<K, V> {
     pub(crate) key: K,
@@ -43,16 +46,60 @@ pub(crate) struct Entry<K, V> {
     in_main: bool,
     /// An asynchronous refresh of this entry is scheduled or running.
     refreshing: bool,
-    /// Weight given by the weigher (1 without one).
-    weight: u32,
+    /// The entry's slot in the table's [`Slab`] of [`Side`] states.
+    side: u32,
+}
+
+/// The part of an entry that a hit, and an update of a cache without time-based rules or a
+/// weigher, never touch.
+#[derive(Clone, Copy, Debug, Default)]
+struct Side {
     /// Highest version the store is known to hold (0: none). `wait_durable` reads it.
-    pub(crate) persisted: u64,
+    persisted: u64,
     /// Coarse time (ns) of the last write or load: time-to-live counts from here.
     born: u64,
     /// Coarse time (ns) of the last access: time-to-idle counts from here.
     accessed: u64,
+    /// Weight given by the weigher (1 without one).
+    weight: u32,
     /// Matches the entry's live position in the eviction queues (stale positions differ).
     stamp: u32,
+}
+
+/// The [`Side`] states of a table's entries: a vector with a free list. An entry takes a
+/// slot when it is created and gives it back when it leaves the table.
+#[derive(Default, Debug)]
+struct Slab {
+    slots: Vec<Side>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn take(&mut self, side: Side) -> u32 {
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = side;
+            return i;
+        }
+        let i = u32::try_from(self.slots.len())
+            .expect("a shard holds fewer than 2^32 entries (that would be > 300 GiB)");
+        self.slots.push(side);
+        i
+    }
+
+    fn give_back(&mut self, i: u32) {
+        debug_assert!((i as usize) < self.slots.len());
+        self.free.push(i);
+    }
+
+    #[inline]
+    fn at(&self, i: u32) -> &Side {
+        &self.slots[i as usize]
+    }
+
+    #[inline]
+    fn at_mut(&mut self, i: u32) -> &mut Side {
+        &mut self.slots[i as usize]
+    }
 }
 
 impl<K, V> Entry<K, V> {
@@ -96,6 +143,8 @@ pub(crate) struct Limits {
     pub(crate) negative_ttl: u64,
     /// Age after which an access schedules a refresh (0: no refresh-ahead).
     pub(crate) refresh_after: u64,
+    /// A weigher is set: entries' weights differ from 1.
+    pub(crate) weighted: bool,
 }
 
 impl Limits {
@@ -177,8 +226,10 @@ pub(crate) struct Table<K, V> {
     // -- cold
     /// The counters off the hot path (`hits`, `puts` and `conflated` are kept above and
     /// stay zero here; [`Table::counters`] joins them).
-    cold: ShardCounters,
+    rare: ShardCounters,
     limits: Limits,
+    /// The entries' side state (see [`Side`]).
+    side: Slab,
     /// Sum of the entries' weights.
     weight: u64,
     queues: Queues<K>,
@@ -231,8 +282,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             loading: HashTable::new(),
             pressured: false,
             timed: (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0,
-            cold: ShardCounters::default(),
+            rare: ShardCounters::default(),
             limits,
+            side: Slab::default(),
             weight: 0,
             queues: Queues::default(),
             hasher,
@@ -245,7 +297,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             hits: self.hits,
             puts: self.puts,
             conflated: self.conflated,
-            ..self.cold
+            ..self.rare
         }
     }
 
@@ -254,26 +306,26 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.map.len() - self.tombstones
     }
 
-    fn expired(limits: &Limits, e: &Entry<K, V>, now: u64) -> bool {
+    fn expired(limits: &Limits, e: &Entry<K, V>, side: &Side, now: u64) -> bool {
         if e.is_dirty() {
             return false; // written first, then it may go
         }
         if e.value.is_none() && e.version == 0 {
-            return now >= e.born.saturating_add(limits.negative_ttl);
+            return now >= side.born.saturating_add(limits.negative_ttl);
         }
-        (limits.ttl != 0 && now >= e.born.saturating_add(limits.ttl))
-            || (limits.tti != 0 && now >= e.accessed.saturating_add(limits.tti))
+        (limits.ttl != 0 && now >= side.born.saturating_add(limits.ttl))
+            || (limits.tti != 0 && now >= side.accessed.saturating_add(limits.tti))
     }
 
     /// Looks a key up in a table without time-based rules (the caller knows: no TTL, TTI,
     /// negative caching or refresh-ahead); `bounded` says the table evicts, so a hit counts
     /// for the entry's frequency. `None` is a miss, counted. Reads the table's first line and
     /// the entry, nothing else.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get_untimed(&mut self, hash: u64, key: &K, bounded: bool) -> Option<Option<V>> {
         debug_assert!(!self.timed, "a timed table goes through `get`");
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
-            self.cold.misses += 1;
+            self.rare.misses += 1;
             return None;
         };
         self.hits += 1;
@@ -288,12 +340,15 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn get(&mut self, hash: u64, key: &K, now: u64) -> Lookup<V> {
         let limits = self.limits;
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
-            self.cold.misses += 1;
+            self.rare.misses += 1;
             return Lookup::Miss;
         };
-        if (limits.ttl | limits.tti | limits.negative_ttl) != 0 && Self::expired(&limits, e, now) {
-            self.cold.expirations += 1;
-            self.cold.misses += 1;
+        let side = self.side.at_mut(e.side);
+        if (limits.ttl | limits.tti | limits.negative_ttl) != 0
+            && Self::expired(&limits, e, side, now)
+        {
+            self.rare.expirations += 1;
+            self.rare.misses += 1;
             self.remove_entry(hash, key);
             return Lookup::Miss;
         }
@@ -303,12 +358,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             e.freq = (e.freq + 1).min(3);
         }
         if limits.tti != 0 {
-            e.accessed = now;
+            side.accessed = now;
         }
         if limits.refresh_after != 0
             && !e.refreshing
             && !e.is_dirty()
-            && now >= e.born.saturating_add(limits.refresh_after)
+            && now >= side.born.saturating_add(limits.refresh_after)
         {
             if let Some(v) = &e.value {
                 e.refreshing = true;
@@ -359,7 +414,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> bool {
         self.map
             .find(hash, |e| e.key == *key)
-            .is_none_or(|e| e.persisted >= version)
+            .is_none_or(|e| self.side.at(e.side).persisted >= version)
     }
 
     /// Hands out the next version (for a write that does not go through `write`).
@@ -376,7 +431,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let version = self.next_version;
         self.next_version += 1;
         if is_delete {
-            self.cold.removes += 1;
+            self.rare.removes += 1;
         } else {
             self.puts += 1;
         }
@@ -404,6 +459,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     ) -> Entry<K, V> {
         let stamp = self.queues.next_stamp;
         self.queues.next_stamp = stamp.wrapping_add(1);
+        let side = self.side.take(Side {
+            persisted: 0,
+            born: now,
+            accessed: now,
+            weight,
+            stamp,
+        });
         Entry {
             key,
             value,
@@ -414,11 +476,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             freq: 0,
             in_main: false,
             refreshing: false,
-            weight,
-            persisted: 0,
-            born: now,
-            accessed: now,
-            stamp,
+            side,
         }
     }
 
@@ -427,12 +485,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         if e.value.is_none() {
             self.tombstones += 1;
         }
-        self.weight += u64::from(e.weight);
+        let side = *self.side.at(e.side);
+        self.weight += u64::from(side.weight);
         if self.limits.bounded() {
             let q = &mut self.queues;
             let ghost = q.ghost_set.find(hash, |h| *h == hash).is_some();
             e.in_main = ghost;
-            let pos = (e.key.clone(), hash, e.stamp);
+            let pos = (e.key.clone(), hash, side.stamp);
             if ghost {
                 q.main.push_back(pos);
             } else {
@@ -462,12 +521,14 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_tombstone = e.value.is_none();
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
-            if self.timed {
-                // Only then: the times sit on the entry's second line.
-                e.born = now;
-                e.accessed = now;
+            let mut old_weight = weight;
+            if self.timed || self.limits.weighted {
+                // Only then: the side state is another line.
+                let side = self.side.at_mut(e.side);
+                side.born = now;
+                side.accessed = now;
+                old_weight = std::mem::replace(&mut side.weight, weight);
             }
-            let old_weight = std::mem::replace(&mut e.weight, weight);
             if e.unsent == NONE {
                 e.unsent = version;
             }
@@ -534,18 +595,19 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_tombstone = e.value.is_none();
             e.value = Some(value.clone());
             e.version = version;
-            e.persisted = e.persisted.max(version);
-            e.born = now;
-            e.accessed = now;
-            let old_weight = std::mem::replace(&mut e.weight, weight);
+            let side = self.side.at_mut(e.side);
+            side.persisted = side.persisted.max(version);
+            side.born = now;
+            side.accessed = now;
+            let old_weight = std::mem::replace(&mut side.weight, weight);
             if was_tombstone {
                 self.tombstones -= 1;
             }
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             return Some(value);
         }
-        let mut e = self.new_entry(key, Some(value.clone()), version, now, weight);
-        e.persisted = version;
+        let e = self.new_entry(key, Some(value.clone()), version, now, weight);
+        self.side.at_mut(e.side).persisted = version;
         self.insert(hash, e);
         self.enforce();
         Some(value)
@@ -554,7 +616,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// A miss: join the load of `key` in flight, or lead a new one.
     pub(crate) fn join_load(&mut self, hash: u64, key: &K) -> LoadRole<V> {
         if let Some(l) = self.loading.find(hash, |l| l.key == *key) {
-            self.cold.load_waits += 1;
+            self.rare.load_waits += 1;
             return LoadRole::Follower(l.slot.clone());
         }
         let slot = Arc::new(LoadSlot::new());
@@ -583,7 +645,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> Option<V> {
-        self.cold.loads += 1;
+        self.rare.loads += 1;
         let stale = match self.loading.find_entry(hash, |l| l.key == *key) {
             Ok(occ) => occ.remove().0.stale,
             Err(_) => true,
@@ -630,17 +692,18 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         };
         e.refreshing = false;
         match loaded {
-            Err(()) => self.cold.refresh_failures += 1,
+            Err(()) => self.rare.refresh_failures += 1,
             Ok(_) if e.version != version || e.is_dirty() => {}
             Ok(Some(v)) => {
                 e.value = Some(v);
-                e.born = now;
-                e.accessed = now;
-                self.cold.refreshes += 1;
+                let side = self.side.at_mut(e.side);
+                side.born = now;
+                side.accessed = now;
+                self.rare.refreshes += 1;
             }
             Ok(None) => {
                 // Deleted in the store by someone else: forget it.
-                self.cold.refreshes += 1;
+                self.rare.refreshes += 1;
                 self.remove_entry(hash, key);
             }
         }
@@ -677,14 +740,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_dirty = e.is_dirty();
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
-            if self.timed {
-                // Only then: the times sit on the entry's second line.
-                e.born = now;
-                e.accessed = now;
-            }
+            let side = self.side.at_mut(e.side);
+            side.born = now;
+            side.accessed = now;
+            let old_weight = std::mem::replace(&mut side.weight, weight);
             e.unsent = NONE;
             let clean_now = !e.is_dirty();
-            let old_weight = std::mem::replace(&mut e.weight, weight);
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             if was_dirty && clean_now {
                 self.dirty -= 1;
@@ -749,18 +810,19 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             return false;
         }
         e.in_flight = false;
-        e.persisted = e.persisted.max(version);
+        let side = self.side.at_mut(e.side);
+        side.persisted = side.persisted.max(version);
         if e.unsent != NONE {
             // Written to again during the batch: still dirty, and that write pushed the key.
             return false;
         }
         let tombstone_done = e.value.is_none() && e.version == version;
-        let expired = (limits.ttl | limits.tti) != 0 && Self::expired(&limits, e, now);
+        let expired = (limits.ttl | limits.tti) != 0 && Self::expired(&limits, e, side, now);
         self.dirty -= 1;
         if tombstone_done {
             self.remove_entry(hash, key);
         } else if expired {
-            self.cold.expirations += 1;
+            self.rare.expirations += 1;
             self.remove_entry(hash, key);
         }
         true
@@ -869,9 +931,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let Some((key, hash, stamp)) = popped else {
                 break;
             };
+            let side = &self.side;
             let Some(e) = self
                 .map
-                .find_mut(hash, |e| e.key == key && e.stamp == stamp)
+                .find_mut(hash, |e| e.key == key && side.at(e.side).stamp == stamp)
             else {
                 continue; // a stale position: the entry left or was re-inserted
             };
@@ -914,7 +977,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 self.queues.main.push_back((key, hash, stamp));
                 continue;
             }
-            self.cold.evictions += 1;
+            self.rare.evictions += 1;
             self.remove_entry(hash, &key);
         }
         self.over_capacity()
@@ -929,7 +992,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             if !e.in_main && self.limits.bounded() {
                 self.queues.small_live = self.queues.small_live.saturating_sub(1);
             }
-            self.weight -= u64::from(e.weight);
+            self.weight -= u64::from(self.side.at(e.side).weight);
+            self.side.give_back(e.side);
             self.touch_loading(hash, key);
         }
     }
@@ -1003,6 +1067,7 @@ mod tests {
         tti: 0,
         negative_ttl: 0,
         refresh_after: 0,
+        weighted: false,
     };
 
     fn table() -> Table<u64, u64> {
@@ -1265,6 +1330,34 @@ mod tests {
         }
     }
 
+    /// The hash table holds only what a hit and an update touch.
+    #[test]
+    fn entry_keeps_the_side_state_out_of_the_table() {
+        assert_eq!(std::mem::size_of::<Entry<u64, u64>>(), 56);
+        assert_eq!(std::mem::size_of::<Side>(), 32);
+    }
+
+    /// Slots are reused: a table that churns through keys keeps its slab at its peak size.
+    #[test]
+    fn side_slots_are_reused_after_removal() {
+        let mut t = table();
+        for round in 0..10u64 {
+            for k in 0..100u64 {
+                t.fill_clean(h(k), k, k + round, 1 + round, 0, 1);
+            }
+            for k in 0..100u64 {
+                t.remove_clean(h(k), &k, 1_000);
+            }
+            assert_eq!(t.len(), 0);
+        }
+        assert_eq!(
+            t.side.slots.len(),
+            100,
+            "ten rounds of 100 keys reuse 100 slots"
+        );
+        assert_eq!(t.side.free.len(), 100);
+    }
+
     #[test]
     fn shard_stride_is_an_odd_multiple_of_128() {
         for size in [
@@ -1272,7 +1365,11 @@ mod tests {
             std::mem::size_of::<Shard<String, Vec<u8>>>(),
         ] {
             assert_eq!(size % 128, 0, "CachePadded aligns shards to 128 bytes");
-            assert_eq!((size / 128) % 2, 1, "a shard of {size} bytes: power-of-two-ish stride");
+            assert_eq!(
+                (size / 128) % 2,
+                1,
+                "a shard of {size} bytes: power-of-two-ish stride"
+            );
         }
     }
 
@@ -1286,8 +1383,15 @@ mod tests {
         let t: &Table<u64, u64> = &g;
         let end = |f: *const u64| f as usize + std::mem::size_of::<u64>() - base;
         assert_eq!(t as *const _ as usize - base, 8, "the raw lock comes first");
-        assert_eq!(&t.map as *const _ as usize - base, 8, "the table header follows it");
-        assert!(end(&t.puts) <= 64, "lock, header, next_version, hits, puts: one line");
+        assert_eq!(
+            &t.map as *const _ as usize - base,
+            8,
+            "the table header follows it"
+        );
+        assert!(
+            end(&t.puts) <= 64,
+            "lock, header, next_version, hits, puts: one line"
+        );
         let flags = &t.timed as *const bool as usize - base;
         assert!(
             &t.conflated as *const u64 as usize - base >= 64 && flags < 128,
