@@ -61,8 +61,9 @@ pub(crate) struct Inner<K, V> {
     closed: AtomicBool,
     /// Threads inside a read-through or write-through store call; `close` waits for them.
     store_users: AtomicUsize,
-    /// Count trigger per shard: pushes that fill a ring to this many keys wake the flusher.
-    trigger: usize,
+    /// The count trigger's step: a push that brings its ring to a multiple of this many keys
+    /// adds that many to its flusher's count of queued keys (see [`Cache::push`]).
+    count_chunk: usize,
     failed: Mutex<VecDeque<FailedWrite<K, V>>>,
     on_failed_write: Option<FailedWriteHook<K, V>>,
     load_errors: AtomicU64,
@@ -256,8 +257,14 @@ where
         let nshards = b.shards;
         let nflushers = b.flushers;
         let owned_per_flusher = nshards / nflushers + usize::from(nshards % nflushers != 0);
-        let trigger = (b.max_batch / owned_per_flusher).max(1);
-        let ring_capacity = b.ring_capacity.max(2 * trigger).min(1 << 24);
+        // Counting in steps of `count_chunk` keys per ring keeps the flusher's counter off most
+        // pushes; the trigger may then fire up to `owned × (count_chunk − 1)` keys late, so the
+        // step stays at a quarter of a shard's even share of a batch, and at most 8.
+        let count_chunk = (b.max_batch / (4 * owned_per_flusher)).clamp(1, 8);
+        let ring_capacity = b
+            .ring_capacity
+            .max(2 * (b.max_batch / owned_per_flusher).max(1))
+            .min(1 << 24);
         let ns =
             |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let limits = Limits {
@@ -326,7 +333,7 @@ where
             flushers,
             closed: AtomicBool::new(false),
             store_users: AtomicUsize::new(0),
-            trigger,
+            count_chunk,
             failed: Mutex::new(VecDeque::new()),
             on_failed_write: b.on_failed_write,
             load_errors: AtomicU64::new(0),
@@ -554,10 +561,29 @@ where
     fn push(&self, s: usize, key: K) {
         let inner = &*self.inner;
         let shard = &inner.shards[s];
-        match shard.ring.push(key) {
+        let pushed = shard.ring.push(key);
+        // Arm the shard first: a count-triggered step drains the armed shards, and this key
+        // must be in that batch.
+        if !shard.armed.load(Ordering::SeqCst) && !shard.armed.swap(true, Ordering::SeqCst) {
+            inner.flusher_of(s).wake();
+        }
+        match pushed {
             Ok(len) => {
-                if len == inner.trigger && !shard.triggered.swap(true, Ordering::SeqCst) {
-                    inner.flusher_of(s).wake();
+                // The count trigger: `max_batch` keys queued in this flusher's shards. Each
+                // ring adds its keys to the flusher's count in steps of `count_chunk`, so the
+                // shared counter is written by few pushes; a push adds its own ring's part
+                // step to the count it reads. Exact with one shard per flusher; otherwise the
+                // other rings' part steps may make it fire up to
+                // `(shards per flusher − 1) × (count_chunk − 1)` keys late.
+                let chunk = inner.count_chunk;
+                let flusher = inner.flusher_of(s);
+                let queued = if len % chunk == 0 {
+                    flusher.count(chunk)
+                } else {
+                    flusher.counted() + len % chunk
+                };
+                if queued >= inner.config.max_batch {
+                    flusher.fire_count_trigger();
                 }
             }
             Err(_) => {
@@ -566,9 +592,6 @@ where
                     inner.flusher_of(s).wake();
                 }
             }
-        }
-        if !shard.armed.load(Ordering::SeqCst) && !shard.armed.swap(true, Ordering::SeqCst) {
-            inner.flusher_of(s).wake();
         }
     }
 

@@ -267,8 +267,10 @@ impl<K, V> Builder<K, V> {
         self
     }
 
-    /// The most writes in one `write_all` call; this many dirty keys also start a flush before
-    /// the delay is up. Must be at least 1. Default 1000.
+    /// The most writes in one `write_all` call; this many dirty keys queued in a flusher's
+    /// shards also start a flush of all of them before the delay is up (counted in small
+    /// steps per shard, so with several shards per flusher it may fire a few keys late; see
+    /// docs/ARCHITECTURE.md, "Count trigger"). Must be at least 1. Default 1000.
     pub fn max_batch(mut self, n: usize) -> Self {
         self.max_batch = n;
         self

@@ -2,8 +2,9 @@
 //! to the store. Its logic is [`FlusherCore::step`], which the thread loop calls and which
 //! tests and model checks can call directly (manual flushing).
 //!
-//! One step, for every shard it selects (due, count-triggered, overflowed, or all of them when
-//! a flush/close asks):
+//! One step, for every shard it selects (due; asked for by its capacity or backpressure;
+//! overflowed; every armed one when the flusher's count trigger fired; or all of them when a
+//! flush/close asks):
 //! 1. disarm the shard's delay, close its epoch with one increment, drain its ring (and scan
 //!    its table if the ring overflowed);
 //! 2. add the retry items that are due;
@@ -26,9 +27,9 @@ use crate::error::{BatchError, StoreError};
 use crate::metrics::FlusherStats;
 use crate::shard::NONE;
 use crate::store::Write;
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::sync::thread::Unparker;
-use crate::sync::{Arc, Condvar, Mutex};
+use crate::sync::{Arc, CachePadded, Condvar, Mutex};
 
 /// How many keys a flusher snapshots per acquisition of a shard lock, to keep writers'
 /// waits short.
@@ -161,6 +162,11 @@ pub(crate) struct Flusher<K> {
     pub(crate) unparker: Unparker,
     mailbox: Mutex<Mailbox>,
     pub(crate) stats: FlusherStats,
+    /// Keys pushed on this flusher's rings and not yet drained, as counted by the count
+    /// trigger (in steps, so an estimate: see `Cache::push`).
+    queued: CachePadded<AtomicUsize>,
+    /// The count trigger fired: the next step drains every armed shard of this flusher.
+    count_fired: AtomicBool,
 }
 
 impl<K> Flusher<K> {
@@ -170,6 +176,42 @@ impl<K> Flusher<K> {
             unparker: Unparker::default(),
             mailbox: Mutex::new(Mailbox::default()),
             stats: FlusherStats::default(),
+            queued: CachePadded::new(AtomicUsize::new(0)),
+            count_fired: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts `n` more queued keys; returns the new total.
+    #[inline]
+    pub(crate) fn count(&self, n: usize) -> usize {
+        self.queued.fetch_add(n, Ordering::SeqCst) + n
+    }
+
+    /// Forgets `n` queued keys the flusher drained (never below zero: a drain also takes keys
+    /// that were never counted).
+    fn uncount(&self, n: usize) {
+        if n > 0 {
+            let _ = self
+                .queued
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                    Some(q.saturating_sub(n))
+                });
+        }
+    }
+
+    /// The keys counted so far.
+    #[inline]
+    pub(crate) fn counted(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Asks for a count-triggered step (once until the flusher takes it).
+    #[inline]
+    pub(crate) fn fire_count_trigger(&self) {
+        if !self.count_fired.load(Ordering::SeqCst)
+            && !self.count_fired.swap(true, Ordering::SeqCst)
+        {
+            self.wake();
         }
     }
 
@@ -263,6 +305,8 @@ pub(crate) struct FlusherCore<K> {
     /// Flush tickets taken from the mailbox; `true` once a full step ran after taking it.
     tickets: Vec<(Arc<Ticket>, bool)>,
     scratch: Vec<K>,
+    /// The keys of a step, kept between steps so their room is reused.
+    work: Vec<Work<K>>,
 }
 
 impl<K> FlusherCore<K> {
@@ -278,6 +322,7 @@ impl<K> FlusherCore<K> {
             rng: 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1),
             tickets: Vec::new(),
             scratch: Vec::new(),
+            work: Vec::new(),
         }
     }
 }
@@ -306,12 +351,16 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             return false;
         }
 
-        // 1. Close epochs and drain rings of the selected shards.
-        let mut work: Vec<Work<K>> = Vec::new();
+        // 1. Close epochs and drain rings of the selected shards. The count trigger selects
+        // every armed shard: the batch then holds what the whole flusher has queued.
+        let flusher = &inner.flushers[self.index];
+        let counted = flusher.count_fired.swap(false, Ordering::SeqCst);
+        let mut work = std::mem::take(&mut self.work);
         for slot in 0..self.owned.len() {
             let s = self.owned[slot];
             let shard = &inner.shards[s];
             let selected = mode.full
+                || (counted && shard.armed.load(Ordering::SeqCst))
                 || shard.triggered.load(Ordering::SeqCst)
                 || shard.overflow.load(Ordering::SeqCst)
                 || self.due[slot].is_some_and(|d| d <= now);
@@ -327,6 +376,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             let overflow = shard.overflow.swap(false, Ordering::SeqCst);
             self.scratch.clear();
             shard.ring.drain_into(&mut self.scratch, mode.full);
+            flusher.uncount(self.scratch.len());
             if overflow {
                 shard.table.lock().scan_dirty(&mut self.scratch);
             }
@@ -353,7 +403,8 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 i += 1;
             }
         }
-        self.write_out(inner, work);
+        self.write_out(inner, &mut work);
+        self.work = work;
         self.publish_oldest(inner, delay);
         true
     }
@@ -383,23 +434,26 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 since: now,
             },
         };
-        self.write_out(inner, vec![work]);
+        self.write_out(inner, &mut vec![work]);
     }
 
     /// Snapshots the keys of `work` in batches of at most `max_batch`, sends and applies them.
-    fn write_out<V>(&mut self, inner: &Inner<K, V>, mut work: Vec<Work<K>>)
+    fn write_out<V>(&mut self, inner: &Inner<K, V>, work: &mut Vec<Work<K>>)
     where
         V: Clone + Send + Sync + 'static,
     {
         if work.is_empty() {
             return;
         }
-        // Keys of one shard together, so snapshots take each lock once per chunk.
-        work.sort_by_key(|w| w.shard);
+        // Keys of one shard together, so snapshots take each lock once per chunk (drained
+        // rings come shard by shard already; retries may not).
+        if !work.is_sorted_by_key(|w| w.shard) {
+            work.sort_by_key(|w| w.shard);
+        }
         let max_batch = inner.config.max_batch;
         let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
-        let mut work = work.into_iter().peekable();
+        let mut work = work.drain(..).peekable();
         while let Some(s) = work.peek().map(|w| w.shard) {
             let mut table = inner.shards[s].table.lock();
             let mut taken = 0;
