@@ -151,7 +151,9 @@ where
 
     #[inline]
     fn flusher_of(&self, shard: usize) -> &Flusher<K> {
-        &self.flushers[shard % self.flushers.len()]
+        // One flusher is the default: no division on the push path then.
+        let n = self.flushers.len();
+        &self.flushers[if n == 1 { 0 } else { shard % n }]
     }
 
     /// `true` if the failed-writes sink can take one more write.
@@ -260,7 +262,8 @@ where
         // Counting in steps of `count_chunk` keys per ring keeps the flusher's counter off most
         // pushes; the trigger may then fire up to `owned × (count_chunk − 1)` keys late, so the
         // step stays at a quarter of a shard's even share of a batch, and at most 8.
-        let count_chunk = (b.max_batch / (4 * owned_per_flusher)).clamp(1, 8);
+        // A power of two, so the push path masks instead of dividing.
+        let count_chunk = prev_power_of_two((b.max_batch / (4 * owned_per_flusher)).clamp(1, 8));
         let ring_capacity = b
             .ring_capacity
             .max(2 * (b.max_batch / owned_per_flusher).max(1))
@@ -577,10 +580,11 @@ where
                 // `(shards per flusher − 1) × (count_chunk − 1)` keys late.
                 let chunk = inner.count_chunk;
                 let flusher = inner.flusher_of(s);
-                let queued = if len % chunk == 0 {
+                let part = len & (chunk - 1);
+                let queued = if part == 0 {
                     flusher.count(chunk)
                 } else {
-                    flusher.counted() + len % chunk
+                    flusher.counted() + part
                 };
                 if queued >= inner.config.max_batch {
                     flusher.fire_count_trigger();
@@ -1378,9 +1382,26 @@ where
 /// process writes versions above its predecessor's (unless the wall clock went back by more
 /// than the time between the two, or the predecessor wrote more than one version per
 /// nanosecond of that gap in one shard).
+/// The largest power of two not above `n` (`n` >= 1).
+fn prev_power_of_two(n: usize) -> usize {
+    debug_assert!(n >= 1);
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
 fn first_version() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
         .max(1)
+}
+
+#[cfg(all(test, not(writebehind_loom)))]
+mod tests {
+    use super::prev_power_of_two;
+
+    #[test]
+    fn count_steps_are_powers_of_two() {
+        let got: Vec<usize> = (1..=9).map(prev_power_of_two).collect();
+        assert_eq!(got, vec![1, 2, 2, 4, 4, 4, 4, 8, 8]);
+    }
 }
