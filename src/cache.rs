@@ -260,9 +260,9 @@ where
         let nflushers = b.flushers;
         let owned_per_flusher = nshards / nflushers + usize::from(nshards % nflushers != 0);
         // Counting in steps of `count_chunk` keys per ring keeps the flusher's counter off most
-        // pushes; the trigger may then fire up to `owned × (count_chunk − 1)` keys late, so the
-        // step stays at a quarter of a shard's even share of a batch, and at most 8.
-        // A power of two, so the push path masks instead of dividing.
+        // pushes; the trigger may then fire up to `(owned − 1) × (count_chunk − 1)` keys late,
+        // so the step stays at a quarter of a shard's even share of a batch, and at most 8; a
+        // power of two, so the push path masks instead of dividing.
         let count_chunk = prev_power_of_two((b.max_batch / (4 * owned_per_flusher)).clamp(1, 8));
         let ring_capacity = b
             .ring_capacity
@@ -284,8 +284,8 @@ where
             },
             weighted: b.weigher.is_some(),
         };
-        let timed = (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0;
-        let bounded = limits.capacity != usize::MAX || limits.max_weight != u64::MAX;
+        let timed = limits.timed();
+        let bounded = limits.bounded();
         let shortest = [b.ttl, b.tti, b.negative_ttl]
             .into_iter()
             .flatten()
@@ -1378,16 +1378,16 @@ where
     }
 }
 
-/// The first version a new cache hands out: nanoseconds since the Unix epoch, so a restarted
-/// process writes versions above its predecessor's (unless the wall clock went back by more
-/// than the time between the two, or the predecessor wrote more than one version per
-/// nanosecond of that gap in one shard).
 /// The largest power of two not above `n` (`n` >= 1).
 fn prev_power_of_two(n: usize) -> usize {
     debug_assert!(n >= 1);
     1 << (usize::BITS - 1 - n.leading_zeros())
 }
 
+/// The first version a new cache hands out: nanoseconds since the Unix epoch, so a restarted
+/// process writes versions above its predecessor's (unless the wall clock went back by more
+/// than the time between the two, or the predecessor wrote more than one version per
+/// nanosecond of that gap in one shard).
 fn first_version() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

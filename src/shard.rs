@@ -148,8 +148,14 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    fn bounded(&self) -> bool {
+    /// A capacity or weight bound is set: the table evicts.
+    pub(crate) fn bounded(&self) -> bool {
         self.capacity != usize::MAX || self.max_weight != u64::MAX
+    }
+
+    /// A time-based rule is on (TTL, TTI, negative caching, refresh-ahead).
+    pub(crate) fn timed(&self) -> bool {
+        (self.ttl | self.tti | self.negative_ttl | self.refresh_after) != 0
     }
 }
 
@@ -281,7 +287,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             tombstones: 0,
             loading: HashTable::new(),
             pressured: false,
-            timed: (limits.ttl | limits.tti | limits.negative_ttl | limits.refresh_after) != 0,
+            timed: limits.timed(),
             rare: ShardCounters::default(),
             limits,
             side: Slab::default(),
@@ -353,7 +359,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             return Lookup::Miss;
         }
         self.hits += 1;
-        if limits.capacity != usize::MAX || limits.max_weight != u64::MAX {
+        if limits.bounded() {
             // Only a bounded table evicts: an unbounded one does not write the entry's line.
             e.freq = (e.freq + 1).min(3);
         }

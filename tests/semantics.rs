@@ -189,58 +189,46 @@ fn batches_never_exceed_max_batch() {
     );
 }
 
-/// The count trigger counts the dirty keys of all of a flusher's shards, and the batch it
-/// fires carries all of them: 99 keys spread over 64 shards wait, the 100th sends the 100 in
-/// one batch.
-#[test]
-fn count_trigger_counts_across_shards_and_sends_one_batch() {
+/// `max_batch − 1` dirty keys over `shards` shards wait for the hour-long delay; one more
+/// starts a flush at once, which sends all of them in one batch.
+fn count_trigger_case(shards: usize, max_batch: u64) {
     let s = store();
     let cache = Cache::builder(s.clone())
         .write_delay(Duration::from_secs(3600))
-        .max_batch(100)
-        .shards(64)
+        .max_batch(max_batch as usize)
+        .shards(shards)
         .build()
         .unwrap();
-    for k in 0..99 {
+    for k in 0..max_batch - 1 {
         cache.put(k, k).unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
     assert!(
         s.calls().is_empty(),
-        "99 dirty keys over 64 shards: below the trigger"
+        "{} dirty keys over {shards} shard(s): below the trigger, the delay holds",
+        max_batch - 1
     );
-    cache.put(99, 99).unwrap();
+    cache.put(max_batch - 1, 0).unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || s.memory().len() == 100),
-        "the 100th dirty key triggers a flush long before the delay"
+        eventually(Duration::from_secs(5), || s.memory().len() as u64
+            == max_batch),
+        "the last dirty key triggers a flush long before the delay"
     );
     let sizes: Vec<usize> = s.calls().iter().map(|c| c.batch.len()).collect();
-    assert_eq!(sizes, vec![100], "one full batch");
+    assert_eq!(sizes, vec![max_batch as usize], "one full batch");
 }
 
 #[test]
 fn count_trigger_flushes_before_the_delay() {
-    let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .max_batch(50)
-        .shards(1)
-        .build()
-        .unwrap();
-    for k in 0..49 {
-        cache.put(k, k).unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        s.calls().is_empty(),
-        "49 dirty keys: below the trigger, the hour-long delay holds"
-    );
-    cache.put(49, 49).unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || s.memory().len() == 50),
-        "the 50th dirty key triggers a flush long before the delay"
-    );
-    assert!(s.calls().iter().all(|c| c.batch.len() <= 50));
+    count_trigger_case(1, 50);
+}
+
+/// The count trigger counts the dirty keys of all of a flusher's shards, and the batch it
+/// fires carries all of them (the trigger used to count per shard and fire at
+/// `max_batch / shards` keys, with a batch of that one shard).
+#[test]
+fn count_trigger_counts_across_shards_and_sends_one_batch() {
+    count_trigger_case(64, 100);
 }
 
 #[test]
