@@ -2,8 +2,8 @@
 //!
 //! | adapter | feature | database |
 //! | --- | --- | --- |
-//! | [`SqliteStore`] | `sqlite` | embedded SQLite (bundled, nothing to install) |
-//! | [`PostgresStore`] | `postgres` | a PostgreSQL server (or one speaking its protocol) |
+//! | `SqliteStore` | `sqlite` | embedded SQLite (bundled, nothing to install) |
+//! | `PostgresStore` | `postgres` | a PostgreSQL server (or one speaking its protocol) |
 //!
 //! Both keep one row per key in a table they create if it is missing:
 //!
