@@ -260,7 +260,11 @@ pub fn run_threads<V: Val, C: SyncCache<V>>(
                     if plan.writes[t][(i as usize) & (PLAN_LEN - 1)] {
                         c.put(k, V::make(i));
                     } else {
-                        sink = sink.wrapping_add(c.get(k).is_some() as u64);
+                        // The whole value is handed to black_box: otherwise the optimizer may
+                        // drop the copy of a value nobody reads (it did for dashmap's
+                        // 256-byte gets, which then read one cache line of five).
+                        let got = std::hint::black_box(c.get(k));
+                        sink = sink.wrapping_add(got.is_some() as u64);
                     }
                 }
                 std::hint::black_box(sink);
