@@ -229,6 +229,8 @@ pub(crate) struct Table<K, V> {
     /// A time-based rule is on (TTL, TTI, negative caching, refresh-ahead): entries keep
     /// their write and access times.
     timed: bool,
+    /// A weigher is set (`Limits::weighted`, kept here so an update reads no cold line).
+    weighted: bool,
     // -- cold
     /// The counters off the hot path (`hits`, `puts` and `conflated` are kept above and
     /// stay zero here; [`Table::counters`] joins them).
@@ -288,6 +290,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             loading: HashTable::new(),
             pressured: false,
             timed: limits.timed(),
+            weighted: limits.weighted,
             rare: ShardCounters::default(),
             limits,
             side: Slab::default(),
@@ -528,7 +531,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let old = std::mem::replace(&mut e.value, value);
             e.version = version;
             let mut old_weight = weight;
-            if self.timed || self.limits.weighted {
+            if self.timed || self.weighted {
                 // Only then: the side state is another line.
                 let side = self.side.at_mut(e.side);
                 side.born = now;
@@ -1398,7 +1401,8 @@ mod tests {
             end(&t.puts) <= 64,
             "lock, header, next_version, hits, puts: one line"
         );
-        let flags = &t.timed as *const bool as usize - base;
+        let flags = (&t.weighted as *const bool as usize - base)
+            .max(&t.timed as *const bool as usize - base);
         assert!(
             &t.conflated as *const u64 as usize - base >= 64 && flags < 128,
             "the rest of the put path: the second line"

@@ -323,6 +323,26 @@ fn weigher_bounds_total_weight() {
     assert!(m.evictions >= 90);
 }
 
+/// Overwriting a key re-weighs it: a heavy value replaced by a light one frees its weight.
+#[test]
+fn an_update_reweighs_the_entry() {
+    let s = store();
+    let (cache, _) = manual_with(&s, |b| b.weigher(|_, v: &u64| *v as u32).max_weight(1000));
+    cache.put(1, 900).unwrap();
+    cache.flush().unwrap();
+    cache.put(1, 10).unwrap(); // weight 900 -> 10
+    cache.flush().unwrap();
+    cache.put(2, 500).unwrap(); // 510 of 1000: nothing to evict
+    cache.flush().unwrap();
+    assert_eq!(
+        cache.metrics().evictions,
+        0,
+        "the table still counted 900 for key 1"
+    );
+    assert_eq!(cache.get(&1).unwrap(), Some(10));
+    assert_eq!(cache.get(&2).unwrap(), Some(500));
+}
+
 #[test]
 fn an_expired_dirty_entry_is_written_before_it_disappears() {
     let s = store();
