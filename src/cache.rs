@@ -471,7 +471,7 @@ where
                 return self.write_under_pressure(s, hash, key, value, weight, policy);
             }
         }
-        let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
+        let outcome = table.write(hash, key, value, now, weight);
         drop(table);
         Ok(self.after_write(s, outcome))
     }
@@ -533,8 +533,7 @@ where
                     }
                     if table.admits(high, low, hash, &key) {
                         let now = inner.coarse_now();
-                        let outcome =
-                            table.write(hash, key, value, shard.open_epoch(), now, weight);
+                        let outcome = table.write(hash, key, value, now, weight);
                         drop(table);
                         return Ok(self.after_write(s, outcome));
                     }
@@ -549,7 +548,7 @@ where
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();
-                    let outcome = table.write(hash, key, value, shard.open_epoch(), now, weight);
+                    let outcome = table.write(hash, key, value, now, weight);
                     drop(table);
                     return Ok(self.after_write(s, outcome));
                 }
@@ -591,8 +590,12 @@ where
                 }
             }
             Err(_) => {
-                // The entry is dirty in the table: the flusher finds it by scanning.
-                if !shard.overflow.swap(true, Ordering::SeqCst) {
+                // The entry is dirty in the table: the flusher finds it by scanning. (Read
+                // first: while the ring stays full every push lands here, and a swap would
+                // write the flag's line each time.)
+                if !shard.overflow.load(Ordering::SeqCst)
+                    && !shard.overflow.swap(true, Ordering::SeqCst)
+                {
                     inner.flusher_of(s).wake();
                 }
             }

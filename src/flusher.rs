@@ -372,7 +372,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             self.due[slot] = None;
             shard.armed.store(false, Ordering::SeqCst);
             shard.triggered.store(false, Ordering::SeqCst);
-            shard.epoch.fetch_add(1, Ordering::SeqCst);
+            shard.table.lock().close_epoch();
             let overflow = shard.overflow.swap(false, Ordering::SeqCst);
             self.scratch.clear();
             shard.ring.drain_into(&mut self.scratch, mode.full);

@@ -9,7 +9,7 @@ use hashbrown::HashTable;
 use crate::dirty_ring::DirtyRing;
 use crate::loader::LoadSlot;
 use crate::store::Write;
-use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::atomic::AtomicBool;
 use crate::sync::{Arc, CachePadded, Mutex};
 
 /// `Entry::unsent` when every write of the entry has been handed to the store.
@@ -203,8 +203,8 @@ struct Queues<K> {
 ///
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
-/// (the table header, `next_version`, `hits`, `puts`); the rest of the put path (conflation,
-/// dirty and tombstone counts, the loads-in-flight header, the flags) fills the second. A hit
+/// (the table header, `next_version`, `hits`, `puts`); the rest of the put path (conflation
+/// and dirty counts, the open epoch, the loads-in-flight header, the flags) fills the second. A hit
 /// on a cache without time-based rules so touches one line of the shard besides the entry's
 /// (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss per
 /// get once the entries no longer fit in the cache). The cold state follows.
@@ -219,8 +219,10 @@ pub(crate) struct Table<K, V> {
     conflated: u64,
     /// Entries that are dirty (`unsent != NONE || in_flight`).
     pub(crate) dirty: usize,
-    /// Entries that are tombstones.
-    tombstones: usize,
+    /// The open epoch (starts at 1; [`NOT_QUEUED`] is never an epoch). A write pushes its
+    /// key unless the entry was already queued in this epoch; the flusher closes it (one
+    /// increment under this lock, [`Table::close_epoch`]) before it drains the ring.
+    epoch: u64,
     /// Loads in flight (single-flight read-through).
     loading: HashTable<Loading<K, V>>,
     /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
@@ -235,6 +237,8 @@ pub(crate) struct Table<K, V> {
     /// The counters off the hot path (`hits`, `puts` and `conflated` are kept above and
     /// stay zero here; [`Table::counters`] joins them).
     rare: ShardCounters,
+    /// Entries that are tombstones.
+    tombstones: usize,
     limits: Limits,
     /// The entries' side state (see [`Side`]).
     side: Slab,
@@ -286,12 +290,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             puts: 0,
             conflated: 0,
             dirty: 0,
-            tombstones: 0,
+            epoch: 1,
             loading: HashTable::new(),
             pressured: false,
             timed: limits.timed(),
             weighted: limits.weighted,
             rare: ShardCounters::default(),
+            tombstones: 0,
             limits,
             side: Slab::default(),
             weight: 0,
@@ -426,6 +431,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             .is_none_or(|e| self.side.at(e.side).persisted >= version)
     }
 
+    /// Closes the open epoch: a write from now on pushes its key again, even if the key was
+    /// queued before. The flusher calls it, then drains the ring.
+    pub(crate) fn close_epoch(&mut self) {
+        self.epoch += 1;
+    }
+
     /// Hands out the next version (for a write that does not go through `write`).
     pub(crate) fn next_version(&mut self) -> u64 {
         let v = self.next_version;
@@ -519,10 +530,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         hash: u64,
         key: K,
         value: Option<V>,
-        open_epoch: u64,
         now: u64,
         weight: u32,
     ) -> WriteOutcome<K, V> {
+        let open_epoch = self.epoch;
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
@@ -1011,9 +1022,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 /// One shard: the locked table plus the lock-free parts writers and the flusher share.
 pub(crate) struct Shard<K, V> {
     pub(crate) table: CachePadded<Mutex<Table<K, V>>>,
-    /// The open epoch (starts at 1; [`NOT_QUEUED`] is never an epoch). The flusher closes it
-    /// with one increment.
-    pub(crate) epoch: AtomicU64,
     /// Keys that became dirty in an epoch, for the flusher.
     pub(crate) ring: DirtyRing<K>,
     /// A key was pushed since the flusher last closed this shard's epoch: its delay runs.
@@ -1039,7 +1047,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
     ) -> Self {
         Shard {
             table: CachePadded::new(Mutex::new(Table::new(first_version, limits, hasher))),
-            epoch: AtomicU64::new(1),
             ring: DirtyRing::new(ring_capacity),
             armed: AtomicBool::new(false),
             triggered: AtomicBool::new(false),
@@ -1047,17 +1054,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
             _stride: [0; 128],
         }
     }
-
-    /// The open epoch. Read under the table lock by writers.
-    #[inline]
-    pub(crate) fn open_epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
-    }
 }
 
 #[cfg(all(test, not(writebehind_loom)))]
 mod tests {
     use super::*;
+    use crate::sync::atomic::Ordering;
 
     /// The table takes the hash from the caller; it must be the table's own hasher's (the
     /// table rehashes with it when it grows).
@@ -1083,12 +1085,15 @@ mod tests {
         Table::new(100, UNBOUNDED, hasher())
     }
 
+    /// A put in `epoch` (the open epoch moves there first, as the flusher would move it).
     fn put(t: &mut Table<u64, u64>, k: u64, v: u64, epoch: u64) -> bool {
-        t.write(h(k), k, Some(v), epoch, 0, 1).ring_key.is_some()
+        t.epoch = epoch;
+        t.write(h(k), k, Some(v), 0, 1).ring_key.is_some()
     }
 
     fn del(t: &mut Table<u64, u64>, k: u64, epoch: u64) {
-        t.write(h(k), k, None, epoch, 0, 1);
+        t.epoch = epoch;
+        t.write(h(k), k, None, 0, 1);
     }
 
     /// `Some(v)` for a hit (`v` is `None` for a pending delete), `None` for a miss.
@@ -1302,8 +1307,7 @@ mod tests {
                 for i in 0..rounds {
                     let k = i % 3;
                     let mut t = s2.table.lock();
-                    let epoch = s2.open_epoch();
-                    let out = t.write(h(k), k, Some(i), epoch, 0, 1);
+                    let out = t.write(h(k), k, Some(i), 0, 1);
                     drop(t);
                     if let Some(key) = out.ring_key {
                         if s2.ring.push(key).is_err() {
@@ -1314,7 +1318,7 @@ mod tests {
             });
             let mut persisted = 0;
             let flush = |shard: &Shard<u64, u64>, persisted: &mut u64| {
-                shard.epoch.fetch_add(1, Ordering::SeqCst);
+                shard.table.lock().close_epoch();
                 let mut keys = Vec::new();
                 shard.ring.drain_into(&mut keys, false);
                 let mut t = shard.table.lock();
@@ -1402,7 +1406,8 @@ mod tests {
             "lock, header, next_version, hits, puts: one line"
         );
         let flags = (&t.weighted as *const bool as usize - base)
-            .max(&t.timed as *const bool as usize - base);
+            .max(&t.timed as *const bool as usize - base)
+            .max(end(&t.epoch) - 1);
         assert!(
             &t.conflated as *const u64 as usize - base >= 64 && flags < 128,
             "the rest of the put path: the second line"

@@ -1,0 +1,278 @@
+//! Put (update of an existing key, Zipf 1.0) throughput of writebehind with no flusher thread
+//! and with one, against dashmap, the same update built by hand (64 padded locks around
+//! hashbrown tables of 56-byte entries), and the *store floor*, in one process, interleaved
+//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
+//! costs"), not one of the issue's benchmarks: those are `benches/ratio.rs` and
+//! `benches/peers.rs`.
+//!
+//! The store floor is the least work any write-behind must do for these puts: a dashmap
+//! insert per put, and for the share of puts that writebehind's flusher sent to the store in
+//! a calibration run (its records per put; perfect conflation, so no design sends fewer) one
+//! dashmap read of the value and one record in a `MemoryStore::write_all` batch of 1,000, all
+//! on the putting thread: no flusher thread, no lock or line shared with one, no epochs, no
+//! dirty bookkeeping. It picks the recorded puts evenly rather than the cold keys the engine
+//! really sends, so it errs fast. Its ratio to dashmap bounds what a write-behind can reach
+//! on this workload with this store.
+//!
+//! `cargo run --release --example put_layout [threads] [keys]` (defaults 2 and 131072;
+//! `PUT_OPS` puts per thread per contender per round, default 1,000,000).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+use writebehind::{Cache, MemoryStore, Store, Write};
+
+/// The update of writebehind's table built by hand: 64 padded locks, hashbrown tables of
+/// 56-byte entries, the shard chosen by bits 32.. of the hash; an update replaces the value,
+/// takes a version from the table and counts the put.
+struct HandBuilt {
+    hasher: ahash::RandomState,
+    shards: Vec<CachePadded<parking_lot::Mutex<HandTable>>>,
+}
+
+#[derive(Default)]
+struct HandTable {
+    map: hashbrown::HashTable<Entry>,
+    next_version: u64,
+    puts: u64,
+}
+
+struct Entry {
+    key: u64,
+    value: Option<u64>,
+    version: u64,
+    _rest: [u64; 3],
+}
+
+impl HandBuilt {
+    fn new(n: u64) -> Self {
+        let hasher = ahash::RandomState::new();
+        let shards: Vec<_> = (0..64).map(|_| CachePadded::default()).collect();
+        let t = HandBuilt { hasher, shards };
+        for key in 0..n {
+            let h = t.hasher.hash_one(key);
+            let e = Entry {
+                key,
+                value: Some(key),
+                version: 0,
+                _rest: [0; 3],
+            };
+            t.shards[((h >> 32) & 63) as usize]
+                .lock()
+                .map
+                .insert_unique(h, e, |e| t.hasher.hash_one(e.key));
+        }
+        t
+    }
+
+    #[inline]
+    fn put(&self, key: u64, value: u64) {
+        let h = self.hasher.hash_one(key);
+        let mut t = self.shards[((h >> 32) & 63) as usize].lock();
+        let version = t.next_version;
+        t.next_version += 1;
+        t.puts += 1;
+        if let Some(e) = t.map.find_mut(h, |e| e.key == key) {
+            e.value = Some(value);
+            e.version = version;
+        }
+    }
+}
+
+/// Zipf(1.0) over `0..n` by inverting the CDF, ranks scattered over the key space.
+fn zipf_keys(n: u64, count: usize, seed: u64) -> Vec<u64> {
+    let mut cdf = Vec::with_capacity(n as usize);
+    let mut sum = 0.0;
+    for k in 1..=n {
+        sum += 1.0 / k as f64;
+        cdf.push(sum);
+    }
+    let mut x = seed;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64 * sum;
+            let r = cdf.partition_point(|&c| c < u) as u64;
+            (r.wrapping_mul(2_654_435_761) + 12_345) % n
+        })
+        .collect()
+}
+
+/// The store floor's per-thread state: records due (in millionths of a record) and the
+/// batch being built.
+struct Floor {
+    due: u64,
+    per_put: u64,
+    batch: Vec<Write<u64, u64>>,
+}
+
+impl Floor {
+    fn new(per_put: u64) -> Self {
+        Floor {
+            due: 0,
+            per_put,
+            batch: Vec::with_capacity(1000),
+        }
+    }
+
+    #[inline]
+    fn put(
+        &mut self,
+        dm: &dashmap::DashMap<u64, u64, ahash::RandomState>,
+        store: &MemoryStore<u64, u64>,
+        k: u64,
+        v: u64,
+    ) {
+        dm.insert(k, v);
+        self.due += self.per_put;
+        if self.due >= 1_000_000 {
+            self.due -= 1_000_000;
+            let value = *dm.get(&k).expect("just inserted");
+            self.batch.push(Write::Put {
+                key: k,
+                value,
+                version: v,
+            });
+            if self.batch.len() == 1000 {
+                store.write_all(&self.batch).expect("in-memory store");
+                self.batch.clear();
+            }
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1 << 17);
+    let ops: usize = std::env::var("PUT_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    // `PUT_ONLY=i`: run contender `i` alone (for callgrind).
+    let only: Option<usize> = std::env::var("PUT_ONLY").ok().and_then(|s| s.parse().ok());
+    let keys: Vec<Vec<u64>> = (0..threads)
+        .map(|t| zipf_keys(n, ops, 0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1)))
+        .collect();
+    let manual: Cache<u64, u64> = Cache::builder(Arc::new(MemoryStore::new()))
+        .manual_flushing()
+        .build()
+        .expect("valid configuration");
+    let flushed: Cache<u64, u64> = Cache::builder(Arc::new(MemoryStore::new()))
+        .build()
+        .expect("default configuration");
+    let hand = HandBuilt::new(n);
+    let dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
+    let floor_dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
+    let floor_store = MemoryStore::new();
+    for k in 0..n {
+        manual.put(k, k).expect("open");
+        flushed.put(k, k).expect("open");
+        dm.insert(k, k);
+        floor_dm.insert(k, k);
+    }
+    manual.flush().expect("in-memory store");
+    flushed.flush().expect("in-memory store");
+    // Calibration: the flusher's records per put on this workload, for the store floor.
+    let before = flushed.metrics();
+    std::thread::scope(|s| {
+        for ks in &keys {
+            let flushed = &flushed;
+            s.spawn(move || {
+                for &k in ks {
+                    flushed.put(k, k).expect("open");
+                }
+            });
+        }
+    });
+    let after = flushed.metrics();
+    let per_put = ((after.records_written - before.records_written) as f64
+        / (after.puts - before.puts).max(1) as f64
+        * 1e6) as u64;
+    let names = [
+        "writebehind, no flusher",
+        "writebehind, flusher",
+        "hand-built table",
+        "dashmap",
+        "store floor",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for round in 0..9 {
+        for j in 0..names.len() {
+            let i = (j + round) % names.len();
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for ks in &keys {
+                    let (manual, flushed, hand, dm) = (&manual, &flushed, &hand, &dm);
+                    let (floor_dm, floor_store) = (&floor_dm, &floor_store);
+                    s.spawn(move || {
+                        let mut floor = Floor::new(per_put);
+                        for &k in ks {
+                            match i {
+                                0 => {
+                                    manual.put(k, k).expect("open");
+                                }
+                                1 => {
+                                    flushed.put(k, k).expect("open");
+                                }
+                                2 => hand.put(k, k),
+                                3 => {
+                                    dm.insert(k, k);
+                                }
+                                _ => floor.put(floor_dm, floor_store, k, k),
+                            }
+                        }
+                        if !floor.batch.is_empty() {
+                            floor_store.write_all(&floor.batch).expect("in-memory store");
+                        }
+                    });
+                }
+            });
+            let secs = t0.elapsed().as_secs_f64();
+            rates[i].push((threads * ops) as f64 / secs / 1e6);
+            if i == 0 {
+                manual.flush().expect("in-memory store");
+            }
+        }
+    }
+    println!("{n} keys, Zipf 1.0, {ops} puts per thread per contender per round, 9 rounds, {threads} threads");
+    println!("| contender | median Mops/s | min | max | ns per put per thread |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, r) in names.iter().zip(rates.iter_mut()) {
+        if r.len() < 9 {
+            continue;
+        }
+        r.sort_by(f64::total_cmp);
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            r[4],
+            r[0],
+            r[8],
+            threads as f64 * 1e3 / r[4]
+        );
+    }
+    let m = flushed.metrics();
+    println!(
+        "flusher: puts {}, records written {} ({:.1}%), batches {}; store floor: {:.1}% of \
+         puts recorded (calibration run)",
+        m.puts,
+        m.records_written,
+        100.0 * m.records_written as f64 / m.puts.max(1) as f64,
+        m.batches,
+        per_put as f64 / 1e4
+    );
+    let median = |i: usize| rates[i].get(4).copied().unwrap_or(f64::NAN);
+    println!(
+        "ratios: writebehind (flusher) / dashmap {:.2}x, store floor / dashmap {:.2}x, \
+         writebehind (no flusher) / hand-built table {:.2}x",
+        median(1) / median(3),
+        median(4) / median(3),
+        median(0) / median(2)
+    );
+}
