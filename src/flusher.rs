@@ -453,12 +453,26 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let max_batch = inner.config.max_batch;
         let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
-        let mut work = work.drain(..).peekable();
-        while let Some(s) = work.peek().map(|w| w.shard) {
+        let mut hashes = [0u64; SNAPSHOT_CHUNK];
+        let mut i = 0;
+        while i < work.len() {
+            // One chunk: keys of one shard, at most SNAPSHOT_CHUNK, no more than the batch
+            // has room for.
+            let s = work[i].shard;
+            let room = (max_batch - batch.len()).min(SNAPSHOT_CHUNK);
+            let mut end = i;
+            while end < work.len() && work[end].shard == s && end - i < room {
+                hashes[end - i] = inner.hash(&work[end].key);
+                end += 1;
+            }
             let mut table = inner.shards[s].table.lock();
-            let mut taken = 0;
-            while let Some(w) = work.next_if(|w| w.shard == s) {
-                let hash = inner.hash(&w.key);
+            // First touch every entry of the chunk, then take the snapshots: the lookups of
+            // the first pass do not depend on each other, so their cache misses (the entries
+            // were just written on the writers' cores) overlap instead of coming one by one.
+            for (w, &hash) in work[i..end].iter().zip(&hashes) {
+                table.touch(hash, &w.key);
+            }
+            for (w, &hash) in work[i..end].iter().zip(&hashes) {
                 if let Some(snap) = table.take(hash, &w.key, w.retry.is_some()) {
                     let attempts = match w.retry {
                         Some((a, v)) if v == snap.write.version() => a,
@@ -473,16 +487,14 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                         since: w.since,
                     });
                 }
-                taken += 1;
-                if batch.len() == max_batch || taken == SNAPSHOT_CHUNK {
-                    break;
-                }
             }
             drop(table);
+            i = end;
             if batch.len() == max_batch {
                 self.send(inner, &mut batch, &mut meta);
             }
         }
+        work.clear();
         if !batch.is_empty() {
             self.send(inner, &mut batch, &mut meta);
         }
@@ -580,13 +592,19 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             let mut i = 0;
             while i < batch.len() {
                 let s = meta[i].shard;
-                let mut table = inner.shards[s].table.lock();
-                let mut n = 0;
-                while i < batch.len() && meta[i].shard == s && n < SNAPSHOT_CHUNK {
-                    table.persisted(meta[i].hash, batch[i].key(), batch[i].version(), coarse);
-                    i += 1;
-                    n += 1;
+                let mut end = i;
+                while end < batch.len() && meta[end].shard == s && end - i < SNAPSHOT_CHUNK {
+                    end += 1;
                 }
+                let mut table = inner.shards[s].table.lock();
+                // Touch first, as for the snapshots (`write_out`).
+                for k in i..end {
+                    table.touch(meta[k].hash, batch[k].key());
+                }
+                for k in i..end {
+                    table.persisted(meta[k].hash, batch[k].key(), batch[k].version(), coarse);
+                }
+                i = end;
             }
             FlusherStats::add(&stats.records_written, batch.len() as u64);
             batch.clear();

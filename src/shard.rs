@@ -783,6 +783,17 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         (version, None)
     }
 
+    /// Reads the entry of `key` and its side state and does nothing with them: the flusher
+    /// calls it for a chunk of keys before taking or marking them, so the chunk's cache
+    /// misses overlap (each lookup here is independent of the others).
+    #[inline]
+    pub(crate) fn touch(&self, hash: u64, key: &K) {
+        if let Some(e) = self.map.find(hash, |e| e.key == *key) {
+            std::hint::black_box((e.unsent, e.in_flight));
+            std::hint::black_box(self.side.slots.get(e.side as usize).map(|s| s.persisted));
+        }
+    }
+
     /// Takes a snapshot of a dirty key for a batch. `retry` is set when the caller is the
     /// retry list that already owns the key's in-flight mark.
     pub(crate) fn take(&mut self, hash: u64, key: &K, retry: bool) -> Option<Snapshot<K, V>> {
