@@ -8,7 +8,9 @@
 //!    table (the database's best case), the same rows again in a random order (updates of
 //!    existing rows), and the rows in a random order into an empty table (what the engine
 //!    does: inserts of keys dirtied at random, in batches of `max_batch`); the same for
-//!    PostgreSQL when `WRITEBEHIND_PG_URL` is set (`source .ci/pg.sh && pg_start`).
+//!    PostgreSQL when `WRITEBEHIND_PG_URL` is set (`source .ci/pg.sh && pg_start`). The
+//!    PostgreSQL tables are dropped at the start, and every timed phase begins with a
+//!    `CHECKPOINT`, so runs against one server stay comparable.
 //!
 //! Run: `cargo bench --features sqlite,postgres --bench stores`
 //! (env: `STORES_KEYS`, default 200000; `STORES_SECONDS`, default 2).
@@ -113,12 +115,15 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, through: b
 
 /// Rows per second: the engine flushing `n` dirty keys, against a plain loop of batched
 /// upserts of the same rows through the same adapter.
+/// `before_phase` runs before each timed phase (for PostgreSQL: a `CHECKPOINT`, so every
+/// phase starts from the same state of the server's write-ahead log).
 fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
     label: &str,
     engine_store: S,
     plain_store: S,
     fresh_store: S,
     n: u64,
+    before_phase: &dyn Fn(),
 ) {
     let batch = 1000usize;
     // Plain: write_all over batches of `batch` rows, versions as the engine would give.
@@ -129,6 +134,7 @@ fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
             version: 1 + k,
         })
         .collect();
+    before_phase();
     let t0 = Instant::now();
     for chunk in writes.chunks(batch) {
         plain_store.write_all(chunk).expect("plain write_all");
@@ -150,6 +156,7 @@ fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
         x ^= x << 17;
         shuffled.swap(i, (x % (i as u64 + 1)) as usize);
     }
+    before_phase();
     let t0 = Instant::now();
     for chunk in shuffled.chunks(batch) {
         plain_store.write_all(chunk).expect("plain write_all");
@@ -158,6 +165,7 @@ fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
     // The same random order into an empty table: the database's own cost for the engine's
     // work (inserts of randomly dirtied keys, `batch` per transaction; the adapter sorts each
     // batch, as it does for the engine).
+    before_phase();
     let t0 = Instant::now();
     for chunk in shuffled.chunks(batch) {
         fresh_store.write_all(chunk).expect("plain write_all");
@@ -175,6 +183,7 @@ fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
     // held back by a long delay and a trigger above n (max_batch/shards per shard is small,
     // so measure from the start of the fill to the end of the flush instead, which counts
     // the puts against the engine).
+    before_phase();
     let t0 = Instant::now();
     for k in 0..n {
         cache.put(k, value(k)).expect("put");
@@ -232,9 +241,27 @@ fn main() {
         sqlite("flush_plain"),
         sqlite("flush_fresh"),
         n,
+        &|| {},
     );
     match std::env::var("WRITEBEHIND_PG_URL") {
         Ok(url) => {
+            // The tables outlive a run on the server: drop them first, or a second run would
+            // update the rows of the first (and measure their dead tuples) instead of
+            // inserting into empty tables.
+            let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("postgres");
+            admin
+                .batch_execute(
+                    "DROP TABLE IF EXISTS bench_engine, bench_plain, bench_fresh, bench_latency",
+                )
+                .expect("drop the bench tables");
+            let admin = std::sync::Mutex::new(admin);
+            let checkpoint = || {
+                admin
+                    .lock()
+                    .expect("admin connection")
+                    .batch_execute("CHECKPOINT")
+                    .expect("CHECKPOINT (the bench connects as a superuser)");
+            };
             let pg = |table: &str| {
                 Arc::new(PostgresStore::<u64, Vec<u8>>::connect(&url, table).expect("postgres"))
             };
@@ -244,6 +271,7 @@ fn main() {
                 pg("bench_plain"),
                 pg("bench_fresh"),
                 n,
+                &checkpoint,
             );
             put_latency(
                 "PostgreSQL, write-behind",
