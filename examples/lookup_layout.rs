@@ -1,5 +1,5 @@
 //! Single-thread get-hit latency of writebehind against the same lookup built by hand and
-//! against dashmap with 16-, 32- and 88-byte entries, in one process, interleaved over nine
+//! against dashmap with 16-, 32- and 88-byte entries and against quick_cache, in one process, interleaved over nine
 //! rounds (docs/BENCHMARKS.md, "get hit: what the lookup costs"). A diagnostic for the
 //! memory layout of the shard and the entry, not one of the benchmarks: those are
 //! `benches/ratio.rs` and `benches/peers.rs`.
@@ -92,18 +92,28 @@ fn main() {
         dm32.insert(k, [k; 3]);
         dm88.insert(k, [k; 10]);
     }
+    let quick: quick_cache::sync::Cache<u64, u64> = quick_cache::sync::Cache::new(1 << 22);
+    for k in 0..n {
+        quick.insert(k, k);
+    }
     let names = [
         "writebehind",
         "hand-built 88 B",
         "dashmap 16 B",
         "dashmap 32 B",
         "dashmap 88 B",
+        "quick_cache",
     ];
+    // `LOOKUP_ONLY=i`: run contender `i` alone (for callgrind).
+    let only: Option<usize> = std::env::var("LOOKUP_ONLY").ok().and_then(|s| s.parse().ok());
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let mut sum = 0u64;
     for _ in 0..9 {
         for (i, times) in ns.iter_mut().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
             let t0 = Instant::now();
             for _ in 0..ops {
                 let k = rng.next() % n;
@@ -112,7 +122,8 @@ fn main() {
                     1 => hand.get(k).expect("present"),
                     2 => *dm16.get(&k).expect("present"),
                     3 => dm32.get(&k).expect("present")[0],
-                    _ => dm88.get(&k).expect("present")[0],
+                    4 => dm88.get(&k).expect("present")[0],
+                    _ => quick.get(&k).expect("present"),
                 });
             }
             times.push(t0.elapsed().as_nanos() as f64 / ops as f64);
@@ -122,6 +133,9 @@ fn main() {
     println!("| contender | median ns/get | min |");
     println!("|---|---:|---:|");
     for (name, times) in names.iter().zip(ns.iter_mut()) {
+        if times.is_empty() {
+            continue;
+        }
         times.sort_by(f64::total_cmp);
         println!("| {name} | {:.0} | {:.0} |", times[4], times[0]);
     }
