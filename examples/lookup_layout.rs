@@ -10,15 +10,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_utils::CachePadded;
 use writebehind::{Cache, MemoryStore};
 
-/// The shape of writebehind's table built by hand: 64 padded locks around hashbrown tables
-/// of 88-byte entries (the entry size before the side state moved out), the shard chosen by
-/// bits 32.. of the hash.
+mod layout;
+use layout::Shards;
+
+/// The shape of writebehind's table built by hand ([`Shards`]) around hashbrown tables of
+/// 88-byte entries (the entry size before the side state moved out).
 struct HandBuilt {
-    hasher: ahash::RandomState,
-    shards: Vec<CachePadded<parking_lot::Mutex<hashbrown::HashTable<Wide>>>>,
+    shards: Shards<hashbrown::HashTable<Wide>>,
 }
 
 struct Wide {
@@ -29,27 +29,20 @@ struct Wide {
 
 impl HandBuilt {
     fn new(n: u64) -> Self {
-        let hasher = ahash::RandomState::new();
-        let shards: Vec<_> = (0..64).map(|_| CachePadded::default()).collect();
-        let t = HandBuilt { hasher, shards };
-        for key in 0..n {
-            let h = t.hasher.hash_one(key);
-            let wide = Wide {
-                key,
-                value: Some(key),
-                _rest: [0; 8],
-            };
-            t.shards[((h >> 32) & 63) as usize]
-                .lock()
-                .insert_unique(h, wide, |e| t.hasher.hash_one(e.key));
-        }
-        t
+        let shards = Shards::new();
+        let wide = |key| Wide {
+            key,
+            value: Some(key),
+            _rest: [0; 8],
+        };
+        shards.fill(n, wide, |t| t, |e| e.key);
+        HandBuilt { shards }
     }
 
     #[inline]
     fn get(&self, key: u64) -> Option<u64> {
-        let h = self.hasher.hash_one(key);
-        let t = self.shards[((h >> 32) & 63) as usize].lock();
+        let h = self.shards.hasher.hash_one(key);
+        let t = self.shards.lock(h);
         t.find(h, |e| e.key == key).and_then(|e| e.value)
     }
 }
@@ -105,7 +98,9 @@ fn main() {
         "quick_cache",
     ];
     // `LOOKUP_ONLY=i`: run contender `i` alone (for callgrind).
-    let only: Option<usize> = std::env::var("LOOKUP_ONLY").ok().and_then(|s| s.parse().ok());
+    let only: Option<usize> = std::env::var("LOOKUP_ONLY")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let mut sum = 0u64;

@@ -20,15 +20,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_utils::CachePadded;
 use writebehind::{Cache, MemoryStore, Store, Write};
 
-/// The update of writebehind's table built by hand: 64 padded locks, hashbrown tables of
-/// 56-byte entries, the shard chosen by bits 32.. of the hash; an update replaces the value,
-/// takes a version from the table and counts the put.
+mod layout;
+use layout::Shards;
+
+/// The update of writebehind's table built by hand ([`Shards`] around hashbrown tables of
+/// 56-byte entries): an update replaces the value, takes a version from the table and counts
+/// the put.
 struct HandBuilt {
-    hasher: ahash::RandomState,
-    shards: Vec<CachePadded<parking_lot::Mutex<HandTable>>>,
+    shards: Shards<HandTable>,
 }
 
 #[derive(Default)]
@@ -47,29 +48,21 @@ struct Entry {
 
 impl HandBuilt {
     fn new(n: u64) -> Self {
-        let hasher = ahash::RandomState::new();
-        let shards: Vec<_> = (0..64).map(|_| CachePadded::default()).collect();
-        let t = HandBuilt { hasher, shards };
-        for key in 0..n {
-            let h = t.hasher.hash_one(key);
-            let e = Entry {
-                key,
-                value: Some(key),
-                version: 0,
-                _rest: [0; 3],
-            };
-            t.shards[((h >> 32) & 63) as usize]
-                .lock()
-                .map
-                .insert_unique(h, e, |e| t.hasher.hash_one(e.key));
-        }
-        t
+        let shards = Shards::new();
+        let entry = |key| Entry {
+            key,
+            value: Some(key),
+            version: 0,
+            _rest: [0; 3],
+        };
+        shards.fill(n, entry, |t: &mut HandTable| &mut t.map, |e| e.key);
+        HandBuilt { shards }
     }
 
     #[inline]
     fn put(&self, key: u64, value: u64) {
-        let h = self.hasher.hash_one(key);
-        let mut t = self.shards[((h >> 32) & 63) as usize].lock();
+        let h = self.shards.hasher.hash_one(key);
+        let mut t = self.shards.lock(h);
         let version = t.next_version;
         t.next_version += 1;
         t.puts += 1;
