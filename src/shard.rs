@@ -204,10 +204,10 @@ struct Queues<K> {
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
 /// (the table header, `next_version`, `hits`, `puts`); the rest of the put path (conflation
-/// and dirty counts, the open epoch, the loads-in-flight header, the flags) fills the second. A hit
-/// on a cache without time-based rules so touches one line of the shard besides the entry's
-/// (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss per
-/// get once the entries no longer fit in the cache). The cold state follows.
+/// and dirty counts, the open epoch, the loads-in-flight header, the flags) fills the second.
+/// A hit on a cache without time-based rules so touches one line of the shard besides the
+/// entry's (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss
+/// per get once the entries no longer fit in the cache). The cold state follows.
 #[repr(C)]
 pub(crate) struct Table<K, V> {
     map: HashTable<Entry<K, V>>,
@@ -790,7 +790,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn touch(&self, hash: u64, key: &K) {
         if let Some(e) = self.map.find(hash, |e| e.key == *key) {
             std::hint::black_box((e.unsent, e.in_flight));
-            std::hint::black_box(self.side.slots.get(e.side as usize).map(|s| s.persisted));
+            std::hint::black_box(self.side.at(e.side).persisted);
         }
     }
 
