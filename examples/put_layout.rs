@@ -1,7 +1,8 @@
 //! Put (update of an existing key, Zipf 1.0) throughput of writebehind with no flusher thread
 //! and with one, against dashmap, the same update built by hand (64 padded locks around
-//! hashbrown tables of 56-byte entries), and the *store floor*, in one process, interleaved
-//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
+//! hashbrown tables of 56-byte entries), the *store floor* and the hand-rolled write-behind of
+//! the benches (dashmap, a channel, one writer thread), in one process, interleaved over nine
+//! rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
 //! costs"), not one of the issue's benchmarks: those are `benches/ratio.rs` and
 //! `benches/peers.rs`.
 //!
@@ -137,6 +138,64 @@ impl Floor {
     }
 }
 
+/// The hand-rolled write-behind of `benches/common` (a dashmap, and every put also sent over
+/// a bounded channel to one writer thread that calls the store once per record), so the
+/// store floor and writebehind can be set against it in one process.
+struct HandRolled {
+    map: dashmap::DashMap<u64, u64, ahash::RandomState>,
+    tx: crossbeam_channel::Sender<HandMsg>,
+}
+
+enum HandMsg {
+    Put(u64, u64),
+    /// Answered once every earlier record is in the store.
+    Sync(crossbeam_channel::Sender<()>),
+}
+
+impl HandRolled {
+    fn new(store: Arc<MemoryStore<u64, u64>>) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<HandMsg>(1 << 16);
+        std::thread::spawn(move || {
+            let mut version = 1;
+            for msg in rx {
+                match msg {
+                    HandMsg::Put(key, value) => {
+                        let w = Write::Put {
+                            key,
+                            value,
+                            version,
+                        };
+                        version += 1;
+                        store
+                            .write_all(std::slice::from_ref(&w))
+                            .expect("in-memory store");
+                    }
+                    HandMsg::Sync(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        HandRolled {
+            map: dashmap::DashMap::with_hasher(ahash::RandomState::new()),
+            tx,
+        }
+    }
+
+    #[inline]
+    fn put(&self, k: u64, v: u64) {
+        self.map.insert(k, v);
+        self.tx.send(HandMsg::Put(k, v)).expect("writer runs");
+    }
+
+    /// Waits until the writer has written every put so far.
+    fn settle(&self) {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        self.tx.send(HandMsg::Sync(done)).expect("writer runs");
+        wait.recv().expect("writer answers");
+    }
+}
+
 /// CPU time (user + system) of this process's flusher threads so far, from `/proc` (Linux;
 /// `None` elsewhere). Only the flushing cache has a flusher thread.
 fn flusher_cpu_seconds() -> Option<f64> {
@@ -184,12 +243,15 @@ fn main() {
     let dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_store = MemoryStore::new();
+    let rolled = HandRolled::new(Arc::new(MemoryStore::new()));
     for k in 0..n {
         manual.put(k, k).expect("open");
         flushed.put(k, k).expect("open");
         dm.insert(k, k);
         floor_dm.insert(k, k);
+        rolled.put(k, k);
     }
+    rolled.settle();
     manual.flush().expect("in-memory store");
     flushed.flush().expect("in-memory store");
     // Calibration: the flusher's records per put on this workload, for the store floor.
@@ -214,6 +276,7 @@ fn main() {
         "hand-built table",
         "dashmap",
         "store floor",
+        "hand-rolled write-behind",
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 0..9 {
@@ -226,7 +289,7 @@ fn main() {
             std::thread::scope(|s| {
                 for ks in &keys {
                     let (manual, flushed, hand, dm) = (&manual, &flushed, &hand, &dm);
-                    let (floor_dm, floor_store) = (&floor_dm, &floor_store);
+                    let (floor_dm, floor_store, rolled) = (&floor_dm, &floor_store, &rolled);
                     s.spawn(move || {
                         let mut floor = Floor::new(per_put);
                         for &k in ks {
@@ -241,7 +304,8 @@ fn main() {
                                 3 => {
                                     dm.insert(k, k);
                                 }
-                                _ => floor.put(floor_dm, floor_store, k, k),
+                                4 => floor.put(floor_dm, floor_store, k, k),
+                                _ => rolled.put(k, k),
                             }
                         }
                         if !floor.batch.is_empty() {
@@ -252,6 +316,10 @@ fn main() {
                     });
                 }
             });
+            if i == 5 {
+                // Inside the timed part: a backlog left in the channel is paid for.
+                rolled.settle();
+            }
             let secs = t0.elapsed().as_secs_f64();
             rates[i].push((threads * ops) as f64 / secs / 1e6);
             if i == 0 {

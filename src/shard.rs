@@ -15,16 +15,18 @@ use crate::sync::{Arc, CachePadded, Mutex};
 /// `Entry::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
 /// `Entry::queued_epoch` when the key is not on the ring for any epoch.
-pub(crate) const NOT_QUEUED: u64 = 0;
+pub(crate) const NOT_QUEUED: u16 = 0;
 
 /// One cached key, as the hash table holds it: what a hit and an update read and write.
 ///
 /// `repr(C)`, in the order a get and a put touch the fields: the key and value first, then
-/// the write-path versions and the flags. What only the flusher's acknowledgement, expiry,
-/// eviction or a weigher needs is the entry's [`Side`] state, kept in the table's slab: 56
-/// bytes in the table for `u64` keys and values instead of 88 (docs/BENCHMARKS.md: the
-/// table's size decides a get's cache misses once it no longer fits in the cache). The hash
-/// is not stored: the table rehashes the few keys it moves when it grows.
+/// the write-path versions and flags, then what only the flusher's acknowledgement reads
+/// (`persisted`). What only expiry, eviction or a weigher needs is the entry's [`Side`]
+/// state, kept in the table's slab: 56 bytes in the table for `u64` keys and values instead
+/// of 80 (docs/BENCHMARKS.md: the table's size decides a get's cache misses once it no longer
+/// fits in the cache), and the flusher, which reads and writes entries by the thousand,
+/// touches no slab slot. The hash is not stored: the table rehashes the few keys it moves
+/// when it grows.
 #[repr(C)]
 pub(crate) struct Entry<K, V> {
     pub(crate) key: K,
@@ -35,27 +37,24 @@ pub(crate) struct Entry<K, V> {
     pub(crate) version: u64,
     /// Version of the oldest write not yet handed to the store, or [`NONE`].
     pub(crate) unsent: u64,
-    /// The epoch in which the key was last pushed on the ring, or [`NOT_QUEUED`] once the
-    /// flusher has taken it. A write pushes the key unless this equals the open epoch.
-    pub(crate) queued_epoch: u64,
+    /// The epoch in which the key was last pushed on the ring (its low 16 bits, see
+    /// [`Table::close_epoch`]), or [`NOT_QUEUED`] once the flusher has taken it. A write
+    /// pushes the key unless this equals the open epoch.
+    pub(crate) queued_epoch: u16,
     /// A flusher holds a snapshot of this key (in a batch, or in its retry list).
     pub(crate) in_flight: bool,
-    /// S3-FIFO access frequency, 0..=3 (only kept when the cache is bounded).
-    freq: u8,
-    /// In the main queue (else the small one).
-    in_main: bool,
-    /// An asynchronous refresh of this entry is scheduled or running.
-    refreshing: bool,
+    /// The S3-FIFO frequency and queue, and the refresh flag (see [`Entry::freq`]).
+    bits: u8,
     /// The entry's slot in the table's [`Slab`] of [`Side`] states.
     side: u32,
-}
-
-/// The part of an entry that a hit, and an update of a cache without time-based rules or a
-/// weigher, never touch.
-#[derive(Clone, Copy, Debug, Default)]
-struct Side {
     /// Highest version the store is known to hold (0: none). `wait_durable` reads it.
     persisted: u64,
+}
+
+/// The part of an entry that a hit, an update of a cache without time-based rules or a
+/// weigher, and the flusher never touch.
+#[derive(Clone, Copy, Debug, Default)]
+struct Side {
     /// Coarse time (ns) of the last write or load: time-to-live counts from here.
     born: u64,
     /// Coarse time (ns) of the last access: time-to-idle counts from here.
@@ -102,10 +101,50 @@ impl Slab {
     }
 }
 
+/// `Entry::bits`: the S3-FIFO access frequency (0..=3, kept only when the cache is bounded).
+const FREQ: u8 = 0b0011;
+/// `Entry::bits`: in the main queue (else the small one).
+const IN_MAIN: u8 = 0b0100;
+/// `Entry::bits`: an asynchronous refresh of this entry is scheduled or running.
+const REFRESHING: u8 = 0b1000;
+
 impl<K, V> Entry<K, V> {
     #[inline]
     fn is_dirty(&self) -> bool {
         self.unsent != NONE || self.in_flight
+    }
+
+    #[inline]
+    fn freq(&self) -> u8 {
+        self.bits & FREQ
+    }
+
+    /// Counts an access (saturating at 3).
+    #[inline]
+    fn bump_freq(&mut self) {
+        if self.bits & FREQ != FREQ {
+            self.bits += 1;
+        }
+    }
+
+    #[inline]
+    fn set_freq(&mut self, f: u8) {
+        debug_assert!(f <= FREQ);
+        self.bits = (self.bits & !FREQ) | f;
+    }
+
+    #[inline]
+    fn flag(&self, f: u8) -> bool {
+        self.bits & f != 0
+    }
+
+    #[inline]
+    fn set_flag(&mut self, f: u8, on: bool) {
+        if on {
+            self.bits |= f;
+        } else {
+            self.bits &= !f;
+        }
     }
 }
 
@@ -219,12 +258,12 @@ pub(crate) struct Table<K, V> {
     conflated: u64,
     /// Entries that are dirty (`unsent != NONE || in_flight`).
     pub(crate) dirty: usize,
+    /// Loads in flight (single-flight read-through).
+    loading: HashTable<Loading<K, V>>,
     /// The open epoch (starts at 1; [`NOT_QUEUED`] is never an epoch). A write pushes its
     /// key unless the entry was already queued in this epoch; the flusher closes it (one
     /// increment under this lock, [`Table::close_epoch`]) before it drains the ring.
-    epoch: u64,
-    /// Loads in flight (single-flight read-through).
-    loading: HashTable<Loading<K, V>>,
+    epoch: u16,
     /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
     /// it is back at the low watermark.
     pressured: bool,
@@ -344,7 +383,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         };
         self.hits += 1;
         if bounded {
-            e.freq = (e.freq + 1).min(3);
+            e.bump_freq();
         }
         Some(e.value.clone())
     }
@@ -369,19 +408,19 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.hits += 1;
         if limits.bounded() {
             // Only a bounded table evicts: an unbounded one does not write the entry's line.
-            e.freq = (e.freq + 1).min(3);
+            e.bump_freq();
         }
         if limits.tti != 0 {
             side.accessed = now;
         }
         if limits.refresh_after != 0
-            && !e.refreshing
+            && !e.flag(REFRESHING)
             && !e.is_dirty()
             && now >= side.born.saturating_add(limits.refresh_after)
         {
-            if let Some(v) = &e.value {
-                e.refreshing = true;
-                return Lookup::HitRefresh(v.clone(), e.version);
+            if let Some(v) = e.value.clone() {
+                e.set_flag(REFRESHING, true);
+                return Lookup::HitRefresh(v, e.version);
             }
         }
         Lookup::Hit(e.value.clone())
@@ -428,13 +467,21 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> bool {
         self.map
             .find(hash, |e| e.key == *key)
-            .is_none_or(|e| self.side.at(e.side).persisted >= version)
+            .is_none_or(|e| e.persisted >= version)
     }
 
     /// Closes the open epoch: a write from now on pushes its key again, even if the key was
     /// queued before. The flusher calls it, then drains the ring.
+    ///
+    /// Epochs are counted modulo 2^16 (skipping [`NOT_QUEUED`]), so an entry's tag fits beside
+    /// its flags. A tag that comes round again is harmless: an entry carries a tag other
+    /// than `NOT_QUEUED` only while a take of its key is pending (the key is on the ring, in
+    /// the flusher's drained work, in a full ring's scan, or its snapshot is in the retry
+    /// list), because `take` resets the tag and only a push sets it. A write that conflates
+    /// into that tag is read by the pending take, which always snapshots the latest value.
+    /// docs/ARCHITECTURE.md, "Epoch tags".
     pub(crate) fn close_epoch(&mut self) {
-        self.epoch += 1;
+        self.epoch = self.epoch.wrapping_add(1).max(1);
     }
 
     /// Hands out the next version (for a write that does not go through `write`).
@@ -480,7 +527,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let stamp = self.queues.next_stamp;
         self.queues.next_stamp = stamp.wrapping_add(1);
         let side = self.side.take(Side {
-            persisted: 0,
             born: now,
             accessed: now,
             weight,
@@ -493,10 +539,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             unsent: NONE,
             queued_epoch: NOT_QUEUED,
             in_flight: false,
-            freq: 0,
-            in_main: false,
-            refreshing: false,
+            bits: 0,
             side,
+            persisted: 0,
         }
     }
 
@@ -510,7 +555,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         if self.limits.bounded() {
             let q = &mut self.queues;
             let ghost = q.ghost_set.find(hash, |h| *h == hash).is_some();
-            e.in_main = ghost;
+            e.set_flag(IN_MAIN, ghost);
             let pos = (e.key.clone(), hash, side.stamp);
             if ghost {
                 q.main.push_back(pos);
@@ -615,8 +660,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_tombstone = e.value.is_none();
             e.value = Some(value.clone());
             e.version = version;
+            e.persisted = e.persisted.max(version);
             let side = self.side.at_mut(e.side);
-            side.persisted = side.persisted.max(version);
             side.born = now;
             side.accessed = now;
             let old_weight = std::mem::replace(&mut side.weight, weight);
@@ -626,8 +671,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             return Some(value);
         }
-        let e = self.new_entry(key, Some(value.clone()), version, now, weight);
-        self.side.at_mut(e.side).persisted = version;
+        let mut e = self.new_entry(key, Some(value.clone()), version, now, weight);
+        e.persisted = version;
         self.insert(hash, e);
         self.enforce();
         Some(value)
@@ -710,7 +755,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             return;
         };
-        e.refreshing = false;
+        e.set_flag(REFRESHING, false);
         match loaded {
             Err(()) => self.rare.refresh_failures += 1,
             Ok(_) if e.version != version || e.is_dirty() => {}
@@ -783,14 +828,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         (version, None)
     }
 
-    /// Reads the entry of `key` and its side state and does nothing with them: the flusher
-    /// calls it for a chunk of keys before taking or marking them, so the chunk's cache
-    /// misses overlap (each lookup here is independent of the others).
+    /// Reads the entry of `key` and does nothing with it: the flusher calls it for a chunk
+    /// of keys before taking or marking them, so the chunk's cache misses overlap (each
+    /// lookup here is independent of the others).
     #[inline]
     pub(crate) fn touch(&self, hash: u64, key: &K) {
         if let Some(e) = self.map.find(hash, |e| e.key == *key) {
-            std::hint::black_box((e.unsent, e.in_flight));
-            std::hint::black_box(self.side.at(e.side).persisted);
+            std::hint::black_box((e.unsent, e.in_flight, e.persisted));
         }
     }
 
@@ -841,14 +885,14 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             return false;
         }
         e.in_flight = false;
-        let side = self.side.at_mut(e.side);
-        side.persisted = side.persisted.max(version);
+        e.persisted = e.persisted.max(version);
         if e.unsent != NONE {
             // Written to again during the batch: still dirty, and that write pushed the key.
             return false;
         }
         let tombstone_done = e.value.is_none() && e.version == version;
-        let expired = (limits.ttl | limits.tti) != 0 && Self::expired(&limits, e, side, now);
+        let expired =
+            (limits.ttl | limits.tti) != 0 && Self::expired(&limits, e, self.side.at(e.side), now);
         self.dirty -= 1;
         if tombstone_done {
             self.remove_entry(hash, key);
@@ -969,7 +1013,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             else {
                 continue; // a stale position: the entry left or was re-inserted
             };
-            if from_small == e.in_main {
+            if from_small == e.flag(IN_MAIN) {
                 continue; // moved to the other queue since
             }
             if e.is_dirty() {
@@ -983,9 +1027,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 continue;
             }
             if from_small {
-                if e.freq > 0 {
-                    e.freq = 0;
-                    e.in_main = true;
+                if e.freq() > 0 {
+                    e.set_freq(0);
+                    e.set_flag(IN_MAIN, true);
                     self.queues.small_live -= 1;
                     self.queues.main.push_back((key, hash, stamp));
                     continue;
@@ -1003,8 +1047,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                     q.ghost.push_back(hash);
                     q.ghost_set.insert_unique(hash, hash, |h| *h);
                 }
-            } else if e.freq > 0 {
-                e.freq -= 1;
+            } else if e.freq() > 0 {
+                e.set_freq(e.freq() - 1);
                 self.queues.main.push_back((key, hash, stamp));
                 continue;
             }
@@ -1020,7 +1064,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             if e.value.is_none() {
                 self.tombstones -= 1;
             }
-            if !e.in_main && self.limits.bounded() {
+            if !e.flag(IN_MAIN) && self.limits.bounded() {
                 self.queues.small_live = self.queues.small_live.saturating_sub(1);
             }
             self.weight -= u64::from(self.side.at(e.side).weight);
@@ -1097,12 +1141,12 @@ mod tests {
     }
 
     /// A put in `epoch` (the open epoch moves there first, as the flusher would move it).
-    fn put(t: &mut Table<u64, u64>, k: u64, v: u64, epoch: u64) -> bool {
+    fn put(t: &mut Table<u64, u64>, k: u64, v: u64, epoch: u16) -> bool {
         t.epoch = epoch;
         t.write(h(k), k, Some(v), 0, 1).ring_key.is_some()
     }
 
-    fn del(t: &mut Table<u64, u64>, k: u64, epoch: u64) {
+    fn del(t: &mut Table<u64, u64>, k: u64, epoch: u16) {
         t.epoch = epoch;
         t.write(h(k), k, None, 0, 1);
     }
@@ -1165,6 +1209,30 @@ mod tests {
             look(&mut t, 1),
             Some(Some(11)),
             "a clean entry stays cached"
+        );
+    }
+
+    /// Epoch tags are 16 bits: 65,535 closes later the open epoch has the tag a queued entry
+    /// still carries. A write then conflates into it, and the pending take carries that
+    /// write, as it does for any write that conflates.
+    #[test]
+    fn an_epoch_tag_that_comes_round_again_conflates_into_the_pending_take() {
+        let mut t = table();
+        assert!(put(&mut t, 1, 10, 1));
+        for _ in 0..u16::MAX {
+            t.close_epoch();
+            assert_ne!(t.epoch, NOT_QUEUED, "NOT_QUEUED is never an open epoch");
+        }
+        assert_eq!(t.epoch, 1, "the tags 1..=65535 came round");
+        let w = t.write(h(1), 1, Some(11), 0, 1);
+        assert!(w.ring_key.is_none(), "the same tag: conflated");
+        let snap = t
+            .take(h(1), &1, false)
+            .expect("the take the queued key is waiting for");
+        assert_eq!((snap.write.value(), snap.first), (Some(&11), 100));
+        assert!(
+            t.write(h(1), 1, Some(12), 0, 1).ring_key.is_some(),
+            "after the take a write pushes again, whatever the tag"
         );
     }
 
@@ -1358,7 +1426,7 @@ mod tests {
     #[test]
     fn entry_keeps_the_side_state_out_of_the_table() {
         assert_eq!(std::mem::size_of::<Entry<u64, u64>>(), 56);
-        assert_eq!(std::mem::size_of::<Side>(), 32);
+        assert_eq!(std::mem::size_of::<Side>(), 24);
     }
 
     /// Slots are reused: a table that churns through keys keeps its slab at its peak size.
@@ -1418,7 +1486,7 @@ mod tests {
         );
         let flags = (&t.weighted as *const bool as usize - base)
             .max(&t.timed as *const bool as usize - base)
-            .max(end(&t.epoch) - 1);
+            .max(&t.epoch as *const u16 as usize + 1 - base);
         assert!(
             &t.conflated as *const u64 as usize - base >= 64 && flags < 128,
             "the rest of the put path: the second line"
