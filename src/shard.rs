@@ -1379,8 +1379,14 @@ mod tests {
     fn shard_writer_vs_drainer_loses_no_dirty_key() {
         use std::sync::Arc;
         let rounds = if cfg!(miri) { 5 } else { 2_000 };
-        for _ in 0..if cfg!(miri) { 2 } else { 20 } {
+        for round in 0..if cfg!(miri) { 2 } else { 20 } {
             let shard = Arc::new(Shard::<u64, u64>::new(1, 4, UNBOUNDED, hasher()));
+            // Every other round starts at the last epoch tag, so the tags wrap while the
+            // writer runs (the first close goes from 65,535 to 1).
+            let wraps = round % 2 == 1;
+            if wraps {
+                shard.table.lock().epoch = u16::MAX;
+            }
             let s2 = shard.clone();
             let writer = std::thread::spawn(move || {
                 for i in 0..rounds {
@@ -1419,6 +1425,9 @@ mod tests {
             flush(&shard, &mut persisted);
             assert_eq!(shard.table.lock().dirty, 0, "a dirty key was on no ring");
             assert!(persisted > 0);
+            if wraps {
+                assert_ne!(shard.table.lock().epoch, u16::MAX, "the tags wrapped");
+            }
         }
     }
 
