@@ -1431,6 +1431,42 @@ mod tests {
         }
     }
 
+    /// S3-FIFO: a key read while in the small queue goes on to the main queue when its turn
+    /// to leave comes; the unread keys around it are evicted. (The frequency lives in the
+    /// entry's `bits` beside the queue flag.)
+    #[test]
+    fn a_read_key_survives_the_small_queue_and_leaves_main_when_cold() {
+        let bounded = Limits {
+            capacity: 4,
+            ..UNBOUNDED
+        };
+        let mut t = Table::new(100, bounded, hasher());
+        for k in 0..4 {
+            t.fill_clean(h(k), k, k, 1, 0, 1);
+        }
+        assert_eq!(look(&mut t, 0), Some(Some(0)));
+        for k in 4..8 {
+            t.fill_clean(h(k), k, k, 1, 0, 1);
+        }
+        assert!(t.contains(h(0), &0), "the key that was read stays");
+        assert!(
+            !t.contains(h(1), &1),
+            "an unread key of its time is evicted"
+        );
+        assert_eq!(t.len(), 4);
+        // New keys, each read once, follow it into the main queue; never read again, it
+        // leaves the main queue in its turn.
+        for k in 8..40 {
+            t.fill_clean(h(k), k, k, 1, 0, 1);
+            assert_eq!(look(&mut t, k), Some(Some(k)));
+        }
+        assert!(
+            !t.contains(h(0), &0),
+            "the main queue evicts it once it goes cold"
+        );
+        assert_eq!(t.len(), 4);
+    }
+
     /// The hash table holds only what a hit and an update touch.
     #[test]
     fn entry_keeps_the_side_state_out_of_the_table() {
