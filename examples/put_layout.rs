@@ -1,7 +1,7 @@
 //! Put (update of an existing key, Zipf 1.0) throughput of writebehind with no flusher thread
 //! and with one, against dashmap, the same update built by hand (64 padded locks around
 //! hashbrown tables of 56-byte entries), the *store floor* and the hand-rolled write-behind of
-//! the benches (dashmap, a channel, one writer thread), in one process, interleaved over nine
+//! the benches (`benches/common`: dashmap, a channel, one writer thread), in one process, interleaved over nine
 //! rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
 //! costs"), not one of the issue's benchmarks: those are `benches/ratio.rs` and
 //! `benches/peers.rs`.
@@ -9,9 +9,8 @@
 //! The store floor is the least work any write-behind must do for these puts: a dashmap
 //! insert per put, and for the share of puts that writebehind's flusher sent to the store
 //! (its records per put over a calibration run and every flushing run before the floor's;
-//! perfect conflation, so no design sends fewer) one
-//! dashmap read of the value and one record in a `MemoryStore::write_all` batch of 1,000, all
-//! on the putting thread: no flusher thread, no lock or line shared with one, no epochs, no
+//! perfect conflation, so no design sends fewer) one dashmap read of the value and one record
+//! in a `MemoryStore::write_all` batch of 1,000, all on the putting thread: no flusher thread, no lock or line shared with one, no epochs, no
 //! dirty bookkeeping. It picks the recorded puts evenly rather than the cold keys the engine
 //! really sends, so it errs fast. Its ratio to dashmap bounds what a write-behind can reach
 //! on this workload with this store.
@@ -23,6 +22,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use writebehind::{Cache, MemoryStore, Store, Write};
+
+/// The benches' contenders: this example runs their hand-rolled write-behind ([`Hand`]).
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{Hand, SyncCache};
 
 mod layout;
 use layout::Shards;
@@ -139,64 +143,6 @@ impl Floor {
     }
 }
 
-/// The hand-rolled write-behind of `benches/common` (a dashmap, and every put also sent over
-/// a bounded channel to one writer thread that calls the store once per record), so the
-/// store floor and writebehind can be set against it in one process.
-struct HandRolled {
-    map: dashmap::DashMap<u64, u64, ahash::RandomState>,
-    tx: crossbeam_channel::Sender<HandMsg>,
-}
-
-enum HandMsg {
-    Put(u64, u64),
-    /// Answered once every earlier record is in the store.
-    Sync(crossbeam_channel::Sender<()>),
-}
-
-impl HandRolled {
-    fn new(store: Arc<MemoryStore<u64, u64>>) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<HandMsg>(1 << 16);
-        std::thread::spawn(move || {
-            let mut version = 1;
-            for msg in rx {
-                match msg {
-                    HandMsg::Put(key, value) => {
-                        let w = Write::Put {
-                            key,
-                            value,
-                            version,
-                        };
-                        version += 1;
-                        store
-                            .write_all(std::slice::from_ref(&w))
-                            .expect("in-memory store");
-                    }
-                    HandMsg::Sync(done) => {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        });
-        HandRolled {
-            map: dashmap::DashMap::with_hasher(ahash::RandomState::new()),
-            tx,
-        }
-    }
-
-    #[inline]
-    fn put(&self, k: u64, v: u64) {
-        self.map.insert(k, v);
-        self.tx.send(HandMsg::Put(k, v)).expect("writer runs");
-    }
-
-    /// Waits until the writer has written every put so far.
-    fn settle(&self) {
-        let (done, wait) = crossbeam_channel::bounded(1);
-        self.tx.send(HandMsg::Sync(done)).expect("writer runs");
-        wait.recv().expect("writer answers");
-    }
-}
-
 /// CPU time (user + system) of this process's flusher threads so far, from `/proc` (Linux;
 /// `None` elsewhere). Only the flushing cache has a flusher thread.
 fn flusher_cpu_seconds() -> Option<f64> {
@@ -244,13 +190,13 @@ fn main() {
     let dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_store = MemoryStore::new();
-    let rolled = HandRolled::new(Arc::new(MemoryStore::new()));
+    let rolled = Hand::<u64>::new(Arc::new(MemoryStore::new()));
     for k in 0..n {
         manual.put(k, k).expect("open");
         flushed.put(k, k).expect("open");
         dm.insert(k, k);
         floor_dm.insert(k, k);
-        rolled.put(k, k);
+        SyncCache::put(&*rolled, k, k);
     }
     rolled.settle();
     manual.flush().expect("in-memory store");
@@ -314,7 +260,7 @@ fn main() {
                                     dm.insert(k, k);
                                 }
                                 4 => floor.put(floor_dm, floor_store, k, k),
-                                _ => rolled.put(k, k),
+                                _ => SyncCache::put(&**rolled, k, k),
                             }
                         }
                         if !floor.batch.is_empty() {
