@@ -242,20 +242,25 @@ struct Queues<K> {
 ///
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
-/// (the table header, `next_version`, `hits`, `puts`); the rest of the put path (conflation
-/// and dirty counts, the open epoch, the loads-in-flight header, the flags) fills the second.
-/// A hit on a cache without time-based rules so touches one line of the shard besides the
-/// entry's (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss
-/// per get once the entries no longer fit in the cache). The cold state follows.
+/// (the table header, `next_version`, `hits`, `conflated`); the rest of the put path (the
+/// dirty count, the open epoch, the loads-in-flight header, the flags) fills the second,
+/// which a put only reads unless its entry turns dirty. A hit on a cache without time-based
+/// rules so touches one line of the shard besides the entry's (docs/BENCHMARKS.md: each
+/// extra line of shard state a get touched cost a cache miss per get once the entries no
+/// longer fit in the cache), and a conflated update writes one: both writers' puts move the
+/// lock's line between their cores, and a second written line would move as well. The put
+/// count is not stored: every write takes one version, so it is the versions handed out
+/// less the removes and the write-through versions ([`Table::counters`]). The cold state
+/// follows.
 #[repr(C)]
 pub(crate) struct Table<K, V> {
     map: HashTable<Entry<K, V>>,
     /// Next version to hand out; starts at the wall clock (see `Cache` docs) and only grows.
     pub(crate) next_version: u64,
     hits: u64,
-    puts: u64,
-    // -- second line
+    /// Writes that found their key already queued in the open epoch.
     conflated: u64,
+    // -- second line
     /// Entries that are dirty (`unsent != NONE || in_flight`).
     pub(crate) dirty: usize,
     /// Loads in flight (single-flight read-through).
@@ -273,9 +278,15 @@ pub(crate) struct Table<K, V> {
     /// A weigher is set (`Limits::weighted`, kept here so an update reads no cold line).
     weighted: bool,
     // -- cold
-    /// The counters off the hot path (`hits`, `puts` and `conflated` are kept above and
-    /// stay zero here; [`Table::counters`] joins them).
+    /// The counters off the hot path (`hits` and `conflated` are kept above and `puts` is
+    /// derived: they stay zero here; [`Table::counters`] joins them).
     rare: ShardCounters,
+    /// `next_version` when the table was built: the versions handed out since are its
+    /// writes.
+    first_version: u64,
+    /// Versions handed out by [`Table::next_version`] (write-through), which `puts` does
+    /// not count.
+    unqueued_versions: u64,
     /// Entries that are tombstones.
     tombstones: usize,
     limits: Limits,
@@ -326,7 +337,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             map: HashTable::new(),
             next_version: first_version,
             hits: 0,
-            puts: 0,
             conflated: 0,
             dirty: 0,
             epoch: 1,
@@ -335,6 +345,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             timed: limits.timed(),
             weighted: limits.weighted,
             rare: ShardCounters::default(),
+            first_version,
+            unqueued_versions: 0,
             tombstones: 0,
             limits,
             side: Slab::default(),
@@ -348,7 +360,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn counters(&self) -> ShardCounters {
         ShardCounters {
             hits: self.hits,
-            puts: self.puts,
+            // Each write through `begin_write` took one version and counted a put or a
+            // remove.
+            puts: self.next_version
+                - self.first_version
+                - self.unqueued_versions
+                - self.rare.removes,
             conflated: self.conflated,
             ..self.rare
         }
@@ -488,6 +505,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn next_version(&mut self) -> u64 {
         let v = self.next_version;
         self.next_version += 1;
+        self.unqueued_versions += 1;
         v
     }
 
@@ -497,10 +515,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     fn begin_write(&mut self, hash: u64, key: &K, is_delete: bool) -> u64 {
         let version = self.next_version;
         self.next_version += 1;
+        // A put is counted by its version (`Table::counters`); a remove here.
         if is_delete {
             self.rare.removes += 1;
-        } else {
-            self.puts += 1;
         }
         self.touch_loading(hash, key);
         version
@@ -1526,14 +1543,14 @@ mod tests {
             "the table header follows it"
         );
         assert!(
-            end(&t.puts) <= 64,
-            "lock, header, next_version, hits, puts: one line"
+            end(&t.hits) <= 64 && end(&t.conflated) <= 64,
+            "lock, header, next_version, hits, conflated: one line"
         );
         let flags = (&t.weighted as *const bool as usize - base)
             .max(&t.timed as *const bool as usize - base)
             .max(&t.epoch as *const u16 as usize + 1 - base);
         assert!(
-            &t.conflated as *const u64 as usize - base >= 64 && flags < 128,
+            &t.dirty as *const usize as usize - base >= 64 && flags < 128,
             "the rest of the put path: the second line"
         );
     }
