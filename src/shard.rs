@@ -1200,6 +1200,30 @@ mod tests {
         );
     }
 
+    /// The put count is derived from the versions handed out (`Table::counters`): every
+    /// kind of write must land in the right count.
+    #[test]
+    fn counters_follow_every_kind_of_write() {
+        let mut t = table();
+        assert!(put(&mut t, 1, 10, 1), "new key: queued");
+        assert!(!put(&mut t, 1, 11, 1), "conflated");
+        del(&mut t, 1, 1); // a remove that conflates
+        del(&mut t, 2, 1); // a remove of a key not cached: queued
+        assert!(put(&mut t, 1, 12, 2), "next epoch: queued");
+        let _ = t.next_version(); // write-through: neither a put nor a remove
+        t.set_local(h(3), 3, Some(30), 0, 1); // read-only mode: a put, never conflated
+        t.set_local(h(3), 3, Some(31), 0, 1);
+        assert!(!put(&mut t, 1, 13, 2), "conflated after the other writes");
+        let c = t.counters();
+        assert_eq!(c.puts, 6, "puts through write and set_local");
+        assert_eq!(c.removes, 2);
+        assert_eq!(
+            c.conflated, 3,
+            "two puts and one remove found their key queued"
+        );
+        assert_eq!(t.next_version, 109, "one version per write of any kind");
+    }
+
     #[test]
     fn take_snapshots_the_latest_value_and_marks_in_flight() {
         let mut t = table();
