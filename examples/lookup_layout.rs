@@ -1,11 +1,17 @@
-//! Single-thread get-hit latency of writebehind against the same lookup built by hand and
-//! against dashmap with 16-, 32- and 88-byte entries and against quick_cache, in one process, interleaved over nine
-//! rounds (docs/BENCHMARKS.md, "get hit: what the lookup costs"). A diagnostic for the
-//! memory layout of the shard and the entry, not one of the issue's benchmarks: those are
-//! `benches/ratio.rs` and `benches/peers.rs`.
+//! Get-hit latency of writebehind against the same lookup built by hand, against dashmap
+//! with 16-, 32-, 40-, 56- and 88-byte entries and against quick_cache, in one process,
+//! interleaved over nine rounds (docs/BENCHMARKS.md, "get hit: what the lookup costs"). A
+//! diagnostic for the memory layout of the shard and the entry, not one of the issue's
+//! benchmarks: those are `benches/ratio.rs` and `benches/peers.rs`.
 //!
-//! `cargo run --release --example lookup_layout [keys]` (default 131072 keys; `LOOKUP_OPS`
-//! gets per contender per round, default 2,000,000).
+//! The dashmap sizes bracket writebehind's: 56 bytes is its entry for `u64` keys and values,
+//! and 40 bytes is the least entry the design allows for them (the key, an `Option<u64>`
+//! value, a version and an epoch tag: 34 bytes, aligned to 40). dashmap with those entries
+//! over dashmap with 16-byte ones is what the entry's size alone costs a get, with no
+//! bookkeeping at all.
+//!
+//! `cargo run --release --example lookup_layout [keys] [threads]` (defaults 131072 keys and
+//! 1 thread; `LOOKUP_OPS` gets per thread per contender per round, default 2,000,000).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,6 +53,85 @@ impl HandBuilt {
     }
 }
 
+/// 56-byte entries (writebehind's size) in three layouts: inline in the hash table (as
+/// writebehind keeps them), boxed (the table holds pointers), and in a dense vector that
+/// the table indexes with `u32` slot numbers.
+struct E56 {
+    key: u64,
+    value: Option<u64>,
+    _rest: [u64; 4],
+}
+
+fn e56(key: u64) -> E56 {
+    E56 {
+        key,
+        value: Some(key),
+        _rest: [0; 4],
+    }
+}
+
+struct Inline56(Shards<hashbrown::HashTable<E56>>);
+struct Boxed56(Shards<hashbrown::HashTable<Box<E56>>>);
+#[derive(Default)]
+struct Dense {
+    index: hashbrown::HashTable<u32>,
+    slots: Vec<E56>,
+}
+struct Dense56(Shards<Dense>);
+
+impl Inline56 {
+    fn new(n: u64) -> Self {
+        let shards = Shards::new();
+        shards.fill(n, e56, |t| t, |e| e.key);
+        Inline56(shards)
+    }
+    #[inline]
+    fn get(&self, key: u64) -> Option<u64> {
+        let h = self.0.hasher.hash_one(key);
+        let t = self.0.lock(h);
+        t.find(h, |e| e.key == key).and_then(|e| e.value)
+    }
+}
+
+impl Boxed56 {
+    fn new(n: u64) -> Self {
+        let shards = Shards::new();
+        shards.fill(n, |k| Box::new(e56(k)), |t| t, |e| e.key);
+        Boxed56(shards)
+    }
+    #[inline]
+    fn get(&self, key: u64) -> Option<u64> {
+        let h = self.0.hasher.hash_one(key);
+        let t = self.0.lock(h);
+        t.find(h, |e| e.key == key).and_then(|e| e.value)
+    }
+}
+
+impl Dense56 {
+    fn new(n: u64) -> Self {
+        let shards: Shards<Dense> = Shards::new();
+        for k in 0..n {
+            let h = shards.hasher.hash_one(k);
+            let mut t = shards.lock(h);
+            let t = &mut *t;
+            let i = t.slots.len() as u32;
+            t.slots.push(e56(k));
+            let (slots, hasher) = (&t.slots, &shards.hasher);
+            t.index
+                .insert_unique(h, i, |&i| hasher.hash_one(slots[i as usize].key));
+        }
+        Dense56(shards)
+    }
+    #[inline]
+    fn get(&self, key: u64) -> Option<u64> {
+        let h = self.0.hasher.hash_one(key);
+        let t = self.0.lock(h);
+        let slots = &t.slots;
+        let i = *t.index.find(h, |&i| slots[i as usize].key == key)?;
+        slots[i as usize].value
+    }
+}
+
 struct XorShift(u64);
 
 impl XorShift {
@@ -65,6 +150,11 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1 << 17);
+    let threads: u64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let ops: u64 = std::env::var("LOOKUP_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -77,12 +167,19 @@ fn main() {
     }
     wb.flush().expect("in-memory store");
     let hand = HandBuilt::new(n);
+    let inline56 = Inline56::new(n);
+    let boxed56 = Boxed56::new(n);
+    let dense56 = Dense56::new(n);
     let dm16 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let dm32 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
+    let dm40 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
+    let dm56 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let dm88 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     for k in 0..n {
         dm16.insert(k, k);
         dm32.insert(k, [k; 3]);
+        dm40.insert(k, [k; 4]);
+        dm56.insert(k, [k; 6]);
         dm88.insert(k, [k; 10]);
     }
     let quick: quick_cache::sync::Cache<u64, u64> = quick_cache::sync::Cache::new(1 << 22);
@@ -94,45 +191,90 @@ fn main() {
         "hand-built 88 B",
         "dashmap 16 B",
         "dashmap 32 B",
+        "dashmap 40 B",
+        "dashmap 56 B",
         "dashmap 88 B",
         "quick_cache",
+        "hand-built 56 B inline",
+        "hand-built 56 B boxed",
+        "hand-built 56 B dense + u32 index",
     ];
     // `LOOKUP_ONLY=i`: run contender `i` alone (for callgrind).
     let only: Option<usize> = std::env::var("LOOKUP_ONLY")
         .ok()
         .and_then(|s| s.parse().ok());
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let mut sum = 0u64;
-    for _ in 0..9 {
+    for round in 0..9u64 {
         for (i, times) in ns.iter_mut().enumerate() {
             if only.is_some_and(|o| o != i) {
                 continue;
             }
             let t0 = Instant::now();
-            for _ in 0..ops {
-                let k = rng.next() % n;
-                sum = sum.wrapping_add(match i {
-                    0 => wb.get(&k).expect("in memory").expect("present"),
-                    1 => hand.get(k).expect("present"),
-                    2 => *dm16.get(&k).expect("present"),
-                    3 => dm32.get(&k).expect("present")[0],
-                    4 => dm88.get(&k).expect("present")[0],
-                    _ => quick.get(&k).expect("present"),
-                });
-            }
+            let sums: Vec<u64> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let (wb, hand, quick) = (&wb, &hand, &quick);
+                        let (dm16, dm32, dm40) = (&dm16, &dm32, &dm40);
+                        let (dm56, dm88) = (&dm56, &dm88);
+                        let (inline56, boxed56, dense56) = (&inline56, &boxed56, &dense56);
+                        s.spawn(move || {
+                            let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (round * 64 + t + 1));
+                            let mut sum = 0u64;
+                            for _ in 0..ops {
+                                let k = rng.next() % n;
+                                sum = sum.wrapping_add(match i {
+                                    0 => wb.get(&k).expect("in memory").expect("present"),
+                                    1 => hand.get(k).expect("present"),
+                                    2 => *dm16.get(&k).expect("present"),
+                                    3 => dm32.get(&k).expect("present")[0],
+                                    4 => dm40.get(&k).expect("present")[0],
+                                    5 => dm56.get(&k).expect("present")[0],
+                                    6 => dm88.get(&k).expect("present")[0],
+                                    7 => quick.get(&k).expect("present"),
+                                    8 => inline56.get(k).expect("present"),
+                                    9 => boxed56.get(k).expect("present"),
+                                    _ => dense56.get(k).expect("present"),
+                                });
+                            }
+                            sum
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("no panic"))
+                    .collect()
+            });
+            sum = sums.into_iter().fold(sum, u64::wrapping_add);
+            // Wall time per get of one thread: with `threads` threads on as many cores,
+            // the time a get takes while the others run.
             times.push(t0.elapsed().as_nanos() as f64 / ops as f64);
         }
     }
-    println!("{n} keys, {ops} random gets per contender per round, 9 rounds, 1 thread");
-    println!("| contender | median ns/get | min |");
-    println!("|---|---:|---:|");
-    for (name, times) in names.iter().zip(ns.iter_mut()) {
+    println!(
+        "{n} keys, {ops} random gets per thread per contender per round, 9 rounds, \
+         {threads} thread(s)"
+    );
+    println!("| contender | median ns/get | min | dashmap 16 B / contender (paired median) |");
+    println!("|---|---:|---:|---:|");
+    let paired = |i: usize| {
+        let mut r: Vec<f64> = ns[2].iter().zip(&ns[i]).map(|(d, c)| d / c).collect();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    for (i, name) in names.iter().enumerate() {
+        let mut times = ns[i].clone();
         if times.is_empty() {
             continue;
         }
         times.sort_by(f64::total_cmp);
-        println!("| {name} | {:.0} | {:.0} |", times[4], times[0]);
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2}x |",
+            times[4],
+            times[0],
+            paired(i)
+        );
     }
     std::hint::black_box(sum);
     let m = wb.metrics();
