@@ -4,11 +4,13 @@
 //! diagnostic for the memory layout of the shard and the entry, not one of the issue's
 //! benchmarks: those are `benches/ratio.rs` and `benches/peers.rs`.
 //!
-//! The dashmap sizes bracket writebehind's: 56 bytes is its entry for `u64` keys and values,
-//! and 40 bytes is the least entry the design allows for them (the key, an `Option<u64>`
-//! value, a version and an epoch tag: 34 bytes, aligned to 40). dashmap with those entries
-//! over dashmap with 16-byte ones is what the entry's size alone costs a get, with no
-//! bookkeeping at all.
+//! The dashmap sizes bracket writebehind's: 56 bytes is its entry for `u64` keys and values;
+//! 32 bytes is the least entry the design allows for them (the key, the value, a version, a
+//! 16-bit epoch tag and flags, a tombstone being a flag), 40 bytes the least with an
+//! `Option<u64>` value. dashmap with those entries over dashmap with 16-byte ones is what the
+//! entry's size alone costs a get, with no bookkeeping at all. The last three contenders
+//! hold writebehind's 56-byte entry, built by hand, inline in the table, boxed, and in a
+//! dense vector behind a `u32` index.
 //!
 //! `cargo run --release --example lookup_layout [keys] [threads]` (defaults 131072 keys and
 //! 1 thread; `LOOKUP_OPS` gets per thread per contender per round, default 2,000,000).
@@ -256,7 +258,7 @@ fn main() {
         "{n} keys, {ops} random gets per thread per contender per round, 9 rounds, \
          {threads} thread(s)"
     );
-    println!("| contender | median ns/get | min | dashmap 16 B / contender (paired median) |");
+    println!("| contender | median ns/get | min | rate / dashmap 16 B (paired median) |");
     println!("|---|---:|---:|---:|");
     let paired = |i: usize| {
         let mut r: Vec<f64> = ns[2].iter().zip(&ns[i]).map(|(d, c)| d / c).collect();
