@@ -10,7 +10,8 @@
 //! `Option<u64>` value. dashmap with those entries over dashmap with 16-byte ones is what the
 //! entry's size alone costs a get, with no bookkeeping at all. The last three contenders
 //! hold writebehind's 56-byte entry, built by hand, inline in the table, boxed, and in a
-//! dense vector behind a `u32` index.
+//! dense vector behind a `u32` index; the last two the design's least entries (40 and 32
+//! bytes) in that dense layout, the smallest tables this design could keep.
 //!
 //! `cargo run --release --example lookup_layout [keys] [threads]` (defaults 131072 keys and
 //! 1 thread; `LOOKUP_OPS` gets per thread per contender per round, default 2,000,000).
@@ -55,82 +56,163 @@ impl HandBuilt {
     }
 }
 
-/// 56-byte entries (writebehind's size) in three layouts: inline in the hash table (as
-/// writebehind keeps them), boxed (the table holds pointers), and in a dense vector that
-/// the table indexes with `u32` slot numbers.
+/// An entry the hand-built tables below hold: a `u64` key and value and the rest of its
+/// size.
+trait Keyed {
+    fn make(key: u64) -> Self;
+    fn key(&self) -> u64;
+    fn value(&self) -> Option<u64>;
+}
+
+/// writebehind's entry size for `u64` keys and values.
 struct E56 {
     key: u64,
     value: Option<u64>,
     _rest: [u64; 4],
 }
 
-fn e56(key: u64) -> E56 {
-    E56 {
-        key,
-        value: Some(key),
-        _rest: [0; 4],
+/// The least entry the design allows with an `Option<u64>` value: the key, the value, a
+/// version, and a word for the epoch tag and flags.
+struct E40 {
+    key: u64,
+    value: Option<u64>,
+    _version: u64,
+    _tag_and_flags: u64,
+}
+
+/// The least entry the design allows at all: as [`E40`], with a tombstone as a flag rather
+/// than an `Option`.
+struct E32 {
+    key: u64,
+    value: u64,
+    _version: u64,
+    _tag_and_flags: u64,
+}
+
+impl Keyed for E56 {
+    fn make(key: u64) -> Self {
+        E56 {
+            key,
+            value: Some(key),
+            _rest: [0; 4],
+        }
+    }
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn value(&self) -> Option<u64> {
+        self.value
     }
 }
 
-struct Inline56(Shards<hashbrown::HashTable<E56>>);
-struct Boxed56(Shards<hashbrown::HashTable<Box<E56>>>);
-#[derive(Default)]
-struct Dense {
+impl Keyed for E40 {
+    fn make(key: u64) -> Self {
+        E40 {
+            key,
+            value: Some(key),
+            _version: 0,
+            _tag_and_flags: 0,
+        }
+    }
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn value(&self) -> Option<u64> {
+        self.value
+    }
+}
+
+impl Keyed for E32 {
+    fn make(key: u64) -> Self {
+        E32 {
+            key,
+            value: key,
+            _version: 0,
+            _tag_and_flags: 0,
+        }
+    }
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn value(&self) -> Option<u64> {
+        Some(self.value)
+    }
+}
+
+/// Entries inline in the hash table, as writebehind keeps them.
+struct Inline<E>(Shards<hashbrown::HashTable<E>>);
+
+impl<E: Keyed> Inline<E> {
+    fn new(n: u64) -> Self {
+        let shards = Shards::new();
+        shards.fill(n, E::make, |t| t, |e| e.key());
+        Inline(shards)
+    }
+    #[inline]
+    fn get(&self, key: u64) -> Option<u64> {
+        let h = self.0.hasher.hash_one(key);
+        let t = self.0.lock(h);
+        t.find(h, |e| e.key() == key).and_then(|e| e.value())
+    }
+}
+
+/// Boxed entries: the hash table holds pointers.
+struct Boxed<E>(Shards<hashbrown::HashTable<Box<E>>>);
+
+impl<E: Keyed> Boxed<E> {
+    fn new(n: u64) -> Self {
+        let shards = Shards::new();
+        shards.fill(n, |k| Box::new(E::make(k)), |t| t, |e| e.key());
+        Boxed(shards)
+    }
+    #[inline]
+    fn get(&self, key: u64) -> Option<u64> {
+        let h = self.0.hasher.hash_one(key);
+        let t = self.0.lock(h);
+        t.find(h, |e| e.key() == key).and_then(|e| e.value())
+    }
+}
+
+/// Entries in a dense vector that the hash table indexes with `u32` slot numbers (the
+/// shape quick_cache uses).
+struct DenseTable<E> {
     index: hashbrown::HashTable<u32>,
-    slots: Vec<E56>,
+    slots: Vec<E>,
 }
-struct Dense56(Shards<Dense>);
 
-impl Inline56 {
-    fn new(n: u64) -> Self {
-        let shards = Shards::new();
-        shards.fill(n, e56, |t| t, |e| e.key);
-        Inline56(shards)
-    }
-    #[inline]
-    fn get(&self, key: u64) -> Option<u64> {
-        let h = self.0.hasher.hash_one(key);
-        let t = self.0.lock(h);
-        t.find(h, |e| e.key == key).and_then(|e| e.value)
+impl<E> Default for DenseTable<E> {
+    fn default() -> Self {
+        DenseTable {
+            index: hashbrown::HashTable::new(),
+            slots: Vec::new(),
+        }
     }
 }
 
-impl Boxed56 {
-    fn new(n: u64) -> Self {
-        let shards = Shards::new();
-        shards.fill(n, |k| Box::new(e56(k)), |t| t, |e| e.key);
-        Boxed56(shards)
-    }
-    #[inline]
-    fn get(&self, key: u64) -> Option<u64> {
-        let h = self.0.hasher.hash_one(key);
-        let t = self.0.lock(h);
-        t.find(h, |e| e.key == key).and_then(|e| e.value)
-    }
-}
+struct Dense<E>(Shards<DenseTable<E>>);
 
-impl Dense56 {
+impl<E: Keyed> Dense<E> {
     fn new(n: u64) -> Self {
-        let shards: Shards<Dense> = Shards::new();
+        let shards: Shards<DenseTable<E>> = Shards::new();
         for k in 0..n {
             let h = shards.hasher.hash_one(k);
             let mut t = shards.lock(h);
             let t = &mut *t;
-            let i = t.slots.len() as u32;
-            t.slots.push(e56(k));
+            let i = u32::try_from(t.slots.len()).expect("a shard holds fewer than 2^32 keys");
+            t.slots.push(E::make(k));
             let (slots, hasher) = (&t.slots, &shards.hasher);
             t.index
-                .insert_unique(h, i, |&i| hasher.hash_one(slots[i as usize].key));
+                .insert_unique(h, i, |&i| hasher.hash_one(slots[i as usize].key()));
         }
-        Dense56(shards)
+        Dense(shards)
     }
     #[inline]
     fn get(&self, key: u64) -> Option<u64> {
         let h = self.0.hasher.hash_one(key);
         let t = self.0.lock(h);
         let slots = &t.slots;
-        let i = *t.index.find(h, |&i| slots[i as usize].key == key)?;
-        slots[i as usize].value
+        let i = *t.index.find(h, |&i| slots[i as usize].key() == key)?;
+        slots[i as usize].value()
     }
 }
 
@@ -169,9 +251,11 @@ fn main() {
     }
     wb.flush().expect("in-memory store");
     let hand = HandBuilt::new(n);
-    let inline56 = Inline56::new(n);
-    let boxed56 = Boxed56::new(n);
-    let dense56 = Dense56::new(n);
+    let inline56 = Inline::<E56>::new(n);
+    let boxed56 = Boxed::<E56>::new(n);
+    let dense56 = Dense::<E56>::new(n);
+    let dense40 = Dense::<E40>::new(n);
+    let dense32 = Dense::<E32>::new(n);
     let dm16 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let dm32 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let dm40 = dashmap::DashMap::with_hasher(ahash::RandomState::new());
@@ -200,6 +284,8 @@ fn main() {
         "hand-built 56 B inline",
         "hand-built 56 B boxed",
         "hand-built 56 B dense + u32 index",
+        "hand-built 40 B dense + u32 index",
+        "hand-built 32 B dense + u32 index",
     ];
     // `LOOKUP_ONLY=i`: run contender `i` alone (for callgrind).
     let only: Option<usize> = std::env::var("LOOKUP_ONLY")
@@ -220,6 +306,7 @@ fn main() {
                         let (dm16, dm32, dm40) = (&dm16, &dm32, &dm40);
                         let (dm56, dm88) = (&dm56, &dm88);
                         let (inline56, boxed56, dense56) = (&inline56, &boxed56, &dense56);
+                        let (dense40, dense32) = (&dense40, &dense32);
                         s.spawn(move || {
                             let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (round * 64 + t + 1));
                             let mut sum = 0u64;
@@ -236,7 +323,9 @@ fn main() {
                                     7 => quick.get(&k).expect("present"),
                                     8 => inline56.get(k).expect("present"),
                                     9 => boxed56.get(k).expect("present"),
-                                    _ => dense56.get(k).expect("present"),
+                                    10 => dense56.get(k).expect("present"),
+                                    11 => dense40.get(k).expect("present"),
+                                    _ => dense32.get(k).expect("present"),
                                 });
                             }
                             sum
