@@ -1,8 +1,9 @@
 //! Put (update of an existing key, Zipf 1.0) throughput of writebehind with no flusher thread
 //! and with one, against dashmap, the same update built by hand (64 padded locks around
 //! hashbrown tables of 56-byte entries), the *store floor* and the hand-rolled write-behind of
-//! the benches (`benches/common`: dashmap, a channel, one writer thread), in one process, interleaved over nine
-//! rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
+//! the benches (`benches/common`: dashmap, a channel, one writer thread), and the same update
+//! on a dense table of 32-byte entries behind a `u32` index, in one process, interleaved
+//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
 //! costs"), not one of the issue's benchmarks: those are `benches/ratio.rs` and
 //! `benches/peers.rs`.
 //!
@@ -74,6 +75,67 @@ impl HandBuilt {
         t.puts += 1;
         if let Some(e) = t.map.find_mut(h, |e| e.key == key) {
             e.value = Some(value);
+            e.version = version;
+        }
+    }
+}
+
+/// The same update on the design's least entry (32 bytes: key, value, version, a word for the
+/// epoch tag and flags) kept in a dense vector behind a `u32` index, the layout that
+/// `lookup_layout` finds fastest for a get (docs/BENCHMARKS.md, "get hit: the entry's size"):
+/// what that layout would cost an update.
+struct HandDense {
+    shards: Shards<DenseTable>,
+}
+
+#[derive(Default)]
+struct DenseTable {
+    index: hashbrown::HashTable<u32>,
+    slots: Vec<Entry32>,
+    next_version: u64,
+    puts: u64,
+}
+
+struct Entry32 {
+    key: u64,
+    value: u64,
+    version: u64,
+    _tag_and_flags: u64,
+}
+
+impl HandDense {
+    fn new(n: u64) -> Self {
+        let shards: Shards<DenseTable> = Shards::new();
+        for k in 0..n {
+            let h = shards.hasher.hash_one(k);
+            let mut t = shards.lock(h);
+            let t = &mut *t;
+            let i = u32::try_from(t.slots.len()).expect("a shard holds fewer than 2^32 keys");
+            t.slots.push(Entry32 {
+                key: k,
+                value: k,
+                version: 0,
+                _tag_and_flags: 0,
+            });
+            let (slots, hasher) = (&t.slots, &shards.hasher);
+            t.index
+                .insert_unique(h, i, |&i| hasher.hash_one(slots[i as usize].key));
+        }
+        HandDense { shards }
+    }
+
+    #[inline]
+    fn put(&self, key: u64, value: u64) {
+        let h = self.shards.hasher.hash_one(key);
+        let mut t = self.shards.lock(h);
+        let t = &mut *t;
+        let version = t.next_version;
+        t.next_version += 1;
+        t.puts += 1;
+        let slots = &t.slots;
+        if let Some(&i) = t.index.find(h, |&i| slots[i as usize].key == key) {
+            let e = &mut t.slots[i as usize];
+            e.value = value;
             e.version = version;
         }
     }
@@ -187,6 +249,7 @@ fn main() {
         .build()
         .expect("default configuration");
     let hand = HandBuilt::new(n);
+    let dense = HandDense::new(n);
     let dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_store = MemoryStore::new();
@@ -229,6 +292,7 @@ fn main() {
         "dashmap",
         "store floor",
         "hand-rolled write-behind",
+        "hand-built dense 32 B",
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 0..9 {
@@ -244,6 +308,7 @@ fn main() {
             std::thread::scope(|s| {
                 for ks in &keys {
                     let (manual, flushed, hand, dm) = (&manual, &flushed, &hand, &dm);
+                    let dense = &dense;
                     let (floor_dm, floor_store, rolled) = (&floor_dm, &floor_store, &rolled);
                     s.spawn(move || {
                         let mut floor = Floor::new(per_put);
@@ -260,7 +325,8 @@ fn main() {
                                     dm.insert(k, k);
                                 }
                                 4 => floor.put(floor_dm, floor_store, k, k),
-                                _ => SyncCache::put(&**rolled, k, k),
+                                5 => SyncCache::put(&**rolled, k, k),
+                                _ => dense.put(k, k),
                             }
                         }
                         if !floor.batch.is_empty() {
@@ -326,13 +392,14 @@ fn main() {
             "ratios: writebehind (flusher) / dashmap {:.2}x, store floor / dashmap {:.2}x, \
          writebehind (no flusher) / hand-built table {:.2}x; against the hand-rolled \
          write-behind: writebehind (flusher) {:.2}x, writebehind (no flusher) {:.2}x, store \
-         floor {:.2}x",
+         floor {:.2}x; hand-built dense 32 B / hand-built table {:.2}x",
             median(1) / median(3),
             median(4) / median(3),
             median(0) / median(2),
             median(1) / median(5),
             median(0) / median(5),
-            median(4) / median(5)
+            median(4) / median(5),
+            median(6) / median(2)
         );
     }
 }
