@@ -7,7 +7,9 @@
 //!    batches of the same size) on the same kind of file: the rows in key order into an empty
 //!    table (the database's best case), the same rows again in a random order (updates of
 //!    existing rows), and the rows in a random order into an empty table (what the engine
-//!    does: inserts of keys dirtied at random, in batches of `max_batch`); the same for
+//!    does: inserts of keys dirtied at random, in batches of `max_batch`); then the engine
+//!    again with `Builder::flush_order` (key order), which sorts a backlog before it cuts it
+//!    into batches; the same for
 //!    PostgreSQL when `WRITEBEHIND_PG_URL` is set (`source .ci/pg.sh && pg_start`). The
 //!    PostgreSQL tables are dropped at the start, and every timed phase begins with a
 //!    `CHECKPOINT`, so runs against one server stay comparable.
@@ -120,6 +122,7 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, through: b
 fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
     label: &str,
     engine_store: S,
+    ordered_store: S,
     plain_store: S,
     fresh_store: S,
     n: u64,
@@ -172,35 +175,46 @@ fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
     }
     let plain_fresh = n as f64 / t0.elapsed().as_secs_f64();
 
-    let cache = Cache::builder(engine_store)
-        .write_delay(Duration::from_secs(3600))
-        .max_batch(batch)
-        .shards(64)
-        .dirty_ring_capacity(1 << 14)
-        .build()
-        .expect("cache");
-    // The count trigger would start flushing while we fill; fill first with the flusher
-    // held back by a long delay and a trigger above n (max_batch/shards per shard is small,
-    // so measure from the start of the fill to the end of the flush instead, which counts
-    // the puts against the engine).
-    before_phase();
-    let t0 = Instant::now();
-    for k in 0..n {
-        cache.put(k, value(k)).expect("put");
-    }
-    cache.flush().expect("flush");
-    let engine = n as f64 / t0.elapsed().as_secs_f64();
-    let m = cache.metrics();
+    // The engine as configured by default, then with `flush_order` (key order), each into
+    // an empty table. The count trigger starts flushing while the puts fill the cache, so
+    // the time runs from the first put to the end of the flush: it counts the puts against
+    // the engine.
+    let engine_run = |store: S, ordered: bool| {
+        let mut b = Cache::builder(store)
+            .write_delay(Duration::from_secs(3600))
+            .max_batch(batch)
+            .shards(64)
+            .dirty_ring_capacity(1 << 14);
+        if ordered {
+            b = b.flush_order(|a: &u64, b: &u64| a.cmp(b));
+        }
+        let cache = b.build().expect("cache");
+        before_phase();
+        let t0 = Instant::now();
+        for k in 0..n {
+            cache.put(k, value(k)).expect("put");
+        }
+        cache.flush().expect("flush");
+        let rate = n as f64 / t0.elapsed().as_secs_f64();
+        let m = cache.metrics();
+        (
+            rate,
+            format!("{} batches, {} rows", m.batches, m.records_written),
+        )
+    };
+    let (engine, batches) = engine_run(engine_store, false);
+    let (ordered, _) = engine_run(ordered_store, true);
     println!(
-        "| {label} | {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {} batches, {} rows |",
+        "| {label} | {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.2}x | {:.2}x | {batches} |",
         plain,
         plain_random,
         plain_fresh,
         engine,
         engine / plain,
         engine / plain_fresh,
-        m.batches,
-        m.records_written
+        ordered,
+        ordered / plain,
+        ordered / plain_fresh,
     );
 }
 
@@ -233,11 +247,12 @@ fn main() {
     );
 
     println!("\n### sustained flush throughput (rows/s)\n");
-    println!("| store | rows | plain, key order, empty table | plain, random order, existing rows | plain, random order, empty table | engine (puts + flush) | engine / key order | engine / same work | engine batches |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("| store | rows | plain, key order, empty table | plain, random order, existing rows | plain, random order, empty table | engine (puts + flush) | engine / key order | engine / same work | engine with flush_order | ordered / key order | ordered / same work | engine batches |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     flush_throughput(
         "SQLite",
         sqlite("flush_engine"),
+        sqlite("flush_ordered"),
         sqlite("flush_plain"),
         sqlite("flush_fresh"),
         n,
@@ -251,7 +266,8 @@ fn main() {
             let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("postgres");
             admin
                 .batch_execute(
-                    "DROP TABLE IF EXISTS bench_engine, bench_plain, bench_fresh, bench_latency",
+                    "DROP TABLE IF EXISTS bench_engine, bench_ordered, bench_plain, bench_fresh, \
+                     bench_latency",
                 )
                 .expect("drop the bench tables");
             let admin = std::sync::Mutex::new(admin);
@@ -268,6 +284,7 @@ fn main() {
             flush_throughput(
                 "PostgreSQL",
                 pg("bench_engine"),
+                pg("bench_ordered"),
                 pg("bench_plain"),
                 pg("bench_fresh"),
                 n,
@@ -281,7 +298,7 @@ fn main() {
             );
         }
         Err(_) => {
-            println!("| PostgreSQL | - | (WRITEBEHIND_PG_URL not set: skipped) | | | | | | |")
+            println!("| PostgreSQL | - | (WRITEBEHIND_PG_URL not set: skipped) | | | | | | | | | |")
         }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backpressure, Builder, FailedWriteHook, Weigher, WriteMode};
+use crate::config::{Backpressure, Builder, FailedWriteHook, KeyOrder, Weigher, WriteMode};
 use crate::error::{Error, StoreError};
 use crate::flusher::{self, call_store, in_store_call, Flusher, StepMode, Ticket, TicketOutcome};
 use crate::loader::{LoadSlot, Loader, RefreshJob};
@@ -88,6 +88,9 @@ pub(crate) struct Inner<K, V> {
     /// How often flushers advance the coarse clock when `timed`.
     pub(crate) tick: Duration,
     weigher: Option<Weigher<K, V>>,
+    /// [`crate::Builder::flush_order`]: how a flusher orders a backlog of more than one
+    /// batch.
+    pub(crate) flush_order: Option<KeyOrder<K>>,
     /// Refresh-ahead jobs (only with `refresh_ahead`).
     loader: Option<Loader<K>>,
 }
@@ -358,6 +361,7 @@ where
             bounded,
             tick,
             weigher: b.weigher,
+            flush_order: b.flush_order,
             loader: b.refresh_ahead.map(|_| Loader::new()),
         });
         inner.tick_clock();

@@ -445,12 +445,14 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         if work.is_empty() {
             return;
         }
-        // Keys of one shard together, so snapshots take each lock once per chunk (drained
-        // rings come shard by shard already; retries may not).
-        if !work.is_sorted_by_key(|w| w.shard) {
-            work.sort_by_key(|w| w.shard);
-        }
         let max_batch = inner.config.max_batch;
+        if !(work.len() > max_batch && Self::order_by_key(inner, work, max_batch)) {
+            // Keys of one shard together, so snapshots take each lock once per chunk
+            // (drained rings come shard by shard already; retries may not).
+            if !work.is_sorted_by_key(|w| w.shard) {
+                work.sort_by_key(|w| w.shard);
+            }
+        }
         let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
         let mut hashes = [0u64; SNAPSHOT_CHUNK];
@@ -498,6 +500,33 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         if !batch.is_empty() {
             self.send(inner, &mut batch, &mut meta);
         }
+    }
+
+    /// [`crate::Builder::flush_order`]: sorts a backlog of more than one batch by key, then
+    /// each batch-sized window by shard (a stable sort: the window keeps its keys, and the
+    /// snapshots take each shard's lock once per chunk). Two work items of one key stay in
+    /// the order they had, so a key's writes still go oldest first. Returns `false` (and
+    /// leaves the order to the caller) without an order, or if it panicked.
+    fn order_by_key<V>(inner: &Inner<K, V>, work: &mut [Work<K>], max_batch: usize) -> bool
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let Some(order) = &inner.flush_order else {
+            return false;
+        };
+        // A panicking (or inconsistent) comparator leaves the slice a permutation of itself:
+        // nothing is lost, the step just writes in shard order.
+        let sorted = catch_unwind(AssertUnwindSafe(|| {
+            work.sort_by(|a, b| order(&a.key, &b.key));
+        }));
+        if sorted.is_err() {
+            tracing::error!("the flush_order comparator panicked; this step writes in shard order");
+            return false;
+        }
+        for window in work.chunks_mut(max_batch) {
+            window.sort_by_key(|w| w.shard);
+        }
+        true
     }
 
     /// Publishes when the oldest write still waiting in this flusher's shards was made (as

@@ -255,6 +255,60 @@ fn full_ring_loses_nothing() {
     }
 }
 
+/// Flushes 2,000 keys written in a scrambled order, in batches of 100, with or without
+/// `flush_order`; returns each batch's span of keys (largest less smallest) and checks that
+/// every key reached the store with its latest value.
+fn batch_spans(order: Option<fn(&u64, &u64) -> std::cmp::Ordering>) -> Vec<u64> {
+    let s = store();
+    let mut b = Cache::builder(s.clone())
+        .manual_flushing()
+        .shards(64)
+        .max_batch(100)
+        .dirty_ring_capacity(4096);
+    if let Some(order) = order {
+        b = b.flush_order(order);
+    }
+    let cache = b.build().unwrap();
+    for i in 0..2000u64 {
+        cache.put((i * 7919) % 2000, i).unwrap();
+    }
+    cache.flush().unwrap();
+    for i in 0..2000u64 {
+        assert_eq!(s.memory().get(&((i * 7919) % 2000)), Some(i));
+    }
+    s.calls()
+        .iter()
+        .map(|c| {
+            let keys = c.batch.iter().map(|w| *w.key());
+            keys.clone().max().unwrap() - keys.min().unwrap()
+        })
+        .collect()
+}
+
+/// With `flush_order`, a backlog reaches the store in runs of neighbouring keys; without
+/// it, every batch spans the whole key space (so this test tells the two apart).
+#[test]
+fn flush_order_sends_a_backlog_in_runs_of_neighbouring_keys() {
+    let ordered = batch_spans(Some(|a, b| a.cmp(b)));
+    assert_eq!(ordered.len(), 20, "2,000 keys in batches of 100");
+    assert!(
+        ordered.iter().all(|&span| span == 99),
+        "each batch holds 100 consecutive keys: {ordered:?}"
+    );
+    let unordered = batch_spans(None);
+    assert!(
+        unordered.iter().all(|&span| span > 1000),
+        "without an order each batch spans the key space: {unordered:?}"
+    );
+}
+
+/// A comparator that panics costs the order, not the writes.
+#[test]
+fn a_panicking_flush_order_still_writes_everything() {
+    let spans = batch_spans(Some(|_, _| panic!("a comparator that panics")));
+    assert_eq!(spans.len(), 20);
+}
+
 // 5. Per-key order --------------------------------------------------------------------------
 
 #[test]
