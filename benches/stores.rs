@@ -1,7 +1,8 @@
 //! The store-side targets of issue 7, against real databases:
 //!
 //! 1. put latency (p50/p99/p99.9/max) on 2 writer threads while a flusher writes batches to
-//!    SQLite (write-behind), and the same puts in write-through mode for scale;
+//!    SQLite (write-behind, by default and with `Builder::flush_order`), and the same puts
+//!    in write-through mode for scale;
 //! 2. sustained flush throughput into SQLite: `N` dirty keys flushed by the engine
 //!    (`flush()`), against plain loops of batched upserts (`SqliteStore::write_all` with
 //!    batches of the same size) on the same kind of file: the rows in key order into an empty
@@ -42,13 +43,24 @@ fn value(i: u64) -> Vec<u8> {
 
 /// Put latency on 2 threads, Zipf-ish hot keys (every 8th put a new cold key), while the
 /// flusher writes to `store`.
-fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, through: bool, seconds: u64) {
+/// How a latency run configures the cache.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Behind,
+    /// Write-behind with `flush_order` (key order).
+    BehindOrdered,
+    Through,
+}
+
+fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, mode: Mode, seconds: u64) {
     let mut b = Cache::builder(store)
         .write_delay(Duration::from_millis(50))
         .max_batch(1000)
         .flush_timeout(Duration::from_secs(600));
-    if through {
-        b = b.write_mode(writebehind::WriteMode::Through);
+    match mode {
+        Mode::Behind => {}
+        Mode::BehindOrdered => b = b.flush_order(|a: &u64, b: &u64| a.cmp(b)),
+        Mode::Through => b = b.write_mode(writebehind::WriteMode::Through),
     }
     let cache = Arc::new(b.build().expect("cache"));
     let stop = Arc::new(AtomicBool::new(false));
@@ -238,11 +250,22 @@ fn main() {
                 .expect("sqlite"),
         )
     };
-    put_latency("SQLite, write-behind", sqlite("lat_behind"), false, seconds);
+    put_latency(
+        "SQLite, write-behind",
+        sqlite("lat_behind"),
+        Mode::Behind,
+        seconds,
+    );
+    put_latency(
+        "SQLite, write-behind, flush_order",
+        sqlite("lat_ordered"),
+        Mode::BehindOrdered,
+        seconds,
+    );
     put_latency(
         "SQLite, write-through",
         sqlite("lat_through"),
-        true,
+        Mode::Through,
         seconds,
     );
 
@@ -293,7 +316,7 @@ fn main() {
             put_latency(
                 "PostgreSQL, write-behind",
                 pg("bench_latency"),
-                false,
+                Mode::Behind,
                 seconds,
             );
         }
