@@ -24,44 +24,19 @@ use writebehind::{Cache, MemoryStore};
 mod layout;
 use layout::Shards;
 
-/// The shape of writebehind's table built by hand ([`Shards`]) around hashbrown tables of
-/// 88-byte entries (the entry size before the side state moved out).
-struct HandBuilt {
-    shards: Shards<hashbrown::HashTable<Wide>>,
-}
-
-struct Wide {
-    key: u64,
-    value: Option<u64>,
-    _rest: [u64; 8],
-}
-
-impl HandBuilt {
-    fn new(n: u64) -> Self {
-        let shards = Shards::new();
-        let wide = |key| Wide {
-            key,
-            value: Some(key),
-            _rest: [0; 8],
-        };
-        shards.fill(n, wide, |t| t, |e| e.key);
-        HandBuilt { shards }
-    }
-
-    #[inline]
-    fn get(&self, key: u64) -> Option<u64> {
-        let h = self.shards.hasher.hash_one(key);
-        let t = self.shards.lock(h);
-        t.find(h, |e| e.key == key).and_then(|e| e.value)
-    }
-}
-
 /// An entry the hand-built tables below hold: a `u64` key and value and the rest of its
 /// size.
 trait Keyed {
     fn make(key: u64) -> Self;
     fn key(&self) -> u64;
     fn value(&self) -> Option<u64>;
+}
+
+/// The entry size of writebehind before the side state moved out of the table.
+struct E88 {
+    key: u64,
+    value: Option<u64>,
+    _rest: [u64; 8],
 }
 
 /// writebehind's entry size for `u64` keys and values.
@@ -87,6 +62,22 @@ struct E32 {
     value: u64,
     _version: u64,
     _tag_and_flags: u64,
+}
+
+impl Keyed for E88 {
+    fn make(key: u64) -> Self {
+        E88 {
+            key,
+            value: Some(key),
+            _rest: [0; 8],
+        }
+    }
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn value(&self) -> Option<u64> {
+        self.value
+    }
 }
 
 impl Keyed for E56 {
@@ -250,7 +241,17 @@ fn main() {
         wb.put(k, k).expect("open");
     }
     wb.flush().expect("in-memory store");
-    let hand = HandBuilt::new(n);
+    assert_eq!(
+        [88, 56, 40, 32],
+        [
+            std::mem::size_of::<E88>(),
+            std::mem::size_of::<E56>(),
+            std::mem::size_of::<E40>(),
+            std::mem::size_of::<E32>()
+        ],
+        "the entry sizes the contenders are named after"
+    );
+    let hand = Inline::<E88>::new(n);
     let inline56 = Inline::<E56>::new(n);
     let boxed56 = Boxed::<E56>::new(n);
     let dense56 = Dense::<E56>::new(n);

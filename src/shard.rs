@@ -247,11 +247,10 @@ struct Queues<K> {
 /// which a put only reads unless its entry turns dirty. A hit on a cache without time-based
 /// rules so touches one line of the shard besides the entry's (docs/BENCHMARKS.md: each
 /// extra line of shard state a get touched cost a cache miss per get once the entries no
-/// longer fit in the cache), and a conflated update writes one: both writers' puts move the
-/// lock's line between their cores, and a second written line would move as well. The put
-/// count is not stored: every write takes one version, so it is the versions handed out
-/// less the removes and the write-through versions ([`Table::counters`]). The cold state
-/// follows.
+/// longer fit in the cache), and a conflated update writes one line of shard state (it
+/// wrote two before; the difference did not show in the benchmarks). The put count is not
+/// stored: every write takes one version, so it is the versions handed out less the removes
+/// and the write-through versions ([`Table::counters`]). The cold state follows.
 #[repr(C)]
 pub(crate) struct Table<K, V> {
     map: HashTable<Entry<K, V>>,
@@ -281,12 +280,10 @@ pub(crate) struct Table<K, V> {
     /// The counters off the hot path (`hits` and `conflated` are kept above and `puts` is
     /// derived: they stay zero here; [`Table::counters`] joins them).
     rare: ShardCounters,
-    /// `next_version` when the table was built: the versions handed out since are its
-    /// writes.
-    first_version: u64,
-    /// Versions handed out by [`Table::next_version`] (write-through), which `puts` does
-    /// not count.
-    unqueued_versions: u64,
+    /// `next_version` when the table was built, plus the versions handed out since by
+    /// [`Table::next_version`] (write-through, which `puts` does not count): `next_version`
+    /// less this is the writes through `begin_write`.
+    version_base: u64,
     /// Entries that are tombstones.
     tombstones: usize,
     limits: Limits,
@@ -345,8 +342,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             timed: limits.timed(),
             weighted: limits.weighted,
             rare: ShardCounters::default(),
-            first_version,
-            unqueued_versions: 0,
+            version_base: first_version,
             tombstones: 0,
             limits,
             side: Slab::default(),
@@ -362,10 +358,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             hits: self.hits,
             // Each write through `begin_write` took one version and counted a put or a
             // remove.
-            puts: self.next_version
-                - self.first_version
-                - self.unqueued_versions
-                - self.rare.removes,
+            puts: self.next_version - self.version_base - self.rare.removes,
             conflated: self.conflated,
             ..self.rare
         }
@@ -505,7 +498,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn next_version(&mut self) -> u64 {
         let v = self.next_version;
         self.next_version += 1;
-        self.unqueued_versions += 1;
+        self.version_base += 1;
         v
     }
 
