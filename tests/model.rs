@@ -42,6 +42,21 @@ proptest! {
         }
         h.finish();
     }
+
+    /// The same with `flush_order`: a step with more dirty keys than one batch (3 here)
+    /// sorts them, so batches mix shards and retries in another order; the invariants are
+    /// the same.
+    #[test]
+    fn cache_matches_hashmap_model_with_flush_order(
+        initial in initial_rows(),
+        ops in vec(op(), 1..80),
+    ) {
+        let mut h = Harness::with_order(&initial, true);
+        for op in &ops {
+            h.apply(op);
+        }
+        h.finish();
+    }
 }
 
 /// The scenario of the early-drain race, deterministically: a key written, a step that

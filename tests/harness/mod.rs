@@ -52,6 +52,8 @@ type Store = Arc<FaultyStore<u64, u64>>;
 
 /// The system under test and its reference models.
 pub struct Harness {
+    /// The cache hands backlogs to the store in key order (`Builder::flush_order`).
+    ordered: bool,
     store: Store,
     clock: Arc<ManualClock>,
     cache: Cache<u64, u64>,
@@ -67,8 +69,8 @@ pub struct Harness {
     pub steps: usize,
 }
 
-fn build(store: &Store, clock: &Arc<ManualClock>) -> Cache<u64, u64> {
-    Cache::builder(store.clone())
+fn build(store: &Store, clock: &Arc<ManualClock>, ordered: bool) -> Cache<u64, u64> {
+    let b = Cache::builder(store.clone())
         .manual_flushing()
         .clock(clock.clone())
         .write_delay(Duration::from_millis(10))
@@ -77,21 +79,33 @@ fn build(store: &Store, clock: &Arc<ManualClock>) -> Cache<u64, u64> {
         .shards(4)
         .flushers(2)
         // Small rings: the full-ring path (table scan) runs often.
-        .dirty_ring_capacity(2)
-        .build()
-        .expect("valid model configuration")
+        .dirty_ring_capacity(2);
+    let b = if ordered {
+        // Descending, so the order differs from both the keys' and the shards' order.
+        b.flush_order(|a: &u64, b: &u64| b.cmp(a))
+    } else {
+        b
+    };
+    b.build().expect("valid model configuration")
 }
 
 impl Harness {
     /// A fresh store holding `initial` rows and a cache in front of it.
     pub fn new(initial: &[(u64, u64)]) -> Self {
+        Self::with_order(initial, false)
+    }
+
+    /// As [`Harness::new`]; with `ordered`, the cache sorts backlogs by key
+    /// (`Builder::flush_order`).
+    pub fn with_order(initial: &[(u64, u64)], ordered: bool) -> Self {
         let store: Store = Arc::new(FaultyStore::new());
         for &(k, v) in initial {
             store.memory().insert(k, v);
         }
         let clock = Arc::new(ManualClock::new());
-        let cache = build(&store, &clock);
+        let cache = build(&store, &clock, ordered);
         Harness {
+            ordered,
             store,
             clock,
             cache,
@@ -279,7 +293,7 @@ impl Harness {
             self.steps
         );
         // The application replays what close handed back into a new cache.
-        self.cache = build(&self.store, &self.clock);
+        self.cache = build(&self.store, &self.clock, self.ordered);
         for w in report.unwritten {
             match w {
                 Write::Put { key, value, .. } => self.cache.put(key, value).unwrap(),
