@@ -32,28 +32,20 @@ trait Keyed {
     fn value(&self) -> Option<u64>;
 }
 
-/// The entry size of writebehind before the side state moved out of the table.
-struct E88 {
+/// An entry with an `Option<u64>` value, padded with `N` words: 8 + 16 + 8·`N` bytes.
+struct Padded<const N: usize> {
     key: u64,
     value: Option<u64>,
-    _rest: [u64; 8],
+    _rest: [u64; N],
 }
 
+/// writebehind's entry size before the side state moved out of the table.
+type E88 = Padded<8>;
 /// writebehind's entry size for `u64` keys and values.
-struct E56 {
-    key: u64,
-    value: Option<u64>,
-    _rest: [u64; 4],
-}
-
+type E56 = Padded<4>;
 /// The least entry the design allows with an `Option<u64>` value: the key, the value, a
 /// version, and a word for the epoch tag and flags.
-struct E40 {
-    key: u64,
-    value: Option<u64>,
-    _version: u64,
-    _tag_and_flags: u64,
-}
+type E40 = Padded<2>;
 
 /// The least entry the design allows at all: as [`E40`], with a tombstone as a flag rather
 /// than an `Option`.
@@ -64,45 +56,12 @@ struct E32 {
     _tag_and_flags: u64,
 }
 
-impl Keyed for E88 {
+impl<const N: usize> Keyed for Padded<N> {
     fn make(key: u64) -> Self {
-        E88 {
+        Padded {
             key,
             value: Some(key),
-            _rest: [0; 8],
-        }
-    }
-    fn key(&self) -> u64 {
-        self.key
-    }
-    fn value(&self) -> Option<u64> {
-        self.value
-    }
-}
-
-impl Keyed for E56 {
-    fn make(key: u64) -> Self {
-        E56 {
-            key,
-            value: Some(key),
-            _rest: [0; 4],
-        }
-    }
-    fn key(&self) -> u64 {
-        self.key
-    }
-    fn value(&self) -> Option<u64> {
-        self.value
-    }
-}
-
-impl Keyed for E40 {
-    fn make(key: u64) -> Self {
-        E40 {
-            key,
-            value: Some(key),
-            _version: 0,
-            _tag_and_flags: 0,
+            _rest: [0; N],
         }
     }
     fn key(&self) -> u64 {

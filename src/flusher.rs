@@ -446,12 +446,11 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             return;
         }
         let max_batch = inner.config.max_batch;
-        if !(work.len() > max_batch && Self::order_by_key(inner, work, max_batch)) {
-            // Keys of one shard together, so snapshots take each lock once per chunk
-            // (drained rings come shard by shard already; retries may not).
-            if !work.is_sorted_by_key(|w| w.shard) {
-                work.sort_by_key(|w| w.shard);
-            }
+        let ordered = work.len() > max_batch && Self::order_by_key(inner, work, max_batch);
+        // Otherwise keys of one shard together, so snapshots take each lock once per chunk
+        // (drained rings come shard by shard already; retries may not).
+        if !ordered && !work.is_sorted_by_key(|w| w.shard) {
+            work.sort_by_key(|w| w.shard);
         }
         let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
