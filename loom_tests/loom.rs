@@ -318,6 +318,36 @@ fn flush_barrier_vs_writer() {
     });
 }
 
+/// The barrier against a write that conflates into another writer's push: writer A's put
+/// stamps the key with the open epoch, so this thread's later put of the same key conflates
+/// (it does not push) and returns. Its `flush()` must still write the key, even while A has
+/// not yet reached the ring. A push after the shard lock was released lost this: the
+/// flush closed the epoch and drained a ring A had not yet claimed a slot in, and returned
+/// with the key dirty (the per-key linearizability test caught it with real threads).
+#[test]
+fn flush_barrier_vs_a_write_that_conflated_into_another_writers_push() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || {
+            c1.put(1, 10).unwrap();
+        });
+        cache.put(1, 11).unwrap();
+        cache.flush().unwrap();
+        let stored = store.memory().get(&1);
+        assert!(
+            matches!(stored, Some(10) | Some(11)),
+            "put(1, 11) returned before flush() began, yet the store has {stored:?}"
+        );
+        writer.join().unwrap();
+        cache.flush().unwrap();
+        assert_eq!(store.memory().get(&1), cache.get(&1).unwrap());
+        assert_eq!(cache.metrics().dirty, 0);
+        assert_versions_grow(&store);
+    });
+}
+
 /// The barrier also holds when the first batch fails (the retry belongs to the same flush).
 #[test]
 fn flush_barrier_with_a_failed_batch() {

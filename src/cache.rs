@@ -227,6 +227,17 @@ impl Drop for StoreUse<'_> {
     }
 }
 
+/// How a write-behind queued its key ([`Cache::queue`], under the shard lock).
+enum Queued<K> {
+    /// The key was already queued in the open epoch: nothing to push.
+    Conflated,
+    /// Pushed; the ring's length just after the push (for the count trigger).
+    Pushed(usize),
+    /// The ring was full: the key is given back (to drop after the unlock), and `raised` says
+    /// whether this write set the shard's overflow flag (then it wakes the flusher).
+    Overflowed { key: K, raised: bool },
+}
+
 /// A sharded, write-behind cache in front of a [`Store`].
 ///
 /// Share it between threads in an `Arc`. See the [crate docs](crate) for the guarantees.
@@ -475,20 +486,52 @@ where
                 return self.write_under_pressure(s, hash, key, value, weight, policy);
             }
         }
-        let outcome = table.write(hash, key, value, now, weight);
+        let mut outcome = table.write(hash, key, value, now, weight);
+        let queued = Self::queue(shard, outcome.ring_key.take());
         drop(table);
-        Ok(self.after_write(s, outcome))
+        Ok(self.after_write(s, outcome, queued))
     }
 
-    /// What follows a write-behind once the shard lock is released: drop the old value, push
-    /// the key, and ask for an early flush if pinned dirty entries hold the shard over its
-    /// capacity.
+    /// Puts the key of a write that was not queued in the open epoch on its shard's ring, or
+    /// raises the shard's overflow flag if the ring is full. Called **with the shard's table
+    /// lock held**: a later write of the key in the same epoch conflates (it finds the
+    /// entry's tag equal to the open epoch and does not push), and returns as soon as it
+    /// unlocks. If this push came after the unlock, that write could return while the key was
+    /// on no ring and behind no flag; a `flush()` begun then would close the epoch, drain
+    /// the ring without it and return with the write unsent. Under the lock the push (or the
+    /// flag) happens before any write that can conflate into it, so a flush that a write
+    /// returned before finds the key drained or scanned. docs/ARCHITECTURE.md, "Why no
+    /// accepted write is lost".
     #[inline]
-    fn after_write(&self, s: usize, outcome: crate::shard::WriteOutcome<K, V>) -> u64 {
-        drop(outcome.old);
-        if let Some(k) = outcome.ring_key {
-            self.push(s, k);
+    fn queue(shard: &crate::shard::Shard<K, V>, ring_key: Option<K>) -> Queued<K> {
+        let Some(key) = ring_key else {
+            return Queued::Conflated;
+        };
+        match shard.ring.push(key) {
+            Ok(len) => Queued::Pushed(len),
+            Err(key) => {
+                // The entry is dirty in the table: the flusher finds it by scanning. (Read
+                // first: while the ring stays full every push lands here, and a swap would
+                // write the flag's line each time.)
+                let raised = !shard.overflow.load(Ordering::SeqCst)
+                    && !shard.overflow.swap(true, Ordering::SeqCst);
+                Queued::Overflowed { key, raised }
+            }
         }
+    }
+
+    /// What follows a write-behind once the shard lock is released: drop the old value, wake
+    /// the flusher if the push calls for it, and ask for an early flush if pinned dirty
+    /// entries hold the shard over its capacity.
+    #[inline]
+    fn after_write(
+        &self,
+        s: usize,
+        outcome: crate::shard::WriteOutcome<K, V>,
+        queued: Queued<K>,
+    ) -> u64 {
+        drop(outcome.old);
+        self.after_push(s, queued);
         if outcome.over_capacity {
             let shard = &self.inner.shards[s];
             if !shard.triggered.swap(true, Ordering::SeqCst) {
@@ -537,9 +580,10 @@ where
                     }
                     if table.admits(high, low, hash, &key) {
                         let now = inner.coarse_now();
-                        let outcome = table.write(hash, key, value, now, weight);
+                        let mut outcome = table.write(hash, key, value, now, weight);
+                        let queued = Self::queue(shard, outcome.ring_key.take());
                         drop(table);
-                        return Ok(self.after_write(s, outcome));
+                        return Ok(self.after_write(s, outcome, queued));
                     }
                 }
             }
@@ -552,9 +596,10 @@ where
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();
-                    let outcome = table.write(hash, key, value, now, weight);
+                    let mut outcome = table.write(hash, key, value, now, weight);
+                    let queued = Self::queue(shard, outcome.ring_key.take());
                     drop(table);
-                    return Ok(self.after_write(s, outcome));
+                    return Ok(self.after_write(s, outcome, queued));
                 }
                 drop(table);
                 self.write_through_at(s, hash, key, value)
@@ -562,19 +607,23 @@ where
         }
     }
 
-    /// Puts a key on its shard's ring and wakes the flusher when its delay starts, the count
-    /// trigger fires, or the ring is full.
-    fn push(&self, s: usize, key: K) {
+    /// After a push under the lock ([`Cache::queue`]): arms the shard and wakes the flusher
+    /// when its delay starts, the count trigger fires, or the ring overflowed.
+    #[inline]
+    fn after_push(&self, s: usize, queued: Queued<K>) {
+        if matches!(queued, Queued::Conflated) {
+            return;
+        }
         let inner = &*self.inner;
         let shard = &inner.shards[s];
-        let pushed = shard.ring.push(key);
         // Arm the shard first: a count-triggered step drains the armed shards, and this key
         // must be in that batch.
         if !shard.armed.load(Ordering::SeqCst) && !shard.armed.swap(true, Ordering::SeqCst) {
             inner.flusher_of(s).wake();
         }
-        match pushed {
-            Ok(len) => {
+        match queued {
+            Queued::Conflated => {}
+            Queued::Pushed(len) => {
                 // The count trigger: `max_batch` keys queued in this flusher's shards. Each
                 // ring adds its keys to the flusher's count in steps of `count_chunk`, so the
                 // shared counter is written by few pushes; a push adds its own ring's part
@@ -593,13 +642,9 @@ where
                     flusher.fire_count_trigger();
                 }
             }
-            Err(_) => {
-                // The entry is dirty in the table: the flusher finds it by scanning. (Read
-                // first: while the ring stays full every push lands here, and a swap would
-                // write the flag's line each time.)
-                if !shard.overflow.load(Ordering::SeqCst)
-                    && !shard.overflow.swap(true, Ordering::SeqCst)
-                {
+            Queued::Overflowed { key, raised } => {
+                drop(key);
+                if raised {
                     inner.flusher_of(s).wake();
                 }
             }

@@ -1427,12 +1427,13 @@ mod tests {
                     let k = i % 3;
                     let mut t = s2.table.lock();
                     let out = t.write(h(k), k, Some(i), 0, 1);
-                    drop(t);
+                    // As the cache does: the push (or the flag) before the unlock.
                     if let Some(key) = out.ring_key {
                         if s2.ring.push(key).is_err() {
                             s2.overflow.store(true, Ordering::SeqCst);
                         }
                     }
+                    drop(t);
                 }
             });
             let mut persisted = 0;
