@@ -348,6 +348,48 @@ fn flush_barrier_vs_a_write_that_conflated_into_another_writers_push() {
     });
 }
 
+/// The same race through a full ring: writer A's push of key 3 finds the two-slot ring full
+/// and raises the overflow flag instead; this thread's put of key 3 conflates into A's write
+/// and returns, and its `flush()` must scan the table and write the key. The flag is raised
+/// under the shard lock for this: raised after the unlock, the flush could swap a clear flag,
+/// skip the scan and return without key 3.
+#[test]
+fn flush_barrier_vs_a_write_that_conflated_into_an_overflowed_push() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(
+            Cache::builder(store.clone())
+                .shards(1)
+                .flushers(1)
+                .write_delay(Duration::ZERO)
+                .max_batch(1)
+                .dirty_ring_capacity(2)
+                .clock(std::sync::Arc::new(ManualClock::new()))
+                .manual_flushing()
+                .build()
+                .unwrap(),
+        );
+        cache.put(1, 10).unwrap();
+        cache.put(2, 20).unwrap(); // the ring is full now
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || {
+            c1.put(3, 30).unwrap();
+        });
+        cache.put(3, 31).unwrap();
+        cache.flush().unwrap();
+        let stored = store.memory().get(&3);
+        assert!(
+            matches!(stored, Some(30) | Some(31)),
+            "put(3, 31) returned before flush() began, yet the store has {stored:?}"
+        );
+        writer.join().unwrap();
+        cache.flush().unwrap();
+        assert_eq!(store.memory().get(&3), cache.get(&3).unwrap());
+        assert_eq!(cache.metrics().dirty, 0);
+        assert_versions_grow(&store);
+    });
+}
+
 /// The barrier also holds when the first batch fails (the retry belongs to the same flush).
 #[test]
 fn flush_barrier_with_a_failed_batch() {
