@@ -10,11 +10,11 @@ use crate::error::{Error, StoreError};
 use crate::flusher::{self, call_store, in_store_call, Flusher, StepMode, Ticket, TicketOutcome};
 use crate::loader::{LoadSlot, Loader, RefreshJob};
 use crate::metrics::Metrics;
-use crate::shard::{Limits, LoadRole, Lookup, Shard};
+use crate::shard::{Limits, LoadRole, Lookup, Shard, Table};
 use crate::store::{Store, Write};
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use crate::sync::thread::JoinHandle;
-use crate::sync::{Arc, Condvar, Mutex};
+use crate::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// A write the cache gave up on: the store rejected it `attempts` times. The application
 /// decides what to do with it (log it, fix and re-submit it, park it elsewhere).
@@ -492,10 +492,28 @@ where
                 return self.write_under_pressure(s, hash, key, value, weight, policy);
             }
         }
+        Ok(self.write_locked(s, table, hash, key, value, now, weight))
+    }
+
+    /// A write-behind on a shard whose table lock the caller holds: records the write, queues
+    /// its key while still holding the lock ([`Cache::queue`]), unlocks, then wakes whoever the
+    /// write calls for. Returns the write's version.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn write_locked(
+        &self,
+        s: usize,
+        mut table: MutexGuard<'_, Table<K, V>>,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        now: u64,
+        weight: u32,
+    ) -> u64 {
         let mut outcome = table.write(hash, key, value, now, weight);
-        let queued = Self::queue(shard, outcome.ring_key.take());
+        let queued = Self::queue(&self.inner.shards[s], outcome.ring_key.take());
         drop(table);
-        Ok(self.after_write(s, outcome, queued))
+        self.after_write(s, outcome, queued)
     }
 
     /// Puts the key of a write that was not queued in the open epoch on its shard's ring, or
@@ -586,10 +604,7 @@ where
                     }
                     if table.admits(high, low, hash, &key) {
                         let now = inner.coarse_now();
-                        let mut outcome = table.write(hash, key, value, now, weight);
-                        let queued = Self::queue(shard, outcome.ring_key.take());
-                        drop(table);
-                        return Ok(self.after_write(s, outcome, queued));
+                        return Ok(self.write_locked(s, table, hash, key, value, now, weight));
                     }
                 }
             }
@@ -602,10 +617,7 @@ where
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();
-                    let mut outcome = table.write(hash, key, value, now, weight);
-                    let queued = Self::queue(shard, outcome.ring_key.take());
-                    drop(table);
-                    return Ok(self.after_write(s, outcome, queued));
+                    return Ok(self.write_locked(s, table, hash, key, value, now, weight));
                 }
                 drop(table);
                 self.write_through_at(s, hash, key, value)

@@ -29,10 +29,10 @@ pub(crate) use crossbeam_utils::CachePadded;
 // ---------------------------------------------------------------------------------------
 
 #[cfg(not(writebehind_loom))]
-pub(crate) use parking_lot::{Condvar, Mutex};
+pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
 
 #[cfg(writebehind_loom)]
-pub(crate) use self::loom_lock::{Condvar, Mutex};
+pub(crate) use self::loom_lock::{Condvar, Mutex, MutexGuard};
 
 #[cfg(writebehind_loom)]
 mod loom_lock {
