@@ -621,3 +621,28 @@ fn read_through_vs_persisted_remove() {
         assert_eq!(store.memory().get(&5), None);
     });
 }
+
+/// A get that begins after a remove was written (the tombstone persisted and dropped) must
+/// not follow a load that began before the remove: that load may have read the removed row.
+/// Unlike `read_through_vs_persisted_remove`, the reader is still in flight when this
+/// thread's get misses. (Found by tests/linearizability.rs with write-through backpressure;
+/// the load used to stay joinable, marked stale.)
+#[test]
+fn a_get_after_a_persisted_remove_does_not_follow_an_older_load() {
+    loom::model(|| {
+        let store = store();
+        store.memory().insert(5, 1);
+        let cache = Arc::new(cache(&store));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&5).unwrap());
+        cache.remove(&5).unwrap();
+        cache.flush().unwrap();
+        assert_eq!(
+            cache.get(&5).unwrap(),
+            None,
+            "a get that began after the remove returned saw the removed value"
+        );
+        let seen = reader.join().unwrap();
+        assert!(matches!(seen, Some(1) | None), "get saw {seen:?}");
+    });
+}

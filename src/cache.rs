@@ -815,12 +815,15 @@ where
             Ok(v) => {
                 let weight = inner.weight(key, v.as_ref());
                 let now = inner.coarse_now();
-                let answer = shard.table.lock().finish_load(hash, key, v, now, weight);
+                let answer = shard
+                    .table
+                    .lock()
+                    .finish_load(hash, key, slot, v, now, weight);
                 slot.publish(Ok(answer.clone()));
                 Ok(answer)
             }
             Err(e) => {
-                shard.table.lock().abort_load(hash, key);
+                shard.table.lock().abort_load(hash, key, slot);
                 slot.publish(Err(e.clone()));
                 if inner.closed.load(Ordering::SeqCst) {
                     return Err(Error::Closed);
@@ -885,14 +888,17 @@ where
                         let answer = inner.shards[*s]
                             .table
                             .lock()
-                            .finish_load(*hash, key, v, now, weight);
+                            .finish_load(*hash, key, slot, v, now, weight);
                         slot.publish(Ok(answer.clone()));
                         out[*i] = answer;
                     }
                 }
                 Err(e) => {
                     for (i, s, hash, slot) in &lead {
-                        inner.shards[*s].table.lock().abort_load(*hash, &keys[*i]);
+                        inner.shards[*s]
+                            .table
+                            .lock()
+                            .abort_load(*hash, &keys[*i], slot);
                         slot.publish(Err(e.clone()));
                     }
                     if inner.closed.load(Ordering::SeqCst) {

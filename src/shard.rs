@@ -215,13 +215,11 @@ pub(crate) enum LoadRole<V> {
     Follower(Arc<LoadSlot<V>>),
 }
 
-/// A load in flight for a key (single-flight).
+/// A load in flight for a key (single-flight). A miss of the key joins it while it is in
+/// the table; a write, remove or eviction of the key takes it out ([`Table::touch_loading`]).
 struct Loading<K, V> {
     key: K,
     hash: u64,
-    /// The key was written, removed or evicted while the load ran: its result may be older
-    /// than what happened since, so it is returned but not cached.
-    stale: bool,
     slot: Arc<LoadSlot<V>>,
 }
 
@@ -516,12 +514,20 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         version
     }
 
-    /// Marks an in-flight load of `key` stale: something happened to the key since it began.
+    /// Something happened to `key` (a write, a remove, an eviction): a load of it in flight
+    /// may have read the store before that, so it is taken out of the single-flight table.
+    /// Its leader and the gets that already follow it still get its result (each of them
+    /// began before this change, so the older value is one they may see), but the leader
+    /// does not cache it ([`Table::finish_load`] no longer finds it), and a miss from now on
+    /// starts a new load instead of following one that may return what this change replaced.
+    /// (Marking the load stale and leaving it joinable let a get that began after a remove
+    /// returned follow a load that read the removed value: tests/linearizability.rs,
+    /// `per_key_linearizable_flush_order_and_write_through_backpressure`.)
     #[inline]
     fn touch_loading(&mut self, hash: u64, key: &K) {
         if !self.loading.is_empty() {
-            if let Some(l) = self.loading.find_mut(hash, |l| l.key == *key) {
-                l.stale = true;
+            if let Ok(occ) = self.loading.find_entry(hash, |l| l.key == *key) {
+                occ.remove();
             }
         }
     }
@@ -700,7 +706,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             Loading {
                 key: key.clone(),
                 hash,
-                stale: false,
                 slot: slot.clone(),
             },
             |l| l.hash,
@@ -708,21 +713,30 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         LoadRole::Leader(slot)
     }
 
-    /// The leader's load finished (successfully): cache the result unless the key was
-    /// written, removed or evicted meanwhile (then what is in memory, or the loaded value,
-    /// is the answer but nothing is cached). Absent keys are cached as absent when negative
-    /// caching is on. Returns what the callers see.
+    /// The leader's load (the one publishing to `slot`) finished successfully: cache the
+    /// result unless the key was written, removed or evicted meanwhile (then what is in
+    /// memory, or the loaded value, is the answer but nothing is cached). Absent keys are
+    /// cached as absent when negative caching is on. Returns what the callers see.
     pub(crate) fn finish_load(
         &mut self,
         hash: u64,
         key: &K,
+        slot: &LoadSlot<V>,
         loaded: Option<V>,
         now: u64,
         weight: u32,
     ) -> Option<V> {
         self.rare.loads += 1;
-        let stale = match self.loading.find_entry(hash, |l| l.key == *key) {
-            Ok(occ) => occ.remove().0.stale,
+        // Still in the table means nothing touched the key since the load began. (Another
+        // load of the key may be there instead: one a later miss started after this one was
+        // taken out.)
+        let stale = match self.loading.find_entry(hash, |l| {
+            l.key == *key && std::ptr::eq(Arc::as_ptr(&l.slot), slot)
+        }) {
+            Ok(occ) => {
+                occ.remove();
+                false
+            }
             Err(_) => true,
         };
         if let Some(e) = self.map.find(hash, |e| e.key == *key) {
@@ -744,9 +758,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
-    /// The leader's load failed: forget it (followers get the error through the slot).
-    pub(crate) fn abort_load(&mut self, hash: u64, key: &K) {
-        if let Ok(occ) = self.loading.find_entry(hash, |l| l.key == *key) {
+    /// The leader's load (publishing to `slot`) failed: forget it, if it is still in the
+    /// table (followers get the error through the slot).
+    pub(crate) fn abort_load(&mut self, hash: u64, key: &K, slot: &LoadSlot<V>) {
+        if let Ok(occ) = self.loading.find_entry(hash, |l| {
+            l.key == *key && std::ptr::eq(Arc::as_ptr(&l.slot), slot)
+        }) {
             occ.remove();
         }
     }
@@ -1172,8 +1189,16 @@ mod tests {
 
     /// A whole read-through: lead the load, then finish it with `loaded`.
     fn load(t: &mut Table<u64, u64>, k: u64, loaded: Option<u64>) -> Option<u64> {
-        assert!(matches!(t.join_load(h(k), &k), LoadRole::Leader(_)));
-        t.finish_load(h(k), &k, loaded, 0, 1)
+        let slot = lead(t, k);
+        t.finish_load(h(k), &k, &slot, loaded, 0, 1)
+    }
+
+    /// Joins the load of `k` as its leader (the test fails if a load was in flight).
+    fn lead(t: &mut Table<u64, u64>, k: u64) -> Arc<LoadSlot<u64>> {
+        match t.join_load(h(k), &k) {
+            LoadRole::Leader(slot) => slot,
+            LoadRole::Follower(_) => panic!("a load of {k} was in flight"),
+        }
     }
 
     #[test]
@@ -1358,22 +1383,22 @@ mod tests {
     fn loaded_values_never_shadow_writes() {
         let mut t = table();
         // A write that happened while the load ran wins.
-        assert!(matches!(t.join_load(h(1), &1), LoadRole::Leader(_)));
+        let slot = lead(&mut t, 1);
         put(&mut t, 1, 10, 1);
-        assert_eq!(t.finish_load(h(1), &1, Some(5), 0, 1), Some(10));
+        assert_eq!(t.finish_load(h(1), &1, &slot, Some(5), 0, 1), Some(10));
         // A pending delete wins too.
-        assert!(matches!(t.join_load(h(2), &2), LoadRole::Leader(_)));
+        let slot = lead(&mut t, 2);
         del(&mut t, 2, 1);
-        assert_eq!(t.finish_load(h(2), &2, Some(5), 0, 1), None);
+        assert_eq!(t.finish_load(h(2), &2, &slot, Some(5), 0, 1), None);
         // A second miss of a key being loaded follows the first.
-        assert!(matches!(t.join_load(h(5), &5), LoadRole::Leader(_)));
+        let slot = lead(&mut t, 5);
         assert!(matches!(t.join_load(h(5), &5), LoadRole::Follower(_)));
-        t.abort_load(h(5), &5);
+        t.abort_load(h(5), &5, &slot);
         // A delete that came and went while the load ran: answered but not cached.
-        assert!(matches!(t.join_load(h(2), &2), LoadRole::Leader(_)));
+        let slot = lead(&mut t, 2);
         let s = t.take(h(2), &2, false).unwrap();
         t.persisted(h(2), &2, s.write.version(), 0);
-        assert_eq!(t.finish_load(h(2), &2, Some(5), 0, 1), Some(5));
+        assert_eq!(t.finish_load(h(2), &2, &slot, Some(5), 0, 1), Some(5));
         assert_eq!(
             look(&mut t, 2),
             None,
@@ -1385,6 +1410,42 @@ mod tests {
         assert_eq!(t.dirty, 1, "loaded entries are clean");
         // A loaded value (version 0) never replaces a write.
         assert_eq!(t.fill_clean(h(1), 1, 99, 0, 0, 1), Some(10));
+    }
+
+    /// A miss after a write of the key starts its own load: following a load that began
+    /// before the write could answer with the value the write replaced (a get that began
+    /// after a remove returning the removed value). The first load, finished later, neither
+    /// caches its result nor takes the second one out of the table.
+    #[test]
+    fn a_miss_after_a_write_does_not_follow_the_older_load() {
+        let mut t = table();
+        let first = lead(&mut t, 4);
+        assert!(matches!(t.join_load(h(4), &4), LoadRole::Follower(_)));
+        // A remove that came and went (written through, or a tombstone persisted and
+        // dropped): the key is absent from memory again.
+        del(&mut t, 4, 1);
+        let s = t.take(h(4), &4, false).unwrap();
+        assert!(t.persisted(h(4), &4, s.write.version(), 0));
+        assert_eq!(look(&mut t, 4), None, "the tombstone left");
+        let second = lead(&mut t, 4);
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(
+            t.finish_load(h(4), &4, &first, Some(40), 0, 1),
+            Some(40),
+            "the first load's callers get what it read"
+        );
+        assert_eq!(look(&mut t, 4), None, "but it is not cached");
+        assert!(
+            matches!(t.join_load(h(4), &4), LoadRole::Follower(_)),
+            "the second load is still in flight"
+        );
+        t.abort_load(h(4), &4, &first);
+        assert!(
+            matches!(t.join_load(h(4), &4), LoadRole::Follower(_)),
+            "only its own leader takes a load out"
+        );
+        assert_eq!(t.finish_load(h(4), &4, &second, None, 0, 1), None);
+        assert!(matches!(t.join_load(h(4), &4), LoadRole::Leader(_)));
     }
 
     #[test]

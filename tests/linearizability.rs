@@ -23,7 +23,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use writebehind::testing::FaultyStore;
-use writebehind::Cache;
+use writebehind::{Backpressure, Builder, Cache};
 
 const KEYS: u64 = 4;
 const THREADS: u64 = 4;
@@ -170,22 +170,26 @@ fn check_key(key: u64, events: &[Event]) {
     }
 }
 
+type Tweak = fn(Builder<u64, u64>) -> Builder<u64, u64>;
+
 fn run(flaky: bool, ops_per_thread: u64) {
+    run_with(flaky, ops_per_thread, |b| b);
+}
+
+/// `run` with more builder settings on top of the common ones.
+fn run_with(flaky: bool, ops_per_thread: u64, tweak: Tweak) {
     let store = Arc::new(FaultyStore::<u64, u64>::new());
     if flaky {
         store.fail_with_probability(0.2, 42);
     }
-    let cache = Arc::new(
-        Cache::builder(store.clone())
-            .write_delay(Duration::from_micros(200))
-            .retry_backoff(Duration::from_micros(100), Duration::from_millis(2))
-            .max_batch(4)
-            .shards(2)
-            .flushers(2)
-            .dirty_ring_capacity(2)
-            .build()
-            .unwrap(),
-    );
+    let builder = Cache::builder(store.clone())
+        .write_delay(Duration::from_micros(200))
+        .retry_backoff(Duration::from_micros(100), Duration::from_millis(2))
+        .max_batch(4)
+        .shards(2)
+        .flushers(2)
+        .dirty_ring_capacity(2);
+    let cache = Arc::new(tweak(builder).build().unwrap());
     let events = run_threads(&cache, &store, ops_per_thread);
     let mut per_key: HashMap<u64, Vec<Event>> = HashMap::new();
     for e in events {
@@ -235,6 +239,27 @@ fn per_key_linearizable_healthy_store() {
 #[test]
 fn per_key_linearizable_flaky_store() {
     run(true, if cfg!(miri) { 20 } else { 4000 });
+}
+
+/// A cache that holds two of the four keys: clean keys are evicted and read through from the
+/// store again while other threads write them (a load that a write overtakes must not be
+/// cached, and a key is evicted only once its writes are in the store).
+#[test]
+fn per_key_linearizable_bounded_read_through() {
+    run_with(false, if cfg!(miri) { 20 } else { 4000 }, |b| b.capacity(2));
+}
+
+/// Batches of two sorted by a key order, and writes that meet a full shard written through
+/// on the caller's thread (the flusher's core lock keeps a key's versions in order between
+/// the two paths). The store is healthy: a write-through that fails returns the store's error
+/// to the writer, which this checker does not model.
+#[test]
+fn per_key_linearizable_flush_order_and_write_through_backpressure() {
+    run_with(false, if cfg!(miri) { 20 } else { 4000 }, |b| {
+        b.max_batch(2)
+            .flush_order(|a: &u64, b: &u64| b.cmp(a))
+            .max_dirty(2, Backpressure::WriteThrough)
+    });
 }
 
 /// The checker itself must reject a stale read (a test that cannot fail proves nothing).
