@@ -818,7 +818,8 @@ where
                 let answer = shard
                     .table
                     .lock()
-                    .finish_load(hash, key, slot, v, now, weight);
+                    .finish_load(hash, key, slot, v, now, weight)
+                    .0;
                 slot.publish(Ok(answer.clone()));
                 Ok(answer)
             }
@@ -872,47 +873,66 @@ where
                 }
             }
         }
-        if !lead.is_empty() {
-            let wanted: Vec<K> = lead.iter().map(|(i, ..)| keys[*i].clone()).collect();
-            let loaded = inner.read_store("load_all", || inner.store.load_all(&wanted));
-            match loaded {
-                Ok(rows) => {
-                    let mut found: std::collections::HashMap<&K, V> = HashMap::new();
-                    for (k, v) in &rows {
-                        found.insert(k, v.clone());
-                    }
-                    for (i, s, hash, slot) in &lead {
-                        let key = &keys[*i];
-                        let v = found.remove(key);
-                        let weight = inner.weight(key, v.as_ref());
-                        let answer = inner.shards[*s]
-                            .table
-                            .lock()
-                            .finish_load(*hash, key, slot, v, now, weight);
-                        slot.publish(Ok(answer.clone()));
-                        out[*i] = answer;
-                    }
-                }
-                Err(e) => {
-                    for (i, s, hash, slot) in &lead {
-                        inner.shards[*s]
-                            .table
-                            .lock()
-                            .abort_load(*hash, &keys[*i], slot);
-                        slot.publish(Err(e.clone()));
-                    }
-                    if inner.closed.load(Ordering::SeqCst) {
-                        return Err(Error::Closed);
-                    }
-                    inner.load_errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(Error::Load(e));
-                }
-            }
+        for (i, answer, _) in self.load_leaders(keys, &lead, now)? {
+            out[i] = answer;
         }
         for (i, slot) in follow {
             out[i] = slot.wait().map_err(Error::Load)?;
         }
         Ok(out)
+    }
+
+    /// Reads the keys this caller leads the loads of (`lead`: index into `keys`, shard, hash,
+    /// slot) with one [`Store::load_all`], finishes each load (caching what nothing changed
+    /// meanwhile) and answers its followers. Returns, per led key, its index, the answer and
+    /// whether a loaded value was cached.
+    #[allow(clippy::type_complexity)]
+    fn load_leaders(
+        &self,
+        keys: &[K],
+        lead: &[(usize, usize, u64, Arc<LoadSlot<V>>)],
+        now: u64,
+    ) -> Result<Vec<(usize, Option<V>, bool)>, Error> {
+        let inner = &*self.inner;
+        if lead.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<K> = lead.iter().map(|(i, ..)| keys[*i].clone()).collect();
+        match inner.read_store("load_all", || inner.store.load_all(&wanted)) {
+            Ok(rows) => {
+                let mut found: HashMap<&K, V> = HashMap::new();
+                for (k, v) in &rows {
+                    found.insert(k, v.clone());
+                }
+                let mut answers = Vec::with_capacity(lead.len());
+                for (i, s, hash, slot) in lead {
+                    let key = &keys[*i];
+                    let v = found.remove(key);
+                    let weight = inner.weight(key, v.as_ref());
+                    let (answer, cached) = inner.shards[*s]
+                        .table
+                        .lock()
+                        .finish_load(*hash, key, slot, v, now, weight);
+                    slot.publish(Ok(answer.clone()));
+                    answers.push((*i, answer, cached));
+                }
+                Ok(answers)
+            }
+            Err(e) => {
+                for (i, s, hash, slot) in lead {
+                    inner.shards[*s]
+                        .table
+                        .lock()
+                        .abort_load(*hash, &keys[*i], slot);
+                    slot.publish(Err(e.clone()));
+                }
+                if inner.closed.load(Ordering::SeqCst) {
+                    return Err(Error::Closed);
+                }
+                inner.load_errors.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Load(e))
+            }
+        }
     }
 
     /// Fills the cache with clean entries that are *not* written back (warming a cache from
@@ -955,8 +975,12 @@ where
         Ok(added)
     }
 
-    /// Reads `keys` from the store with one [`Store::load_all`] call and preloads what it
-    /// finds (see [`Cache::preload`]). Returns how many entries were added.
+    /// Reads `keys` from the store with one [`Store::load_all`] call and caches what it
+    /// finds as clean entries (see [`Cache::preload`]); keys already in memory, or being
+    /// read through by another caller, are left alone. Returns how many entries were added.
+    ///
+    /// The reads are read-throughs: a key written, removed or evicted while the store call
+    /// runs is not filled with the row read before that, which may be older.
     ///
     /// # Errors
     /// [`Error::Load`] if the store failed; [`Error::Closed`] after `close`.
@@ -965,10 +989,24 @@ where
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let rows = inner
-            .read_store("load_all", || inner.store.load_all(keys))
-            .map_err(Error::Load)?;
-        self.preload(rows)
+        let now = inner.coarse_now();
+        let mut lead: Vec<(usize, usize, u64, Arc<LoadSlot<V>>)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let hash = inner.hash(key);
+            let s = inner.shard_of(hash);
+            let mut t = inner.shards[s].table.lock();
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            if t.contains_any(hash, key) {
+                continue;
+            }
+            if let LoadRole::Leader(slot) = t.join_load(hash, key) {
+                lead.push((i, s, hash, slot));
+            }
+        }
+        let loaded = self.load_leaders(keys, &lead, now)?;
+        Ok(loaded.iter().filter(|(_, _, cached)| *cached).count())
     }
 
     /// A snapshot of every live entry in memory. Never reads the store.

@@ -716,7 +716,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// The leader's load (the one publishing to `slot`) finished successfully: cache the
     /// result unless the key was written, removed or evicted meanwhile (then what is in
     /// memory, or the loaded value, is the answer but nothing is cached). Absent keys are
-    /// cached as absent when negative caching is on. Returns what the callers see.
+    /// cached as absent when negative caching is on. Returns what the callers see, and
+    /// whether a loaded value was cached.
     pub(crate) fn finish_load(
         &mut self,
         hash: u64,
@@ -725,7 +726,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         loaded: Option<V>,
         now: u64,
         weight: u32,
-    ) -> Option<V> {
+    ) -> (Option<V>, bool) {
         self.rare.loads += 1;
         // Still in the table means nothing touched the key since the load began. (Another
         // load of the key may be there instead: one a later miss started after this one was
@@ -740,20 +741,20 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             Err(_) => true,
         };
         if let Some(e) = self.map.find(hash, |e| e.key == *key) {
-            return e.value.clone();
+            return (e.value.clone(), false);
         }
         if stale {
-            return loaded;
+            return (loaded, false);
         }
         match loaded {
-            Some(v) => self.fill_clean(hash, key.clone(), v, 0, now, weight),
+            Some(v) => (self.fill_clean(hash, key.clone(), v, 0, now, weight), true),
             None => {
                 if self.limits.negative_ttl != 0 {
                     let e = self.new_entry(key.clone(), None, 0, now, 1);
                     self.insert(hash, e);
                     self.enforce();
                 }
-                None
+                (None, false)
             }
         }
     }
@@ -1190,7 +1191,7 @@ mod tests {
     /// A whole read-through: lead the load, then finish it with `loaded`.
     fn load(t: &mut Table<u64, u64>, k: u64, loaded: Option<u64>) -> Option<u64> {
         let slot = lead(t, k);
-        t.finish_load(h(k), &k, &slot, loaded, 0, 1)
+        t.finish_load(h(k), &k, &slot, loaded, 0, 1).0
     }
 
     /// Joins the load of `k` as its leader (the test fails if a load was in flight).
@@ -1385,11 +1386,14 @@ mod tests {
         // A write that happened while the load ran wins.
         let slot = lead(&mut t, 1);
         put(&mut t, 1, 10, 1);
-        assert_eq!(t.finish_load(h(1), &1, &slot, Some(5), 0, 1), Some(10));
+        assert_eq!(
+            t.finish_load(h(1), &1, &slot, Some(5), 0, 1),
+            (Some(10), false)
+        );
         // A pending delete wins too.
         let slot = lead(&mut t, 2);
         del(&mut t, 2, 1);
-        assert_eq!(t.finish_load(h(2), &2, &slot, Some(5), 0, 1), None);
+        assert_eq!(t.finish_load(h(2), &2, &slot, Some(5), 0, 1), (None, false));
         // A second miss of a key being loaded follows the first.
         let slot = lead(&mut t, 5);
         assert!(matches!(t.join_load(h(5), &5), LoadRole::Follower(_)));
@@ -1398,7 +1402,10 @@ mod tests {
         let slot = lead(&mut t, 2);
         let s = t.take(h(2), &2, false).unwrap();
         t.persisted(h(2), &2, s.write.version(), 0);
-        assert_eq!(t.finish_load(h(2), &2, &slot, Some(5), 0, 1), Some(5));
+        assert_eq!(
+            t.finish_load(h(2), &2, &slot, Some(5), 0, 1),
+            (Some(5), false)
+        );
         assert_eq!(
             look(&mut t, 2),
             None,
@@ -1431,7 +1438,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(
             t.finish_load(h(4), &4, &first, Some(40), 0, 1),
-            Some(40),
+            (Some(40), false),
             "the first load's callers get what it read"
         );
         assert_eq!(look(&mut t, 4), None, "but it is not cached");
@@ -1444,7 +1451,7 @@ mod tests {
             matches!(t.join_load(h(4), &4), LoadRole::Follower(_)),
             "only its own leader takes a load out"
         );
-        assert_eq!(t.finish_load(h(4), &4, &second, None, 0, 1), None);
+        assert_eq!(t.finish_load(h(4), &4, &second, None, 0, 1), (None, false));
         assert!(matches!(t.join_load(h(4), &4), LoadRole::Leader(_)));
     }
 
