@@ -43,6 +43,21 @@ fn cache(store: &Store) -> Cache<u64, u64> {
         .expect("valid model configuration")
 }
 
+/// As [`cache`], with one-record batches and a two-slot ring: a third queued key overflows
+/// and only the table scan finds it.
+fn small_ring_cache(store: &Store) -> Cache<u64, u64> {
+    Cache::builder(store.clone())
+        .shards(1)
+        .flushers(1)
+        .write_delay(Duration::ZERO)
+        .max_batch(1)
+        .dirty_ring_capacity(2)
+        .clock(std::sync::Arc::new(ManualClock::new()))
+        .manual_flushing()
+        .build()
+        .expect("valid model configuration")
+}
+
 fn store() -> Store {
     std::sync::Arc::new(FaultyStore::new())
 }
@@ -328,24 +343,32 @@ fn flush_barrier_vs_writer() {
 fn flush_barrier_vs_a_write_that_conflated_into_another_writers_push() {
     loom::model(|| {
         let store = store();
-        let cache = Arc::new(cache(&store));
-        let c1 = cache.clone();
-        let writer = thread::spawn(move || {
-            c1.put(1, 10).unwrap();
-        });
-        cache.put(1, 11).unwrap();
-        cache.flush().unwrap();
-        let stored = store.memory().get(&1);
-        assert!(
-            matches!(stored, Some(10) | Some(11)),
-            "put(1, 11) returned before flush() began, yet the store has {stored:?}"
-        );
-        writer.join().unwrap();
-        cache.flush().unwrap();
-        assert_eq!(store.memory().get(&1), cache.get(&1).unwrap());
-        assert_eq!(cache.metrics().dirty, 0);
-        assert_versions_grow(&store);
+        conflated_write_vs_flush(&store, Arc::new(cache(&store)), 1);
     });
+}
+
+/// Writer A puts `(key, 10·key)` while this thread puts `(key, 10·key + 1)`, which may
+/// conflate into A's write, and then flushes: this thread's put returned before its flush
+/// began, so the store holds one of the two values when the flush returns. Afterwards store
+/// and cache agree and nothing is dirty.
+fn conflated_write_vs_flush(store: &Store, cache: Arc<Cache<u64, u64>>, key: u64) {
+    let (a, b) = (key * 10, key * 10 + 1);
+    let c1 = cache.clone();
+    let writer = thread::spawn(move || {
+        c1.put(key, a).unwrap();
+    });
+    cache.put(key, b).unwrap();
+    cache.flush().unwrap();
+    let stored = store.memory().get(&key);
+    assert!(
+        stored == Some(a) || stored == Some(b),
+        "put({key}, {b}) returned before flush() began, yet the store has {stored:?}"
+    );
+    writer.join().unwrap();
+    cache.flush().unwrap();
+    assert_eq!(store.memory().get(&key), cache.get(&key).unwrap());
+    assert_eq!(cache.metrics().dirty, 0);
+    assert_versions_grow(store);
 }
 
 /// The same race through a full ring: writer A's push of key 3 finds the two-slot ring full
@@ -357,36 +380,10 @@ fn flush_barrier_vs_a_write_that_conflated_into_another_writers_push() {
 fn flush_barrier_vs_a_write_that_conflated_into_an_overflowed_push() {
     loom::model(|| {
         let store = store();
-        let cache = Arc::new(
-            Cache::builder(store.clone())
-                .shards(1)
-                .flushers(1)
-                .write_delay(Duration::ZERO)
-                .max_batch(1)
-                .dirty_ring_capacity(2)
-                .clock(std::sync::Arc::new(ManualClock::new()))
-                .manual_flushing()
-                .build()
-                .unwrap(),
-        );
+        let cache = Arc::new(small_ring_cache(&store));
         cache.put(1, 10).unwrap();
         cache.put(2, 20).unwrap(); // the ring is full now
-        let c1 = cache.clone();
-        let writer = thread::spawn(move || {
-            c1.put(3, 30).unwrap();
-        });
-        cache.put(3, 31).unwrap();
-        cache.flush().unwrap();
-        let stored = store.memory().get(&3);
-        assert!(
-            matches!(stored, Some(30) | Some(31)),
-            "put(3, 31) returned before flush() began, yet the store has {stored:?}"
-        );
-        writer.join().unwrap();
-        cache.flush().unwrap();
-        assert_eq!(store.memory().get(&3), cache.get(&3).unwrap());
-        assert_eq!(cache.metrics().dirty, 0);
-        assert_versions_grow(&store);
+        conflated_write_vs_flush(&store, cache, 3);
     });
 }
 
@@ -422,18 +419,7 @@ fn flush_barrier_with_a_failed_batch() {
 fn flush_barrier_through_ring_overflow() {
     loom::model(|| {
         let store = store();
-        let cache = Arc::new(
-            Cache::builder(store.clone())
-                .shards(1)
-                .flushers(1)
-                .write_delay(Duration::ZERO)
-                .max_batch(1)
-                .dirty_ring_capacity(2)
-                .clock(std::sync::Arc::new(ManualClock::new()))
-                .manual_flushing()
-                .build()
-                .unwrap(),
-        );
+        let cache = Arc::new(small_ring_cache(&store));
         cache.put(1, 10).unwrap();
         cache.put(2, 20).unwrap(); // the ring is full now
         let returned = Arc::new(AtomicBool::new(false));
