@@ -31,27 +31,22 @@ type Store = std::sync::Arc<FaultyStore<u64, u64>>;
 /// A one-shard, one-flusher cache with manual flushing, a zero write delay (every armed shard
 /// is due at the next step) and a clock that never moves unless a model moves it.
 fn cache(store: &Store) -> Cache<u64, u64> {
-    Cache::builder(store.clone())
-        .shards(1)
-        .flushers(1)
-        .write_delay(Duration::ZERO)
-        .max_batch(8)
-        .dirty_ring_capacity(4)
-        .clock(std::sync::Arc::new(ManualClock::new()))
-        .manual_flushing()
-        .build()
-        .expect("valid model configuration")
+    model_cache(store, 8, 4)
 }
 
 /// As [`cache`], with one-record batches and a two-slot ring: a third queued key overflows
 /// and only the table scan finds it.
 fn small_ring_cache(store: &Store) -> Cache<u64, u64> {
+    model_cache(store, 1, 2)
+}
+
+fn model_cache(store: &Store, max_batch: usize, ring: usize) -> Cache<u64, u64> {
     Cache::builder(store.clone())
         .shards(1)
         .flushers(1)
         .write_delay(Duration::ZERO)
-        .max_batch(1)
-        .dirty_ring_capacity(2)
+        .max_batch(max_batch)
+        .dirty_ring_capacity(ring)
         .clock(std::sync::Arc::new(ManualClock::new()))
         .manual_flushing()
         .build()
@@ -589,23 +584,7 @@ fn read_through_vs_put() {
 /// dropped once persisted): the stale loaded value must not come back.
 #[test]
 fn read_through_vs_persisted_remove() {
-    loom::model(|| {
-        let store = store();
-        store.memory().insert(5, 1);
-        let cache = Arc::new(cache(&store));
-        let c1 = cache.clone();
-        let reader = thread::spawn(move || c1.get(&5).unwrap());
-        cache.remove(&5).unwrap();
-        cache.flush().unwrap();
-        let seen = reader.join().unwrap();
-        assert!(matches!(seen, Some(1) | None), "get saw {seen:?}");
-        assert_eq!(
-            cache.get(&5).unwrap(),
-            None,
-            "a stale loaded value came back"
-        );
-        assert_eq!(store.memory().get(&5), None);
-    });
+    loom::model(|| read_through_vs_persisted_remove_then_get(true));
 }
 
 /// A get that begins after a remove was written (the tombstone persisted and dropped) must
@@ -615,20 +594,36 @@ fn read_through_vs_persisted_remove() {
 /// the load used to stay joinable, marked stale.)
 #[test]
 fn a_get_after_a_persisted_remove_does_not_follow_an_older_load() {
-    loom::model(|| {
-        let store = store();
-        store.memory().insert(5, 1);
-        let cache = Arc::new(cache(&store));
-        let c1 = cache.clone();
-        let reader = thread::spawn(move || c1.get(&5).unwrap());
-        cache.remove(&5).unwrap();
-        cache.flush().unwrap();
-        assert_eq!(
-            cache.get(&5).unwrap(),
-            None,
-            "a get that began after the remove returned saw the removed value"
-        );
+    loom::model(|| read_through_vs_persisted_remove_then_get(false));
+}
+
+/// A reader gets key 5 (a miss: it loads the row) while this thread removes the key and
+/// flushes (the tombstone leaves the table), then gets it itself, after joining the reader
+/// or while it may still be in flight. The reader sees the row or nothing; this thread's get
+/// began after the remove was written, so it sees nothing.
+fn read_through_vs_persisted_remove_then_get(join_reader_first: bool) {
+    let store = store();
+    store.memory().insert(5, 1);
+    let cache = Arc::new(cache(&store));
+    let c1 = cache.clone();
+    let reader = thread::spawn(move || c1.get(&5).unwrap());
+    cache.remove(&5).unwrap();
+    cache.flush().unwrap();
+    let reader = if join_reader_first {
         let seen = reader.join().unwrap();
         assert!(matches!(seen, Some(1) | None), "get saw {seen:?}");
-    });
+        None
+    } else {
+        Some(reader)
+    };
+    assert_eq!(
+        cache.get(&5).unwrap(),
+        None,
+        "a get that began after the remove was written saw the removed value"
+    );
+    if let Some(reader) = reader {
+        let seen = reader.join().unwrap();
+        assert!(matches!(seen, Some(1) | None), "get saw {seen:?}");
+    }
+    assert_eq!(store.memory().get(&5), None);
 }
