@@ -238,6 +238,16 @@ enum Queued<K> {
     Overflowed { key: K, raised: bool },
 }
 
+/// A key of a batch read whose load this caller leads ([`Cache::get_all`],
+/// [`Cache::preload_from_store`]).
+struct Led<V> {
+    /// Its position in the caller's keys.
+    index: usize,
+    shard: usize,
+    hash: u64,
+    slot: Arc<LoadSlot<V>>,
+}
+
 /// A sharded, write-behind cache in front of a [`Store`].
 ///
 /// Share it between threads in an `Arc`. See the [crate docs](crate) for the guarantees.
@@ -845,7 +855,7 @@ where
         let inner = &*self.inner;
         let now = inner.coarse_now();
         let mut out: Vec<Option<V>> = Vec::with_capacity(keys.len());
-        let mut lead: Vec<(usize, usize, u64, Arc<LoadSlot<V>>)> = Vec::new();
+        let mut lead: Vec<Led<V>> = Vec::new();
         let mut follow: Vec<(usize, Arc<LoadSlot<V>>)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let hash = inner.hash(key);
@@ -867,7 +877,12 @@ where
                 Lookup::Miss => {
                     out.push(None);
                     match table.join_load(hash, key) {
-                        LoadRole::Leader(slot) => lead.push((i, s, hash, slot)),
+                        LoadRole::Leader(slot) => lead.push(Led {
+                            index: i,
+                            shard: s,
+                            hash,
+                            slot,
+                        }),
                         LoadRole::Follower(slot) => follow.push((i, slot)),
                     }
                 }
@@ -882,22 +897,20 @@ where
         Ok(out)
     }
 
-    /// Reads the keys this caller leads the loads of (`lead`: index into `keys`, shard, hash,
-    /// slot) with one [`Store::load_all`], finishes each load (caching what nothing changed
-    /// meanwhile) and answers its followers. Returns, per led key, its index, the answer and
-    /// whether a loaded value was cached.
-    #[allow(clippy::type_complexity)]
+    /// Reads the keys this caller leads the loads of with one [`Store::load_all`], finishes
+    /// each load (caching what nothing changed meanwhile) and answers its followers. Returns,
+    /// per led key, its index in `keys`, the answer and whether a loaded value was cached.
     fn load_leaders(
         &self,
         keys: &[K],
-        lead: &[(usize, usize, u64, Arc<LoadSlot<V>>)],
+        lead: &[Led<V>],
         now: u64,
     ) -> Result<Vec<(usize, Option<V>, bool)>, Error> {
         let inner = &*self.inner;
         if lead.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted: Vec<K> = lead.iter().map(|(i, ..)| keys[*i].clone()).collect();
+        let wanted: Vec<K> = lead.iter().map(|l| keys[l.index].clone()).collect();
         match inner.read_store("load_all", || inner.store.load_all(&wanted)) {
             Ok(rows) => {
                 let mut found: HashMap<&K, V> = HashMap::new();
@@ -905,26 +918,26 @@ where
                     found.insert(k, v.clone());
                 }
                 let mut answers = Vec::with_capacity(lead.len());
-                for (i, s, hash, slot) in lead {
-                    let key = &keys[*i];
+                for l in lead {
+                    let key = &keys[l.index];
                     let v = found.remove(key);
                     let weight = inner.weight(key, v.as_ref());
-                    let (answer, cached) = inner.shards[*s]
+                    let (answer, cached) = inner.shards[l.shard]
                         .table
                         .lock()
-                        .finish_load(*hash, key, slot, v, now, weight);
-                    slot.publish(Ok(answer.clone()));
-                    answers.push((*i, answer, cached));
+                        .finish_load(l.hash, key, &l.slot, v, now, weight);
+                    l.slot.publish(Ok(answer.clone()));
+                    answers.push((l.index, answer, cached));
                 }
                 Ok(answers)
             }
             Err(e) => {
-                for (i, s, hash, slot) in lead {
-                    inner.shards[*s]
+                for l in lead {
+                    inner.shards[l.shard]
                         .table
                         .lock()
-                        .abort_load(*hash, &keys[*i], slot);
-                    slot.publish(Err(e.clone()));
+                        .abort_load(l.hash, &keys[l.index], &l.slot);
+                    l.slot.publish(Err(e.clone()));
                 }
                 if inner.closed.load(Ordering::SeqCst) {
                     return Err(Error::Closed);
@@ -990,7 +1003,7 @@ where
             return Err(Error::Closed);
         }
         let now = inner.coarse_now();
-        let mut lead: Vec<(usize, usize, u64, Arc<LoadSlot<V>>)> = Vec::new();
+        let mut lead: Vec<Led<V>> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let hash = inner.hash(key);
             let s = inner.shard_of(hash);
@@ -1002,7 +1015,12 @@ where
                 continue;
             }
             if let LoadRole::Leader(slot) = t.join_load(hash, key) {
-                lead.push((i, s, hash, slot));
+                lead.push(Led {
+                    index: i,
+                    shard: s,
+                    hash,
+                    slot,
+                });
             }
         }
         let loaded = self.load_leaders(keys, &lead, now)?;
