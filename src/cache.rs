@@ -913,10 +913,7 @@ where
         let wanted: Vec<K> = lead.iter().map(|l| keys[l.index].clone()).collect();
         match inner.read_store("load_all", || inner.store.load_all(&wanted)) {
             Ok(rows) => {
-                let mut found: HashMap<&K, V> = HashMap::new();
-                for (k, v) in &rows {
-                    found.insert(k, v.clone());
-                }
+                let mut found: HashMap<K, V> = rows.into_iter().collect();
                 let mut answers = Vec::with_capacity(lead.len());
                 for l in lead {
                     let key = &keys[l.index];
