@@ -4,14 +4,14 @@
 //! diagnostic for the memory layout of the shard and the entry, not one of the issue's
 //! benchmarks: those are `benches/ratio.rs` and `benches/peers.rs`.
 //!
-//! The dashmap sizes bracket writebehind's: 56 bytes is its entry for `u64` keys and values;
-//! 32 bytes is the least entry the design allows for them (the key, the value, a version, a
-//! 16-bit epoch tag and flags, a tombstone being a flag), 40 bytes the least with an
-//! `Option<u64>` value. dashmap with those entries over dashmap with 16-byte ones is what the
-//! entry's size alone costs a get, with no bookkeeping at all. The last three contenders
-//! hold writebehind's 56-byte entry, built by hand, inline in the table, boxed, and in a
-//! dense vector behind a `u32` index; the last two the design's least entries (40 and 32
-//! bytes) in that dense layout, the smallest tables this design could keep.
+//! The dashmap sizes bracket writebehind's entry for `u64` keys and values: 56 bytes until
+//! the fifth session, 40 since the sixth (the key, the value with a tombstone flag, the
+//! version, the oldest unsent version, a 16-bit epoch tag, flags and a slot number); 32 bytes
+//! is the least entry the design allows (without the oldest unsent version). dashmap with
+//! those entries over dashmap with 16-byte ones is what the entry's size alone costs a get,
+//! with no bookkeeping at all. The hand-built contenders hold a 56-byte entry inline in the
+//! table, boxed, and in a dense vector behind a `u32` index; then 40- and 32-byte entries in
+//! that dense layout, and last a 32-byte entry inline.
 //!
 //! `cargo run --release --example lookup_layout [keys] [threads]` (defaults 131072 keys and
 //! 1 thread; `LOOKUP_OPS` gets per thread per contender per round, default 2,000,000).
@@ -212,6 +212,7 @@ fn main() {
     );
     let hand = Inline::<E88>::new(n);
     let inline56 = Inline::<E56>::new(n);
+    let inline32 = Inline::<E32>::new(n);
     let boxed56 = Boxed::<E56>::new(n);
     let dense56 = Dense::<E56>::new(n);
     let dense40 = Dense::<E40>::new(n);
@@ -246,6 +247,7 @@ fn main() {
         "hand-built 56 B dense + u32 index",
         "hand-built 40 B dense + u32 index",
         "hand-built 32 B dense + u32 index",
+        "hand-built 32 B inline",
     ];
     // `LOOKUP_ONLY=i`: run contender `i` alone (for callgrind).
     let only: Option<usize> = std::env::var("LOOKUP_ONLY")
@@ -266,7 +268,7 @@ fn main() {
                         let (dm16, dm32, dm40) = (&dm16, &dm32, &dm40);
                         let (dm56, dm88) = (&dm56, &dm88);
                         let (inline56, boxed56, dense56) = (&inline56, &boxed56, &dense56);
-                        let (dense40, dense32) = (&dense40, &dense32);
+                        let (dense40, dense32, inline32) = (&dense40, &dense32, &inline32);
                         s.spawn(move || {
                             let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (round * 64 + t + 1));
                             let mut sum = 0u64;
@@ -285,7 +287,8 @@ fn main() {
                                     9 => boxed56.get(k).expect("present"),
                                     10 => dense56.get(k).expect("present"),
                                     11 => dense40.get(k).expect("present"),
-                                    _ => dense32.get(k).expect("present"),
+                                    12 => dense32.get(k).expect("present"),
+                                    _ => inline32.get(k).expect("present"),
                                 });
                             }
                             sum

@@ -3,6 +3,7 @@
 //! to it are what writers and the owning flusher share without that lock.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 
 use hashbrown::HashTable;
 
@@ -12,42 +13,50 @@ use crate::store::Write;
 use crate::sync::atomic::AtomicBool;
 use crate::sync::{Arc, CachePadded, Mutex};
 
-/// `Entry::unsent` when every write of the entry has been handed to the store.
+/// `Cold::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
-/// `Entry::queued_epoch` when the key is not on the ring for any epoch.
+/// `Hot::queued_epoch` when the key is not on the ring for any epoch.
 pub(crate) const NOT_QUEUED: u16 = 0;
 
-/// One cached key, as the hash table holds it: what a hit and an update read and write.
+/// The part of a cached key that a hit and an update read and write, as the hash table holds
+/// it: 40 bytes for `u64` keys and values. What only the flusher's acknowledgement and
+/// `wait_durable` read ([`Cold`]) and what only expiry, eviction and a weigher need
+/// ([`Side`]) sit at the entry's `slot` of two vectors beside the table.
 ///
-/// `repr(C)`, in the order a get and a put touch the fields: the key and value first, then
-/// the write-path versions and flags, then what only the flusher's acknowledgement reads
-/// (`persisted`). What only expiry, eviction or a weigher needs is the entry's [`Side`]
-/// state, kept in the table's slab: 56 bytes in the table for `u64` keys and values instead
-/// of 80 (docs/BENCHMARKS.md: the table's size decides a get's cache misses once it no longer
-/// fits in the cache), and the flusher, which reads and writes entries by the thousand,
-/// touches no slab slot. The hash is not stored: the table rehashes the few keys it moves
-/// when it grows.
+/// The value is `MaybeUninit` with a tombstone flag rather than an `Option`: an `Option<u64>`
+/// takes 16 bytes, and the entry would grow to 48 (docs/BENCHMARKS.md, "get hit: the
+/// entry's size": a half-full table holds twice the entry per key, and the bytes per key
+/// decide a get once the table outgrows the cache). `unsent` stays here although a 32-byte
+/// entry could do without it: every write reads it, and with it in the cold slot the first
+/// write of a key after the flusher took it wrote a line the flusher writes too, which cost
+/// the put workload a quarter to a third of its rate (docs/BENCHMARKS.md, "Sixth session").
+/// The value is initialised exactly when [`TOMB`] is clear; only [`Hot::new`],
+/// [`Hot::value`], [`Hot::replace_value`] and `Drop` touch it.
 #[repr(C)]
-pub(crate) struct Entry<K, V> {
-    pub(crate) key: K,
-    /// The latest value; `None` is a pending delete (a tombstone): `get` answers `None` and
-    /// never reads the key through until the delete is in the store.
-    pub(crate) value: Option<V>,
-    /// Version of `value` (0 for a value loaded from the store or preloaded).
-    pub(crate) version: u64,
+pub(crate) struct Hot<K, V> {
+    key: K,
+    value: MaybeUninit<V>,
+    /// Version of the value (0 for a value loaded from the store or preloaded).
+    version: u64,
     /// Version of the oldest write not yet handed to the store, or [`NONE`].
-    pub(crate) unsent: u64,
+    unsent: u64,
     /// The epoch in which the key was last pushed on the ring (its low 16 bits, see
     /// [`Table::close_epoch`]), or [`NOT_QUEUED`] once the flusher has taken it. A write
     /// pushes the key unless this equals the open epoch.
-    pub(crate) queued_epoch: u16,
+    queued_epoch: u16,
     /// A flusher holds a snapshot of this key (in a batch, or in its retry list).
-    pub(crate) in_flight: bool,
-    /// The S3-FIFO frequency and queue, and the refresh flag (see [`Entry::freq`]).
+    in_flight: bool,
+    /// The S3-FIFO frequency and queue, the refresh flag and the tombstone flag (see
+    /// [`FREQ`] and the flags after it).
     bits: u8,
-    /// The entry's slot in the table's [`Slab`] of [`Side`] states.
-    side: u32,
-    /// Highest version the store is known to hold (0: none). `wait_durable` reads it.
+    /// The entry's slot in the table's `cold` and `side` vectors.
+    slot: u32,
+}
+
+/// What only the flusher's acknowledgement and `wait_durable` read of an entry.
+#[derive(Clone, Copy, Debug)]
+struct Cold {
+    /// Highest version the store is known to hold (0: none).
     persisted: u64,
 }
 
@@ -65,50 +74,72 @@ struct Side {
     stamp: u32,
 }
 
-/// The [`Side`] states of a table's entries: a vector with a free list. An entry takes a
-/// slot when it is created and gives it back when it leaves the table.
-#[derive(Default, Debug)]
-struct Slab {
-    slots: Vec<Side>,
-    free: Vec<u32>,
-}
+/// `Hot::bits`: the S3-FIFO access frequency (0..=3, kept only when the cache is bounded).
+const FREQ: u8 = 0b0000_0011;
+/// `Hot::bits`: in the main queue (else the small one).
+const IN_MAIN: u8 = 0b0000_0100;
+/// `Hot::bits`: an asynchronous refresh of this entry is scheduled or running.
+const REFRESHING: u8 = 0b0000_1000;
+/// `Hot::bits`: the entry holds no value (a pending or local delete, or a cached absence);
+/// `Hot::value` is uninitialised.
+const TOMB: u8 = 0b0001_0000;
 
-impl Slab {
-    fn take(&mut self, side: Side) -> u32 {
-        if let Some(i) = self.free.pop() {
-            self.slots[i as usize] = side;
-            return i;
+impl<K, V> Hot<K, V> {
+    fn new(key: K, value: Option<V>, version: u64, slot: u32) -> Self {
+        let (value, bits) = match value {
+            Some(v) => (MaybeUninit::new(v), 0),
+            None => (MaybeUninit::uninit(), TOMB),
+        };
+        Hot {
+            key,
+            value,
+            version,
+            unsent: NONE,
+            queued_epoch: NOT_QUEUED,
+            in_flight: false,
+            bits,
+            slot,
         }
-        let i = u32::try_from(self.slots.len())
-            .expect("a shard holds fewer than 2^32 entries (that would be > 300 GiB)");
-        self.slots.push(side);
-        i
     }
 
-    fn give_back(&mut self, i: u32) {
-        debug_assert!((i as usize) < self.slots.len());
-        self.free.push(i);
+    /// The value, or `None` for a tombstone.
+    #[inline]
+    fn value(&self) -> Option<&V> {
+        if self.bits & TOMB != 0 {
+            None
+        } else {
+            // SAFETY: the value is initialised whenever TOMB is clear: `new` and
+            // `replace_value` write it before clearing the flag, and nothing else clears it.
+            Some(unsafe { self.value.assume_init_ref() })
+        }
     }
 
     #[inline]
-    fn at(&self, i: u32) -> &Side {
-        &self.slots[i as usize]
+    fn is_tombstone(&self) -> bool {
+        self.bits & TOMB != 0
     }
 
+    /// Replaces the value (`None` leaves a tombstone) and returns the old one.
     #[inline]
-    fn at_mut(&mut self, i: u32) -> &mut Side {
-        &mut self.slots[i as usize]
+    fn replace_value(&mut self, value: Option<V>) -> Option<V> {
+        let old = if self.bits & TOMB != 0 {
+            None
+        } else {
+            // SAFETY: TOMB is clear, so the value is initialised; it is moved out here and
+            // the slot is either overwritten below or marked uninitialised with TOMB before
+            // anything can read it again.
+            Some(unsafe { self.value.assume_init_read() })
+        };
+        match value {
+            Some(v) => {
+                self.value.write(v);
+                self.bits &= !TOMB;
+            }
+            None => self.bits |= TOMB,
+        }
+        old
     }
-}
 
-/// `Entry::bits`: the S3-FIFO access frequency (0..=3, kept only when the cache is bounded).
-const FREQ: u8 = 0b0011;
-/// `Entry::bits`: in the main queue (else the small one).
-const IN_MAIN: u8 = 0b0100;
-/// `Entry::bits`: an asynchronous refresh of this entry is scheduled or running.
-const REFRESHING: u8 = 0b1000;
-
-impl<K, V> Entry<K, V> {
     #[inline]
     fn is_dirty(&self) -> bool {
         self.unsent != NONE || self.in_flight
@@ -144,6 +175,33 @@ impl<K, V> Entry<K, V> {
             self.bits |= f;
         } else {
             self.bits &= !f;
+        }
+    }
+}
+
+impl<K: Clone, V: Clone> Hot<K, V> {
+    /// The write that would persist the entry as it is now.
+    fn as_write(&self) -> Write<K, V> {
+        match self.value() {
+            Some(v) => Write::Put {
+                key: self.key.clone(),
+                value: v.clone(),
+                version: self.version,
+            },
+            None => Write::Delete {
+                key: self.key.clone(),
+                version: self.version,
+            },
+        }
+    }
+}
+
+impl<K, V> Drop for Hot<K, V> {
+    fn drop(&mut self) {
+        if self.bits & TOMB == 0 {
+            // SAFETY: TOMB is clear, so the value is initialised, and it is dropped once:
+            // the entry is going away.
+            unsafe { self.value.assume_init_drop() }
         }
     }
 }
@@ -238,30 +296,33 @@ struct Queues<K> {
 
 /// The single-threaded part of a shard.
 ///
+/// The hash table `map` holds each entry's [`Hot`] part inline; its [`Cold`] and [`Side`]
+/// parts sit at the entry's slot of the `cold` and `side` vectors, whose free slots are kept
+/// in `free`. Inline, a lookup follows two dependent loads (the control bytes, then the
+/// entry); a dense vector behind an index of slot numbers, tried in the sixth session, made
+/// it three and ran a get at about half the rate (docs/BENCHMARKS.md, "Sixth session").
+///
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
-/// (the table header, `next_version`, `hits`, `conflated`); the rest of the put path (the
-/// dirty count, the open epoch, the loads-in-flight header, the flags) fills the second,
-/// which a put only reads unless its entry turns dirty. A hit on a cache without time-based
-/// rules so touches one line of the shard besides the entry's (docs/BENCHMARKS.md: each
-/// extra line of shard state a get touched cost a cache miss per get once the entries no
-/// longer fit in the cache), and a conflated update writes one line of shard state (it
-/// wrote two before; the difference did not show in the benchmarks). The put count is not
-/// stored: every write takes one version, so it is the versions handed out less the removes
-/// and the write-through versions ([`Table::counters`]). The cold state follows.
+/// (the table header, `hits`, `next_version`, `conflated`); the rest of the put path (the
+/// dirty count, the open epoch, the flags, the loads-in-flight header, the cold vector's
+/// header) fills the second, which a put only reads unless its entry turns dirty. A hit on
+/// a cache without time-based rules so touches one line of the shard besides the entry's
+/// (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss per
+/// get once the entries no longer fit in the cache). The put count is not stored: every
+/// write takes one version, so it is the versions handed out less the removes and the
+/// write-through versions ([`Table::counters`]). The cold state follows.
 #[repr(C)]
 pub(crate) struct Table<K, V> {
-    map: HashTable<Entry<K, V>>,
+    map: HashTable<Hot<K, V>>,
+    hits: u64,
     /// Next version to hand out; starts at the wall clock (see `Cache` docs) and only grows.
     pub(crate) next_version: u64,
-    hits: u64,
     /// Writes that found their key already queued in the open epoch.
     conflated: u64,
     // -- second line
     /// Entries that are dirty (`unsent != NONE || in_flight`).
-    pub(crate) dirty: usize,
-    /// Loads in flight (single-flight read-through).
-    loading: HashTable<Loading<K, V>>,
+    pub(crate) dirty: u32,
     /// The open epoch (starts at 1; [`NOT_QUEUED`] is never an epoch). A write pushes its
     /// key unless the entry was already queued in this epoch; the flusher closes it (one
     /// increment under this lock, [`Table::close_epoch`]) before it drains the ring.
@@ -269,12 +330,18 @@ pub(crate) struct Table<K, V> {
     /// Backpressure: the table reached its dirty limit and admits no new dirty entry until
     /// it is back at the low watermark.
     pressured: bool,
-    /// A time-based rule is on (TTL, TTI, negative caching, refresh-ahead): entries keep
-    /// their write and access times.
-    timed: bool,
-    /// A weigher is set (`Limits::weighted`, kept here so an update reads no cold line).
-    weighted: bool,
+    /// A time-based rule is on or a weigher is set: a write updates the entry's [`Side`]
+    /// (kept here so an update reads no cold line).
+    write_side: bool,
+    /// Loads in flight (single-flight read-through).
+    loading: HashTable<Loading<K, V>>,
+    /// The entries' write-behind versions (see [`Cold`]), by slot.
+    cold: Vec<Cold>,
     // -- cold
+    /// The entries' side state (see [`Side`]), by slot.
+    side: Vec<Side>,
+    /// Slots no entry holds.
+    free: Vec<u32>,
     /// The counters off the hot path (`hits` and `conflated` are kept above and `puts` is
     /// derived: they stay zero here; [`Table::counters`] joins them).
     rare: ShardCounters,
@@ -285,8 +352,6 @@ pub(crate) struct Table<K, V> {
     /// Entries that are tombstones.
     tombstones: usize,
     limits: Limits,
-    /// The entries' side state (see [`Side`]).
-    side: Slab,
     /// Sum of the entries' weights.
     weight: u64,
     queues: Queues<K>,
@@ -330,20 +395,21 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn new(first_version: u64, limits: Limits, hasher: ahash::RandomState) -> Self {
         Table {
             map: HashTable::new(),
-            next_version: first_version,
             hits: 0,
+            next_version: first_version,
             conflated: 0,
             dirty: 0,
             epoch: 1,
-            loading: HashTable::new(),
             pressured: false,
-            timed: limits.timed(),
-            weighted: limits.weighted,
+            write_side: limits.timed() || limits.weighted,
+            loading: HashTable::new(),
+            cold: Vec::new(),
+            side: Vec::new(),
+            free: Vec::new(),
             rare: ShardCounters::default(),
             version_base: first_version,
             tombstones: 0,
             limits,
-            side: Slab::default(),
             weight: 0,
             queues: Queues::default(),
             hasher,
@@ -367,11 +433,17 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.map.len() - self.tombstones
     }
 
-    fn expired(limits: &Limits, e: &Entry<K, V>, side: &Side, now: u64) -> bool {
+    /// The entry of `key`, if the table holds it.
+    #[inline(always)]
+    fn find(&self, hash: u64, key: &K) -> Option<&Hot<K, V>> {
+        self.map.find(hash, |e| e.key == *key)
+    }
+
+    fn expired(limits: &Limits, e: &Hot<K, V>, side: &Side, now: u64) -> bool {
         if e.is_dirty() {
             return false; // written first, then it may go
         }
-        if e.value.is_none() && e.version == 0 {
+        if e.is_tombstone() && e.version == 0 {
             return now >= side.born.saturating_add(limits.negative_ttl);
         }
         (limits.ttl != 0 && now >= side.born.saturating_add(limits.ttl))
@@ -384,7 +456,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// the entry, nothing else.
     #[inline(always)]
     pub(crate) fn get_untimed(&mut self, hash: u64, key: &K, bounded: bool) -> Option<Option<V>> {
-        debug_assert!(!self.timed, "a timed table goes through `get`");
+        debug_assert!(!self.limits.timed(), "a timed table goes through `get`");
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             self.rare.misses += 1;
             return None;
@@ -393,7 +465,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         if bounded {
             e.bump_freq();
         }
-        Some(e.value.clone())
+        Some(e.value().cloned())
     }
 
     /// Looks a key up at coarse time `now`.
@@ -404,7 +476,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             self.rare.misses += 1;
             return Lookup::Miss;
         };
-        let side = self.side.at_mut(e.side);
+        let side = &mut self.side[e.slot as usize];
         if (limits.ttl | limits.tti | limits.negative_ttl) != 0
             && Self::expired(&limits, e, side, now)
         {
@@ -426,34 +498,33 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             && !e.is_dirty()
             && now >= side.born.saturating_add(limits.refresh_after)
         {
-            if let Some(v) = e.value.clone() {
+            if let Some(v) = e.value().cloned() {
                 e.set_flag(REFRESHING, true);
                 return Lookup::HitRefresh(v, e.version);
             }
         }
-        Lookup::Hit(e.value.clone())
+        Lookup::Hit(e.value().cloned())
     }
 
     /// `true` if the key has any entry (a value, a pending delete, or a cached absence).
     pub(crate) fn contains_any(&self, hash: u64, key: &K) -> bool {
-        self.map.find(hash, |e| e.key == *key).is_some()
+        self.find(hash, key).is_some()
     }
 
     /// `true` if the key holds a value (not a tombstone).
     pub(crate) fn contains(&self, hash: u64, key: &K) -> bool {
-        self.map
-            .find(hash, |e| e.key == *key)
-            .is_some_and(|e| e.value.is_some())
+        self.find(hash, key).is_some_and(|e| !e.is_tombstone())
     }
 
     /// Backpressure check for a write that would add a dirty entry: `false` once the table
     /// holds `high` dirty entries, and until it is back at `low`.
     #[inline]
     fn over_limit(&mut self, high: usize, low: usize) -> bool {
-        if self.pressured && self.dirty <= low {
+        let dirty = self.dirty as usize;
+        if self.pressured && dirty <= low {
             self.pressured = false;
         }
-        if !self.pressured && self.dirty >= high {
+        if !self.pressured && dirty >= high {
             self.pressured = true;
         }
         self.pressured
@@ -463,19 +534,14 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// dirty limit, or the key is dirty already (the write only replaces its value).
     #[inline]
     pub(crate) fn admits(&mut self, high: usize, low: usize, hash: u64, key: &K) -> bool {
-        !self.over_limit(high, low)
-            || self
-                .map
-                .find(hash, |e| e.key == *key)
-                .is_some_and(|e| e.is_dirty())
+        !self.over_limit(high, low) || self.find(hash, key).is_some_and(Hot::is_dirty)
     }
 
     /// `true` once the store holds `version` of the key or a newer one (or the key left the
     /// table, which only a persisted delete or a given-up write does).
     pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> bool {
-        self.map
-            .find(hash, |e| e.key == *key)
-            .is_none_or(|e| e.persisted >= version)
+        self.find(hash, key)
+            .is_none_or(|e| self.cold[e.slot as usize].persisted >= version)
     }
 
     /// Closes the open epoch: a write from now on pushes its key again, even if the key was
@@ -532,47 +598,54 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
-    fn new_entry(
-        &mut self,
-        key: K,
-        value: Option<V>,
-        version: u64,
-        now: u64,
-        weight: u32,
-    ) -> Entry<K, V> {
+    /// A slot of the `cold` and `side` vectors for a new entry (a free one, else a new one).
+    fn take_slot(&mut self, persisted: u64, now: u64, weight: u32) -> u32 {
         let stamp = self.queues.next_stamp;
         self.queues.next_stamp = stamp.wrapping_add(1);
-        let side = self.side.take(Side {
+        let cold = Cold { persisted };
+        let side = Side {
             born: now,
             accessed: now,
             weight,
             stamp,
-        });
-        Entry {
-            key,
-            value,
-            version,
-            unsent: NONE,
-            queued_epoch: NOT_QUEUED,
-            in_flight: false,
-            bits: 0,
-            side,
-            persisted: 0,
+        };
+        if let Some(i) = self.free.pop() {
+            self.cold[i as usize] = cold;
+            self.side[i as usize] = side;
+            return i;
         }
+        let i = u32::try_from(self.side.len())
+            .expect("a shard holds fewer than 2^32 entries (that would be > 100 GiB)");
+        self.cold.push(cold);
+        self.side.push(side);
+        i
     }
 
-    /// Inserts a new entry and queues it for eviction (when the table is bounded).
-    fn insert(&mut self, hash: u64, mut e: Entry<K, V>) {
-        if e.value.is_none() {
+    /// Adds an entry for `key` (queued for eviction when the table is bounded) and returns
+    /// it.
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        version: u64,
+        persisted: u64,
+        now: u64,
+        weight: u32,
+    ) -> &mut Hot<K, V> {
+        let slot = self.take_slot(persisted, now, weight);
+        let stamp = self.side[slot as usize].stamp;
+        let mut e = Hot::new(key, value, version, slot);
+        if e.is_tombstone() {
             self.tombstones += 1;
         }
-        let side = *self.side.at(e.side);
-        self.weight += u64::from(side.weight);
+        self.weight += u64::from(weight);
         if self.limits.bounded() {
             let q = &mut self.queues;
             let ghost = q.ghost_set.find(hash, |h| *h == hash).is_some();
             e.set_flag(IN_MAIN, ghost);
-            let pos = (e.key.clone(), hash, side.stamp);
+            let pos = (e.key.clone(), hash, stamp);
             if ghost {
                 q.main.push_back(pos);
             } else {
@@ -581,7 +654,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
         }
         let hasher = &self.hasher;
-        self.map.insert_unique(hash, e, |e| hasher.hash_one(&e.key));
+        self.map
+            .insert_unique(hash, e, |e| hasher.hash_one(&e.key))
+            .into_mut()
     }
 
     /// Records a write (`value: None` is a delete) as dirty, for the flusher to send.
@@ -599,23 +674,23 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             let was_dirty = e.is_dirty();
-            let was_tombstone = e.value.is_none();
-            let old = std::mem::replace(&mut e.value, value);
+            let was_tombstone = e.is_tombstone();
+            let old = e.replace_value(value);
             e.version = version;
+            let push = e.queued_epoch != open_epoch;
+            if push {
+                e.queued_epoch = open_epoch;
+            }
             let mut old_weight = weight;
-            if self.timed || self.weighted {
+            if self.write_side {
                 // Only then: the side state is another line.
-                let side = self.side.at_mut(e.side);
+                let side = &mut self.side[e.slot as usize];
                 side.born = now;
                 side.accessed = now;
                 old_weight = std::mem::replace(&mut side.weight, weight);
             }
             if e.unsent == NONE {
                 e.unsent = version;
-            }
-            let push = e.queued_epoch != open_epoch;
-            if push {
-                e.queued_epoch = open_epoch;
             }
             if !was_dirty {
                 self.dirty += 1;
@@ -640,10 +715,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
         } else {
             let ring_key = key.clone();
-            let mut e = self.new_entry(key, value, version, now, weight);
-            e.unsent = version;
+            let e = self.insert(hash, key, value, version, 0, now, weight);
             e.queued_epoch = open_epoch;
-            self.insert(hash, e);
+            e.unsent = version;
             self.dirty += 1;
             let over_capacity = self.enforce();
             WriteOutcome {
@@ -669,15 +743,17 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.touch_loading(hash, &key);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             if e.version >= version || (version == 0 && e.is_dirty()) {
-                return e.value.clone();
+                return e.value().cloned();
             }
             // A newer, stored version (write-through): it replaces even a dirty older value;
             // the flusher then sends this same version again, never an older one.
-            let was_tombstone = e.value.is_none();
-            e.value = Some(value.clone());
+            let was_tombstone = e.is_tombstone();
+            // Dropped after the table is updated (still under the lock, as before).
+            let _old = e.replace_value(Some(value.clone()));
             e.version = version;
-            e.persisted = e.persisted.max(version);
-            let side = self.side.at_mut(e.side);
+            let cold = &mut self.cold[e.slot as usize];
+            cold.persisted = cold.persisted.max(version);
+            let side = &mut self.side[e.slot as usize];
             side.born = now;
             side.accessed = now;
             let old_weight = std::mem::replace(&mut side.weight, weight);
@@ -687,9 +763,15 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             return Some(value);
         }
-        let mut e = self.new_entry(key, Some(value.clone()), version, now, weight);
-        e.persisted = version;
-        self.insert(hash, e);
+        self.insert(
+            hash,
+            key,
+            Some(value.clone()),
+            version,
+            version,
+            now,
+            weight,
+        );
         self.enforce();
         Some(value)
     }
@@ -740,8 +822,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
             Err(_) => true,
         };
-        if let Some(e) = self.map.find(hash, |e| e.key == *key) {
-            return (e.value.clone(), false);
+        if let Some(e) = self.find(hash, key) {
+            return (e.value().cloned(), false);
         }
         if stale {
             return (loaded, false);
@@ -750,8 +832,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             Some(v) => (self.fill_clean(hash, key.clone(), v, 0, now, weight), true),
             None => {
                 if self.limits.negative_ttl != 0 {
-                    let e = self.new_entry(key.clone(), None, 0, now, 1);
-                    self.insert(hash, e);
+                    self.insert(hash, key.clone(), None, 0, 0, now, 1);
                     self.enforce();
                 }
                 (None, false)
@@ -788,8 +869,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             Err(()) => self.rare.refresh_failures += 1,
             Ok(_) if e.version != version || e.is_dirty() => {}
             Ok(Some(v)) => {
-                e.value = Some(v);
-                let side = self.side.at_mut(e.side);
+                if e.replace_value(Some(v)).is_none() {
+                    // A clean tombstone at version 0 is a cached absence; a refresh is only
+                    // scheduled for an entry that held a value, but keep the count right.
+                    self.tombstones -= 1;
+                }
+                let side = &mut self.side[e.slot as usize];
                 side.born = now;
                 side.accessed = now;
                 self.rare.refreshes += 1;
@@ -806,8 +891,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     pub(crate) fn remove_clean(&mut self, hash: u64, key: &K, version: u64) {
         self.touch_loading(hash, key);
         let stale = self
-            .map
-            .find(hash, |e| e.key == *key)
+            .find(hash, key)
             .is_some_and(|e| !e.is_dirty() && e.version < version);
         if stale {
             self.remove_entry(hash, key);
@@ -829,11 +913,11 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
-            let was_tombstone = e.value.is_none();
+            let was_tombstone = e.is_tombstone();
             let was_dirty = e.is_dirty();
-            let old = std::mem::replace(&mut e.value, value);
+            let old = e.replace_value(value);
             e.version = version;
-            let side = self.side.at_mut(e.side);
+            let side = &mut self.side[e.slot as usize];
             side.born = now;
             side.accessed = now;
             let old_weight = std::mem::replace(&mut side.weight, weight);
@@ -850,19 +934,27 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
             return (version, old);
         }
-        let e = self.new_entry(key, value, version, now, weight);
-        self.insert(hash, e);
+        self.insert(hash, key, value, version, 0, now, weight);
         self.enforce();
         (version, None)
     }
 
     /// Reads the entry of `key` and does nothing with it: the flusher calls it for a chunk
-    /// of keys before taking or marking them, so the chunk's cache misses overlap (each
+    /// of keys before taking their snapshots, so the chunk's cache misses overlap (each
     /// lookup here is independent of the others).
     #[inline]
     pub(crate) fn touch(&self, hash: u64, key: &K) {
-        if let Some(e) = self.map.find(hash, |e| e.key == *key) {
-            std::hint::black_box((e.unsent, e.in_flight, e.persisted));
+        if let Some(e) = self.find(hash, key) {
+            std::hint::black_box((e.unsent, e.in_flight));
+        }
+    }
+
+    /// [`Table::touch`] before marking a chunk persisted: reads the entry's cold slot too,
+    /// which [`Table::persisted`] writes.
+    #[inline]
+    pub(crate) fn touch_cold(&self, hash: u64, key: &K) {
+        if let Some(e) = self.find(hash, key) {
+            std::hint::black_box(self.cold[e.slot as usize].persisted);
         }
     }
 
@@ -881,24 +973,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
             return None;
         }
-        let first = e.unsent;
-        e.unsent = NONE;
         e.in_flight = true;
         // Any later write must push the key again: it may have been pushed in the open epoch
         // already (and drained early), and a write that conflates into that epoch would
         // otherwise never reach the ring. See docs/ARCHITECTURE.md, "the early-drain race".
         e.queued_epoch = NOT_QUEUED;
-        let write = match &e.value {
-            Some(v) => Write::Put {
-                key: e.key.clone(),
-                value: v.clone(),
-                version: e.version,
-            },
-            None => Write::Delete {
-                key: e.key.clone(),
-                version: e.version,
-            },
-        };
+        let write = e.as_write();
+        let first = std::mem::replace(&mut e.unsent, NONE);
         Some(Snapshot { write, first })
     }
 
@@ -913,14 +994,15 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             return false;
         }
         e.in_flight = false;
-        e.persisted = e.persisted.max(version);
+        let cold = &mut self.cold[e.slot as usize];
+        cold.persisted = cold.persisted.max(version);
         if e.unsent != NONE {
             // Written to again during the batch: still dirty, and that write pushed the key.
             return false;
         }
-        let tombstone_done = e.value.is_none() && e.version == version;
-        let expired =
-            (limits.ttl | limits.tti) != 0 && Self::expired(&limits, e, self.side.at(e.side), now);
+        let tombstone_done = e.is_tombstone() && e.version == version;
+        let expired = (limits.ttl | limits.tti) != 0
+            && Self::expired(&limits, e, &self.side[e.slot as usize], now);
         self.dirty -= 1;
         if tombstone_done {
             self.remove_entry(hash, key);
@@ -951,7 +1033,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
         e.in_flight = false;
         if e.unsent == NONE {
-            let gone = e.value.is_none();
+            let gone = e.is_tombstone();
             self.dirty -= 1;
             if gone {
                 self.remove_entry(hash, key);
@@ -961,16 +1043,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// The oldest unsent version of a key, for the flush barrier ([`NONE`] if none).
     pub(crate) fn unsent_of(&self, hash: u64, key: &K) -> u64 {
-        self.map
-            .find(hash, |e| e.key == *key)
-            .map_or(NONE, |e| e.unsent)
+        self.find(hash, key).map_or(NONE, |e| e.unsent)
     }
 
     /// `true` if a flusher holds a snapshot of the key (batch or retry list).
     pub(crate) fn in_flight(&self, hash: u64, key: &K) -> bool {
-        self.map
-            .find(hash, |e| e.key == *key)
-            .is_some_and(|e| e.in_flight)
+        self.find(hash, key).is_some_and(|e| e.in_flight)
     }
 
     /// Keys that are dirty and not owned by a retry list (the full-ring path).
@@ -985,19 +1063,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// Every dirty entry as the write that would persist it (what `close` hands back).
     pub(crate) fn unwritten(&self, out: &mut Vec<Write<K, V>>) {
-        for e in self.map.iter().filter(|e| e.is_dirty()) {
-            out.push(match &e.value {
-                Some(v) => Write::Put {
-                    key: e.key.clone(),
-                    value: v.clone(),
-                    version: e.version,
-                },
-                None => Write::Delete {
-                    key: e.key.clone(),
-                    version: e.version,
-                },
-            });
-        }
+        out.extend(self.map.iter().filter(|e| e.is_dirty()).map(Hot::as_write));
     }
 
     /// Every live entry (for `Cache::entries`); never loads.
@@ -1005,7 +1071,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         out.extend(
             self.map
                 .iter()
-                .filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v))),
+                .filter_map(|e| e.value().map(|v| (e.key.clone(), v.clone()))),
         );
     }
 
@@ -1035,10 +1101,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 break;
             };
             let side = &self.side;
-            let Some(e) = self
-                .map
-                .find_mut(hash, |e| e.key == key && side.at(e.side).stamp == stamp)
-            else {
+            let Some(e) = self.map.find_mut(hash, |e| {
+                e.key == key && side[e.slot as usize].stamp == stamp
+            }) else {
                 continue; // a stale position: the entry left or was re-inserted
             };
             if from_small == e.flag(IN_MAIN) {
@@ -1086,21 +1151,28 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.over_capacity()
     }
 
+    /// Removes the entry of `key` (and takes a load of it in flight out of the single-flight
+    /// table).
     fn remove_entry(&mut self, hash: u64, key: &K) {
         if let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) {
             let (e, _) = occ.remove();
-            if e.value.is_none() {
+            if e.is_tombstone() {
                 self.tombstones -= 1;
             }
             if !e.flag(IN_MAIN) && self.limits.bounded() {
                 self.queues.small_live = self.queues.small_live.saturating_sub(1);
             }
-            self.weight -= u64::from(self.side.at(e.side).weight);
-            self.side.give_back(e.side);
+            self.weight -= u64::from(self.side[e.slot as usize].weight);
+            self.free.push(e.slot);
             self.touch_loading(hash, key);
         }
     }
 }
+
+/// Bytes of padding in a [`Shard`] (see `Shard::_stride`). The fields alone come to an odd
+/// multiple of 128 bytes with the table's split entries, so none is needed now; a change
+/// that makes the count even must set it to 128.
+const STRIDE_PAD: usize = 0;
 
 /// One shard: the locked table plus the lock-free parts writers and the flusher share.
 pub(crate) struct Shard<K, V> {
@@ -1114,11 +1186,12 @@ pub(crate) struct Shard<K, V> {
     /// A push found the ring full: the flusher must scan the table for dirty keys.
     pub(crate) overflow: AtomicBool,
     /// Makes the shard's size an odd multiple of 128 bytes. The shards sit in one array, and
-    /// at a power-of-two stride (1024 bytes without this) every shard's lock line fell into
-    /// the same few sets of the L1 cache: 64 shards evicted each other's hot line and a get
-    /// took three times as long on a table that fits in L2 (docs/BENCHMARKS.md). The unit
-    /// test `shard_stride_is_an_odd_multiple_of_128` keeps it so.
-    _stride: [u8; 128],
+    /// at a power-of-two stride (1024 bytes once) every shard's lock line fell into the same
+    /// few sets of the L1 cache: 64 shards evicted each other's hot line and a get took three
+    /// times as long on a table that fits in L2 (docs/BENCHMARKS.md). The unit test
+    /// `shard_stride_is_an_odd_multiple_of_128` keeps it so: [`STRIDE_PAD`] is what the
+    /// fields need to get there.
+    _stride: [u8; STRIDE_PAD],
 }
 
 impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
@@ -1134,7 +1207,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
             armed: AtomicBool::new(false),
             triggered: AtomicBool::new(false),
             overflow: AtomicBool::new(false),
-            _stride: [0; 128],
+            _stride: [0; STRIDE_PAD],
         }
     }
 }
@@ -1570,14 +1643,16 @@ mod tests {
         assert_eq!(t.len(), 4);
     }
 
-    /// The hash table holds only what a hit and an update touch.
+    /// The table holds only what a hit and an update touch.
     #[test]
-    fn entry_keeps_the_side_state_out_of_the_table() {
-        assert_eq!(std::mem::size_of::<Entry<u64, u64>>(), 56);
+    fn entry_parts_keep_what_a_get_and_a_put_touch_in_40_bytes() {
+        assert_eq!(std::mem::size_of::<Hot<u64, u64>>(), 40);
+        assert_eq!(std::mem::size_of::<Cold>(), 8);
         assert_eq!(std::mem::size_of::<Side>(), 24);
     }
 
-    /// Slots are reused: a table that churns through keys keeps its slab at its peak size.
+    /// Slots of the cold and side vectors are reused: a table that churns through keys keeps
+    /// them at their peak size, and every entry keeps its own slot's state.
     #[test]
     fn side_slots_are_reused_after_removal() {
         let mut t = table();
@@ -1585,17 +1660,90 @@ mod tests {
             for k in 0..100u64 {
                 t.fill_clean(h(k), k, k + round, 1 + round, 0, 1);
             }
+            // Remove every third key, then check the rest, which removal renumbered.
+            for k in (0..100u64).step_by(3) {
+                t.remove_clean(h(k), &k, 1_000);
+            }
+            assert_eq!(t.len(), 66);
+            for k in 0..100u64 {
+                let want = (k % 3 != 0).then_some(Some(k + round));
+                assert_eq!(look(&mut t, k), want, "key {k} in round {round}");
+                if k % 3 != 0 {
+                    let slot = t.find(h(k), &k).expect("present").slot as usize;
+                    assert_eq!(t.cold[slot].persisted, 1 + round, "key {k}'s own slot");
+                }
+            }
             for k in 0..100u64 {
                 t.remove_clean(h(k), &k, 1_000);
             }
-            assert_eq!(t.len(), 0);
+            assert_eq!((t.len(), t.map.len()), (0, 0));
         }
         assert_eq!(
-            t.side.slots.len(),
-            100,
+            (t.side.len(), t.cold.len(), t.free.len()),
+            (100, 100, 100),
             "ten rounds of 100 keys reuse 100 slots"
         );
-        assert_eq!(t.side.free.len(), 100);
+    }
+
+    /// A tombstone holds no value, and replacing values drops each exactly once (Miri checks
+    /// the uninitialised slot is never read; the counter checks the drops).
+    #[test]
+    fn tombstones_and_replaced_values_drop_exactly_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering as O};
+        static LIVE: AtomicUsize = AtomicUsize::new(0);
+        #[derive(Debug, PartialEq)]
+        struct Counted(u64);
+        impl Counted {
+            fn new(v: u64) -> Self {
+                LIVE.fetch_add(1, O::SeqCst);
+                Counted(v)
+            }
+        }
+        impl Clone for Counted {
+            fn clone(&self) -> Self {
+                Counted::new(self.0)
+            }
+        }
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                LIVE.fetch_sub(1, O::SeqCst);
+            }
+        }
+        {
+            let mut t: Table<u64, Counted> = Table::new(100, UNBOUNDED, hasher());
+            let put = |t: &mut Table<u64, Counted>, k: u64, v: Option<u64>| {
+                t.write(h(k), k, v.map(Counted::new), 0, 1).old
+            };
+            assert_eq!(put(&mut t, 1, Some(10)), None);
+            assert_eq!(put(&mut t, 1, None), Some(Counted::new(10)));
+            assert_eq!(
+                put(&mut t, 1, None),
+                None,
+                "a tombstone replaced by a tombstone"
+            );
+            assert_eq!(put(&mut t, 1, Some(11)), None);
+            assert_eq!(put(&mut t, 2, None), None);
+            assert_eq!(put(&mut t, 3, Some(30)), None);
+            assert!(matches!(t.get(h(2), &2, 0), Lookup::Hit(None)));
+            assert!(matches!(t.get(h(1), &1, 0), Lookup::Hit(Some(Counted(11)))));
+            assert_eq!(LIVE.load(O::SeqCst), 2, "the values of keys 1 and 3");
+            let mut out = Vec::new();
+            t.unwritten(&mut out);
+            assert_eq!(out.len(), 3);
+            drop(out);
+            // Key 1's snapshot, persisted: clean and kept; key 2's tombstone goes.
+            for k in [1u64, 2] {
+                let s = t.take(h(k), &k, false).expect("dirty");
+                assert!(t.persisted(h(k), &k, s.write.version(), 0));
+            }
+            assert_eq!((t.len(), t.map.len()), (2, 2));
+            assert_eq!(LIVE.load(O::SeqCst), 2);
+        }
+        assert_eq!(
+            LIVE.load(O::SeqCst),
+            0,
+            "dropping the table dropped every value"
+        );
     }
 
     #[test]
@@ -1621,22 +1769,32 @@ mod tests {
         let base = &*m as *const Mutex<Table<u64, u64>> as usize;
         let g = m.lock();
         let t: &Table<u64, u64> = &g;
-        let end = |f: *const u64| f as usize + std::mem::size_of::<u64>() - base;
-        assert_eq!(t as *const _ as usize - base, 8, "the raw lock comes first");
+        let at = |f: usize| f - base;
+        assert_eq!(at(t as *const _ as usize), 8, "the raw lock comes first");
         assert_eq!(
-            &t.map as *const _ as usize - base,
+            at(&t.map as *const _ as usize),
             8,
             "the table header follows it"
         );
+        let first = [
+            at(&t.hits as *const u64 as usize) + 8,
+            at(&t.next_version as *const u64 as usize) + 8,
+            at(&t.conflated as *const u64 as usize) + 8,
+        ];
         assert!(
-            end(&t.hits) <= 64 && end(&t.conflated) <= 64,
-            "lock, header, next_version, hits, conflated: one line"
+            first.iter().all(|&e| e <= 64),
+            "lock, header, hits, next_version, conflated: one line"
         );
-        let flags = (&t.weighted as *const bool as usize - base)
-            .max(&t.timed as *const bool as usize - base)
-            .max(&t.epoch as *const u16 as usize + 1 - base);
+        let second = [
+            at(&t.dirty as *const u32 as usize) + 4,
+            at(&t.epoch as *const u16 as usize) + 2,
+            at(&t.pressured as *const bool as usize) + 1,
+            at(&t.write_side as *const bool as usize) + 1,
+            at(&t.loading as *const _ as usize) + std::mem::size_of::<HashTable<u64>>(),
+            at(&t.cold as *const _ as usize) + std::mem::size_of::<Vec<Cold>>(),
+        ];
         assert!(
-            &t.dirty as *const usize as usize - base >= 64 && flags < 128,
+            at(&t.dirty as *const u32 as usize) >= 64 && second.iter().all(|&e| e <= 128),
             "the rest of the put path: the second line"
         );
     }
