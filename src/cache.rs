@@ -717,6 +717,7 @@ where
         }
         let weight = inner.weight(write.key(), write.value());
         let mut t = shard.table.lock();
+        t.count_write_through(write.is_delete());
         match write {
             Write::Put {
                 key,

@@ -27,9 +27,10 @@ pub enum Health {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Metrics {
-    /// `put` calls accepted.
+    /// `put` calls accepted, in every write mode (a write-through put counts once the store
+    /// took it; one the store failed returned an error and does not count).
     pub puts: u64,
-    /// `remove` calls accepted.
+    /// `remove` calls accepted, counted as `puts` are.
     pub removes: u64,
     /// Writes that did not queue anything new: the key was already queued in the open epoch.
     pub conflated: u64,

@@ -346,8 +346,8 @@ pub(crate) struct Table<K, V> {
     /// derived: they stay zero here; [`Table::counters`] joins them).
     rare: ShardCounters,
     /// `next_version` when the table was built, plus the versions handed out since by
-    /// [`Table::next_version`] (write-through, which `puts` does not count): `next_version`
-    /// less this is the writes through `begin_write`.
+    /// [`Table::next_version`] that no [`Table::count_write_through`] counted (write-through
+    /// writes in flight or failed): `next_version` less this is the writes accepted.
     version_base: u64,
     /// Entries that are tombstones.
     tombstones: usize,
@@ -558,12 +558,23 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.epoch = self.epoch.wrapping_add(1).max(1);
     }
 
-    /// Hands out the next version (for a write that does not go through `write`).
+    /// Hands out the next version (for a write that does not go through `write`). It is not
+    /// counted as a put until [`Table::count_write_through`] says the store took it.
     pub(crate) fn next_version(&mut self) -> u64 {
         let v = self.next_version;
         self.next_version += 1;
         self.version_base += 1;
         v
+    }
+
+    /// A write-through write with a version from [`Table::next_version`] reached the store:
+    /// count it as a put or a remove (a failed one stays uncounted, as it was not accepted).
+    pub(crate) fn count_write_through(&mut self, is_delete: bool) {
+        // `puts` is the versions handed out less `version_base` less the removes.
+        self.version_base -= 1;
+        if is_delete {
+            self.rare.removes += 1;
+        }
     }
 
     /// Hands out a version for a write of `key` and counts it; any load of the key in flight
@@ -1302,18 +1313,22 @@ mod tests {
         del(&mut t, 1, 1); // a remove that conflates
         del(&mut t, 2, 1); // a remove of a key not cached: queued
         assert!(put(&mut t, 1, 12, 2), "next epoch: queued");
-        let _ = t.next_version(); // write-through: neither a put nor a remove
+        let _ = t.next_version(); // a write-through the store failed: not counted
+        let _ = t.next_version(); // a write-through put the store took
+        t.count_write_through(false);
+        let _ = t.next_version(); // a write-through remove the store took
+        t.count_write_through(true);
         t.set_local(h(3), 3, Some(30), 0, 1); // read-only mode: a put, never conflated
         t.set_local(h(3), 3, Some(31), 0, 1);
         assert!(!put(&mut t, 1, 13, 2), "conflated after the other writes");
         let c = t.counters();
-        assert_eq!(c.puts, 6, "puts through write and set_local");
-        assert_eq!(c.removes, 2);
+        assert_eq!(c.puts, 7, "puts through write, set_local and write-through");
+        assert_eq!(c.removes, 3);
         assert_eq!(
             c.conflated, 3,
             "two puts and one remove found their key queued"
         );
-        assert_eq!(t.next_version, 109, "one version per write of any kind");
+        assert_eq!(t.next_version, 111, "one version per write of any kind");
     }
 
     #[test]

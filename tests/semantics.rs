@@ -914,6 +914,12 @@ fn write_through_returns_after_the_store_and_keeps_old_value_on_failure() {
     cache.remove(&1).unwrap();
     assert_eq!(s.memory().get(&1), None);
     assert_eq!(cache.get(&1).unwrap(), None);
+    let m = cache.metrics();
+    assert_eq!(
+        (m.puts, m.removes),
+        (1, 1),
+        "the put and the remove the store took count; the failed put does not"
+    );
 }
 
 #[test]
