@@ -627,7 +627,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 let mut table = inner.shards[s].table.lock();
                 // Touch first, as for the snapshots (`write_out`).
                 for k in i..end {
-                    table.touch_cold(meta[k].hash, batch[k].key());
+                    table.touch(meta[k].hash, batch[k].key());
                 }
                 for k in i..end {
                     table.persisted(meta[k].hash, batch[k].key(), batch[k].version(), coarse);

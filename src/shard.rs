@@ -13,23 +13,23 @@ use crate::store::Write;
 use crate::sync::atomic::AtomicBool;
 use crate::sync::{Arc, CachePadded, Mutex};
 
-/// `Cold::unsent` when every write of the entry has been handed to the store.
+/// `Hot::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
 /// `Hot::queued_epoch` when the key is not on the ring for any epoch.
 pub(crate) const NOT_QUEUED: u16 = 0;
 
-/// The part of a cached key that a hit and an update read and write, as the hash table holds
-/// it: 40 bytes for `u64` keys and values. What only the flusher's acknowledgement and
-/// `wait_durable` read ([`Cold`]) and what only expiry, eviction and a weigher need
-/// ([`Side`]) sit at the entry's `slot` of two vectors beside the table.
+/// A cached key as the hash table holds it: what a hit, an update and the flusher read and
+/// write, 48 bytes for `u64` keys and values. What only expiry, eviction and a weigher need
+/// ([`Side`]) sits at the entry's `slot` of a vector beside the table.
 ///
 /// The value is `MaybeUninit` with a tombstone flag rather than an `Option`: an `Option<u64>`
-/// takes 16 bytes, and the entry would grow to 48 (docs/BENCHMARKS.md, "get hit: the
-/// entry's size": a half-full table holds twice the entry per key, and the bytes per key
-/// decide a get once the table outgrows the cache). `unsent` stays here although a 32-byte
-/// entry could do without it: every write reads it, and with it in the cold slot the first
-/// write of a key after the flusher took it wrote a line the flusher writes too, which cost
-/// the put workload a quarter to a third of its rate (docs/BENCHMARKS.md, "Sixth session").
+/// takes 16 bytes, and the entry would be 56, as it was until the sixth session (a half-full
+/// table holds twice the entry per key). Smaller entries were built and measured
+/// (docs/BENCHMARKS.md, "Sixth session: the entry's size"): with `persisted` in a slot beside
+/// the table (40 bytes) the flusher's acknowledgement missed on that slot for every record and
+/// its CPU per record rose by about a third; with `unsent` there too (32 bytes) the first write
+/// of a key after the flusher took it wrote a line the flusher writes too, which cost puts a
+/// quarter to a third of their rate. Gets ran level with all of them.
 /// The value is initialised exactly when [`TOMB`] is clear; only [`Hot::new`],
 /// [`Hot::value`], [`Hot::replace_value`] and `Drop` touch it.
 #[repr(C)]
@@ -49,14 +49,10 @@ pub(crate) struct Hot<K, V> {
     /// The S3-FIFO frequency and queue, the refresh flag and the tombstone flag (see
     /// [`FREQ`] and the flags after it).
     bits: u8,
-    /// The entry's slot in the table's `cold` and `side` vectors.
+    /// The entry's slot in the table's `side` vector.
     slot: u32,
-}
-
-/// What only the flusher's acknowledgement and `wait_durable` read of an entry.
-#[derive(Clone, Copy, Debug)]
-struct Cold {
-    /// Highest version the store is known to hold (0: none).
+    /// Highest version the store is known to hold (0: none). `wait_durable` reads it, the
+    /// flusher's acknowledgement writes it.
     persisted: u64,
 }
 
@@ -85,7 +81,7 @@ const REFRESHING: u8 = 0b0000_1000;
 const TOMB: u8 = 0b0001_0000;
 
 impl<K, V> Hot<K, V> {
-    fn new(key: K, value: Option<V>, version: u64, slot: u32) -> Self {
+    fn new(key: K, value: Option<V>, version: u64, slot: u32, persisted: u64) -> Self {
         let (value, bits) = match value {
             Some(v) => (MaybeUninit::new(v), 0),
             None => (MaybeUninit::uninit(), TOMB),
@@ -99,6 +95,7 @@ impl<K, V> Hot<K, V> {
             in_flight: false,
             bits,
             slot,
+            persisted,
         }
     }
 
@@ -296,17 +293,15 @@ struct Queues<K> {
 
 /// The single-threaded part of a shard.
 ///
-/// The hash table `map` holds each entry's [`Hot`] part inline; its [`Cold`] and [`Side`]
-/// parts sit at the entry's slot of the `cold` and `side` vectors, whose free slots are kept
-/// in `free`. Inline, a lookup follows two dependent loads (the control bytes, then the
+/// The hash table `map` holds the entries ([`Hot`]) inline; their [`Side`] state sits at each
+/// entry's slot of the `side` vector, whose free slots are kept in `free`. Inline, a lookup follows two dependent loads (the control bytes, then the
 /// entry); a dense vector behind an index of slot numbers, tried in the sixth session, made
 /// it three and ran a get at about half the rate (docs/BENCHMARKS.md, "Sixth session").
 ///
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
 /// (the table header, `hits`, `next_version`, `conflated`); the rest of the put path (the
-/// dirty count, the open epoch, the flags, the loads-in-flight header, the cold vector's
-/// header) fills the second, which a put only reads unless its entry turns dirty. A hit on
+/// dirty count, the open epoch, the flags, the loads-in-flight header) fills the second, which a put only reads unless its entry turns dirty. A hit on
 /// a cache without time-based rules so touches one line of the shard besides the entry's
 /// (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss per
 /// get once the entries no longer fit in the cache). The put count is not stored: every
@@ -335,8 +330,6 @@ pub(crate) struct Table<K, V> {
     write_side: bool,
     /// Loads in flight (single-flight read-through).
     loading: HashTable<Loading<K, V>>,
-    /// The entries' write-behind versions (see [`Cold`]), by slot.
-    cold: Vec<Cold>,
     // -- cold
     /// The entries' side state (see [`Side`]), by slot.
     side: Vec<Side>,
@@ -403,7 +396,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             pressured: false,
             write_side: limits.timed() || limits.weighted,
             loading: HashTable::new(),
-            cold: Vec::new(),
             side: Vec::new(),
             free: Vec::new(),
             rare: ShardCounters::default(),
@@ -540,8 +532,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// `true` once the store holds `version` of the key or a newer one (or the key left the
     /// table, which only a persisted delete or a given-up write does).
     pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> bool {
-        self.find(hash, key)
-            .is_none_or(|e| self.cold[e.slot as usize].persisted >= version)
+        self.find(hash, key).is_none_or(|e| e.persisted >= version)
     }
 
     /// Closes the open epoch: a write from now on pushes its key again, even if the key was
@@ -609,11 +600,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
-    /// A slot of the `cold` and `side` vectors for a new entry (a free one, else a new one).
-    fn take_slot(&mut self, persisted: u64, now: u64, weight: u32) -> u32 {
+    /// A slot of the `side` vector for a new entry (a free one, else a new one).
+    fn take_slot(&mut self, now: u64, weight: u32) -> u32 {
         let stamp = self.queues.next_stamp;
         self.queues.next_stamp = stamp.wrapping_add(1);
-        let cold = Cold { persisted };
         let side = Side {
             born: now,
             accessed: now,
@@ -621,13 +611,11 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             stamp,
         };
         if let Some(i) = self.free.pop() {
-            self.cold[i as usize] = cold;
             self.side[i as usize] = side;
             return i;
         }
         let i = u32::try_from(self.side.len())
             .expect("a shard holds fewer than 2^32 entries (that would be > 100 GiB)");
-        self.cold.push(cold);
         self.side.push(side);
         i
     }
@@ -645,9 +633,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> &mut Hot<K, V> {
-        let slot = self.take_slot(persisted, now, weight);
+        let slot = self.take_slot(now, weight);
         let stamp = self.side[slot as usize].stamp;
-        let mut e = Hot::new(key, value, version, slot);
+        let mut e = Hot::new(key, value, version, slot, persisted);
         if e.is_tombstone() {
             self.tombstones += 1;
         }
@@ -762,8 +750,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             // Dropped after the table is updated (still under the lock, as before).
             let _old = e.replace_value(Some(value.clone()));
             e.version = version;
-            let cold = &mut self.cold[e.slot as usize];
-            cold.persisted = cold.persisted.max(version);
+            e.persisted = e.persisted.max(version);
             let side = &mut self.side[e.slot as usize];
             side.born = now;
             side.accessed = now;
@@ -951,21 +938,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     }
 
     /// Reads the entry of `key` and does nothing with it: the flusher calls it for a chunk
-    /// of keys before taking their snapshots, so the chunk's cache misses overlap (each
-    /// lookup here is independent of the others).
+    /// of keys before taking their snapshots or marking them persisted, so the chunk's cache
+    /// misses overlap (each lookup here is independent of the others).
     #[inline]
     pub(crate) fn touch(&self, hash: u64, key: &K) {
         if let Some(e) = self.find(hash, key) {
-            std::hint::black_box((e.unsent, e.in_flight));
-        }
-    }
-
-    /// [`Table::touch`] before marking a chunk persisted: reads the entry's cold slot too,
-    /// which [`Table::persisted`] writes.
-    #[inline]
-    pub(crate) fn touch_cold(&self, hash: u64, key: &K) {
-        if let Some(e) = self.find(hash, key) {
-            std::hint::black_box(self.cold[e.slot as usize].persisted);
+            std::hint::black_box((e.unsent, e.in_flight, e.persisted));
         }
     }
 
@@ -1005,8 +983,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             return false;
         }
         e.in_flight = false;
-        let cold = &mut self.cold[e.slot as usize];
-        cold.persisted = cold.persisted.max(version);
+        e.persisted = e.persisted.max(version);
         if e.unsent != NONE {
             // Written to again during the batch: still dirty, and that write pushed the key.
             return false;
@@ -1180,10 +1157,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     }
 }
 
-/// Bytes of padding in a [`Shard`] (see `Shard::_stride`). The fields alone come to an odd
-/// multiple of 128 bytes with the table's split entries, so none is needed now; a change
-/// that makes the count even must set it to 128.
-const STRIDE_PAD: usize = 0;
+/// Bytes of padding in a [`Shard`] (see `Shard::_stride`): the fields alone come to an even
+/// multiple of 128 bytes (1,024), so 128 makes it odd. A change to the fields may need 0.
+const STRIDE_PAD: usize = 128;
 
 /// One shard: the locked table plus the lock-free parts writers and the flusher share.
 pub(crate) struct Shard<K, V> {
@@ -1660,9 +1636,8 @@ mod tests {
 
     /// The table holds only what a hit and an update touch.
     #[test]
-    fn entry_parts_keep_what_a_get_and_a_put_touch_in_40_bytes() {
-        assert_eq!(std::mem::size_of::<Hot<u64, u64>>(), 40);
-        assert_eq!(std::mem::size_of::<Cold>(), 8);
+    fn entry_parts_keep_what_a_get_and_a_put_touch_in_48_bytes() {
+        assert_eq!(std::mem::size_of::<Hot<u64, u64>>(), 48);
         assert_eq!(std::mem::size_of::<Side>(), 24);
     }
 
@@ -1673,7 +1648,7 @@ mod tests {
         let mut t = table();
         for round in 0..10u64 {
             for k in 0..100u64 {
-                t.fill_clean(h(k), k, k + round, 1 + round, 0, 1);
+                t.fill_clean(h(k), k, k + round, 1 + round, 0, k as u32 + 1);
             }
             // Remove every third key, then check the rest, which removal renumbered.
             for k in (0..100u64).step_by(3) {
@@ -1685,7 +1660,7 @@ mod tests {
                 assert_eq!(look(&mut t, k), want, "key {k} in round {round}");
                 if k % 3 != 0 {
                     let slot = t.find(h(k), &k).expect("present").slot as usize;
-                    assert_eq!(t.cold[slot].persisted, 1 + round, "key {k}'s own slot");
+                    assert_eq!(t.side[slot].weight, k as u32 + 1, "key {k}'s own slot");
                 }
             }
             for k in 0..100u64 {
@@ -1694,8 +1669,8 @@ mod tests {
             assert_eq!((t.len(), t.map.len()), (0, 0));
         }
         assert_eq!(
-            (t.side.len(), t.cold.len(), t.free.len()),
-            (100, 100, 100),
+            (t.side.len(), t.free.len()),
+            (100, 100),
             "ten rounds of 100 keys reuse 100 slots"
         );
     }
@@ -1806,7 +1781,6 @@ mod tests {
             at(&t.pressured as *const bool as usize) + 1,
             at(&t.write_side as *const bool as usize) + 1,
             at(&t.loading as *const _ as usize) + std::mem::size_of::<HashTable<u64>>(),
-            at(&t.cold as *const _ as usize) + std::mem::size_of::<Vec<Cold>>(),
         ];
         assert!(
             at(&t.dirty as *const u32 as usize) >= 64 && second.iter().all(|&e| e <= 128),
