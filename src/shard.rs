@@ -13,9 +13,9 @@ use crate::store::Write;
 use crate::sync::atomic::AtomicBool;
 use crate::sync::{Arc, CachePadded, Mutex};
 
-/// `Hot::unsent` when every write of the entry has been handed to the store.
+/// `Entry::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
-/// `Hot::queued_epoch` when the key is not on the ring for any epoch.
+/// `Entry::queued_epoch` when the key is not on the ring for any epoch.
 pub(crate) const NOT_QUEUED: u16 = 0;
 
 /// A cached key as the hash table holds it: what a hit, an update and the flusher read and
@@ -30,10 +30,10 @@ pub(crate) const NOT_QUEUED: u16 = 0;
 /// its CPU per record rose by about a third; with `unsent` there too (32 bytes) the first write
 /// of a key after the flusher took it wrote a line the flusher writes too, which cost puts a
 /// quarter to a third of their rate. Gets ran level with all of them.
-/// The value is initialised exactly when [`TOMB`] is clear; only [`Hot::new`],
-/// [`Hot::value`], [`Hot::replace_value`] and `Drop` touch it.
+/// The value is initialised exactly when [`TOMB`] is clear; only [`Entry::new`],
+/// [`Entry::value`], [`Entry::replace_value`] and `Drop` touch it.
 #[repr(C)]
-pub(crate) struct Hot<K, V> {
+pub(crate) struct Entry<K, V> {
     key: K,
     value: MaybeUninit<V>,
     /// Version of the value (0 for a value loaded from the store or preloaded).
@@ -70,23 +70,23 @@ struct Side {
     stamp: u32,
 }
 
-/// `Hot::bits`: the S3-FIFO access frequency (0..=3, kept only when the cache is bounded).
+/// `Entry::bits`: the S3-FIFO access frequency (0..=3, kept only when the cache is bounded).
 const FREQ: u8 = 0b0000_0011;
-/// `Hot::bits`: in the main queue (else the small one).
+/// `Entry::bits`: in the main queue (else the small one).
 const IN_MAIN: u8 = 0b0000_0100;
-/// `Hot::bits`: an asynchronous refresh of this entry is scheduled or running.
+/// `Entry::bits`: an asynchronous refresh of this entry is scheduled or running.
 const REFRESHING: u8 = 0b0000_1000;
-/// `Hot::bits`: the entry holds no value (a pending or local delete, or a cached absence);
-/// `Hot::value` is uninitialised.
+/// `Entry::bits`: the entry holds no value (a pending or local delete, or a cached absence);
+/// `Entry::value` is uninitialised.
 const TOMB: u8 = 0b0001_0000;
 
-impl<K, V> Hot<K, V> {
+impl<K, V> Entry<K, V> {
     fn new(key: K, value: Option<V>, version: u64, slot: u32, persisted: u64) -> Self {
         let (value, bits) = match value {
             Some(v) => (MaybeUninit::new(v), 0),
             None => (MaybeUninit::uninit(), TOMB),
         };
-        Hot {
+        Entry {
             key,
             value,
             version,
@@ -176,7 +176,7 @@ impl<K, V> Hot<K, V> {
     }
 }
 
-impl<K: Clone, V: Clone> Hot<K, V> {
+impl<K: Clone, V: Clone> Entry<K, V> {
     /// The write that would persist the entry as it is now.
     fn as_write(&self) -> Write<K, V> {
         match self.value() {
@@ -193,7 +193,7 @@ impl<K: Clone, V: Clone> Hot<K, V> {
     }
 }
 
-impl<K, V> Drop for Hot<K, V> {
+impl<K, V> Drop for Entry<K, V> {
     fn drop(&mut self) {
         if self.bits & TOMB == 0 {
             // SAFETY: TOMB is clear, so the value is initialised, and it is dropped once:
@@ -293,7 +293,7 @@ struct Queues<K> {
 
 /// The single-threaded part of a shard.
 ///
-/// The hash table `map` holds the entries ([`Hot`]) inline; their [`Side`] state sits at each
+/// The hash table `map` holds the entries ([`Entry`]) inline; their [`Side`] state sits at each
 /// entry's slot of the `side` vector, whose free slots are kept in `free`. Inline, a lookup follows two dependent loads (the control bytes, then the
 /// entry); a dense vector behind an index of slot numbers, tried in the sixth session, made
 /// it three and ran a get at about half the rate (docs/BENCHMARKS.md, "Sixth session").
@@ -309,7 +309,7 @@ struct Queues<K> {
 /// write-through versions ([`Table::counters`]). The cold state follows.
 #[repr(C)]
 pub(crate) struct Table<K, V> {
-    map: HashTable<Hot<K, V>>,
+    map: HashTable<Entry<K, V>>,
     hits: u64,
     /// Next version to hand out; starts at the wall clock (see `Cache` docs) and only grows.
     pub(crate) next_version: u64,
@@ -427,11 +427,11 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// The entry of `key`, if the table holds it.
     #[inline(always)]
-    fn find(&self, hash: u64, key: &K) -> Option<&Hot<K, V>> {
+    fn find(&self, hash: u64, key: &K) -> Option<&Entry<K, V>> {
         self.map.find(hash, |e| e.key == *key)
     }
 
-    fn expired(limits: &Limits, e: &Hot<K, V>, side: &Side, now: u64) -> bool {
+    fn expired(limits: &Limits, e: &Entry<K, V>, side: &Side, now: u64) -> bool {
         if e.is_dirty() {
             return false; // written first, then it may go
         }
@@ -526,7 +526,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// dirty limit, or the key is dirty already (the write only replaces its value).
     #[inline]
     pub(crate) fn admits(&mut self, high: usize, low: usize, hash: u64, key: &K) -> bool {
-        !self.over_limit(high, low) || self.find(hash, key).is_some_and(Hot::is_dirty)
+        !self.over_limit(high, low) || self.find(hash, key).is_some_and(Entry::is_dirty)
     }
 
     /// `true` once the store holds `version` of the key or a newer one (or the key left the
@@ -632,10 +632,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         persisted: u64,
         now: u64,
         weight: u32,
-    ) -> &mut Hot<K, V> {
+    ) -> &mut Entry<K, V> {
         let slot = self.take_slot(now, weight);
         let stamp = self.side[slot as usize].stamp;
-        let mut e = Hot::new(key, value, version, slot, persisted);
+        let mut e = Entry::new(key, value, version, slot, persisted);
         if e.is_tombstone() {
             self.tombstones += 1;
         }
@@ -1051,7 +1051,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// Every dirty entry as the write that would persist it (what `close` hands back).
     pub(crate) fn unwritten(&self, out: &mut Vec<Write<K, V>>) {
-        out.extend(self.map.iter().filter(|e| e.is_dirty()).map(Hot::as_write));
+        out.extend(
+            self.map
+                .iter()
+                .filter(|e| e.is_dirty())
+                .map(Entry::as_write),
+        );
     }
 
     /// Every live entry (for `Cache::entries`); never loads.
@@ -1637,7 +1642,7 @@ mod tests {
     /// The table holds only what a hit and an update touch.
     #[test]
     fn entry_parts_keep_what_a_get_and_a_put_touch_in_48_bytes() {
-        assert_eq!(std::mem::size_of::<Hot<u64, u64>>(), 48);
+        assert_eq!(std::mem::size_of::<Entry<u64, u64>>(), 48);
         assert_eq!(std::mem::size_of::<Side>(), 24);
     }
 
@@ -1650,7 +1655,7 @@ mod tests {
             for k in 0..100u64 {
                 t.fill_clean(h(k), k, k + round, 1 + round, 0, k as u32 + 1);
             }
-            // Remove every third key, then check the rest, which removal renumbered.
+            // Remove every third key, then check that the rest kept their values and slots.
             for k in (0..100u64).step_by(3) {
                 t.remove_clean(h(k), &k, 1_000);
             }
