@@ -467,11 +467,11 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 end += 1;
             }
             let mut table = inner.shards[s].table.lock();
-            // First touch every entry of the chunk, then take the snapshots: the lookups of
-            // the first pass do not depend on each other, so their cache misses (the entries
-            // were just written on the writers' cores) overlap instead of coming one by one.
-            for (w, &hash) in work[i..end].iter().zip(&hashes) {
-                table.touch(hash, &w.key);
+            // First prefetch every entry of the chunk, then take the snapshots: the entries
+            // were just written on the writers' cores, and the prefetches let their cache
+            // misses overlap instead of coming one by one.
+            for &hash in &hashes[..end - i] {
+                table.prefetch(hash);
             }
             for (w, &hash) in work[i..end].iter().zip(&hashes) {
                 if let Some(snap) = table.take(hash, &w.key, w.retry.is_some()) {
@@ -625,9 +625,9 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                     end += 1;
                 }
                 let mut table = inner.shards[s].table.lock();
-                // Touch first, as for the snapshots (`write_out`).
+                // Prefetch first, as for the snapshots (`write_out`).
                 for k in i..end {
-                    table.touch(meta[k].hash, batch[k].key());
+                    table.prefetch(meta[k].hash);
                 }
                 for k in i..end {
                     table.persisted(meta[k].hash, batch[k].key(), batch[k].version(), coarse);

@@ -70,6 +70,26 @@ struct Side {
     stamp: u32,
 }
 
+/// Hints the CPU to fetch the cache line holding `p` in a state that allows a write
+/// (`prefetchw` on x86-64, `prfm pstl1keep` on aarch64; nothing elsewhere or under Miri).
+#[inline(always)]
+fn prefetch_for_write(p: *const u8) {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    // SAFETY: a prefetch is a hint: it reads no value into a register, writes no memory,
+    // cannot fault (an unmapped or invalid address is ignored) and leaves the flags alone, so
+    // any address is sound, and the options say exactly that.
+    unsafe {
+        std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, readonly, preserves_flags));
+    }
+    #[cfg(all(target_arch = "aarch64", not(miri)))]
+    // SAFETY: as above: `prfm` is a hint that neither faults nor changes memory or flags.
+    unsafe {
+        std::arch::asm!("prfm pstl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags));
+    }
+    #[cfg(any(miri, not(any(target_arch = "x86_64", target_arch = "aarch64"))))]
+    let _ = p;
+}
+
 /// `Entry::bits`: the S3-FIFO access frequency (0..=3, kept only when the cache is bounded).
 const FREQ: u8 = 0b0000_0011;
 /// `Entry::bits`: in the main queue (else the small one).
@@ -937,13 +957,19 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         (version, None)
     }
 
-    /// Reads the entry of `key` and does nothing with it: the flusher calls it for a chunk
-    /// of keys before taking their snapshots or marking them persisted, so the chunk's cache
-    /// misses overlap (each lookup here is independent of the others).
+    /// Asks the CPU to bring the entry of `key` into this core's cache, for writing, without
+    /// waiting for it: the flusher calls it for a chunk of keys before taking their snapshots
+    /// or marking them persisted. The entries were just written on the writers' cores, so each
+    /// is a miss; issued together, the misses overlap. Only the control bytes are read here
+    /// (the entry is not compared, since that would wait for its line); a wrong candidate
+    /// costs a wasted prefetch, nothing else.
     #[inline]
-    pub(crate) fn touch(&self, hash: u64, key: &K) {
-        if let Some(e) = self.find(hash, key) {
-            std::hint::black_box((e.unsent, e.in_flight, e.persisted));
+    pub(crate) fn prefetch(&self, hash: u64) {
+        if let Some(e) = self.map.iter_hash(hash).next() {
+            let start = e as *const Entry<K, V> as *const u8;
+            prefetch_for_write(start);
+            // An entry may straddle two lines (48 bytes at a 16-byte alignment).
+            prefetch_for_write(start.wrapping_add(std::mem::size_of::<Entry<K, V>>() - 1));
         }
     }
 
