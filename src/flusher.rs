@@ -626,8 +626,8 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 }
                 let mut table = inner.shards[s].table.lock();
                 // Prefetch first, as for the snapshots (`write_out`).
-                for k in i..end {
-                    table.prefetch(meta[k].hash);
+                for m in &meta[i..end] {
+                    table.prefetch(m.hash);
                 }
                 for k in i..end {
                     table.persisted(meta[k].hash, batch[k].key(), batch[k].version(), coarse);
