@@ -1,6 +1,6 @@
 //! Get-hit latency of writebehind against the same lookup built by hand, against dashmap
 //! with 16-, 32-, 40-, 56- and 88-byte entries and against quick_cache, in one process,
-//! interleaved over nine rounds (docs/BENCHMARKS.md, "get hit: what the lookup costs"). A
+//! interleaved over nine rounds (docs/BENCHMARKS-HISTORY.md, "get hit: the entry's size"). A
 //! diagnostic for the memory layout of the shard and the entry, not one of the issue's
 //! benchmarks: those are `benches/ratio.rs` and `benches/peers.rs`.
 //!

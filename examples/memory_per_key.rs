@@ -1,7 +1,8 @@
 //! Memory a cache holds per key: the resident set's growth while `preload` fills a
 //! `Cache<u64, u64>` with clean entries (nothing goes to the store, so the store holds
-//! nothing), divided by the keys. A diagnostic for the entry's layout (docs/BENCHMARKS.md,
-//! "Sixth session"), not one of the issue's benchmarks.
+//! nothing), divided by the keys. A diagnostic for the entry's layout
+//! (docs/BENCHMARKS-HISTORY.md, "Sixth session: the entry's size, built three ways in the
+//! engine"), not one of the issue's benchmarks.
 //!
 //! `cargo run --release --example memory_per_key [keys]` (default 4,194,304). Linux only
 //! (reads `/proc/self/status`).

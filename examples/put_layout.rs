@@ -3,9 +3,9 @@
 //! hashbrown tables of 56-byte entries), the *store floor* and the hand-rolled write-behind of
 //! the benches (`benches/common`: dashmap, a channel, one writer thread), and the same update
 //! on a dense table of 32-byte entries behind a `u32` index, in one process, interleaved
-//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "put: what the update
-//! costs"), not one of the issue's benchmarks: those are `benches/ratio.rs` and
-//! `benches/peers.rs`.
+//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS-HISTORY.md, "put: what the
+//! update costs, and the store floor"), not one of the issue's benchmarks: those are
+//! `benches/ratio.rs` and `benches/peers.rs`.
 //!
 //! The store floor is the least work any write-behind must do for these puts: a dashmap
 //! insert per put, and for the share of puts that writebehind's flusher sent to the store
@@ -82,8 +82,8 @@ impl HandBuilt {
 
 /// The same update on the design's least entry (32 bytes: key, value, version, a word for the
 /// epoch tag and flags) kept in a dense vector behind a `u32` index, the layout that
-/// `lookup_layout` finds fastest for a get (docs/BENCHMARKS.md, "get hit: the entry's size"):
-/// what that layout would cost an update.
+/// `lookup_layout` finds fastest for a get (docs/BENCHMARKS-HISTORY.md, "get hit: the entry's
+/// size"): what that layout would cost an update.
 struct HandDense {
     shards: Shards<DenseTable>,
 }

@@ -329,9 +329,10 @@ impl<K, V> Builder<K, V> {
     /// [`Builder::max_batch`], so each batch covers a run of neighbouring keys instead of
     /// keys from all over the key space. A B-tree store (SQLite, PostgreSQL) then writes
     /// each batch into a few neighbouring pages rather than one page per row:
-    /// docs/BENCHMARKS.md measures SQLite taking a large backlog several times faster this
-    /// way. Pick the order the store keeps its rows in (for integer or string keys,
-    /// usually `Ord::cmp`); any order that keeps neighbours together helps.
+    /// docs/BENCHMARKS.md ("Store-side targets") measures SQLite taking a large backlog
+    /// several times faster this way. Pick the order the store keeps its rows in (for
+    /// integer or string keys, usually `Ord::cmp`); any order that keeps neighbours together
+    /// helps.
     ///
     /// Per-key order is unchanged (each key's writes still reach the store oldest first),
     /// and a step that fits in one batch is not sorted (the adapters sort each batch

@@ -25,11 +25,12 @@ pub(crate) const NOT_QUEUED: u16 = 0;
 /// The value is `MaybeUninit` with a tombstone flag rather than an `Option`: an `Option<u64>`
 /// takes 16 bytes, and the entry would be 56, as it was until the sixth session (a half-full
 /// table holds twice the entry per key). Smaller entries were built and measured
-/// (docs/BENCHMARKS.md, "Sixth session: the entry's size"): with `persisted` in a slot beside
-/// the table (40 bytes) the flusher's acknowledgement missed on that slot for every record and
-/// its CPU per record rose by about a third; with `unsent` there too (32 bytes) the first write
-/// of a key after the flusher took it wrote a line the flusher writes too, which cost puts a
-/// quarter to a third of their rate. Gets ran level with all of them.
+/// (docs/BENCHMARKS-HISTORY.md, "Sixth session: the entry's size, built three ways in the
+/// engine"): with `persisted` in a slot beside the table (40 bytes) the flusher's
+/// acknowledgement missed on that slot for every record and its CPU per record rose by about
+/// a third; with `unsent` there too (32 bytes) the first write of a key after the flusher
+/// took it wrote a line the flusher writes too, which cost puts a quarter to a third of their
+/// rate. Gets ran level with all of them.
 /// The value is initialised exactly when [`TOMB`] is clear; only [`Entry::new`],
 /// [`Entry::value`], [`Entry::replace_value`] and `Drop` touch it.
 #[repr(C)]
@@ -316,15 +317,18 @@ struct Queues<K> {
 /// The hash table `map` holds the entries ([`Entry`]) inline; their [`Side`] state sits at each
 /// entry's slot of the `side` vector, whose free slots are kept in `free`. Inline, a lookup follows two dependent loads (the control bytes, then the
 /// entry); a dense vector behind an index of slot numbers, tried in the sixth session, made
-/// it three and ran a get at about half the rate (docs/BENCHMARKS.md, "Sixth session").
+/// it three and ran a get at about half the rate (docs/BENCHMARKS-HISTORY.md, "Sixth session:
+/// the entry's size, built three ways in the engine").
 ///
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
 /// (the table header, `hits`, `next_version`, `conflated`); the rest of the put path (the
 /// dirty count, the open epoch, the flags, the loads-in-flight header) fills the second, which a put only reads unless its entry turns dirty. A hit on
 /// a cache without time-based rules so touches one line of the shard besides the entry's
-/// (docs/BENCHMARKS.md: each extra line of shard state a get touched cost a cache miss per
-/// get once the entries no longer fit in the cache). The put count is not stored: every
+/// (docs/BENCHMARKS-HISTORY.md, "get hit: one cache line, and then the size of an entry" and
+/// item 2 of "What this session changed, and what each change measured": each extra line of
+/// shard state a get touched cost a cache miss per get once the entries no longer fit in the
+/// cache). The put count is not stored: every
 /// write takes one version, so it is the versions handed out less the removes and the
 /// write-through versions ([`Table::counters`]). The cold state follows.
 #[repr(C)]
@@ -1206,7 +1210,8 @@ pub(crate) struct Shard<K, V> {
     /// Makes the shard's size an odd multiple of 128 bytes. The shards sit in one array, and
     /// at a power-of-two stride (1024 bytes once) every shard's lock line fell into the same
     /// few sets of the L1 cache: 64 shards evicted each other's hot line and a get took three
-    /// times as long on a table that fits in L2 (docs/BENCHMARKS.md). The unit test
+    /// times as long on a table that fits in L2 (docs/BENCHMARKS-HISTORY.md, item 1 of "What
+    /// this session changed, and what each change measured"). The unit test
     /// `shard_stride_is_an_odd_multiple_of_128` keeps it so: [`STRIDE_PAD`] is what the
     /// fields need to get there.
     _stride: [u8; STRIDE_PAD],

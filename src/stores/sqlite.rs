@@ -184,7 +184,8 @@ impl<K, V> SqliteStoreBuilder<K, V> {
         // keys dirtied at random modifies hundreds of pages, and between two checkpoints the
         // same pages are modified again and again; copying them back ten times less often
         // took flushes of 100,000 random keys from 42-48k to 70-77k rows/s on this machine
-        // (docs/BENCHMARKS.md, "Store-side targets").
+        // (docs/BENCHMARKS-HISTORY.md, "Store-side targets (SQLite and PostgreSQL), 2026-11-26
+        // to the third session of 2026-11-27").
         writer
             .pragma_update(None, "wal_autocheckpoint", 10_000)
             .map_err(|e| at("set wal_autocheckpoint", e))?;
@@ -524,7 +525,9 @@ where
             .collect();
         // Apply in key order: a batch arrives in hash order, and walking the B-tree in order
         // touches each page once instead of jumping around the file (measured in
-        // docs/BENCHMARKS.md: several times faster on a table larger than SQLite's page cache).
+        // docs/BENCHMARKS-HISTORY.md, "Store-side targets (SQLite and PostgreSQL), 2026-11-26
+        // to the third session of 2026-11-27": several times faster on a table larger than
+        // SQLite's page cache).
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by(|&a, &b| {
             let key = |i: usize| rows[i].as_ref().map(|r| &r.key[..]);
