@@ -19,7 +19,30 @@
 //! Now and then a thread calls `flush()` and then reads every key's row from the store: by the
 //! barrier, each row must be a value current at some point since the flush began, which is
 //! the same check with the read spanning `[flush start, store read end]`.
-//! The store's log is checked too: per key, the versions it received never go down.
+//! The store's log is checked too: per key, the versions it received never go down. After a
+//! final flush, each key's row and cached value are checked as one more read that begins
+//! after every call returned.
+//!
+//! Writes that fail. With write-through (`WriteMode::Through`, or
+//! `Backpressure::WriteThrough` once a shard is at its `max_dirty` share) a writer calls the
+//! store itself, and when the store fails, `put` / `remove` return `Error::Store` and the
+//! cache keeps its previous value. A write that returned an error is recorded as
+//! `Kind::FailedWrite` and the checker treats it as a write that never took effect: it
+//! explains no read, it overwrites nothing, and a get or store read that returns its value
+//! is rejected. That rule is exact here because of how the store fails:
+//! `FaultyStore::fail_with_probability` fails a whole `write_all` call with
+//! `BatchError::Unavailable` before it applies any record (its log says
+//! `Outcome::Unavailable`, "nothing was applied"), and the write-through path returns the
+//! error without caching or queueing the write. The store contract is weaker
+//! (`BatchError::Unavailable` allows "nothing, or an unknown part" to have been applied); a
+//! store that may apply part of a failed batch would need the looser rule "takes effect at
+//! some point after it began, or never", which this checker does not implement. A failed
+//! remove is invisible to reads (`None` names no write), so it only drops out of the
+//! candidates that may explain a `None`.
+//! Only the failure the configuration allows is tolerated: `Error::Store` carrying the
+//! injected `StoreError::Unavailable`, and only in runs that ask for it
+//! (`run_with_failing_writes`). Any other error (`Closed`, `Backpressure`, another store
+//! error) fails the test.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,15 +50,20 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use writebehind::testing::FaultyStore;
-use writebehind::{Backpressure, Builder, Cache};
+use writebehind::{Backpressure, Builder, Cache, Error, StoreError, WriteMode};
 
 const KEYS: u64 = 4;
 const THREADS: u64 = 4;
+/// The error text of a `write_all` call that `FaultyStore::fail_with_probability` failed.
+const INJECTED_FAILURE: &str = "faulty store: injected unavailability";
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     /// A put of the unique value, or (`None`) a remove.
     Write(Option<u64>),
+    /// A put (or, `None`, a remove) that returned the store's error: it took no effect, so
+    /// no read may return its value.
+    FailedWrite(Option<u64>),
     /// A get and what it returned.
     Read(Option<u64>),
     /// The store's row, read right after a `flush()` that began at `start`: the flush barrier
@@ -51,10 +79,25 @@ struct Event {
     end: u64,
 }
 
+/// What a put or remove returned, as an event kind. With `may_fail`, the store's injected
+/// failure of a write-through is a failed write; any other error panics.
+fn write_kind(result: Result<u64, Error>, value: Option<u64>, may_fail: bool) -> Kind {
+    match result {
+        Ok(_) => Kind::Write(value),
+        Err(Error::Store(StoreError::Unavailable(source)))
+            if may_fail && source.to_string() == INJECTED_FAILURE =>
+        {
+            Kind::FailedWrite(value)
+        }
+        Err(e) => panic!("the write of {value:?} failed with {e:?}, which this run does not allow"),
+    }
+}
+
 fn run_threads(
     cache: &Arc<Cache<u64, u64>>,
     store: &Arc<FaultyStore<u64, u64>>,
     ops_per_thread: u64,
+    writes_may_fail: bool,
 ) -> Vec<Event> {
     let clock = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(THREADS as usize));
@@ -104,14 +147,8 @@ fn run_threads(
                     }
                     let start = clock.fetch_add(1, Ordering::SeqCst);
                     let kind = match (r >> 8) % 10 {
-                        0..=3 => {
-                            cache.put(key, value).unwrap();
-                            Kind::Write(Some(value))
-                        }
-                        4 => {
-                            cache.remove(&key).unwrap();
-                            Kind::Write(None)
-                        }
+                        0..=3 => write_kind(cache.put(key, value), Some(value), writes_may_fail),
+                        4 => write_kind(cache.remove(&key), None, writes_may_fail),
                         // A third of the reads through `get_all` (its own single-flight path).
                         _ if r % 3 == 0 => Kind::Read(
                             cache.get_all(&[key]).expect("the store never fails loads")[0],
@@ -147,10 +184,21 @@ fn check_key(key: u64, events: &[Event]) {
         .collect();
     for read in events.iter() {
         let (seen, what) = match read.kind {
-            Kind::Write(_) => continue,
+            Kind::Write(_) | Kind::FailedWrite(_) => continue,
             Kind::Read(v) => (v, "get"),
             Kind::StoreRead(v) => (v, "the store after flush()"),
         };
+        // A failed write applied nothing: its value (unique, so a `Some`) is never current.
+        if let Some(failed) = events
+            .iter()
+            .find(|e| seen.is_some() && matches!(e.kind, Kind::FailedWrite(v) if v == seen))
+        {
+            panic!(
+                "key {key}: {what} during [{}, {}] returned {seen:?}, the value of a failed \
+                 write during [{}, {}], which must not take effect",
+                read.start, read.end, failed.start, failed.end
+            );
+        }
         // The candidates that could explain the read: the writes of that value (one, since
         // values are unique; any remove for `None`), plus the initial absence for `None`.
         let mut candidates: Vec<(u64, u64)> = writes
@@ -189,12 +237,31 @@ fn check_key(key: u64, events: &[Event]) {
 
 type Tweak = fn(Builder<u64, u64>) -> Builder<u64, u64>;
 
-fn run(flaky: bool, ops_per_thread: u64) {
-    run_with(flaky, ops_per_thread, |b| b);
+/// What a run did, by event kind.
+#[derive(Debug, Default)]
+struct Counts {
+    writes: usize,
+    failed_writes: usize,
+    reads: usize,
+    store_reads: usize,
 }
 
-/// `run` with more builder settings on top of the common ones.
-fn run_with(flaky: bool, ops_per_thread: u64, tweak: Tweak) {
+fn run(flaky: bool, ops_per_thread: u64) -> Counts {
+    run_with(flaky, ops_per_thread, |b| b)
+}
+
+/// `run` with more builder settings on top of the common ones. Every write must succeed.
+fn run_with(flaky: bool, ops_per_thread: u64, tweak: Tweak) -> Counts {
+    run_checked(flaky, false, ops_per_thread, tweak)
+}
+
+/// `run_with` on the failing store, for a configuration that writes through: a write may
+/// fail with the store's injected error, and is then checked as a failed write.
+fn run_with_failing_writes(ops_per_thread: u64, tweak: Tweak) -> Counts {
+    run_checked(true, true, ops_per_thread, tweak)
+}
+
+fn run_checked(flaky: bool, writes_may_fail: bool, ops_per_thread: u64, tweak: Tweak) -> Counts {
     let store = Arc::new(FaultyStore::<u64, u64>::new());
     if flaky {
         store.fail_with_probability(0.2, 42);
@@ -207,45 +274,63 @@ fn run_with(flaky: bool, ops_per_thread: u64, tweak: Tweak) {
         .flushers(2)
         .dirty_ring_capacity(2);
     let cache = Arc::new(tweak(builder).build().unwrap());
-    let events = run_threads(&cache, &store, ops_per_thread);
+    let mut events = run_threads(&cache, &store, ops_per_thread, writes_may_fail);
+
+    store.heal();
+    cache.flush().unwrap();
+    // Every call has returned: each key's row and cached value must be a value current at
+    // the end, checked as reads that begin after every stamp.
+    let after = events.iter().map(|e| e.end).max().unwrap_or(0) + 1;
+    for key in 0..KEYS {
+        let row = store.memory().get(&key);
+        let cached = cache.get(&key).unwrap();
+        assert_eq!(
+            row, cached,
+            "key {key}: store and cache disagree after the final flush"
+        );
+        for kind in [Kind::StoreRead(row), Kind::Read(cached)] {
+            events.push(Event {
+                key,
+                kind,
+                start: after,
+                end: after + 1,
+            });
+        }
+    }
+
     let mut per_key: HashMap<u64, Vec<Event>> = HashMap::new();
     for e in events {
         per_key.entry(e.key).or_default().push(e);
     }
-    let (mut reads, mut store_reads) = (0, 0);
+    let mut counts = Counts::default();
     for (key, evs) in &per_key {
         for e in evs {
             match e.kind {
-                Kind::Read(_) => reads += 1,
-                Kind::StoreRead(_) => store_reads += 1,
-                Kind::Write(_) => {}
+                Kind::Write(_) => counts.writes += 1,
+                Kind::FailedWrite(_) => counts.failed_writes += 1,
+                Kind::Read(_) => counts.reads += 1,
+                Kind::StoreRead(_) => counts.store_reads += 1,
             }
         }
         check_key(*key, evs);
     }
-    assert!(reads > 0, "the workload made no reads");
+    // The final checks above add one read and one store read per key.
+    assert!(counts.reads > KEYS as usize, "the workload made no reads");
     assert!(
-        store_reads > 0 || cfg!(miri),
+        counts.store_reads > KEYS as usize || cfg!(miri),
         "the workload made no flushes"
     );
 
-    store.heal();
-    cache.flush().unwrap();
     for (key, versions) in store.received_versions() {
         assert!(
             versions.windows(2).all(|w| w[0] <= w[1]),
             "key {key}: the store received versions out of order: {versions:?}"
         );
     }
-    for key in 0..KEYS {
-        assert_eq!(
-            store.memory().get(&key),
-            cache.get(&key).unwrap(),
-            "key {key}: store and cache disagree after the final flush"
-        );
-    }
     let report = cache.close(Duration::from_secs(5));
     assert!(report.is_clean());
+    eprintln!("{counts:?}");
+    counts
 }
 
 #[test]
@@ -268,15 +353,60 @@ fn per_key_linearizable_bounded_read_through() {
 
 /// Batches of two sorted by a key order, and writes that meet a full shard written through
 /// on the caller's thread (the flusher's core lock keeps a key's versions in order between
-/// the two paths). The store is healthy: a write-through that fails returns the store's error
-/// to the writer, which this checker does not model.
+/// the two paths). The store is healthy, so every write must succeed; the same settings with
+/// a failing store, where write-throughs fail, are
+/// `per_key_linearizable_write_through_backpressure_flaky_store`.
 #[test]
 fn per_key_linearizable_flush_order_and_write_through_backpressure() {
-    run_with(false, if cfg!(miri) { 20 } else { 4000 }, |b| {
-        b.max_batch(2)
-            .flush_order(|a: &u64, b: &u64| b.cmp(a))
-            .max_dirty(2, Backpressure::WriteThrough)
+    run_with(
+        false,
+        if cfg!(miri) { 20 } else { 4000 },
+        write_through_backpressure,
+    );
+}
+
+fn write_through_backpressure(b: Builder<u64, u64>) -> Builder<u64, u64> {
+    b.max_batch(2)
+        .flush_order(|a: &u64, b: &u64| b.cmp(a))
+        .max_dirty(2, Backpressure::WriteThrough)
+}
+
+/// The settings above with the failing store: a write that meets a full shard is written
+/// through and fails one time in five, returning the store's error; the cache must keep its
+/// previous value and the store must not hold the failed one. Background batches fail too,
+/// which keeps keys dirty longer and sends more writes through.
+#[test]
+fn per_key_linearizable_write_through_backpressure_flaky_store() {
+    let counts = run_with_failing_writes(
+        if cfg!(miri) { 20 } else { 4000 },
+        write_through_backpressure,
+    );
+    assert!(
+        counts.failed_writes > 0 || cfg!(miri),
+        "no write-through failed, so the failure path went unchecked: {counts:?}"
+    );
+}
+
+/// Every write goes to the store on the writer's thread (`WriteMode::Through`), and the
+/// failing store fails one in five of them.
+///
+/// Ignored: in this mode nothing orders two writers of one key between the version they are
+/// given and their store call, so the store can receive an older version after a newer one
+/// (the per-key order check fails in about one run in ten), and a put whose store write the
+/// version guard ignored because a newer remove got there first still caches its value, so
+/// cache and store disagree until the key is written again.
+#[test]
+#[ignore = "WriteMode::Through does not order concurrent writes of one key: the store receives \
+            versions out of order, and a put overtaken by a remove is cached though the store \
+            ignored it"]
+fn per_key_linearizable_write_through_mode_flaky_store() {
+    let counts = run_with_failing_writes(if cfg!(miri) { 20 } else { 4000 }, |b| {
+        b.write_mode(WriteMode::Through)
     });
+    assert!(
+        counts.failed_writes > 0,
+        "no write-through failed, so the failure path went unchecked: {counts:?}"
+    );
 }
 
 /// Entries live 1 ms and are refreshed in the background after 0.3 ms: expired keys are read
@@ -363,6 +493,119 @@ fn checker_rejects_a_store_row_older_than_the_flush() {
             kind: Kind::StoreRead(Some(1)),
             start: 5,
             end: 6,
+        },
+    ];
+    check_key(0, &events);
+}
+
+/// ... and a get that returns the value of a write that failed.
+#[test]
+#[should_panic(expected = "the value of a failed write")]
+fn checker_rejects_a_read_of_a_failed_write() {
+    let events = [
+        Event {
+            key: 0,
+            kind: Kind::Write(Some(1)),
+            start: 1,
+            end: 2,
+        },
+        Event {
+            key: 0,
+            kind: Kind::FailedWrite(Some(2)),
+            start: 3,
+            end: 4,
+        },
+        Event {
+            key: 0,
+            kind: Kind::Read(Some(2)),
+            start: 5,
+            end: 6,
+        },
+    ];
+    check_key(0, &events);
+}
+
+/// ... even while the failed write is still in progress (it may not show before it fails).
+#[test]
+#[should_panic(expected = "the value of a failed write")]
+fn checker_rejects_a_read_of_a_failed_write_during_it() {
+    let events = [
+        Event {
+            key: 0,
+            kind: Kind::FailedWrite(Some(1)),
+            start: 1,
+            end: 4,
+        },
+        Event {
+            key: 0,
+            kind: Kind::StoreRead(Some(1)),
+            start: 2,
+            end: 3,
+        },
+    ];
+    check_key(0, &events);
+}
+
+/// ... and a `None` that only a failed remove could explain.
+#[test]
+#[should_panic(expected = "was not current")]
+fn checker_rejects_a_none_after_a_failed_remove() {
+    let events = [
+        Event {
+            key: 0,
+            kind: Kind::Write(Some(1)),
+            start: 1,
+            end: 2,
+        },
+        Event {
+            key: 0,
+            kind: Kind::FailedWrite(None),
+            start: 3,
+            end: 4,
+        },
+        Event {
+            key: 0,
+            kind: Kind::Read(None),
+            start: 5,
+            end: 6,
+        },
+    ];
+    check_key(0, &events);
+}
+
+/// A failed write overwrites nothing: the value before it stays current.
+#[test]
+fn checker_accepts_the_previous_value_after_a_failed_write() {
+    let events = [
+        Event {
+            key: 0,
+            kind: Kind::Write(Some(1)),
+            start: 1,
+            end: 2,
+        },
+        Event {
+            key: 0,
+            kind: Kind::FailedWrite(Some(2)),
+            start: 3,
+            end: 4,
+        },
+        Event {
+            key: 0,
+            kind: Kind::FailedWrite(None),
+            start: 5,
+            end: 6,
+        },
+        Event {
+            key: 0,
+            kind: Kind::Read(Some(1)),
+            start: 7,
+            end: 8,
+        },
+        Event {
+            key: 0,
+            kind: Kind::StoreRead(Some(1)),
+            start: 7,
+            end: 9,
         },
     ];
     check_key(0, &events);
