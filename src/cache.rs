@@ -218,6 +218,37 @@ where
     }
 }
 
+/// A key's write-through in flight ([`Table::begin_through`](crate::shard::Table)): ended by
+/// [`ThroughMark::end`] under the table lock once the write is cached, or on drop (a failed
+/// store call, or a panic in between) so that a waiting write-through of the key never waits
+/// for good.
+struct ThroughMark<'a, K: Eq + Clone + Hash, V: Clone> {
+    shard: &'a Shard<K, V>,
+    hash: u64,
+    key: Option<K>,
+}
+
+impl<K: Eq + Clone + Hash, V: Clone> ThroughMark<'_, K, V> {
+    /// Ends the write-through under the caller's lock; `true` if another one waits for it.
+    fn end(mut self, table: &mut Table<K, V>) -> bool {
+        match self.key.take() {
+            Some(key) => table.end_through(self.hash, &key),
+            None => false,
+        }
+    }
+}
+
+impl<K: Eq + Clone + Hash, V: Clone> Drop for ThroughMark<'_, K, V> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let waited = self.shard.table.lock().end_through(self.hash, &key);
+            if waited {
+                self.shard.through_done.notify_all();
+            }
+        }
+    }
+}
+
 /// Marks a caller thread's store call in progress.
 struct StoreUse<'a>(&'a AtomicUsize);
 
@@ -446,12 +477,16 @@ where
     /// [`Cache::wait_durable`] to learn when the store holds it).
     ///
     /// In [`WriteMode::Behind`] this returns once the write is in memory; a flusher writes it
-    /// later. In [`WriteMode::Through`] it returns once the store accepted it.
+    /// later. In [`WriteMode::Through`] it returns once the store accepted it; two
+    /// write-throughs of one key take turns (the second waits until the first is back from
+    /// the store), so the store receives a key's versions in order.
     ///
     /// # Errors
     /// [`Error::Closed`] after `close`; in `Through` mode, [`Error::Store`] when the store
-    /// refused the write (the cache then keeps its previous value); with `max_dirty` set,
-    /// [`Error::Backpressure`] or [`Error::Store`] as the [`Backpressure`] policy says.
+    /// refused the write (the cache then keeps its previous value), and [`Error::Reentrant`]
+    /// for a write-through made from inside the store call that writes the same key; with
+    /// `max_dirty` set, [`Error::Backpressure`] or [`Error::Store`] as the [`Backpressure`]
+    /// policy says.
     ///
     /// # Examples
     /// ```
@@ -696,7 +731,29 @@ where
         let inner = &*self.inner;
         let _use = inner.enter_store()?;
         let shard = &inner.shards[s];
-        let version = shard.table.lock().next_version();
+        // One write-through of a key at a time (`Table::begin_through`): a second one waits
+        // here, without the table lock, until the first has been to the store and back.
+        let mut table = shard.table.lock();
+        let version = loop {
+            if let Some(version) = table.begin_through(hash, &key) {
+                break version;
+            }
+            if in_store_call() {
+                // The write-through in flight may be this thread's own, further up the
+                // stack (a store that writes the key it is writing): it would never end.
+                return Err(Error::Reentrant);
+            }
+            // The timeout only bounds a lost wake-up; the loop asks again either way.
+            let _ = shard
+                .through_done
+                .wait_for(&mut table, Duration::from_millis(100));
+        };
+        drop(table);
+        let mark = ThroughMark {
+            shard,
+            hash,
+            key: Some(key.clone()),
+        };
         let write = match value {
             Some(value) => Write::Put {
                 key,
@@ -713,6 +770,7 @@ where
             Err(msg) => Some(StoreError::unavailable(format!("store panicked: {msg}"))),
         };
         if let Some(e) = error {
+            drop(mark); // ends the write-through: the key's next one may go
             return Err(Error::Store(e));
         }
         let weight = inner.weight(write.key(), write.value());
@@ -727,6 +785,12 @@ where
                 t.fill_clean(hash, key, value, version, inner.coarse_now(), weight);
             }
             Write::Delete { key, version } => t.remove_clean(hash, &key, version),
+        }
+        // Cached before the mark goes: the key's next write-through applies after this one.
+        let waited = mark.end(&mut t);
+        drop(t);
+        if waited {
+            shard.through_done.notify_all();
         }
         Ok(version)
     }

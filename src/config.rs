@@ -47,7 +47,8 @@ pub enum WriteMode {
     #[default]
     Behind,
     /// `put` returns once the store has accepted the write; if the store fails, `put` returns
-    /// the error and the cache keeps its previous value.
+    /// the error and the cache keeps its previous value. Writes of different keys go to the
+    /// store side by side; two of one key take turns, so the key's versions arrive in order.
     Through,
     /// Writes stay in the cache and are never sent to the store (a read-through replica).
     ReadOnly,

@@ -155,8 +155,9 @@ pub enum Error {
     /// [`Cache::flush_key`](crate::Cache::flush_key) gave up before the store held the write.
     /// The write is still queued.
     Timeout,
-    /// `flush` or `close` was called from inside a `Store` callback on a flusher thread, which
-    /// would wait for itself.
+    /// A call from inside a `Store` callback that would wait for that callback: `flush` or
+    /// `close` on a flusher thread, or a write-through of a key whose write-through is in
+    /// flight (the store writing, through the cache, the key it is being asked to write).
     Reentrant,
     /// The builder was given a setting it cannot use.
     InvalidConfig {
@@ -185,7 +186,7 @@ impl fmt::Display for Error {
             ),
             Error::Timeout => f.write_str("timed out before the store held the write; it stays queued"),
             Error::Reentrant => f.write_str(
-                "flush/close called from inside a Store callback on a flusher thread; it would wait for itself",
+                "called from inside a Store callback (flush/close on a flusher thread, or a write-through of the key being written); it would wait for itself",
             ),
             Error::InvalidConfig { setting, reason } => {
                 write!(f, "invalid cache configuration: {setting}: {reason}")

@@ -11,7 +11,7 @@ use crate::dirty_ring::DirtyRing;
 use crate::loader::LoadSlot;
 use crate::store::Write;
 use crate::sync::atomic::AtomicBool;
-use crate::sync::{Arc, CachePadded, Mutex};
+use crate::sync::{Arc, CachePadded, Condvar, Mutex};
 
 /// `Entry::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
@@ -291,6 +291,16 @@ pub(crate) enum LoadRole<V> {
     Follower(Arc<LoadSlot<V>>),
 }
 
+/// A key with a write-through in flight: its writer calls the store without the table lock,
+/// and a second write-through of the key waits until this one is done
+/// ([`Table::begin_through`]), so the key's versions reach the store in order.
+struct Through<K> {
+    key: K,
+    hash: u64,
+    /// Another write-through of the key waits for this one.
+    waited: bool,
+}
+
 /// A load in flight for a key (single-flight). A miss of the key joins it while it is in
 /// the table; a write, remove or eviction of the key takes it out ([`Table::touch_loading`]).
 struct Loading<K, V> {
@@ -355,6 +365,8 @@ pub(crate) struct Table<K, V> {
     /// Loads in flight (single-flight read-through).
     loading: HashTable<Loading<K, V>>,
     // -- cold
+    /// Keys with a write-through in flight ([`Table::begin_through`]).
+    through: HashTable<Through<K>>,
     /// The entries' side state (see [`Side`]), by slot.
     side: Vec<Side>,
     /// Slots no entry holds.
@@ -420,6 +432,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             pressured: false,
             write_side: limits.timed() || limits.weighted,
             loading: HashTable::new(),
+            through: HashTable::new(),
             side: Vec::new(),
             free: Vec::new(),
             rare: ShardCounters::default(),
@@ -580,6 +593,37 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.next_version += 1;
         self.version_base += 1;
         v
+    }
+
+    /// Starts a write-through of `key`: its version, or `None` while another write-through of
+    /// the key is in flight (the caller waits on [`Shard::through_done`] and asks again).
+    /// Two write-throughs of one key that overlapped would call the store in either order,
+    /// so the store could receive the older version after the newer one, and the cache keep
+    /// the older value; one at a time per key, each takes its version when it starts, and the
+    /// store and the cache see the key's versions in order. Until [`Table::end_through`] the
+    /// key stays marked.
+    pub(crate) fn begin_through(&mut self, hash: u64, key: &K) -> Option<u64> {
+        if let Some(t) = self.through.find_mut(hash, |t| t.key == *key) {
+            t.waited = true;
+            return None;
+        }
+        let mark = Through {
+            key: key.clone(),
+            hash,
+            waited: false,
+        };
+        self.through.insert_unique(hash, mark, |t| t.hash);
+        Some(self.next_version())
+    }
+
+    /// Ends the write-through of `key` that [`Table::begin_through`] started. Returns `true`
+    /// if another write-through of the key waits for it (the caller then notifies
+    /// [`Shard::through_done`] once it has released the lock).
+    pub(crate) fn end_through(&mut self, hash: u64, key: &K) -> bool {
+        match self.through.find_entry(hash, |t| t.key == *key) {
+            Ok(mark) => mark.remove().0.waited,
+            Err(_) => false,
+        }
     }
 
     /// A write-through write with a version from [`Table::next_version`] reached the store:
@@ -1192,9 +1236,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     }
 }
 
-/// Bytes of padding in a [`Shard`] (see `Shard::_stride`): the fields alone come to an even
-/// multiple of 128 bytes (1,024), so 128 makes it odd. A change to the fields may need 0.
-const STRIDE_PAD: usize = 128;
+/// Bytes of padding in a [`Shard`] (see `Shard::_stride`): the fields alone come to an odd
+/// multiple of 128 bytes (1,152 since the write-through condvar), so none is needed. A change
+/// to the fields may need 128.
+const STRIDE_PAD: usize = 0;
 
 /// One shard: the locked table plus the lock-free parts writers and the flusher share.
 pub(crate) struct Shard<K, V> {
@@ -1205,6 +1250,9 @@ pub(crate) struct Shard<K, V> {
     pub(crate) armed: AtomicBool,
     /// The ring reached the count trigger.
     pub(crate) triggered: AtomicBool,
+    /// Signalled when a write-through that another one waits for ends
+    /// ([`Table::end_through`]).
+    pub(crate) through_done: Condvar,
     /// A push found the ring full: the flusher must scan the table for dirty keys.
     pub(crate) overflow: AtomicBool,
     /// Makes the shard's size an odd multiple of 128 bytes. The shards sit in one array, and
@@ -1229,6 +1277,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
             ring: DirtyRing::new(ring_capacity),
             armed: AtomicBool::new(false),
             triggered: AtomicBool::new(false),
+            through_done: Condvar::new(),
             overflow: AtomicBool::new(false),
             _stride: [0; STRIDE_PAD],
         }

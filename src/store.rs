@@ -64,7 +64,9 @@ impl<K, V> Write<K, V> {
 /// The cache never holds one of its locks while it calls the store, so an implementation may
 /// call back into the cache (`get`, `put`). It must not call `flush` or `close` from
 /// `write_all` (they would wait for the very flusher that is calling; they return
-/// [`Error::Reentrant`](crate::Error::Reentrant) instead).
+/// [`Error::Reentrant`](crate::Error::Reentrant) instead). Likewise a write-through of the
+/// key that a write-through `write_all` call is writing returns `Error::Reentrant`: one
+/// write-through of a key runs at a time, and this one would wait for its own caller.
 ///
 /// # Idempotence
 /// A batch may be delivered more than once (after a failure whose outcome is unknown) and a

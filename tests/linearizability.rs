@@ -388,17 +388,10 @@ fn per_key_linearizable_write_through_backpressure_flaky_store() {
 }
 
 /// Every write goes to the store on the writer's thread (`WriteMode::Through`), and the
-/// failing store fails one in five of them.
-///
-/// Ignored: in this mode nothing orders two writers of one key between the version they are
-/// given and their store call, so the store can receive an older version after a newer one
-/// (the per-key order check fails in about one run in ten), and a put whose store write the
-/// version guard ignored because a newer remove got there first still caches its value, so
-/// cache and store disagree until the key is written again.
+/// failing store fails one in five of them. Two writers of one key take turns at the store
+/// (one write-through of a key at a time), so the store receives the key's versions in order
+/// and the cache ends with what the store holds.
 #[test]
-#[ignore = "WriteMode::Through does not order concurrent writes of one key: the store receives \
-            versions out of order, and a put overtaken by a remove is cached though the store \
-            ignored it"]
 fn per_key_linearizable_write_through_mode_flaky_store() {
     let counts = run_with_failing_writes(if cfg!(miri) { 20 } else { 4000 }, |b| {
         b.write_mode(WriteMode::Through)

@@ -922,6 +922,154 @@ fn write_through_returns_after_the_store_and_keeps_old_value_on_failure() {
     );
 }
 
+/// A store whose `write_all` holds a put of the value 10 until the test lets it go.
+#[derive(Default)]
+struct HoldsTen {
+    memory: MemoryStore<u64, u64>,
+    /// (a put of 10 is held, the test let it go)
+    state: std::sync::Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+    /// Every (key, version) the store was handed, in the order of the calls.
+    received: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl Store<u64, u64> for HoldsTen {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.memory.load(key)
+    }
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        self.received
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|w| (*w.key(), w.version())));
+        if batch.iter().any(|w| w.value() == Some(&10)) {
+            let mut s = self.state.lock().unwrap();
+            s.0 = true;
+            self.changed.notify_all();
+            while !s.1 {
+                s = self.changed.wait(s).unwrap();
+            }
+        }
+        self.memory.write_all(batch)
+    }
+}
+
+/// Two write-throughs of one key: the second waits until the first has been to the store, so
+/// the store receives the versions in order and the cache ends with the store's answer. (Run
+/// side by side, the remove reached the store first, the store's version guard then ignored
+/// the older put, and the put still cached its value: `get` said `Some(10)` while the store
+/// held nothing.)
+#[test]
+fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
+    let store = Arc::new(HoldsTen::default());
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .write_mode(WriteMode::Through)
+            .manual_flushing()
+            .build()
+            .unwrap(),
+    );
+    let c = cache.clone();
+    let put = std::thread::spawn(move || c.put(1, 10));
+    {
+        let mut s = store.state.lock().unwrap();
+        while !s.0 {
+            s = store.changed.wait(s).unwrap();
+        }
+    }
+    let c = cache.clone();
+    let remove = std::thread::spawn(move || c.remove(&1));
+    // A write-through of another key is not held up by the one in flight.
+    cache.put(2, 20).unwrap();
+    assert_eq!(store.memory.get(&2), Some(20));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        store.received.lock().unwrap().len(),
+        2,
+        "the remove reached the store while the put of the same key was still there"
+    );
+    {
+        let mut s = store.state.lock().unwrap();
+        s.1 = true;
+        store.changed.notify_all();
+    }
+    let put_version = put.join().unwrap().unwrap();
+    let remove_version = remove.join().unwrap().unwrap();
+    assert!(
+        put_version < remove_version,
+        "the remove took its version after the put"
+    );
+    // Versions are per shard: key 1's are the ones to compare.
+    let received: Vec<u64> = store
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k == 1)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(
+        received,
+        vec![put_version, remove_version],
+        "in the order they were given"
+    );
+    assert_eq!(store.memory.get(&1), None);
+    assert_eq!(
+        cache.get(&1).unwrap(),
+        None,
+        "the cache agrees with the store"
+    );
+}
+
+/// A store that writes through, from inside `write_all`, the key it is writing: the inner
+/// write-through would wait for the outer one, which waits for the store, so it is refused.
+#[test]
+fn a_write_through_of_the_key_being_written_from_inside_the_store_is_refused() {
+    struct WritesItsKey {
+        memory: MemoryStore<u64, u64>,
+        cache: OnceLock<Weak<Cache<u64, u64>>>,
+        inner_result: std::sync::Mutex<Option<String>>,
+    }
+    impl Store<u64, u64> for WritesItsKey {
+        fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+            self.memory.load(key)
+        }
+        fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+            if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
+                if batch.iter().any(|w| w.value() == Some(&1)) {
+                    let r = cache.put(*batch[0].key(), 2);
+                    *self.inner_result.lock().unwrap() = Some(format!("{r:?}"));
+                }
+            }
+            self.memory.write_all(batch)
+        }
+    }
+    let store = Arc::new(WritesItsKey {
+        memory: MemoryStore::new(),
+        cache: OnceLock::new(),
+        inner_result: std::sync::Mutex::new(None),
+    });
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .write_mode(WriteMode::Through)
+            .manual_flushing()
+            .build()
+            .unwrap(),
+    );
+    store.cache.set(Arc::downgrade(&cache)).ok();
+    cache.put(7, 1).unwrap();
+    let inner = store.inner_result.lock().unwrap().clone().unwrap();
+    assert!(
+        inner.contains("Reentrant"),
+        "refused, not deadlocked: {inner}"
+    );
+    assert_eq!(store.memory.get(&7), Some(1));
+    assert_eq!(cache.get(&7).unwrap(), Some(1));
+    // The key's write-through ended: the next one goes through.
+    cache.put(7, 3).unwrap();
+    assert_eq!(store.memory.get(&7), Some(3));
+}
+
 #[test]
 fn read_only_mode_never_writes_to_the_store() {
     let s = store();
