@@ -24,7 +24,7 @@ use loom::thread;
 
 use writebehind::__verify::DirtyRing;
 use writebehind::testing::FaultyStore;
-use writebehind::{Cache, Error, ManualClock};
+use writebehind::{Cache, Error, ManualClock, WriteMode};
 
 type Store = std::sync::Arc<FaultyStore<u64, u64>>;
 
@@ -626,4 +626,40 @@ fn read_through_vs_persisted_remove_then_get(join_reader_first: bool) {
         assert!(matches!(seen, Some(1) | None), "get saw {seen:?}");
     }
     assert_eq!(store.memory().get(&5), None);
+}
+
+// ---------------------------------------------------------------------------------------
+// Model 6: write-throughs of one key.
+// ---------------------------------------------------------------------------------------
+
+/// A put and a remove of one key written through on two threads: the second to start waits
+/// at the key's mark until the first is back from the store, so the store receives the
+/// key's versions in order and the cache ends with the store's answer. (Without the mark, the
+/// remove could reach the store first and the put's value stay cached though the store
+/// ignored it as older.)
+#[test]
+fn two_write_throughs_of_one_key() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(
+            Cache::builder(store.clone())
+                .shards(1)
+                .flushers(1)
+                .write_mode(WriteMode::Through)
+                .clock(std::sync::Arc::new(ManualClock::new()))
+                .manual_flushing()
+                .build()
+                .expect("valid model configuration"),
+        );
+        let c = cache.clone();
+        let writer = thread::spawn(move || c.put(9, 1).unwrap());
+        cache.remove(&9).unwrap();
+        writer.join().unwrap();
+        assert_versions_grow(&store);
+        assert_eq!(
+            cache.get(&9).unwrap(),
+            store.memory().get(&9),
+            "cache and store agree"
+        );
+    });
 }
