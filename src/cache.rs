@@ -483,10 +483,10 @@ where
     ///
     /// # Errors
     /// [`Error::Closed`] after `close`; in `Through` mode, [`Error::Store`] when the store
-    /// refused the write (the cache then keeps its previous value), and [`Error::Reentrant`]
-    /// for a write-through made from inside the store call that writes the same key; with
-    /// `max_dirty` set, [`Error::Backpressure`] or [`Error::Store`] as the [`Backpressure`]
-    /// policy says.
+    /// refused the write (the cache then keeps its previous value); with `max_dirty` set,
+    /// [`Error::Backpressure`] or [`Error::Store`] as the [`Backpressure`] policy says;
+    /// [`Error::Reentrant`] for a write-through made from inside a store call that it would
+    /// have to wait for (see [`Store`]).
     ///
     /// # Examples
     /// ```
@@ -654,6 +654,11 @@ where
                 }
             }
             Backpressure::WriteThrough => {
+                if in_store_call() {
+                    // A store callback (on a flusher thread, or a writer's write-through)
+                    // may run under a flusher's core: taking one here could wait for itself.
+                    return Err(Error::Reentrant);
+                }
                 inner.through_fallbacks.fetch_add(1, Ordering::Relaxed);
                 // Holding the owning flusher's core keeps its batches out while this writer
                 // writes the key, so the key's versions reach the store in order.
@@ -715,8 +720,23 @@ where
     }
 
     fn write_through(&self, key: K, value: Option<V>) -> Result<u64, Error> {
-        let hash = self.inner.hash(&key);
-        self.write_through_at(self.inner.shard_of(hash), hash, key, value)
+        let inner = &*self.inner;
+        let hash = inner.hash(&key);
+        let s = inner.shard_of(hash);
+        // A key written behind before a switch to `Through` may still be waiting for the
+        // store, or be in a batch at the store right now. Its write-through then holds the
+        // owning flusher's core, as a write-through under backpressure does, so that no batch
+        // with the key's older version overlaps it; the flusher later sends the key's latest
+        // version, which this write makes the write-through's own.
+        if inner.shards[s].table.lock().has_behind_work(hash, &key) {
+            if in_store_call() {
+                // The core may be held by this very thread's caller (a flusher's store call).
+                return Err(Error::Reentrant);
+            }
+            let _core = inner.flusher_of(s).core.lock();
+            return self.write_through_at(s, hash, key, value);
+        }
+        self.write_through_at(s, hash, key, value)
     }
 
     /// Writes one key to the store on the caller's thread, then caches it as clean (unless
@@ -1462,7 +1482,10 @@ where
     /// Switches the write mode without a restart. Leaving [`WriteMode::Behind`] first
     /// flushes what is pending, so after `Behind -> ReadOnly` returns `Ok`, everything written
     /// before is in the store and nothing written after is ever sent. (A write racing the
-    /// switch itself is a write-behind write and is sent.)
+    /// switch itself is a write-behind write and is sent.) After `Behind -> Through`, a
+    /// write-through of a key that still has write-behind work pending (the flush has not
+    /// reached it yet, or failed) waits for the key's batch at the store, so the store
+    /// receives the key's versions in order.
     ///
     /// # Errors
     /// What [`Cache::flush`] returns when leaving `Behind`; the mode is switched regardless.

@@ -156,8 +156,10 @@ pub enum Error {
     /// The write is still queued.
     Timeout,
     /// A call from inside a `Store` callback that would wait for that callback: `flush` or
-    /// `close` on a flusher thread, or a write-through of a key whose write-through is in
-    /// flight (the store writing, through the cache, the key it is being asked to write).
+    /// `close` on a flusher thread; a write-through of a key whose write-through is in flight
+    /// (the store writing, through the cache, the key it is being asked to write); or a write
+    /// that would have to hold a flusher's core (a write-through under
+    /// `Backpressure::WriteThrough`, or of a key with write-behind work still pending).
     Reentrant,
     /// The builder was given a setting it cannot use.
     InvalidConfig {
@@ -186,7 +188,7 @@ impl fmt::Display for Error {
             ),
             Error::Timeout => f.write_str("timed out before the store held the write; it stays queued"),
             Error::Reentrant => f.write_str(
-                "called from inside a Store callback (flush/close on a flusher thread, or a write-through of the key being written); it would wait for itself",
+                "called from inside a Store callback (flush/close on a flusher thread, or a write-through that would wait for the call it is in); it would wait for itself",
             ),
             Error::InvalidConfig { setting, reason } => {
                 write!(f, "invalid cache configuration: {setting}: {reason}")

@@ -616,6 +616,14 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         Some(self.next_version())
     }
 
+    /// `key` has write-behind work the store does not hold yet: a write still to send, or a
+    /// batch (or retry) in flight. A write-through of such a key (after a switch to
+    /// `WriteMode::Through`) holds the owning flusher's core so that no batch with the key's
+    /// older version is at the store at the same time.
+    pub(crate) fn has_behind_work(&self, hash: u64, key: &K) -> bool {
+        self.find(hash, key).is_some_and(Entry::is_dirty)
+    }
+
     /// Ends the write-through of `key` that [`Table::begin_through`] started. Returns `true`
     /// if another write-through of the key waits for it (the caller then notifies
     /// [`Shard::through_done`] once it has released the lock).

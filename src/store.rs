@@ -64,9 +64,11 @@ impl<K, V> Write<K, V> {
 /// The cache never holds one of its locks while it calls the store, so an implementation may
 /// call back into the cache (`get`, `put`). It must not call `flush` or `close` from
 /// `write_all` (they would wait for the very flusher that is calling; they return
-/// [`Error::Reentrant`](crate::Error::Reentrant) instead). Likewise a write-through of the
-/// key that a write-through `write_all` call is writing returns `Error::Reentrant`: one
-/// write-through of a key runs at a time, and this one would wait for its own caller.
+/// [`Error::Reentrant`](crate::Error::Reentrant) instead). Likewise, from inside a store
+/// call, a write-through that would wait for that call returns `Error::Reentrant`: one of the
+/// key being written (one write-through of a key runs at a time), one under
+/// `Backpressure::WriteThrough`, or one of a key with write-behind work still pending (both
+/// hold a flusher's core, which a flusher holds across its store calls).
 ///
 /// # Idempotence
 /// A batch may be delivered more than once (after a failure whose outcome is unknown) and a

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use writebehind::testing::Outcome;
 use writebehind::{
-    BatchError, Cache, Error, Health, MemoryStore, Store, StoreError, Write, WriteMode,
+    Backpressure, BatchError, Cache, Error, Health, MemoryStore, Store, StoreError, Write,
+    WriteMode,
 };
 
 // 1. Read your writes ------------------------------------------------------------------
@@ -931,6 +932,8 @@ struct HoldsTen {
     changed: std::sync::Condvar,
     /// Every (key, version) the store was handed, in the order of the calls.
     received: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Every (key, version) the store applied, in the order it applied them.
+    applied: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 impl Store<u64, u64> for HoldsTen {
@@ -950,7 +953,33 @@ impl Store<u64, u64> for HoldsTen {
                 s = self.changed.wait(s).unwrap();
             }
         }
+        let mut applied = self.applied.lock().unwrap();
+        applied.extend(batch.iter().map(|w| (*w.key(), w.version())));
         self.memory.write_all(batch)
+    }
+}
+
+impl HoldsTen {
+    fn wait_until_held(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.0 {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.changed.notify_all();
+    }
+
+    /// The versions of `key` in the order the store applied them.
+    fn applied_versions(&self, key: u64) -> Vec<u64> {
+        let applied = self.applied.lock().unwrap();
+        applied
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .collect()
     }
 }
 
@@ -1019,6 +1048,102 @@ fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
         None,
         "the cache agrees with the store"
     );
+}
+
+/// After a switch to `WriteMode::Through`, a write-through of a key whose write-behind batch
+/// is at the store waits for that batch: the store applies the key's versions in order. (It
+/// went straight to the store before, which applied the new version and then the batch's
+/// older one; a store without a version guard would have kept the older value.)
+#[test]
+fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
+    let store = Arc::new(HoldsTen::default());
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .manual_flushing()
+            .build()
+            .unwrap(),
+    );
+    let behind = cache.put(1, 10).unwrap();
+    let c = cache.clone();
+    let flush = std::thread::spawn(move || c.flush());
+    store.wait_until_held(); // the batch with key 1 is at the store
+    let c = cache.clone();
+    let switch = std::thread::spawn(move || c.set_write_mode(WriteMode::Through));
+    while cache.write_mode() != WriteMode::Through {
+        std::thread::yield_now();
+    }
+    let s = store.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        s.release();
+    });
+    let through = cache.put(1, 11).unwrap();
+    release.join().unwrap();
+    flush.join().unwrap().unwrap();
+    switch.join().unwrap().unwrap();
+    assert_eq!(
+        store.applied_versions(1),
+        vec![behind, through],
+        "the store applied key 1's versions out of order"
+    );
+    assert_eq!(store.memory.get(&1), Some(11));
+    assert_eq!(cache.get(&1).unwrap(), Some(11));
+}
+
+/// A put from inside a flusher's store call that meets a full shard under
+/// `Backpressure::WriteThrough` would take the flusher's core, which the call it is in holds:
+/// it is refused instead of waiting for itself.
+#[test]
+fn a_write_through_under_backpressure_from_inside_the_store_is_refused() {
+    struct PutsFromStore {
+        memory: MemoryStore<u64, u64>,
+        cache: OnceLock<Weak<Cache<u64, u64>>>,
+        inner_result: std::sync::Mutex<Option<String>>,
+    }
+    impl Store<u64, u64> for PutsFromStore {
+        fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+            self.memory.load(key)
+        }
+        fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+            if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
+                if batch.iter().any(|w| *w.key() == 1) {
+                    let r = cache.put(2, 2);
+                    *self.inner_result.lock().unwrap() = Some(format!("{r:?}"));
+                }
+            }
+            self.memory.write_all(batch)
+        }
+    }
+    let store = Arc::new(PutsFromStore {
+        memory: MemoryStore::new(),
+        cache: OnceLock::new(),
+        inner_result: std::sync::Mutex::new(None),
+    });
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .shards(1)
+            .max_dirty(1, Backpressure::WriteThrough)
+            .manual_flushing()
+            .build()
+            .unwrap(),
+    );
+    store.cache.set(Arc::downgrade(&cache)).ok();
+    cache.put(1, 1).unwrap(); // the shard's one dirty entry
+    let (done, wait) = std::sync::mpsc::channel();
+    let c = cache.clone();
+    std::thread::spawn(move || {
+        let _ = done.send(c.flush());
+    });
+    let flushed = wait
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the flush waits for itself");
+    flushed.unwrap();
+    let inner = store.inner_result.lock().unwrap().clone().unwrap();
+    assert!(
+        inner.contains("Reentrant"),
+        "refused, not deadlocked: {inner}"
+    );
+    assert_eq!(store.memory.get(&1), Some(1));
 }
 
 /// A store that writes through, from inside `write_all`, the key it is writing: the inner
