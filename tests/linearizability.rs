@@ -424,26 +424,22 @@ fn per_key_linearizable_blocking_backpressure_flaky_store() {
     });
 }
 
+/// An event of key 0, for the checker's own tests.
+fn ev(kind: Kind, start: u64, end: u64) -> Event {
+    Event {
+        key: 0,
+        kind,
+        start,
+        end,
+    }
+}
+
 /// The checker itself must reject a stale read (a test that cannot fail proves nothing).
 #[test]
 #[should_panic(expected = "was not current")]
 fn checker_rejects_a_stale_read() {
-    let w = |v: u64, start, end| Event {
-        key: 0,
-        kind: Kind::Write(Some(v)),
-        start,
-        end,
-    };
-    let events = [
-        w(1, 1, 2),
-        w(2, 3, 4),
-        Event {
-            key: 0,
-            kind: Kind::Read(Some(1)),
-            start: 5,
-            end: 6,
-        },
-    ];
+    let w = |v: u64, start, end| ev(Kind::Write(Some(v)), start, end);
+    let events = [w(1, 1, 2), w(2, 3, 4), ev(Kind::Read(Some(1)), 5, 6)];
     check_key(0, &events);
 }
 
@@ -452,18 +448,8 @@ fn checker_rejects_a_stale_read() {
 #[should_panic(expected = "was not current")]
 fn checker_rejects_a_future_read() {
     let events = [
-        Event {
-            key: 0,
-            kind: Kind::Read(Some(1)),
-            start: 1,
-            end: 2,
-        },
-        Event {
-            key: 0,
-            kind: Kind::Write(Some(1)),
-            start: 3,
-            end: 4,
-        },
+        ev(Kind::Read(Some(1)), 1, 2),
+        ev(Kind::Write(Some(1)), 3, 4),
     ];
     check_key(0, &events);
 }
@@ -472,22 +458,8 @@ fn checker_rejects_a_future_read() {
 #[test]
 #[should_panic(expected = "the store after flush()")]
 fn checker_rejects_a_store_row_older_than_the_flush() {
-    let w = |v: u64, start, end| Event {
-        key: 0,
-        kind: Kind::Write(Some(v)),
-        start,
-        end,
-    };
-    let events = [
-        w(1, 1, 2),
-        w(2, 3, 4),
-        Event {
-            key: 0,
-            kind: Kind::StoreRead(Some(1)),
-            start: 5,
-            end: 6,
-        },
-    ];
+    let w = |v: u64, start, end| ev(Kind::Write(Some(v)), start, end);
+    let events = [w(1, 1, 2), w(2, 3, 4), ev(Kind::StoreRead(Some(1)), 5, 6)];
     check_key(0, &events);
 }
 
@@ -496,24 +468,9 @@ fn checker_rejects_a_store_row_older_than_the_flush() {
 #[should_panic(expected = "the value of a failed write")]
 fn checker_rejects_a_read_of_a_failed_write() {
     let events = [
-        Event {
-            key: 0,
-            kind: Kind::Write(Some(1)),
-            start: 1,
-            end: 2,
-        },
-        Event {
-            key: 0,
-            kind: Kind::FailedWrite(Some(2)),
-            start: 3,
-            end: 4,
-        },
-        Event {
-            key: 0,
-            kind: Kind::Read(Some(2)),
-            start: 5,
-            end: 6,
-        },
+        ev(Kind::Write(Some(1)), 1, 2),
+        ev(Kind::FailedWrite(Some(2)), 3, 4),
+        ev(Kind::Read(Some(2)), 5, 6),
     ];
     check_key(0, &events);
 }
@@ -523,18 +480,8 @@ fn checker_rejects_a_read_of_a_failed_write() {
 #[should_panic(expected = "the value of a failed write")]
 fn checker_rejects_a_read_of_a_failed_write_during_it() {
     let events = [
-        Event {
-            key: 0,
-            kind: Kind::FailedWrite(Some(1)),
-            start: 1,
-            end: 4,
-        },
-        Event {
-            key: 0,
-            kind: Kind::StoreRead(Some(1)),
-            start: 2,
-            end: 3,
-        },
+        ev(Kind::FailedWrite(Some(1)), 1, 4),
+        ev(Kind::StoreRead(Some(1)), 2, 3),
     ];
     check_key(0, &events);
 }
@@ -544,24 +491,9 @@ fn checker_rejects_a_read_of_a_failed_write_during_it() {
 #[should_panic(expected = "was not current")]
 fn checker_rejects_a_none_after_a_failed_remove() {
     let events = [
-        Event {
-            key: 0,
-            kind: Kind::Write(Some(1)),
-            start: 1,
-            end: 2,
-        },
-        Event {
-            key: 0,
-            kind: Kind::FailedWrite(None),
-            start: 3,
-            end: 4,
-        },
-        Event {
-            key: 0,
-            kind: Kind::Read(None),
-            start: 5,
-            end: 6,
-        },
+        ev(Kind::Write(Some(1)), 1, 2),
+        ev(Kind::FailedWrite(None), 3, 4),
+        ev(Kind::Read(None), 5, 6),
     ];
     check_key(0, &events);
 }
@@ -570,36 +502,11 @@ fn checker_rejects_a_none_after_a_failed_remove() {
 #[test]
 fn checker_accepts_the_previous_value_after_a_failed_write() {
     let events = [
-        Event {
-            key: 0,
-            kind: Kind::Write(Some(1)),
-            start: 1,
-            end: 2,
-        },
-        Event {
-            key: 0,
-            kind: Kind::FailedWrite(Some(2)),
-            start: 3,
-            end: 4,
-        },
-        Event {
-            key: 0,
-            kind: Kind::FailedWrite(None),
-            start: 5,
-            end: 6,
-        },
-        Event {
-            key: 0,
-            kind: Kind::Read(Some(1)),
-            start: 7,
-            end: 8,
-        },
-        Event {
-            key: 0,
-            kind: Kind::StoreRead(Some(1)),
-            start: 7,
-            end: 9,
-        },
+        ev(Kind::Write(Some(1)), 1, 2),
+        ev(Kind::FailedWrite(Some(2)), 3, 4),
+        ev(Kind::FailedWrite(None), 5, 6),
+        ev(Kind::Read(Some(1)), 7, 8),
+        ev(Kind::StoreRead(Some(1)), 7, 9),
     ];
     check_key(0, &events);
 }

@@ -923,6 +923,17 @@ fn write_through_returns_after_the_store_and_keeps_old_value_on_failure() {
     );
 }
 
+/// A cache in `WriteMode::Through`, flushed by hand, over `store`.
+fn write_through_cache<S: Store<u64, u64> + 'static>(store: &Arc<S>) -> Arc<Cache<u64, u64>> {
+    Arc::new(
+        Cache::builder(store.clone())
+            .write_mode(WriteMode::Through)
+            .manual_flushing()
+            .build()
+            .unwrap(),
+    )
+}
+
 /// A store whose `write_all` holds a put of the value 10 until the test lets it go.
 #[derive(Default)]
 struct HoldsTen {
@@ -991,13 +1002,7 @@ impl HoldsTen {
 #[test]
 fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
     let store = Arc::new(HoldsTen::default());
-    let cache = Arc::new(
-        Cache::builder(store.clone())
-            .write_mode(WriteMode::Through)
-            .manual_flushing()
-            .build()
-            .unwrap(),
-    );
+    let cache = write_through_cache(&store);
     let c = cache.clone();
     let put = std::thread::spawn(move || c.put(1, 10));
     {
@@ -1090,35 +1095,52 @@ fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
     assert_eq!(cache.get(&1).unwrap(), Some(11));
 }
 
+/// A store that, handed a write of `trigger` (a value), puts `value` at `key` (`None`: the
+/// key being written) into its cache from inside `write_all`, and keeps what that put
+/// returned.
+struct PutsFromStore {
+    memory: MemoryStore<u64, u64>,
+    cache: OnceLock<Weak<Cache<u64, u64>>>,
+    trigger: u64,
+    key: Option<u64>,
+    value: u64,
+    inner_result: std::sync::Mutex<Option<String>>,
+}
+
+impl PutsFromStore {
+    fn new(trigger: u64, key: Option<u64>, value: u64) -> Self {
+        PutsFromStore {
+            memory: MemoryStore::new(),
+            cache: OnceLock::new(),
+            trigger,
+            key,
+            value,
+            inner_result: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Store<u64, u64> for PutsFromStore {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.memory.load(key)
+    }
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
+            if let Some(w) = batch.iter().find(|w| w.value() == Some(&self.trigger)) {
+                let r = cache.put(self.key.unwrap_or(*w.key()), self.value);
+                *self.inner_result.lock().unwrap() = Some(format!("{r:?}"));
+            }
+        }
+        self.memory.write_all(batch)
+    }
+}
+
 /// A put from inside a flusher's store call that meets a full shard under
 /// `Backpressure::WriteThrough` would take the flusher's core, which the call it is in holds:
 /// it is refused instead of waiting for itself.
 #[test]
 fn a_write_through_under_backpressure_from_inside_the_store_is_refused() {
-    struct PutsFromStore {
-        memory: MemoryStore<u64, u64>,
-        cache: OnceLock<Weak<Cache<u64, u64>>>,
-        inner_result: std::sync::Mutex<Option<String>>,
-    }
-    impl Store<u64, u64> for PutsFromStore {
-        fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
-            self.memory.load(key)
-        }
-        fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
-            if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
-                if batch.iter().any(|w| *w.key() == 1) {
-                    let r = cache.put(2, 2);
-                    *self.inner_result.lock().unwrap() = Some(format!("{r:?}"));
-                }
-            }
-            self.memory.write_all(batch)
-        }
-    }
-    let store = Arc::new(PutsFromStore {
-        memory: MemoryStore::new(),
-        cache: OnceLock::new(),
-        inner_result: std::sync::Mutex::new(None),
-    });
+    let store = Arc::new(PutsFromStore::new(1, Some(2), 2));
     let cache = Arc::new(
         Cache::builder(store.clone())
             .shards(1)
@@ -1150,37 +1172,8 @@ fn a_write_through_under_backpressure_from_inside_the_store_is_refused() {
 /// write-through would wait for the outer one, which waits for the store, so it is refused.
 #[test]
 fn a_write_through_of_the_key_being_written_from_inside_the_store_is_refused() {
-    struct WritesItsKey {
-        memory: MemoryStore<u64, u64>,
-        cache: OnceLock<Weak<Cache<u64, u64>>>,
-        inner_result: std::sync::Mutex<Option<String>>,
-    }
-    impl Store<u64, u64> for WritesItsKey {
-        fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
-            self.memory.load(key)
-        }
-        fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
-            if let Some(cache) = self.cache.get().and_then(Weak::upgrade) {
-                if batch.iter().any(|w| w.value() == Some(&1)) {
-                    let r = cache.put(*batch[0].key(), 2);
-                    *self.inner_result.lock().unwrap() = Some(format!("{r:?}"));
-                }
-            }
-            self.memory.write_all(batch)
-        }
-    }
-    let store = Arc::new(WritesItsKey {
-        memory: MemoryStore::new(),
-        cache: OnceLock::new(),
-        inner_result: std::sync::Mutex::new(None),
-    });
-    let cache = Arc::new(
-        Cache::builder(store.clone())
-            .write_mode(WriteMode::Through)
-            .manual_flushing()
-            .build()
-            .unwrap(),
-    );
+    let store = Arc::new(PutsFromStore::new(1, None, 2));
+    let cache = write_through_cache(&store);
     store.cache.set(Arc::downgrade(&cache)).ok();
     cache.put(7, 1).unwrap();
     let inner = store.inner_result.lock().unwrap().clone().unwrap();
