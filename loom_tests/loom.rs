@@ -663,3 +663,28 @@ fn two_write_throughs_of_one_key() {
         );
     });
 }
+
+/// A switch to `WriteMode::Through` while key 9's write-behind value is pending: a flusher
+/// step, the switch (which flushes) and a put of key 9 run on three threads. Whichever mode
+/// the put sees, the store receives key 9's versions in order (a write-through of a key with
+/// write-behind work pending holds the flusher's core, so no batch with the older version is
+/// at the store meanwhile), and after a final flush the store holds what the cache answers.
+#[test]
+fn a_put_across_a_switch_to_write_through_vs_a_step() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(9, 1).unwrap();
+        let c = cache.clone();
+        let step = thread::spawn(move || c.flush_step().unwrap());
+        let c = cache.clone();
+        let switch = thread::spawn(move || c.set_write_mode(WriteMode::Through).unwrap());
+        cache.put(9, 2).unwrap();
+        step.join().unwrap();
+        switch.join().unwrap();
+        cache.flush().unwrap();
+        assert_versions_grow(&store);
+        assert_eq!(cache.get(&9).unwrap(), Some(2));
+        assert_eq!(store.memory().get(&9), Some(2), "store and cache agree");
+    });
+}
