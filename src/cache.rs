@@ -528,6 +528,16 @@ where
         let weight = inner.weight(&key, value.as_ref());
         let now = inner.coarse_now();
         let mut table = shard.table.lock();
+        // A write-through of this key still at the store (the mode switched back to
+        // `Behind` meanwhile): wait for it, or this write's batch could reach the store first.
+        while table.through_in_flight(hash, &key) {
+            if in_store_call() {
+                return Err(Error::Reentrant);
+            }
+            let _ = shard
+                .through_done
+                .wait_for(&mut table, Duration::from_millis(100));
+        }
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -670,7 +680,7 @@ where
                     return Ok(self.write_locked(s, table, hash, key, value, now, weight));
                 }
                 drop(table);
-                self.write_through_at(s, hash, key, value)
+                self.write_through_at(s, hash, key, value, true)
             }
         }
     }
@@ -723,50 +733,61 @@ where
         let inner = &*self.inner;
         let hash = inner.hash(&key);
         let s = inner.shard_of(hash);
-        // A key written behind before a switch to `Through` may still be waiting for the
-        // store, or be in a batch at the store right now. Its write-through then holds the
-        // owning flusher's core, as a write-through under backpressure does, so that no batch
-        // with the key's older version overlaps it; the flusher later sends the key's latest
-        // version, which this write makes the write-through's own.
-        if inner.shards[s].table.lock().has_behind_work(hash, &key) {
-            if in_store_call() {
-                // The core may be held by this very thread's caller (a flusher's store call).
-                return Err(Error::Reentrant);
-            }
-            let _core = inner.flusher_of(s).core.lock();
-            return self.write_through_at(s, hash, key, value);
-        }
-        self.write_through_at(s, hash, key, value)
+        self.write_through_at(s, hash, key, value, false)
     }
 
     /// Writes one key to the store on the caller's thread, then caches it as clean (unless
     /// something newer arrived meanwhile).
+    ///
+    /// `core_held`: the caller holds the owning flusher's core (backpressure).
     fn write_through_at(
         &self,
         s: usize,
         hash: u64,
         key: K,
         value: Option<V>,
+        core_held: bool,
     ) -> Result<u64, Error> {
         let inner = &*self.inner;
         let _use = inner.enter_store()?;
         let shard = &inner.shards[s];
+        let mut core = None;
         // One write-through of a key at a time (`Table::begin_through`): a second one waits
         // here, without the table lock, until the first has been to the store and back.
         let mut table = shard.table.lock();
         let version = loop {
+            if table.through_in_flight(hash, &key) {
+                if in_store_call() {
+                    // The write-through in flight may be this thread's own, further up the
+                    // stack (a store that writes the key it is writing): it would never end.
+                    return Err(Error::Reentrant);
+                }
+                // The timeout only bounds a lost wake-up; the loop asks again either way.
+                let _ = shard
+                    .through_done
+                    .wait_for(&mut table, Duration::from_millis(100));
+                continue;
+            }
+            // A key written behind (before a switch to `Through`) may still be waiting for
+            // the store, or be in a batch at the store right now. Its write-through then
+            // holds the owning flusher's core, as a write-through under backpressure does, so
+            // that no batch with the key's older version overlaps it; the flusher later sends
+            // the key's latest version, which this write makes its own. Decided on its turn,
+            // under the lock that marks it: the core is taken without the table lock, and the
+            // turn asked for again.
+            if !core_held && core.is_none() && table.has_behind_work(hash, &key) {
+                if in_store_call() {
+                    // The core may be held by this thread's caller (a flusher's store call).
+                    return Err(Error::Reentrant);
+                }
+                drop(table);
+                core = Some(inner.flusher_of(s).core.lock());
+                table = shard.table.lock();
+                continue;
+            }
             if let Some(version) = table.begin_through(hash, &key) {
                 break version;
             }
-            if in_store_call() {
-                // The write-through in flight may be this thread's own, further up the
-                // stack (a store that writes the key it is writing): it would never end.
-                return Err(Error::Reentrant);
-            }
-            // The timeout only bounds a lost wake-up; the loop asks again either way.
-            let _ = shard
-                .through_done
-                .wait_for(&mut table, Duration::from_millis(100));
         };
         drop(table);
         let mark = ThroughMark {
@@ -804,7 +825,9 @@ where
             } => {
                 t.fill_clean(hash, key, value, version, inner.coarse_now(), weight);
             }
-            Write::Delete { key, version } => t.remove_clean(hash, &key, version),
+            Write::Delete { key, version } => {
+                drop(t.remove_clean(hash, &key, version, weight));
+            }
         }
         // Cached before the mark goes: the key's next write-through applies after this one.
         let waited = mark.end(&mut t);

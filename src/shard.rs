@@ -362,6 +362,9 @@ pub(crate) struct Table<K, V> {
     /// A time-based rule is on or a weigher is set: a write updates the entry's [`Side`]
     /// (kept here so an update reads no cold line).
     write_side: bool,
+    /// Keys in `through` (kept here so a write-behind put reads no cold line to learn that
+    /// no write-through is in flight).
+    throughs: u32,
     /// Loads in flight (single-flight read-through).
     loading: HashTable<Loading<K, V>>,
     // -- cold
@@ -431,6 +434,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             epoch: 1,
             pressured: false,
             write_side: limits.timed() || limits.weighted,
+            throughs: 0,
             loading: HashTable::new(),
             through: HashTable::new(),
             side: Vec::new(),
@@ -603,8 +607,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// store and the cache see the key's versions in order. Until [`Table::end_through`] the
     /// key stays marked.
     pub(crate) fn begin_through(&mut self, hash: u64, key: &K) -> Option<u64> {
-        if let Some(t) = self.through.find_mut(hash, |t| t.key == *key) {
-            t.waited = true;
+        if self.through_in_flight(hash, key) {
             return None;
         }
         let mark = Through {
@@ -613,7 +616,26 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             waited: false,
         };
         self.through.insert_unique(hash, mark, |t| t.hash);
+        self.throughs += 1;
         Some(self.next_version())
+    }
+
+    /// A write-through of `key` is in flight. If so, it is asked to notify
+    /// [`Shard::through_done`] when it ends, for the caller, which is about to wait: another
+    /// write-through of the key, or a write-behind write after a switch back to `Behind`
+    /// (its batch could otherwise reach the store while the older write-through is there).
+    #[inline]
+    pub(crate) fn through_in_flight(&mut self, hash: u64, key: &K) -> bool {
+        if self.throughs == 0 {
+            return false;
+        }
+        match self.through.find_mut(hash, |t| t.key == *key) {
+            Some(t) => {
+                t.waited = true;
+                true
+            }
+            None => false,
+        }
     }
 
     /// `key` has write-behind work the store does not hold yet: a write still to send, or a
@@ -629,7 +651,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// [`Shard::through_done`] once it has released the lock).
     pub(crate) fn end_through(&mut self, hash: u64, key: &K) -> bool {
         match self.through.find_entry(hash, |t| t.key == *key) {
-            Ok(mark) => mark.remove().0.waited,
+            Ok(mark) => {
+                self.throughs -= 1;
+                mark.remove().0.waited
+            }
             Err(_) => false,
         }
     }
@@ -961,15 +986,38 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
-    /// Write-through delete: drops the entry unless it holds something newer.
-    pub(crate) fn remove_clean(&mut self, hash: u64, key: &K, version: u64) {
+    /// Write-through delete at `version` (the store holds it): drops a clean entry unless it
+    /// holds something newer. A dirty entry with an older version (a write-behind write still
+    /// waiting for the store when the mode switched to `Through`) becomes a tombstone at this
+    /// version instead, as [`Table::fill_clean`] replaces a dirty older value: `get` answers
+    /// `None` at once, and the flusher later sends this same delete again, never the older
+    /// write. Returns the value it replaced, to drop after the lock is released.
+    pub(crate) fn remove_clean(
+        &mut self,
+        hash: u64,
+        key: &K,
+        version: u64,
+        weight: u32,
+    ) -> Option<V> {
         self.touch_loading(hash, key);
-        let stale = self
-            .find(hash, key)
-            .is_some_and(|e| !e.is_dirty() && e.version < version);
-        if stale {
-            self.remove_entry(hash, key);
+        let e = self.map.find_mut(hash, |e| e.key == *key)?;
+        if e.version >= version {
+            return None;
         }
+        if !e.is_dirty() {
+            self.remove_entry(hash, key);
+            return None;
+        }
+        let was_tombstone = e.is_tombstone();
+        let old = e.replace_value(None);
+        e.version = version;
+        e.persisted = e.persisted.max(version);
+        let old_weight = std::mem::replace(&mut self.side[e.slot as usize].weight, weight);
+        self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
+        if !was_tombstone {
+            self.tombstones += 1;
+        }
+        old
     }
 
     /// Read-only mode: a write that stays in memory and is never sent (a delete leaves a
@@ -1745,7 +1793,7 @@ mod tests {
             }
             // Remove every third key, then check that the rest kept their values and slots.
             for k in (0..100u64).step_by(3) {
-                t.remove_clean(h(k), &k, 1_000);
+                t.remove_clean(h(k), &k, 1_000, 1);
             }
             assert_eq!(t.len(), 66);
             for k in 0..100u64 {
@@ -1757,7 +1805,7 @@ mod tests {
                 }
             }
             for k in 0..100u64 {
-                t.remove_clean(h(k), &k, 1_000);
+                t.remove_clean(h(k), &k, 1_000, 1);
             }
             assert_eq!((t.len(), t.map.len()), (0, 0));
         }
