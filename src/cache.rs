@@ -531,12 +531,7 @@ where
         // A write-through of this key still at the store (the mode switched back to
         // `Behind` meanwhile): wait for it, or this write's batch could reach the store first.
         while table.through_in_flight(hash, &key) {
-            if in_store_call() {
-                return Err(Error::Reentrant);
-            }
-            let _ = shard
-                .through_done
-                .wait_for(&mut table, Duration::from_millis(100));
+            Self::wait_through(shard, &mut table)?;
         }
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -729,6 +724,25 @@ where
         }
     }
 
+    /// Waits, without the table lock, until a write-through of the shard ends (the caller
+    /// found its key's in flight with [`Table::through_in_flight`], which asked for the
+    /// wake-up), then holds the lock again; the caller asks again. From inside a store call
+    /// it returns `Error::Reentrant` instead: the write-through in flight may be this
+    /// thread's own, further up the stack (a store that writes the key it is writing).
+    fn wait_through(
+        shard: &Shard<K, V>,
+        table: &mut MutexGuard<'_, Table<K, V>>,
+    ) -> Result<(), Error> {
+        if in_store_call() {
+            return Err(Error::Reentrant);
+        }
+        // The timeout only bounds a lost wake-up; the caller's loop asks again either way.
+        let _ = shard
+            .through_done
+            .wait_for(table, Duration::from_millis(100));
+        Ok(())
+    }
+
     fn write_through(&self, key: K, value: Option<V>) -> Result<u64, Error> {
         let inner = &*self.inner;
         let hash = inner.hash(&key);
@@ -757,15 +771,7 @@ where
         let mut table = shard.table.lock();
         let version = loop {
             if table.through_in_flight(hash, &key) {
-                if in_store_call() {
-                    // The write-through in flight may be this thread's own, further up the
-                    // stack (a store that writes the key it is writing): it would never end.
-                    return Err(Error::Reentrant);
-                }
-                // The timeout only bounds a lost wake-up; the loop asks again either way.
-                let _ = shard
-                    .through_done
-                    .wait_for(&mut table, Duration::from_millis(100));
+                Self::wait_through(shard, &mut table)?;
                 continue;
             }
             // A key written behind (before a switch to `Through`) may still be waiting for
