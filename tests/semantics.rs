@@ -1095,6 +1095,255 @@ fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
     assert_eq!(cache.get(&1).unwrap(), Some(11));
 }
 
+/// A remove written through over a write-behind put of the key that is still pending (here
+/// because the switch's flush failed) must take the key out of the cache too. The cache
+/// keeps the older dirty value instead (`Table::remove_clean` drops a clean entry only): a
+/// get after the remove returned answers the removed value, and once the flusher has sent
+/// the put (which the store's version guard ignores, the delete being newer) the cache holds
+/// it clean while the store holds nothing.
+#[test]
+#[ignore = "open bug: a remove written through leaves an older pending write-behind value cached"]
+fn a_remove_written_through_over_a_pending_write_behind_put_removes_it() {
+    let s = store();
+    let cache = Cache::builder(s.clone()).manual_flushing().build().unwrap();
+    cache.put(1, 10).unwrap(); // write-behind: pending
+    s.set_down(true);
+    let switched = cache.set_write_mode(WriteMode::Through);
+    assert!(
+        matches!(switched, Err(Error::FlushTimeout { .. })),
+        "{switched:?}"
+    );
+    assert_eq!(cache.write_mode(), WriteMode::Through);
+    s.set_down(false);
+    cache.remove(&1).unwrap(); // write-through: the store applies the delete
+    assert_eq!(s.memory().get(&1), None);
+    let seen = cache.get(&1).unwrap();
+    cache.flush().unwrap();
+    let after_flush = (cache.get(&1).unwrap(), s.memory().get(&1));
+    assert_eq!(
+        (seen, after_flush),
+        (None, (None, None)),
+        "(a get after the written-through remove, (cache, store) after a flush)"
+    );
+}
+
+/// The same with a healthy store: the switch's flush is still on its way (it holds one
+/// flusher's core while that flusher's batch is at the store) when a remove of a key owned
+/// by the other flusher, whose write-behind put is still pending, is written through.
+#[test]
+#[ignore = "open bug: a remove written through leaves an older pending write-behind value cached"]
+fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
+    // Keys land in shards by a seeded hash, so a cache in which key 1 (held at the store)
+    // and some other key belong to different flushers, with key 1's flushed first, is
+    // looked for over a few caches.
+    for _ in 0..64 {
+        let store = Arc::new(HoldsTen::default());
+        let cache = Arc::new(
+            Cache::builder(store.clone())
+                .manual_flushing()
+                .shards(2)
+                .flushers(2)
+                .build()
+                .unwrap(),
+        );
+        cache.put(1, 10).unwrap();
+        for k in 2..=16 {
+            cache.put(k, 100 + k).unwrap();
+        }
+        let c = cache.clone();
+        let switch = std::thread::spawn(move || c.set_write_mode(WriteMode::Through));
+        store.wait_until_held(); // the switch's flush holds key 1's flusher core
+        let received: Vec<u64> = store.received.lock().unwrap().iter().map(|w| w.0).collect();
+        let Some(k) = (2..=16).find(|k| !received.contains(k)) else {
+            store.release(); // key 1's flusher went second: try another cache
+            switch.join().unwrap().unwrap();
+            continue;
+        };
+        assert_eq!(cache.write_mode(), WriteMode::Through);
+        cache.remove(&k).unwrap(); // written through under the other flusher's core
+        assert_eq!(store.memory.get(&k), None);
+        let seen = cache.get(&k).unwrap();
+        store.release();
+        switch.join().unwrap().unwrap();
+        assert_eq!(
+            seen, None,
+            "key {k}: a get after the written-through remove returned answers the removed value"
+        );
+        return;
+    }
+    panic!("no cache put key 1 and another key in different flushers, key 1's first");
+}
+
+/// A write-through of key 1 is at the store when the mode switches back to `Behind`; a put of
+/// key 1 made after the switch is written behind, and a flush sends it while the
+/// write-through is still at the store: the store applies the newer version first and the
+/// write-through's older one after it (the version guard then ignores the older one; a store
+/// that applied it would keep the older value while the cache answers the newer one).
+#[test]
+#[ignore = "open bug: a write-behind batch of a key can reach the store while the key's write-through is there"]
+fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through() {
+    let store = Arc::new(HoldsTen::default());
+    let cache = write_through_cache(&store);
+    let c = cache.clone();
+    let through = std::thread::spawn(move || c.put(1, 10));
+    store.wait_until_held(); // the write-through of key 1 is at the store
+    cache.set_write_mode(WriteMode::Behind).unwrap();
+    let c = cache.clone();
+    let behind = std::thread::spawn(move || {
+        let version = c.put(1, 11)?;
+        c.flush()?;
+        Ok::<u64, Error>(version)
+    });
+    // Let the put and its flush finish if nothing holds them back (as now); a put that waits
+    // for the write-through in flight is let go by the release after the deadline.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !behind.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    store.release();
+    let through = through.join().unwrap().unwrap();
+    let behind = behind.join().unwrap().unwrap();
+    assert!(
+        through < behind,
+        "the write-behind put took the newer version"
+    );
+    assert_eq!(
+        store.applied_versions(1),
+        vec![through, behind],
+        "the store applied key 1's versions out of order"
+    );
+    assert_eq!(store.memory.get(&1), Some(11));
+    assert_eq!(cache.get(&1).unwrap(), Some(11));
+}
+
+/// A store whose `write_all` holds a batch with a put of one of some values until the test
+/// lets that value go.
+struct HoldsValues {
+    memory: MemoryStore<u64, u64>,
+    /// value -> (a put of it is held, the test let it go)
+    gates: std::sync::Mutex<HashMap<u64, (bool, bool)>>,
+    changed: std::sync::Condvar,
+    /// Every (key, version) the store applied, in the order it applied them.
+    applied: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl HoldsValues {
+    fn new(values: &[u64]) -> Self {
+        HoldsValues {
+            memory: MemoryStore::new(),
+            gates: std::sync::Mutex::new(values.iter().map(|&v| (v, (false, false))).collect()),
+            changed: std::sync::Condvar::new(),
+            applied: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn wait_until_held(&self, value: u64) {
+        let mut gates = self.gates.lock().unwrap();
+        while !gates[&value].0 {
+            gates = self.changed.wait(gates).unwrap();
+        }
+    }
+
+    fn is_held(&self, value: u64) -> bool {
+        self.gates.lock().unwrap()[&value].0
+    }
+
+    fn release(&self, value: u64) {
+        self.gates.lock().unwrap().get_mut(&value).unwrap().1 = true;
+        self.changed.notify_all();
+    }
+
+    fn applied_versions(&self, key: u64) -> Vec<u64> {
+        let applied = self.applied.lock().unwrap();
+        applied
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .collect()
+    }
+}
+
+impl Store<u64, u64> for HoldsValues {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.memory.load(key)
+    }
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        let mut gates = self.gates.lock().unwrap();
+        for w in batch {
+            let Some(&value) = w.value() else { continue };
+            if let Some(gate) = gates.get_mut(&value) {
+                gate.0 = true;
+                self.changed.notify_all();
+                while !gates[&value].1 {
+                    gates = self.changed.wait(gates).unwrap();
+                }
+            }
+        }
+        drop(gates);
+        let mut applied = self.applied.lock().unwrap();
+        applied.extend(batch.iter().map(|w| (*w.key(), w.version())));
+        self.memory.write_all(batch)
+    }
+}
+
+/// A write-through decides whether to hold its flusher's core (the key has write-behind work
+/// pending) once, before it waits for the key's write-through in flight. A write-behind put
+/// of the key made while it waits (the mode went back to `Behind`) is in a batch at the store
+/// when the waiting write-through goes there too, without the core: the store applies the
+/// write-through's newer version first and the batch's older one after it.
+#[test]
+#[ignore = "open bug: a write-through decides before it waits its turn whether to hold the flusher's core"]
+fn a_write_through_that_waited_for_its_turn_does_not_overtake_a_batch_of_its_key() {
+    let store = Arc::new(HoldsValues::new(&[10, 11]));
+    let cache = write_through_cache(&store);
+    let c = cache.clone();
+    let first = std::thread::spawn(move || c.put(1, 10));
+    store.wait_until_held(10); // the first write-through of key 1 is at the store
+    let c = cache.clone();
+    let second = std::thread::spawn(move || c.put(1, 12));
+    // Time for the second write-through to find key 1 without write-behind work and to wait
+    // for the first (nothing outside the cache shows that it waits).
+    std::thread::sleep(Duration::from_millis(100));
+    cache.set_write_mode(WriteMode::Behind).unwrap();
+    let c = cache.clone();
+    let behind = std::thread::spawn(move || {
+        let version = c.put(1, 11)?;
+        c.flush()?;
+        Ok::<u64, Error>(version)
+    });
+    // Each wait below ends at once on the code as it is; the deadlines let a cache that holds
+    // the put or the second write-through back finish anyway.
+    let wait = |done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !done() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    wait(&|| store.is_held(11)); // the batch with key 1 is at the store
+    store.release(10);
+    wait(&|| second.is_finished());
+    store.release(11);
+    let first = first.join().unwrap().unwrap();
+    let second = second.join().unwrap().unwrap();
+    let behind = behind.join().unwrap().unwrap();
+    let applied = store.applied_versions(1);
+    let mut in_order = applied.clone();
+    in_order.sort_unstable();
+    assert_eq!(
+        (applied.len(), first < behind),
+        (3, true),
+        "three versions of key 1"
+    );
+    assert_eq!(
+        applied, in_order,
+        "the store applied key 1's versions out of order (first write-through {first}, \
+         write-behind {behind}, second write-through {second})"
+    );
+    let last = if second > behind { 12 } else { 11 };
+    assert_eq!(store.memory.get(&1), Some(last));
+    assert_eq!(cache.get(&1).unwrap(), Some(last));
+}
+
 /// A store that, handed a write of `trigger` (a value), puts `value` at `key` (`None`: the
 /// key being written) into its cache from inside `write_all`, and keeps what that put
 /// returned.
