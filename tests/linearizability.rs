@@ -23,6 +23,15 @@
 //! final flush, each key's row and cached value are checked as one more read that begins
 //! after every call returned.
 //!
+//! Switching modes. In `run_switching_modes` the workers also switch the write mode between
+//! `Behind` and `Through` now and then (`Switcher`), so write-behind batches and
+//! write-throughs of the same keys meet at the store. A switch from `Behind` flushes and is
+//! checked as a flush barrier. The cache writes to the store through `LoggedStore`, which
+//! tells the write-throughs (store calls made on a worker thread) from the flushers'
+//! batches: the runs count both, and the version-order check leaves out the write-throughs
+//! the store failed (they took no effect, and the key's older write-behind version, still
+//! pending, is sent after them).
+//!
 //! Writes that fail. With write-through (`WriteMode::Through`, or
 //! `Backpressure::WriteThrough` once a shard is at its `max_dirty` share) a writer calls the
 //! store itself, and when the store fails, `put` / `remove` return `Error::Store` and the
@@ -41,21 +50,102 @@
 //! candidates that may explain a `None`.
 //! Only the failure the configuration allows is tolerated: `Error::Store` carrying the
 //! injected `StoreError::Unavailable`, and only in runs that ask for it
-//! (`run_with_failing_writes`). Any other error (`Closed`, `Backpressure`, another store
-//! error) fails the test.
+//! (`run_with_failing_writes`, `run_switching_modes` on the failing store). Any other error
+//! (`Closed`, `Backpressure`, another store error) fails the test, and so does any error of
+//! a mode switch (`Switcher::switch` says why none is legitimate here).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use writebehind::testing::FaultyStore;
-use writebehind::{Backpressure, Builder, Cache, Error, StoreError, WriteMode};
+use writebehind::{
+    Backpressure, BatchError, Builder, Cache, Error, Store, StoreError, Write, WriteMode,
+};
 
 const KEYS: u64 = 4;
 const THREADS: u64 = 4;
 /// The error text of a `write_all` call that `FaultyStore::fail_with_probability` failed.
 const INJECTED_FAILURE: &str = "faulty store: injected unavailability";
+
+thread_local! {
+    /// Set on the worker threads: a store write made on one of them is a write-through
+    /// (workers never run a flusher step; their `flush()` waits for the flusher threads).
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One `write_all` call as `LoggedStore` saw it.
+struct LoggedCall {
+    /// (key, version) of each record, in batch order.
+    writes: Vec<(u64, u64)>,
+    /// Made on a worker thread: a write-through (one record).
+    through: bool,
+    /// The store took the call (`Ok`); otherwise it applied nothing.
+    ok: bool,
+}
+
+/// The failing store behind a log of its `write_all` calls that tells write-throughs from
+/// the flushers' batches. A mutex around each call keeps the log in the order the store
+/// handled the calls (`FaultyStore` handles one call at a time anyway).
+struct LoggedStore {
+    faulty: Arc<FaultyStore<u64, u64>>,
+    calls: Mutex<Vec<LoggedCall>>,
+}
+
+impl Store<u64, u64> for LoggedStore {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.faulty.load(key)
+    }
+
+    fn load_all(&self, keys: &[u64]) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.faulty.load_all(keys)
+    }
+
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        let mut calls = self.calls.lock().unwrap();
+        let result = self.faulty.write_all(batch);
+        calls.push(LoggedCall {
+            writes: batch.iter().map(|w| (*w.key(), w.version())).collect(),
+            through: WORKER.with(Cell::get),
+            ok: result.is_ok(),
+        });
+        result
+    }
+}
+
+impl LoggedStore {
+    /// Per key, the versions the store was handed, in order, leaving out the write-throughs
+    /// it failed. Such a write took no effect (the cache kept the key's previous value and
+    /// the store applied nothing), so the key's older write-behind version, still pending
+    /// from before a switch to `Through`, may follow it.
+    fn versions_in_effect(&self) -> HashMap<u64, Vec<u64>> {
+        let mut out: HashMap<u64, Vec<u64>> = HashMap::new();
+        for call in self.calls.lock().unwrap().iter() {
+            if call.through && !call.ok {
+                continue;
+            }
+            for &(key, version) in &call.writes {
+                out.entry(key).or_default().push(version);
+            }
+        }
+        out
+    }
+
+    /// (records of the flushers' batches the store took, write-throughs it took).
+    fn records_by_path(&self) -> (u64, u64) {
+        let calls = self.calls.lock().unwrap();
+        let ok = |through: bool| -> u64 {
+            calls
+                .iter()
+                .filter(|c| c.ok && c.through == through)
+                .map(|c| c.writes.len() as u64)
+                .sum()
+        };
+        (ok(false), ok(true))
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -98,13 +188,15 @@ fn run_threads(
     store: &Arc<FaultyStore<u64, u64>>,
     ops_per_thread: u64,
     writes_may_fail: bool,
-) -> Vec<Event> {
+    switch_modes: bool,
+) -> (Vec<Event>, Switches) {
     let clock = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let switcher = Arc::new(Switcher::default());
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let (cache, clock, barrier) = (cache.clone(), clock.clone(), barrier.clone());
-            let store = store.clone();
+            let (store, switcher) = (store.clone(), switcher.clone());
             std::thread::spawn(move || {
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1).wrapping_mul(0xA24B_AED4);
                 let mut next = || {
@@ -114,26 +206,28 @@ fn run_threads(
                     rng
                 };
                 let mut log = Vec::new();
+                WORKER.with(|w| w.set(true));
                 barrier.wait();
                 for i in 0..ops_per_thread {
                     let r = next();
                     let key = r % KEYS;
                     // Unique across threads: thread in the high bits, sequence in the low.
                     let value = (t << 32) | i;
+                    if switch_modes && (r >> 32) % SWITCH_ONE_IN == 0 {
+                        // A switch from `Behind` flushes: the same barrier as below, checked
+                        // the same way. A switch to `Behind` flushes nothing.
+                        let start = clock.fetch_add(1, Ordering::SeqCst);
+                        if switcher.switch(&cache) == Some(WriteMode::Through) {
+                            log.extend(store_rows(&store, &clock, start));
+                        }
+                        continue;
+                    }
                     if r % 97 == 0 {
                         // The flush barrier: after flush() returns, the store holds, for every
                         // key, a value that was current at some point since the flush began.
                         let start = clock.fetch_add(1, Ordering::SeqCst);
                         cache.flush().expect("flush with a store that recovers");
-                        let rows: Vec<(u64, Option<u64>)> =
-                            (0..KEYS).map(|k| (k, store.memory().get(&k))).collect();
-                        let end = clock.fetch_add(1, Ordering::SeqCst);
-                        log.extend(rows.into_iter().map(|(key, v)| Event {
-                            key,
-                            kind: Kind::StoreRead(v),
-                            start,
-                            end,
-                        }));
+                        log.extend(store_rows(&store, &clock, start));
                         continue;
                     }
                     if r % 97 == 1 {
@@ -170,10 +264,89 @@ fn run_threads(
             })
         })
         .collect();
-    handles
+    let events = handles
         .into_iter()
         .flat_map(|h| h.join().expect("worker panicked"))
+        .collect();
+    (events, switcher.switches())
+}
+
+/// Every key's row in the store, read after a flush that began at `start`: reads of the keys
+/// over `[start, now]`.
+fn store_rows(store: &FaultyStore<u64, u64>, clock: &AtomicU64, start: u64) -> Vec<Event> {
+    let rows: Vec<(u64, Option<u64>)> = (0..KEYS).map(|k| (k, store.memory().get(&k))).collect();
+    let end = clock.fetch_add(1, Ordering::SeqCst);
+    rows.into_iter()
+        .map(|(key, v)| Event {
+            key,
+            kind: Kind::StoreRead(v),
+            start,
+            end,
+        })
         .collect()
+}
+
+/// With mode switching on, one op in this many (about 400 of a full run's 16,000) switches
+/// the write mode.
+const SWITCH_ONE_IN: u64 = 40;
+
+/// Mode switches a run made, by direction.
+#[derive(Clone, Copy, Debug, Default)]
+struct Switches {
+    to_through: usize,
+    to_behind: usize,
+}
+
+/// Switches the write mode between `Behind` and `Through` on behalf of the workers, one
+/// switch at a time, so that write-behind batches and write-throughs of the same keys meet
+/// at the store: a write-through may start while its key's write-behind write is queued or
+/// at the store, and a write-behind write may be queued while a write-through of its key is
+/// at the store. Never `ReadOnly`: its writes are never sent, which the store checks cannot
+/// model.
+#[derive(Default)]
+struct Switcher {
+    /// Held across a switch: only a switch changes the mode, so the mode read under it is
+    /// the one the switch leaves, and each switch is counted in its true direction.
+    counts: Mutex<Switches>,
+}
+
+impl Switcher {
+    /// Switches to the other mode and returns it, unless another worker is switching right
+    /// now (`None`).
+    ///
+    /// Leaving `Behind` flushes, and `set_write_mode` returns the flush's result. Of the
+    /// errors `Cache::flush` documents, none can occur here, so every switch must return
+    /// `Ok`: `Error::Store` reports writes the store *rejected* `max_attempts` times, and the
+    /// failing store never rejects a record (it fails whole calls as unavailable, which the
+    /// flusher retries without counting attempts); `Error::FlushTimeout` needs the store to
+    /// refuse the flushers' calls for the whole flush timeout (30 s by default), while the
+    /// failing store takes four calls in five and the flusher retries within `retry_max`
+    /// (2 ms); `Error::Reentrant` needs a call from inside a store call; `Error::Closed` a
+    /// closed cache, and the cache is closed only after every worker has returned. The
+    /// workers' own `flush()` calls expect `Ok` on the failing store for the same reasons.
+    /// Switching to `Behind` flushes nothing and is always `Ok`.
+    fn switch(&self, cache: &Cache<u64, u64>) -> Option<WriteMode> {
+        let Ok(mut counts) = self.counts.try_lock() else {
+            return None;
+        };
+        let to = match cache.write_mode() {
+            WriteMode::Behind => WriteMode::Through,
+            WriteMode::Through => WriteMode::Behind,
+            WriteMode::ReadOnly => unreachable!("no run switches to ReadOnly"),
+        };
+        if let Err(e) = cache.set_write_mode(to) {
+            panic!("switching to {to:?} returned {e:?}; this run allows no error there");
+        }
+        match to {
+            WriteMode::Through => counts.to_through += 1,
+            _ => counts.to_behind += 1,
+        }
+        Some(to)
+    }
+
+    fn switches(&self) -> Switches {
+        *self.counts.lock().unwrap()
+    }
 }
 
 /// Checks every read of one key against that key's writes.
@@ -237,13 +410,19 @@ fn check_key(key: u64, events: &[Event]) {
 
 type Tweak = fn(Builder<u64, u64>) -> Builder<u64, u64>;
 
-/// What a run did, by event kind.
+/// What a run did: events by kind, then what reached the store by path, and the mode
+/// switches.
 #[derive(Debug, Default)]
 struct Counts {
     writes: usize,
     failed_writes: usize,
     reads: usize,
     store_reads: usize,
+    /// Records of the flushers' batches the store took (write-behind).
+    behind_records: u64,
+    /// Write-throughs the store took.
+    write_throughs: u64,
+    switches: Switches,
 }
 
 fn run(flaky: bool, ops_per_thread: u64) -> Counts {
@@ -252,21 +431,37 @@ fn run(flaky: bool, ops_per_thread: u64) -> Counts {
 
 /// `run` with more builder settings on top of the common ones. Every write must succeed.
 fn run_with(flaky: bool, ops_per_thread: u64, tweak: Tweak) -> Counts {
-    run_checked(flaky, false, ops_per_thread, tweak)
+    run_checked(flaky, false, false, ops_per_thread, tweak)
 }
 
 /// `run_with` on the failing store, for a configuration that writes through: a write may
 /// fail with the store's injected error, and is then checked as a failed write.
 fn run_with_failing_writes(ops_per_thread: u64, tweak: Tweak) -> Counts {
-    run_checked(true, true, ops_per_thread, tweak)
+    run_checked(true, true, false, ops_per_thread, tweak)
 }
 
-fn run_checked(flaky: bool, writes_may_fail: bool, ops_per_thread: u64, tweak: Tweak) -> Counts {
+/// `run` while the workers switch the write mode between `Behind` and `Through` now and
+/// then (`Switcher`). On the failing store a write made in `Through` may fail.
+fn run_switching_modes(flaky: bool, ops_per_thread: u64) -> Counts {
+    run_checked(flaky, flaky, true, ops_per_thread, |b| b)
+}
+
+fn run_checked(
+    flaky: bool,
+    writes_may_fail: bool,
+    switch_modes: bool,
+    ops_per_thread: u64,
+    tweak: Tweak,
+) -> Counts {
     let store = Arc::new(FaultyStore::<u64, u64>::new());
     if flaky {
         store.fail_with_probability(0.2, 42);
     }
-    let builder = Cache::builder(store.clone())
+    let logged = Arc::new(LoggedStore {
+        faulty: store.clone(),
+        calls: Mutex::new(Vec::new()),
+    });
+    let builder = Cache::builder(logged.clone())
         .write_delay(Duration::from_micros(200))
         .retry_backoff(Duration::from_micros(100), Duration::from_millis(2))
         .max_batch(4)
@@ -274,7 +469,13 @@ fn run_checked(flaky: bool, writes_may_fail: bool, ops_per_thread: u64, tweak: T
         .flushers(2)
         .dirty_ring_capacity(2);
     let cache = Arc::new(tweak(builder).build().unwrap());
-    let mut events = run_threads(&cache, &store, ops_per_thread, writes_may_fail);
+    let (mut events, switches) = run_threads(
+        &cache,
+        &store,
+        ops_per_thread,
+        writes_may_fail,
+        switch_modes,
+    );
 
     store.heal();
     cache.flush().unwrap();
@@ -321,14 +522,28 @@ fn run_checked(flaky: bool, writes_may_fail: bool, ops_per_thread: u64, tweak: T
         "the workload made no flushes"
     );
 
-    for (key, versions) in store.received_versions() {
-        assert!(
-            versions.windows(2).all(|w| w[0] <= w[1]),
-            "key {key}: the store received versions out of order: {versions:?}"
-        );
+    for (key, versions) in logged.versions_in_effect() {
+        if let Some(i) = versions.windows(2).position(|w| w[0] > w[1]) {
+            panic!(
+                "key {key}: the store received versions out of order: {} after {} (receipt \
+                 {} of {}; around it: {:?})",
+                versions[i + 1],
+                versions[i],
+                i + 1,
+                versions.len(),
+                &versions[i.saturating_sub(3)..(i + 5).min(versions.len())]
+            );
+        }
     }
     let report = cache.close(Duration::from_secs(5));
     assert!(report.is_clean());
+    (counts.behind_records, counts.write_throughs) = logged.records_by_path();
+    assert_eq!(
+        counts.behind_records,
+        cache.metrics().records_written,
+        "the flushers' batches the store took are the records the flushers wrote"
+    );
+    counts.switches = switches;
     eprintln!("{counts:?}");
     counts
 }
@@ -399,6 +614,50 @@ fn per_key_linearizable_write_through_mode_flaky_store() {
     assert!(
         counts.failed_writes > 0,
         "no write-through failed, so the failure path went unchecked: {counts:?}"
+    );
+}
+
+/// The write mode switches between `Behind` and `Through` a few hundred times while the
+/// workers run (`Switcher`): write-throughs start while their key's write-behind
+/// batch is queued or at the store, and write-behind writes are queued while a write-through
+/// of their key is at the store. Every switch and every write must succeed.
+#[test]
+fn per_key_linearizable_switching_write_modes() {
+    let counts = run_switching_modes(false, if cfg!(miri) { 20 } else { 4000 });
+    assert_switched_and_wrote_both_ways(&counts);
+}
+
+/// The same on the failing store: write-throughs fail one time in five (failed writes),
+/// write-behind batches fail and are retried, which keeps keys dirty into the next
+/// `Through` period.
+#[test]
+fn per_key_linearizable_switching_write_modes_flaky_store() {
+    let counts = run_switching_modes(true, if cfg!(miri) { 20 } else { 4000 });
+    assert_switched_and_wrote_both_ways(&counts);
+    assert!(
+        counts.failed_writes > 0 || cfg!(miri),
+        "no write-through failed, so the failure path went unchecked: {counts:?}"
+    );
+}
+
+/// A switching run proves something only if the modes switched both ways and both paths
+/// wrote to the store.
+fn assert_switched_and_wrote_both_ways(counts: &Counts) {
+    let Switches {
+        to_through,
+        to_behind,
+    } = counts.switches;
+    assert!(
+        (to_through > 0 && to_behind > 0) || cfg!(miri),
+        "the mode did not switch both ways: {counts:?}"
+    );
+    assert!(
+        counts.write_throughs > 0 || cfg!(miri),
+        "no write-through reached the store: {counts:?}"
+    );
+    assert!(
+        counts.behind_records > 0 || cfg!(miri),
+        "no write-behind batch reached the store: {counts:?}"
     );
 }
 
