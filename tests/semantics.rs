@@ -934,66 +934,6 @@ fn write_through_cache<S: Store<u64, u64> + 'static>(store: &Arc<S>) -> Arc<Cach
     )
 }
 
-/// A store whose `write_all` holds a put of the value 10 until the test lets it go.
-#[derive(Default)]
-struct HoldsTen {
-    memory: MemoryStore<u64, u64>,
-    /// (a put of 10 is held, the test let it go)
-    state: std::sync::Mutex<(bool, bool)>,
-    changed: std::sync::Condvar,
-    /// Every (key, version) the store was handed, in the order of the calls.
-    received: std::sync::Mutex<Vec<(u64, u64)>>,
-    /// Every (key, version) the store applied, in the order it applied them.
-    applied: std::sync::Mutex<Vec<(u64, u64)>>,
-}
-
-impl Store<u64, u64> for HoldsTen {
-    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
-        self.memory.load(key)
-    }
-    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
-        self.received
-            .lock()
-            .unwrap()
-            .extend(batch.iter().map(|w| (*w.key(), w.version())));
-        if batch.iter().any(|w| w.value() == Some(&10)) {
-            let mut s = self.state.lock().unwrap();
-            s.0 = true;
-            self.changed.notify_all();
-            while !s.1 {
-                s = self.changed.wait(s).unwrap();
-            }
-        }
-        let mut applied = self.applied.lock().unwrap();
-        applied.extend(batch.iter().map(|w| (*w.key(), w.version())));
-        self.memory.write_all(batch)
-    }
-}
-
-impl HoldsTen {
-    fn wait_until_held(&self) {
-        let mut s = self.state.lock().unwrap();
-        while !s.0 {
-            s = self.changed.wait(s).unwrap();
-        }
-    }
-
-    fn release(&self) {
-        self.state.lock().unwrap().1 = true;
-        self.changed.notify_all();
-    }
-
-    /// The versions of `key` in the order the store applied them.
-    fn applied_versions(&self, key: u64) -> Vec<u64> {
-        let applied = self.applied.lock().unwrap();
-        applied
-            .iter()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
-            .collect()
-    }
-}
-
 /// Two write-throughs of one key: the second waits until the first has been to the store, so
 /// the store receives the versions in order and the cache ends with the store's answer. (Run
 /// side by side, the remove reached the store first, the store's version guard then ignored
@@ -1001,16 +941,11 @@ impl HoldsTen {
 /// held nothing.)
 #[test]
 fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
-    let store = Arc::new(HoldsTen::default());
+    let store = Arc::new(HoldsValues::new(&[10]));
     let cache = write_through_cache(&store);
     let c = cache.clone();
     let put = std::thread::spawn(move || c.put(1, 10));
-    {
-        let mut s = store.state.lock().unwrap();
-        while !s.0 {
-            s = store.changed.wait(s).unwrap();
-        }
-    }
+    store.wait_until_held(10);
     let c = cache.clone();
     let remove = std::thread::spawn(move || c.remove(&1));
     // A write-through of another key is not held up by the one in flight.
@@ -1022,11 +957,7 @@ fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
         2,
         "the remove reached the store while the put of the same key was still there"
     );
-    {
-        let mut s = store.state.lock().unwrap();
-        s.1 = true;
-        store.changed.notify_all();
-    }
+    store.release(10);
     let put_version = put.join().unwrap().unwrap();
     let remove_version = remove.join().unwrap().unwrap();
     assert!(
@@ -1061,7 +992,7 @@ fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
 /// older one; a store without a version guard would have kept the older value.)
 #[test]
 fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
-    let store = Arc::new(HoldsTen::default());
+    let store = Arc::new(HoldsValues::new(&[10]));
     let cache = Arc::new(
         Cache::builder(store.clone())
             .manual_flushing()
@@ -1071,7 +1002,7 @@ fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
     let behind = cache.put(1, 10).unwrap();
     let c = cache.clone();
     let flush = std::thread::spawn(move || c.flush());
-    store.wait_until_held(); // the batch with key 1 is at the store
+    store.wait_until_held(10); // the batch with key 1 is at the store
     let c = cache.clone();
     let switch = std::thread::spawn(move || c.set_write_mode(WriteMode::Through));
     while cache.write_mode() != WriteMode::Through {
@@ -1080,7 +1011,7 @@ fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
     let s = store.clone();
     let release = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
-        s.release();
+        s.release(10);
     });
     let through = cache.put(1, 11).unwrap();
     release.join().unwrap();
@@ -1134,7 +1065,7 @@ fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
     // and some other key belong to different flushers, with key 1's flushed first, is
     // looked for over a few caches.
     for _ in 0..64 {
-        let store = Arc::new(HoldsTen::default());
+        let store = Arc::new(HoldsValues::new(&[10]));
         let cache = Arc::new(
             Cache::builder(store.clone())
                 .manual_flushing()
@@ -1149,10 +1080,10 @@ fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
         }
         let c = cache.clone();
         let switch = std::thread::spawn(move || c.set_write_mode(WriteMode::Through));
-        store.wait_until_held(); // the switch's flush holds key 1's flusher core
+        store.wait_until_held(10); // the switch's flush holds key 1's flusher core
         let received: Vec<u64> = store.received.lock().unwrap().iter().map(|w| w.0).collect();
         let Some(k) = (2..=16).find(|k| !received.contains(k)) else {
-            store.release(); // key 1's flusher went second: try another cache
+            store.release(10); // key 1's flusher went second: try another cache
             switch.join().unwrap().unwrap();
             continue;
         };
@@ -1160,7 +1091,7 @@ fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
         cache.remove(&k).unwrap(); // written through under the other flusher's core
         assert_eq!(store.memory.get(&k), None);
         let seen = cache.get(&k).unwrap();
-        store.release();
+        store.release(10);
         switch.join().unwrap().unwrap();
         assert_eq!(
             seen, None,
@@ -1178,11 +1109,11 @@ fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
 /// without a version guard would keep the older value while the cache answers the newer.)
 #[test]
 fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through() {
-    let store = Arc::new(HoldsTen::default());
+    let store = Arc::new(HoldsValues::new(&[10]));
     let cache = write_through_cache(&store);
     let c = cache.clone();
     let through = std::thread::spawn(move || c.put(1, 10));
-    store.wait_until_held(); // the write-through of key 1 is at the store
+    store.wait_until_held(10); // the write-through of key 1 is at the store
     cache.set_write_mode(WriteMode::Behind).unwrap();
     let c = cache.clone();
     let behind = std::thread::spawn(move || {
@@ -1196,7 +1127,7 @@ fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through()
     while !behind.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    store.release();
+    store.release(10);
     let through = through.join().unwrap().unwrap();
     let behind = behind.join().unwrap().unwrap();
     assert!(
@@ -1219,6 +1150,8 @@ struct HoldsValues {
     /// value -> (a put of it is held, the test let it go)
     gates: std::sync::Mutex<HashMap<u64, (bool, bool)>>,
     changed: std::sync::Condvar,
+    /// Every (key, version) the store was handed, in the order of the calls.
+    received: std::sync::Mutex<Vec<(u64, u64)>>,
     /// Every (key, version) the store applied, in the order it applied them.
     applied: std::sync::Mutex<Vec<(u64, u64)>>,
 }
@@ -1229,6 +1162,7 @@ impl HoldsValues {
             memory: MemoryStore::new(),
             gates: std::sync::Mutex::new(values.iter().map(|&v| (v, (false, false))).collect()),
             changed: std::sync::Condvar::new(),
+            received: std::sync::Mutex::new(Vec::new()),
             applied: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -1264,6 +1198,10 @@ impl Store<u64, u64> for HoldsValues {
         self.memory.load(key)
     }
     fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        self.received
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|w| (*w.key(), w.version())));
         let mut gates = self.gates.lock().unwrap();
         for w in batch {
             let Some(&value) = w.value() else { continue };
