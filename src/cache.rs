@@ -527,12 +527,7 @@ where
         let shard = &inner.shards[s];
         let weight = inner.weight(&key, value.as_ref());
         let now = inner.coarse_now();
-        let mut table = shard.table.lock();
-        // A write-through of this key still at the store (the mode switched back to
-        // `Behind` meanwhile): wait for it, or this write's batch could reach the store first.
-        while table.through_in_flight(hash, &key) {
-            Self::wait_through(shard, &mut table)?;
-        }
+        let mut table = Self::lock_behind(shard, hash, &key)?;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -543,6 +538,22 @@ where
             }
         }
         Ok(self.write_locked(s, table, hash, key, value, now, weight))
+    }
+
+    /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is
+    /// still at the store (the mode switched while this write was on its way), waits for it
+    /// first, or this write's batch could reach the store before the older write-through.
+    #[inline]
+    fn lock_behind<'a>(
+        shard: &'a Shard<K, V>,
+        hash: u64,
+        key: &K,
+    ) -> Result<MutexGuard<'a, Table<K, V>>, Error> {
+        let mut table = shard.table.lock();
+        while table.through_in_flight(hash, key) {
+            Self::wait_through(shard, &mut table)?;
+        }
+        Ok(table)
     }
 
     /// A write-behind on a shard whose table lock the caller holds: records the write, queues
@@ -648,7 +659,9 @@ where
                         return refused();
                     }
                     inner.wait_progress((deadline - now).min(Duration::from_millis(10)));
-                    let mut table = shard.table.lock();
+                    // The mode may have switched meanwhile, and a write-through of the key
+                    // gone to the store: `lock_behind` waits for it.
+                    let mut table = Self::lock_behind(shard, hash, &key)?;
                     if inner.closed.load(Ordering::Acquire) {
                         return Err(Error::Closed);
                     }
@@ -668,7 +681,9 @@ where
                 // Holding the owning flusher's core keeps its batches out while this writer
                 // writes the key, so the key's versions reach the store in order.
                 let _core = inner.flusher_of(s).core.lock();
-                let mut table = shard.table.lock();
+                // A write-through of the key in flight does not need the core (it would hold
+                // it), so waiting for it here cannot wait for this thread.
+                let mut table = Self::lock_behind(shard, hash, &key)?;
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();

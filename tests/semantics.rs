@@ -1477,3 +1477,83 @@ fn a_flush_racing_close_answers_closed_not_a_timeout() {
         "answered at close, not after the timeout"
     );
 }
+
+/// A write held back by backpressure (`policy`) on key 1 finds room only after the mode
+/// switched to `Through` and a write-through of key 1 went to the store; the held-back write
+/// waits for that write-through before it writes behind, so its batch cannot reach the store
+/// first. (Before, it re-took the table lock and wrote without asking: a flush then sent its
+/// newer version while the write-through's older one was still at the store, which applied
+/// them in the wrong order.)
+fn a_backpressured_write_waits_for_the_keys_write_through(policy: Backpressure) {
+    let store = Arc::new(HoldsValues::new(&[10, 30]));
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .manual_flushing()
+            .shards(1)
+            .max_dirty(1, policy)
+            .build()
+            .unwrap(),
+    );
+    let spawn_flush = |cache: &Arc<Cache<u64, u64>>| {
+        let c = cache.clone();
+        std::thread::spawn(move || c.flush())
+    };
+    let wait_for = |done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !done() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    cache.put(2, 30).unwrap(); // the shard is at its dirty limit
+    let first_flush = spawn_flush(&cache);
+    store.wait_until_held(30); // key 2 is at the store, still dirty
+    let c = cache.clone();
+    let held_back = std::thread::spawn(move || c.put(1, 11));
+    let metrics_show_it = || {
+        let m = cache.metrics();
+        m.backpressure_waits + m.write_through_fallbacks == 1
+    };
+    wait_for(&metrics_show_it);
+    assert!(metrics_show_it(), "the put of key 1 was not held back");
+    let c = cache.clone();
+    let switch = std::thread::spawn(move || c.set_write_mode(WriteMode::Through));
+    while cache.write_mode() != WriteMode::Through {
+        std::thread::yield_now();
+    }
+    let c = cache.clone();
+    let through = std::thread::spawn(move || c.put(1, 10));
+    store.wait_until_held(10); // the write-through of key 1 is at the store
+    store.release(30); // key 2 is written: room for the held-back put
+    first_flush.join().unwrap().unwrap();
+    // Let the held-back put, and a flush after it, finish if nothing holds them (as before
+    // the fix); one that waits for the write-through is let go by the release below.
+    wait_for(&|| held_back.is_finished());
+    let second_flush = spawn_flush(&cache);
+    wait_for(&|| second_flush.is_finished());
+    store.release(10);
+    let through = through.join().unwrap().unwrap();
+    let behind = held_back.join().unwrap().unwrap();
+    switch.join().unwrap().unwrap();
+    second_flush.join().unwrap().unwrap();
+    cache.flush().unwrap();
+    assert!(through < behind, "the held-back put took the newer version");
+    assert_eq!(
+        store.applied_versions(1),
+        vec![through, behind],
+        "the store applied key 1's versions out of order"
+    );
+    assert_eq!(store.memory.get(&1), Some(11));
+    assert_eq!(cache.get(&1).unwrap(), Some(11));
+}
+
+#[test]
+fn a_write_blocked_by_backpressure_waits_for_the_keys_write_through() {
+    a_backpressured_write_waits_for_the_keys_write_through(Backpressure::Block {
+        timeout: Duration::from_secs(10),
+    });
+}
+
+#[test]
+fn a_write_falling_back_to_write_through_waits_for_the_keys_write_through() {
+    a_backpressured_write_waits_for_the_keys_write_through(Backpressure::WriteThrough);
+}
