@@ -428,11 +428,15 @@ where
             threads: Mutex::new(Some(Vec::new())),
         };
         if !b.manual {
+            let nice = b.flusher_nice;
             for k in 0..nflushers {
                 let inner2 = inner.clone();
                 let spawned = crate::sync::thread::spawn_named(
                     format!("{}-flusher-{k}", b.name),
                     move || {
+                        if let Err(e) = crate::sync::thread::lower_priority(nice) {
+                            tracing::debug!(error = %e, nice, "flusher keeps the builder's priority");
+                        }
                         inner2.flushers[k].unparker.set(std::thread::current());
                         flusher::run(inner2, k);
                     },

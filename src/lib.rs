@@ -65,8 +65,9 @@ pub use cache::{Cache, CloseReport, FailedWrite};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     Backpressure, Builder, WriteMode, DEFAULT_FAILED_WRITES_CAPACITY, DEFAULT_FLUSHERS,
-    DEFAULT_FLUSH_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BATCH, DEFAULT_RETRY_BASE,
-    DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_STORE_TIMEOUT, DEFAULT_WRITE_DELAY,
+    DEFAULT_FLUSHER_NICE, DEFAULT_FLUSH_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BATCH,
+    DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_STORE_TIMEOUT,
+    DEFAULT_WRITE_DELAY,
 };
 pub use error::{BatchError, Error, Source, StoreError};
 pub use metrics::{Distribution, Health, Metrics};

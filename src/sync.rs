@@ -140,6 +140,42 @@ pub(crate) mod thread {
         std::thread::Builder::new().name(name).spawn(f)
     }
 
+    /// Lowers the calling thread's CPU priority by `levels` nice levels, capped at 19 (the
+    /// flushers, `Builder::flusher_nice`). On Linux the nice value belongs to the thread, so
+    /// the rest of the process keeps its priority.
+    #[cfg(all(target_os = "linux", not(writebehind_loom), not(miri)))]
+    pub(crate) fn lower_priority(levels: u8) -> io::Result<()> {
+        if levels == 0 {
+            return Ok(());
+        }
+        // SAFETY: `gettid` has no preconditions and always succeeds.
+        let tid = unsafe { libc::gettid() };
+        let who = libc::id_t::try_from(tid).map_err(|_| io::Error::other("negative thread id"))?;
+        // `getpriority` may return -1 as a nice value: errno, cleared first, tells an error.
+        // SAFETY: `__errno_location` returns this thread's errno, valid for the thread's life.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: plain system call on this thread's own id; no memory is passed.
+        let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, who) };
+        if current == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(0) {
+                return Err(e);
+            }
+        }
+        let target = current.saturating_add(i32::from(levels)).min(19);
+        // SAFETY: as above; raising one's own nice value needs no privilege.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, who, target) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Elsewhere (and under loom and Miri) the flushers keep the builder's priority.
+    #[cfg(not(all(target_os = "linux", not(writebehind_loom), not(miri))))]
+    pub(crate) fn lower_priority(_levels: u8) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Background threads are not modeled under loom: models use manual flushing.
     #[cfg(writebehind_loom)]
     pub(crate) fn spawn_named<F>(_name: String, _f: F) -> io::Result<std::thread::JoinHandle<()>>

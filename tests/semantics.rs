@@ -823,6 +823,70 @@ fn hundred_caches_leave_no_thread_behind() {
     );
 }
 
+/// The nice value of a thread from its `/proc/.../stat` (field 19).
+#[cfg(target_os = "linux")]
+fn nice_of(stat_path: &std::path::Path) -> Option<i32> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the parenthesised name start with the state, field 3.
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(19 - 3)?
+        .parse()
+        .ok()
+}
+
+/// The nice values of this process's threads whose name starts with `prefix`.
+#[cfg(target_os = "linux")]
+fn nice_of_threads(prefix: &str) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|name| name.starts_with(prefix))
+        })
+        .filter_map(|e| nice_of(&e.path().join("stat")))
+        .collect()
+}
+
+/// Flusher threads lower their own CPU priority by `Builder::flusher_nice` levels (10 by
+/// default), capped at 19; the building thread keeps its own.
+#[cfg(target_os = "linux")]
+#[test]
+fn flushers_run_the_configured_nice_levels_below_the_builder() {
+    let own = || nice_of(std::path::Path::new("/proc/thread-self/stat")).unwrap();
+    let base = own();
+    for (name, levels) in [
+        ("nicedflt", None),
+        ("nicezero", Some(0)),
+        ("nicethree", Some(3)),
+    ] {
+        let mut b = Cache::builder(MemoryStore::<u64, u64>::new())
+            .name(name)
+            .flushers(2);
+        if let Some(n) = levels {
+            b = b.flusher_nice(n);
+        }
+        let cache = b.build().unwrap();
+        // Each flusher lowers its priority before it serves anything: once a flush has been
+        // served by both, both have done it.
+        for k in 0..64 {
+            cache.put(k, k).unwrap();
+        }
+        cache.flush().unwrap();
+        let want = (base + i32::from(levels.unwrap_or(10))).min(19);
+        assert!(
+            eventually(Duration::from_secs(5), || nice_of_threads(name)
+                == vec![want, want]),
+            "{name}: flusher nice values {:?}, want {want} twice (builder at {base})",
+            nice_of_threads(name)
+        );
+        assert_eq!(own(), base, "the building thread keeps its priority");
+    }
+}
+
 // Read-through --------------------------------------------------------------------------------------------
 
 #[test]
