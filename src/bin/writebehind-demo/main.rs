@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use writebehind::{Cache, Store, Write, WriteMode, DEFAULT_MAX_BATCH, DEFAULT_SHARDS};
+use writebehind::{
+    Cache, Store, Write, WriteMode, DEFAULT_FLUSHER_NICE, DEFAULT_MAX_BATCH, DEFAULT_SHARDS,
+};
 
 use probe::{new_histogram, Db, Probe, Probed, BUCKET};
 pub use profile::Profile;
@@ -81,6 +83,11 @@ struct Args {
     /// Write-behind staleness bound in milliseconds (the cache's write_delay).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     write_delay_ms: u64,
+
+    /// Nice levels the flusher threads run below the client threads (Linux; the cache's
+    /// flusher_nice). 0 runs them at the clients' priority.
+    #[arg(long, value_name = "LEVELS", default_value_t = DEFAULT_FLUSHER_NICE)]
+    flusher_nice: u8,
 
     /// Largest batch (rows per transaction) and count trigger of write-behind.
     #[arg(long, default_value_t = DEFAULT_MAX_BATCH, value_parser = batch_size)]
@@ -332,6 +339,7 @@ fn run_mode(
     .write_mode(mode)
     .write_delay(Duration::from_millis(args.write_delay_ms))
     .max_batch(args.max_batch)
+    .flusher_nice(args.flusher_nice)
     // The profiles table is keyed by user id: a backlog reaches it in runs of neighbouring
     // ids, which the B-tree takes in a few pages per batch.
     .flush_order(|a: &u64, b: &u64| a.cmp(b))
