@@ -228,6 +228,37 @@ fn flusher_cpu_seconds() -> Option<f64> {
     found.then_some(total)
 }
 
+/// Lowers the priority of this process's threads named `name` by `levels` nice levels
+/// (Linux; elsewhere it says it cannot).
+fn lower_thread_priority(name: &str, levels: u8) {
+    #[cfg(target_os = "linux")]
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::id_t>().ok())
+        else {
+            continue;
+        };
+        if comm.trim_end() == name {
+            // SAFETY: plain system calls on one of this process's threads; no memory is
+            // passed. Raising a nice value needs no privilege.
+            let done = unsafe {
+                let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+                libc::setpriority(libc::PRIO_PROCESS, tid, (now + i32::from(levels)).min(19))
+            };
+            eprintln!("{name} ({tid}): {levels} nice levels lower: {}", done == 0);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    eprintln!("{name}: thread priorities are set on Linux only ({levels} levels asked)");
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
@@ -245,7 +276,12 @@ fn main() {
         .manual_flushing()
         .build()
         .expect("valid configuration");
+    // `PUT_FLUSHER_NICE=n`: the flushing cache's flusher n nice levels below the putting
+    // threads (`Builder::flusher_nice`); `PUT_HAND_NICE=n`: the hand-rolled write-behind's
+    // writer thread likewise (Linux), to see whether it gains as the engine does.
+    let env_nice = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u8>().ok());
     let flushed: Cache<u64, u64> = Cache::builder(Arc::new(MemoryStore::new()))
+        .flusher_nice(env_nice("PUT_FLUSHER_NICE").unwrap_or(0))
         .build()
         .expect("default configuration");
     let hand = HandBuilt::new(n);
@@ -254,6 +290,9 @@ fn main() {
     let floor_dm = dashmap::DashMap::with_hasher(ahash::RandomState::new());
     let floor_store = MemoryStore::new();
     let rolled = Hand::<u64>::new(Arc::new(MemoryStore::new()));
+    if let Some(n) = env_nice("PUT_HAND_NICE") {
+        lower_thread_priority(common::HAND_WRITER, n);
+    }
     for k in 0..n {
         manual.put(k, k).expect("open");
         flushed.put(k, k).expect("open");

@@ -207,6 +207,10 @@ pub trait SyncCache<V: Val>: Send + Sync + 'static {
     fn report(&self) -> Option<String> {
         None
     }
+    /// The contender's name when one type serves several (writebehind and its configurations).
+    fn label(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Something the runner can time.
@@ -310,7 +314,7 @@ macro_rules! sync_contender {
     ($ty:ident, $name:expr) => {
         impl<V: Val> Contender<V> for Arc<$ty<V>> {
             fn name(&self) -> &'static str {
-                $name
+                SyncCache::label(&**self).unwrap_or($name)
             }
             fn run(&self, plan: &Arc<Plan>, threads: usize, ops: u64, run_id: u64) -> Duration {
                 run_threads(self, plan, threads, ops, run_id)
@@ -332,10 +336,25 @@ macro_rules! sync_contender {
 
 pub struct Wb<V: Val> {
     pub cache: Cache<u64, V>,
+    label: Option<&'static str>,
 }
 
+/// The nice levels of the `writebehind-nice10` contender's flusher (`Builder::flusher_nice`).
+pub const WB_NICE: u8 = 10;
+
 impl<V: Val> Wb<V> {
+    /// The defaults (the `writebehind` contender).
     pub fn new(store: SharedStore<V>) -> Arc<Self> {
+        Self::build(store, None)
+    }
+
+    /// The defaults with the flusher [`WB_NICE`] nice levels below the benchmark threads
+    /// (the `writebehind-nice10` contender).
+    pub fn niced(store: SharedStore<V>) -> Arc<Self> {
+        Self::build(store, Some(WB_NICE))
+    }
+
+    fn build(store: SharedStore<V>, nice: Option<u8>) -> Arc<Self> {
         // `WB_MANUAL=1` (a diagnostic, not a contender): no flusher thread; the flush at the
         // end of a timed run writes everything on the calling thread.
         let manual = std::env::var("WB_MANUAL").is_ok_and(|v| v == "1");
@@ -350,8 +369,14 @@ impl<V: Val> Wb<V> {
         if manual {
             b = b.manual_flushing();
         }
+        if let Some(n) = nice {
+            b = b.flusher_nice(n);
+        }
         let cache = b.build().expect("default configuration is valid");
-        Arc::new(Wb { cache })
+        Arc::new(Wb {
+            cache,
+            label: nice.map(|_| "writebehind-nice10"),
+        })
     }
 }
 
@@ -380,6 +405,9 @@ impl<V: Val> SyncCache<V> for Wb<V> {
             m.records_written,
             m.records_written as f64 / m.batches.max(1) as f64
         ))
+    }
+    fn label(&self) -> Option<&'static str> {
+        self.label
     }
 }
 sync_contender!(Wb, "writebehind");
@@ -500,6 +528,9 @@ pub enum Msg<V> {
     Sync(crossbeam_channel::Sender<()>),
 }
 
+/// The hand-rolled write-behind's writer thread's name (15 bytes, all of it in `comm`).
+pub const HAND_WRITER: &str = "hand-rolled-wrt";
+
 /// What users write by hand: a dashmap for reads, every write also sent over a channel to one
 /// writer thread that calls the store once per record.
 pub struct Hand<V: Val> {
@@ -515,7 +546,9 @@ impl<V: Val> Hand<V> {
         let (tx, rx) = crossbeam_channel::bounded::<Msg<V>>(HAND_CHANNEL);
         let written = Arc::new(AtomicU64::new(0));
         let (s2, w2) = (store.clone(), written.clone());
-        let writer = std::thread::spawn(move || {
+        // Named, so a diagnostic can find it (`put_layout`'s `PUT_HAND_NICE`).
+        let writer = std::thread::Builder::new().name(HAND_WRITER.into());
+        let writer = writer.spawn(move || {
             let mut version = 1u64;
             for msg in rx {
                 let (key, value) = match msg {
@@ -535,6 +568,7 @@ impl<V: Val> Hand<V> {
                 w2.fetch_add(1, Ordering::Relaxed);
             }
         });
+        let writer = writer.expect("the hand-rolled writer thread starts");
         Arc::new(Hand {
             map: DashMap::with_hasher(ahash::RandomState::new()),
             tx: Some(tx),
@@ -766,6 +800,8 @@ impl<V: Val> Contender<V> for WbCache<V> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Writebehind,
+    /// writebehind with `flusher_nice(WB_NICE)`.
+    WritebehindNice,
     Dashmap,
     QuickCache,
     Moka,
@@ -774,8 +810,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Writebehind,
+        Kind::WritebehindNice,
         Kind::Dashmap,
         Kind::QuickCache,
         Kind::Moka,
@@ -786,6 +823,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Writebehind => "writebehind",
+            Kind::WritebehindNice => "writebehind-nice10",
             Kind::Dashmap => "dashmap",
             Kind::QuickCache => "quick_cache",
             Kind::Moka => "moka",
@@ -798,6 +836,7 @@ impl Kind {
     pub fn build<V: Val>(self, store: SharedStore<V>, threads: usize) -> Box<dyn Contender<V>> {
         match self {
             Kind::Writebehind => Box::new(Wb::new(store)),
+            Kind::WritebehindNice => Box::new(Wb::niced(store)),
             Kind::Dashmap => Box::new(Dash::new(store)),
             Kind::QuickCache => Box::new(Quick::new(store)),
             Kind::Moka => Box::new(Moka::new(store)),
