@@ -49,6 +49,8 @@ enum Mode {
     Behind,
     /// Write-behind with `flush_order` (key order).
     BehindOrdered,
+    /// Write-behind with the flusher 10 nice levels below the writers (`flusher_nice`).
+    BehindNiced,
     Through,
 }
 
@@ -60,6 +62,7 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, mode: Mode
     match mode {
         Mode::Behind => {}
         Mode::BehindOrdered => b = b.flush_order(|a: &u64, b: &u64| a.cmp(b)),
+        Mode::BehindNiced => b = b.flusher_nice(10),
         Mode::Through => b = b.write_mode(writebehind::WriteMode::Through),
     }
     let cache = Arc::new(b.build().expect("cache"));
@@ -260,6 +263,12 @@ fn main() {
         "SQLite, write-behind, flush_order",
         sqlite("lat_ordered"),
         Mode::BehindOrdered,
+        seconds,
+    );
+    put_latency(
+        "SQLite, write-behind, flusher_nice(10)",
+        sqlite("lat_niced"),
+        Mode::BehindNiced,
         seconds,
     );
     put_latency(
