@@ -1081,13 +1081,7 @@ fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
     release.join().unwrap();
     flush.join().unwrap().unwrap();
     switch.join().unwrap().unwrap();
-    assert_eq!(
-        store.applied_versions(1),
-        vec![behind, through],
-        "the store applied key 1's versions out of order"
-    );
-    assert_eq!(store.memory.get(&1), Some(11));
-    assert_eq!(cache.get(&1).unwrap(), Some(11));
+    assert_key_1_ends_at_11(&store, &cache, [behind, through]);
 }
 
 /// A remove written through over a write-behind put of the key that is still pending (here
@@ -1198,9 +1192,15 @@ fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through()
         through < behind,
         "the write-behind put took the newer version"
     );
+    assert_key_1_ends_at_11(&store, &cache, [through, behind]);
+}
+
+/// The store applied key 1's versions in the order given, and the store and the cache both
+/// hold 11 for it.
+fn assert_key_1_ends_at_11(store: &HoldsValues, cache: &Cache<u64, u64>, versions: [u64; 2]) {
     assert_eq!(
         store.applied_versions(1),
-        vec![through, behind],
+        versions,
         "the store applied key 1's versions out of order"
     );
     assert_eq!(store.memory.get(&1), Some(11));
@@ -1601,13 +1601,7 @@ fn a_backpressured_write_waits_for_the_keys_write_through(policy: Backpressure) 
     second_flush.join().unwrap().unwrap();
     cache.flush().unwrap();
     assert!(through < behind, "the held-back put took the newer version");
-    assert_eq!(
-        store.applied_versions(1),
-        vec![through, behind],
-        "the store applied key 1's versions out of order"
-    );
-    assert_eq!(store.memory.get(&1), Some(11));
-    assert_eq!(cache.get(&1).unwrap(), Some(11));
+    assert_key_1_ends_at_11(&store, &cache, [through, behind]);
 }
 
 #[test]
