@@ -998,6 +998,20 @@ fn write_through_cache<S: Store<u64, u64> + 'static>(store: &Arc<S>) -> Arc<Cach
     )
 }
 
+/// A thread that puts and returns the put's version.
+type PutThread = std::thread::JoinHandle<Result<u64, Error>>;
+
+/// A write-through cache on a store that holds puts of 10, and a thread whose put of 10 to
+/// key 1 is at the store (held) when this returns.
+fn a_write_through_of_key_1_held() -> (Arc<HoldsValues>, Arc<Cache<u64, u64>>, PutThread) {
+    let store = Arc::new(HoldsValues::new(&[10]));
+    let cache = write_through_cache(&store);
+    let c = cache.clone();
+    let put = std::thread::spawn(move || c.put(1, 10));
+    store.wait_until_held(10);
+    (store, cache, put)
+}
+
 /// Two write-throughs of one key: the second waits until the first has been to the store, so
 /// the store receives the versions in order and the cache ends with the store's answer. (Run
 /// side by side, the remove reached the store first, the store's version guard then ignored
@@ -1005,11 +1019,7 @@ fn write_through_cache<S: Store<u64, u64> + 'static>(store: &Arc<S>) -> Arc<Cach
 /// held nothing.)
 #[test]
 fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
-    let store = Arc::new(HoldsValues::new(&[10]));
-    let cache = write_through_cache(&store);
-    let c = cache.clone();
-    let put = std::thread::spawn(move || c.put(1, 10));
-    store.wait_until_held(10);
+    let (store, cache, put) = a_write_through_of_key_1_held();
     let c = cache.clone();
     let remove = std::thread::spawn(move || c.remove(&1));
     // A write-through of another key is not held up by the one in flight.
@@ -1167,11 +1177,7 @@ fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
 /// without a version guard would keep the older value while the cache answers the newer.)
 #[test]
 fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through() {
-    let store = Arc::new(HoldsValues::new(&[10]));
-    let cache = write_through_cache(&store);
-    let c = cache.clone();
-    let through = std::thread::spawn(move || c.put(1, 10));
-    store.wait_until_held(10); // the write-through of key 1 is at the store
+    let (store, cache, through) = a_write_through_of_key_1_held();
     cache.set_write_mode(WriteMode::Behind).unwrap();
     let c = cache.clone();
     let behind = std::thread::spawn(move || {
