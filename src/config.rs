@@ -309,7 +309,8 @@ impl<K, V> Builder<K, V> {
     /// flusher takes the gaps, so its flush windows grow, more writes to a key conflate into
     /// one record, and the machine does less work per put. On two cores with two threads
     /// putting Zipf-chosen keys, 10 levels gave about 30 % more puts per second than 0 and
-    /// half the records, and the main job (SQLite) 30-45 % more operations per second
+    /// a third fewer records (26-32 % of the puts against 42-47 %), and the main job
+    /// (SQLite) 30-45 % more operations per second with twice the updates per row written
     /// (docs/BENCHMARKS.md, "The flusher's priority"). With a core to spare it changes
     /// nothing.
     ///
