@@ -375,7 +375,7 @@ impl<V: Val> Wb<V> {
         let cache = b.build().expect("default configuration is valid");
         Arc::new(Wb {
             cache,
-            label: nice.map(|_| "writebehind-nice10"),
+            label: nice.map(|_| Kind::WritebehindNice.name()),
         })
     }
 }
