@@ -429,8 +429,16 @@ where
         };
         if !b.manual {
             let nice = b.flusher_nice;
+            // A niced worker gets a keeper at the builder's priority (`flusher::Role`), where
+            // the nice takes effect.
+            let keepers = nice > 0 && cfg!(target_os = "linux");
             for k in 0..nflushers {
                 let inner2 = inner.clone();
+                let role = if keepers {
+                    flusher::Role::Worker
+                } else {
+                    flusher::Role::Sole
+                };
                 let spawned = crate::sync::thread::spawn_named(
                     format!("{}-flusher-{k}", b.name),
                     move || {
@@ -438,22 +446,20 @@ where
                             tracing::debug!(error = %e, nice, "flusher keeps the builder's priority");
                         }
                         inner2.flushers[k].unparker.set(std::thread::current());
-                        flusher::run(inner2, k);
+                        flusher::run(inner2, k, role);
                     },
                 );
-                match spawned {
-                    Ok(h) => {
-                        // The thread registers its handle itself; make sure a wake sent before
-                        // that is not lost.
-                        inner.flushers[k].unparker.set(h.thread().clone());
-                        if let Some(v) = cache.threads.lock().as_mut() {
-                            v.push(h);
-                        }
-                    }
-                    Err(e) => {
-                        // `cache` drops here and closes the flushers already started.
-                        return Err(Error::Spawn(std::sync::Arc::new(e)));
-                    }
+                cache.adopt(spawned, |h| inner.flushers[k].unparker.set(h))?;
+                if keepers {
+                    let inner2 = inner.clone();
+                    let spawned = crate::sync::thread::spawn_named(
+                        format!("{}-keeper-{k}", b.name),
+                        move || {
+                            inner2.flushers[k].keeper.set(std::thread::current());
+                            flusher::run(inner2, k, flusher::Role::Keeper);
+                        },
+                    );
+                    cache.adopt(spawned, |h| inner.flushers[k].keeper.set(h))?;
                 }
             }
         }
@@ -464,17 +470,27 @@ where
                     crate::sync::thread::spawn_named(format!("{}-loader-{k}", b.name), move || {
                         run_loader(&inner2)
                     });
-                match spawned {
-                    Ok(h) => {
-                        if let Some(v) = cache.threads.lock().as_mut() {
-                            v.push(h);
-                        }
-                    }
-                    Err(e) => return Err(Error::Spawn(std::sync::Arc::new(e))),
-                }
+                cache.adopt(spawned, |_| {})?;
             }
         }
         Ok(cache)
+    }
+
+    /// Keeps a background thread's handle for `close`, after `register` gave its handle to
+    /// whatever wakes it (the thread registers itself too: a wake sent before either is not
+    /// lost). A failed spawn is `Error::Spawn`; the caller then drops the cache, which closes
+    /// the threads already started.
+    fn adopt(
+        &self,
+        spawned: std::io::Result<JoinHandle>,
+        register: impl FnOnce(std::thread::Thread),
+    ) -> Result<(), Error> {
+        let h = spawned.map_err(|e| Error::Spawn(std::sync::Arc::new(e)))?;
+        register(h.thread().clone());
+        if let Some(v) = self.threads.lock().as_mut() {
+            v.push(h);
+        }
+        Ok(())
     }
 
     /// Inserts or replaces `key`, and returns the write's version (pass it to
@@ -1252,6 +1268,7 @@ where
                 let mode = StepMode {
                     full: true,
                     ignore_backoff: true,
+                    hand_off_when_late: false,
                 };
                 let ran = core.step(inner, mode);
                 core.settle_tickets(inner, ran);
@@ -1379,6 +1396,7 @@ where
             let mode = StepMode {
                 full: false,
                 ignore_backoff: false,
+                hand_off_when_late: false,
             };
             if core.step(inner, mode) {
                 ran += 1;
@@ -1432,6 +1450,7 @@ where
                     let mode = StepMode {
                         full: true,
                         ignore_backoff: true,
+                        hand_off_when_late: false,
                     };
                     core.step(inner, mode);
                 }

@@ -157,9 +157,19 @@ pub(crate) struct Mailbox {
 }
 
 /// What every thread shares about one flusher.
+///
+/// With [`crate::Builder::flusher_nice`] above 0 a flusher has two threads: the *worker*,
+/// niced, which serves it, and the *keeper*, at the builder's priority, which parks until
+/// the worker hands its work over (see [`Role`]). Otherwise the worker is the only thread.
 pub(crate) struct Flusher<K> {
     pub(crate) core: Mutex<FlusherCore<K>>,
+    /// The worker thread.
     pub(crate) unparker: Unparker,
+    /// The keeper thread (empty without one).
+    pub(crate) keeper: Unparker,
+    /// The worker handed its work to the keeper, which serves the flusher until it has
+    /// caught up; wakes go to the keeper meanwhile.
+    handed_off: AtomicBool,
     mailbox: Mutex<Mailbox>,
     pub(crate) stats: FlusherStats,
     /// Keys pushed on this flusher's rings and not yet drained, as counted by the count
@@ -174,6 +184,8 @@ impl<K> Flusher<K> {
         Flusher {
             core: Mutex::new(FlusherCore::new(index, owned, retry_base)),
             unparker: Unparker::default(),
+            keeper: Unparker::default(),
+            handed_off: AtomicBool::new(false),
             mailbox: Mutex::new(Mailbox::default()),
             stats: FlusherStats::default(),
             queued: CachePadded::new(AtomicUsize::new(0)),
@@ -215,10 +227,19 @@ impl<K> Flusher<K> {
         }
     }
 
-    /// Wakes the flusher thread (no-op in manual mode).
+    /// Wakes the thread serving the flusher: the keeper while the worker has handed its work
+    /// over, else the worker (no-op in manual mode).
+    ///
+    /// A wake routed by a flag read just before a handoff (or the hand back) still reaches a
+    /// step that sees its cause: each side unparks the other after changing the flag, and
+    /// the cause was stored before the flag was read.
     #[inline]
     pub(crate) fn wake(&self) {
-        self.unparker.unpark();
+        if self.handed_off.load(Ordering::SeqCst) {
+            self.keeper.unpark();
+        } else {
+            self.unparker.unpark();
+        }
     }
 
     pub(crate) fn post_ticket(&self, t: Arc<Ticket>) {
@@ -249,7 +270,8 @@ impl<K> Flusher<K> {
 
     pub(crate) fn post_close(&self, deadline: Duration) {
         self.mailbox.lock().close_deadline = Some(deadline);
-        self.wake();
+        self.unparker.unpark();
+        self.keeper.unpark();
     }
 }
 
@@ -273,6 +295,16 @@ struct Work<K> {
     since: Duration,
 }
 
+/// When a niced worker's step is late ([`StepMode::hand_off_when_late`]).
+#[derive(Clone, Copy, Debug)]
+struct Late {
+    /// [`HANDOFF_RESERVE`] of the delay.
+    reserve: Duration,
+    delay: Duration,
+    /// The step's start plus [`HANDOFF_GRACE`] of the delay.
+    grace_until: Duration,
+}
+
 /// Per-write bookkeeping of a batch in flight.
 struct Meta {
     shard: usize,
@@ -289,6 +321,30 @@ pub(crate) struct StepMode {
     pub(crate) full: bool,
     /// Call the store even while the unavailable-backoff runs (manual flush and close).
     pub(crate) ignore_backoff: bool,
+    /// A niced worker's step: stop between two batches once it is late (see
+    /// [`HANDOFF_RESERVE`] and [`HANDOFF_GRACE`]), leaving the rest for the keeper.
+    pub(crate) hand_off_when_late: bool,
+}
+
+/// A worker hands off before a batch once the oldest write of its step is this part of
+/// `write_delay` (a quarter) from its deadline (`since + write_delay`): the keeper, at the
+/// application's priority, gets that long to write the rest in time.
+pub(crate) const HANDOFF_RESERVE: u32 = 4;
+/// ... or once the step has run this part of `write_delay` (an eighth), whichever is later.
+/// Work a step takes because its delay is up is at its deadline already; this is how much
+/// longer than a thread at the application's priority the worker may take over it.
+pub(crate) const HANDOFF_GRACE: u32 = 8;
+
+/// Which thread runs [`run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The only thread of its flusher (no nice).
+    Sole,
+    /// The niced thread that serves the flusher until its oldest write gets late.
+    Worker,
+    /// The thread at the builder's priority that serves the flusher from a handoff until
+    /// nothing waiting is late any more, then hands back.
+    Keeper,
 }
 
 /// The state one flusher keeps between steps. Only the flusher (thread or manual caller,
@@ -305,8 +361,12 @@ pub(crate) struct FlusherCore<K> {
     /// Flush tickets taken from the mailbox; `true` once a full step ran after taking it.
     tickets: Vec<(Arc<Ticket>, bool)>,
     scratch: Vec<K>,
-    /// The keys of a step, kept between steps so their room is reused.
+    /// The keys of a step, kept between steps so their room is reused. Not empty between
+    /// steps only after a worker's step stopped for a handoff: the next step sends these
+    /// first.
     work: Vec<Work<K>>,
+    /// A worker's step stopped for a handoff; the thread loop takes it.
+    handoff: bool,
 }
 
 impl<K> FlusherCore<K> {
@@ -323,6 +383,7 @@ impl<K> FlusherCore<K> {
             tickets: Vec::new(),
             scratch: Vec::new(),
             work: Vec::new(),
+            handoff: false,
         }
     }
 }
@@ -347,7 +408,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             }
         }
         if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
-            self.publish_oldest(inner, delay);
+            self.publish_oldest(inner);
             return false;
         }
 
@@ -403,10 +464,45 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 i += 1;
             }
         }
-        self.write_out(inner, &mut work);
+        let late = mode.hand_off_when_late.then(|| Late {
+            reserve: delay / HANDOFF_RESERVE,
+            delay,
+            grace_until: now.saturating_add(delay / HANDOFF_GRACE),
+        });
+        if self.write_out(inner, &mut work, late) {
+            self.handoff = true;
+        }
         self.work = work;
-        self.publish_oldest(inner, delay);
+        self.publish_oldest(inner);
         true
+    }
+
+    /// Takes the handoff a worker's step asked for.
+    pub(crate) fn take_handoff(&mut self) -> bool {
+        std::mem::take(&mut self.handoff)
+    }
+
+    /// When the oldest write waiting in this flusher was made (at the latest; see
+    /// [`Self::publish_oldest`]), if any.
+    fn oldest<V>(&self, inner: &Inner<K, V>) -> Option<Duration>
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let delay = inner.config.write_delay;
+        let armed = self
+            .due
+            .iter()
+            .flatten()
+            .map(|d| d.saturating_sub(delay))
+            .min();
+        let retry = self.retry.iter().map(|r| r.since).min();
+        let left = self.work.iter().map(|w| w.since).min();
+        [armed, retry, left].into_iter().flatten().min()
+    }
+
+    /// `true` once the keys a handoff left have been written (the keeper then hands back).
+    pub(crate) fn caught_up(&self) -> bool {
+        self.work.is_empty() && !self.wants_full_step()
     }
 
     /// Writes one key now, on the caller's thread (`Cache::flush_key`), whether or not its
@@ -434,17 +530,31 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 since: now,
             },
         };
-        self.write_out(inner, &mut vec![work]);
+        self.write_out(inner, &mut vec![work], None);
     }
 
     /// Snapshots the keys of `work` in batches of at most `max_batch`, sends and applies them.
-    fn write_out<V>(&mut self, inner: &Inner<K, V>, work: &mut Vec<Work<K>>)
+    ///
+    /// With `late`, stops before a batch once the step is late, and returns `true`: `work`
+    /// then holds the keys not yet snapshotted, in order.
+    fn write_out<V>(
+        &mut self,
+        inner: &Inner<K, V>,
+        work: &mut Vec<Work<K>>,
+        late: Option<Late>,
+    ) -> bool
     where
         V: Clone + Send + Sync + 'static,
     {
         if work.is_empty() {
-            return;
+            return false;
         }
+        // When this step gets late: checked before each batch, the first included.
+        let late_at = late.and_then(|l| {
+            let oldest = work.iter().map(|w| w.since).min()?;
+            let reserve_from = oldest.saturating_add(l.delay).saturating_sub(l.reserve);
+            Some(reserve_from.max(l.grace_until))
+        });
         let max_batch = inner.config.max_batch;
         let ordered = work.len() > max_batch && Self::order_by_key(inner, work, max_batch);
         // Otherwise keys of one shard together, so snapshots take each lock once per chunk
@@ -457,6 +567,12 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let mut hashes = [0u64; SNAPSHOT_CHUNK];
         let mut i = 0;
         while i < work.len() {
+            if batch.is_empty() && late_at.is_some_and(|at| inner.clock.now() >= at) {
+                // Nothing of `work[i..]` was snapshotted: the keys stay queued, in order, for
+                // the next step (the keeper's).
+                work.drain(..i);
+                return true;
+            }
             // One chunk: keys of one shard, at most SNAPSHOT_CHUNK, no more than the batch
             // has room for.
             let s = work[i].shard;
@@ -499,6 +615,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         if !batch.is_empty() {
             self.send(inner, &mut batch, &mut meta);
         }
+        false
     }
 
     /// [`crate::Builder::flush_order`]: sorts a backlog of more than one batch by key, then
@@ -531,19 +648,13 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     /// Publishes when the oldest write still waiting in this flusher's shards was made (as
     /// far as the flusher can tell without a clock on the put path: when the shard's delay
     /// started, or when a retried write was first drained).
-    fn publish_oldest<V>(&self, inner: &Inner<K, V>, delay: Duration)
+    fn publish_oldest<V>(&self, inner: &Inner<K, V>)
     where
         V: Clone + Send + Sync + 'static,
     {
-        let armed = self
-            .due
-            .iter()
-            .flatten()
-            .map(|d| d.saturating_sub(delay))
-            .min();
-        let retry = self.retry.iter().map(|r| r.since).min();
-        let oldest = [armed, retry].into_iter().flatten().min();
-        inner.flushers[self.index].stats.set_oldest(oldest);
+        inner.flushers[self.index]
+            .stats
+            .set_oldest(self.oldest(inner));
     }
 
     /// Calls the store with `batch` and applies the outcome. Leaves both vectors empty.
@@ -777,6 +888,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         V: Clone + Send + Sync + 'static,
     {
         self.retry.is_empty()
+            && self.work.is_empty()
             && self
                 .owned
                 .iter()
@@ -785,6 +897,9 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
 
     /// When this flusher next has something to do, if anything.
     fn next_wake(&self) -> Option<Duration> {
+        if !self.work.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let due = self.due.iter().flatten().copied().min();
         let retry = self.retry.iter().map(|r| r.not_before).min();
         let retry = match (retry, self.backoff_until) {
@@ -814,14 +929,28 @@ pub(crate) fn call_store<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     })
 }
 
-/// The body of a flusher thread.
-pub(crate) fn run<K, V>(inner: Arc<Inner<K, V>>, index: usize)
+/// The body of a flusher thread in `role`.
+pub(crate) fn run<K, V>(inner: Arc<Inner<K, V>>, index: usize, role: Role)
 where
     K: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
     let me = &inner.flushers[index];
+    let max_park = if inner.timed { inner.tick } else { MAX_PARK };
     loop {
+        // A worker whose work the keeper has, or a keeper with nothing handed over, parks
+        // (both serve a close).
+        let turn = match role {
+            Role::Sole => true,
+            Role::Worker => !me.handed_off.load(Ordering::SeqCst),
+            Role::Keeper => me.handed_off.load(Ordering::SeqCst),
+        };
+        if !turn && me.mailbox.lock().close_deadline.is_none() {
+            // The coarse clock must not stop while a starved worker is the one to tick it.
+            inner.tick_clock();
+            crate::sync::thread::park_timeout(max_park);
+            continue;
+        }
         let (new_tickets, close_deadline) = {
             let mut mb = me.mailbox.lock();
             (std::mem::take(&mut mb.tickets), mb.close_deadline)
@@ -837,6 +966,7 @@ where
             StepMode {
                 full,
                 ignore_backoff: false,
+                hand_off_when_late: role == Role::Worker && !full,
             },
         );
         core.settle_tickets(&inner, ran && full);
@@ -844,6 +974,28 @@ where
         if let Some(deadline) = close_deadline {
             if core.is_idle(&inner) || now >= deadline {
                 return;
+            }
+        }
+        if !closing {
+            let hand_over = match role {
+                Role::Sole => false,
+                Role::Worker => core.take_handoff(),
+                Role::Keeper => core.caught_up(),
+            };
+            if hand_over {
+                drop(core);
+                // The flag first, then the unpark: the other thread's next look at the flag
+                // finds its turn, and a wake routed to this thread meanwhile is covered by
+                // the other's step.
+                if role == Role::Worker {
+                    FlusherStats::add(&me.stats.handoffs, 1);
+                    me.handed_off.store(true, Ordering::SeqCst);
+                    me.keeper.unpark();
+                } else {
+                    me.handed_off.store(false, Ordering::SeqCst);
+                    me.unparker.unpark();
+                }
+                continue;
             }
         }
         let mut wake = core.next_wake();
@@ -854,7 +1006,6 @@ where
             wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
         }
         drop(core);
-        let max_park = if inner.timed { inner.tick } else { MAX_PARK };
         let sleep = wake.map_or(max_park, |w| w.saturating_sub(now).min(max_park));
         if !sleep.is_zero() {
             crate::sync::thread::park_timeout(sleep);

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub slow_store_calls: u64,
     /// Times a write given up on could not enter the full failed-writes sink (it stayed queued).
     pub sink_full: u64,
+    /// Times a niced flusher thread handed its work to its keeper thread because it was late
+    /// ([`Builder::flusher_nice`](crate::Builder::flusher_nice)).
+    pub flusher_handoffs: u64,
     /// Writes that waited for room under `Backpressure::Block`.
     pub backpressure_waits: u64,
     /// Writes refused with `Error::Backpressure` (`Reject`, or `Block` timing out).
@@ -141,6 +144,7 @@ pub(crate) struct FlusherStats {
     pub(crate) store_panics: AtomicU64,
     pub(crate) slow_store_calls: AtomicU64,
     pub(crate) sink_full: AtomicU64,
+    pub(crate) handoffs: AtomicU64,
     /// 0 when healthy, else 1 + nanoseconds of the clock when degradation began.
     pub(crate) degraded_since: AtomicU64,
     /// 0 when nothing waits, else 1 + nanoseconds of the clock when the oldest waiting write
@@ -162,6 +166,7 @@ impl Default for FlusherStats {
             store_panics: AtomicU64::new(0),
             slow_store_calls: AtomicU64::new(0),
             sink_full: AtomicU64::new(0),
+            handoffs: AtomicU64::new(0),
             degraded_since: AtomicU64::new(0),
             oldest: AtomicU64::new(0),
             batch_size: Mutex::new(new_histogram()),
@@ -215,6 +220,7 @@ impl FlusherStats {
         m.store_panics += r(&self.store_panics);
         m.slow_store_calls += r(&self.slow_store_calls);
         m.sink_full += r(&self.sink_full);
+        m.flusher_handoffs += r(&self.handoffs);
         let oldest = r(&self.oldest);
         if oldest != 0 {
             let age = now.saturating_sub(Duration::from_nanos(oldest - 1));
@@ -260,6 +266,7 @@ impl Metrics {
             store_panics: 0,
             slow_store_calls: 0,
             sink_full: 0,
+            flusher_handoffs: 0,
             backpressure_waits: 0,
             backpressure_rejections: 0,
             write_through_fallbacks: 0,
@@ -287,7 +294,7 @@ impl Metrics {
     /// distributions' p50/p99/p99.9/max as gauges. Call it periodically (e.g. every few
     /// seconds from the application's metrics loop); every series carries no labels.
     pub fn export(&self, prefix: &str) {
-        let counters: [(&str, u64); 27] = [
+        let counters: [(&str, u64); 28] = [
             ("load_waits", self.load_waits),
             ("evictions", self.evictions),
             ("expirations", self.expirations),
@@ -310,6 +317,7 @@ impl Metrics {
             ("store_panics", self.store_panics),
             ("slow_store_calls", self.slow_store_calls),
             ("sink_full", self.sink_full),
+            ("flusher_handoffs", self.flusher_handoffs),
             ("backpressure_waits", self.backpressure_waits),
             ("backpressure_rejections", self.backpressure_rejections),
             ("write_through_fallbacks", self.write_through_fallbacks),

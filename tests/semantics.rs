@@ -877,14 +877,102 @@ fn flushers_run_the_configured_nice_levels_below_the_builder() {
         }
         cache.flush().unwrap();
         let want = (base + i32::from(levels.unwrap_or(0))).min(19);
+        let workers = format!("{name}-f");
         assert!(
-            eventually(Duration::from_secs(5), || nice_of_threads(name)
+            eventually(Duration::from_secs(5), || nice_of_threads(&workers)
                 == vec![want, want]),
             "{name}: flusher nice values {:?}, want {want} twice (builder at {base})",
-            nice_of_threads(name)
+            nice_of_threads(&workers)
+        );
+        // A niced flusher has a keeper thread at the builder's priority; one that is not
+        // niced has none.
+        let keepers = if levels.is_some() {
+            vec![base, base]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(
+            nice_of_threads(&format!("{name}-k")),
+            keepers,
+            "{name}: keeper threads' nice values (builder at {base})"
         );
         assert_eq!(own(), base, "the building thread keeps its priority");
     }
+}
+
+/// A store that remembers which threads called `write_all`, around a [`FaultyStore`].
+#[cfg(target_os = "linux")]
+struct ThreadLoggingStore {
+    inner: common::Store,
+    threads: std::sync::Mutex<Vec<String>>,
+}
+
+#[cfg(target_os = "linux")]
+impl writebehind::Store<u64, u64> for ThreadLoggingStore {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.inner.load(key)
+    }
+
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().unwrap().push(name);
+        self.inner.write_all(batch)
+    }
+}
+
+/// A niced flusher that runs late hands the rest of its step to its keeper, which writes it
+/// at the builder's priority and hands back. Here the store takes 20 ms a batch of 10, and
+/// 300 keys queued at once make one count-triggered step of about 600 ms: past a quarter of
+/// the 400 ms delay before its deadline, after about 15 batches, the worker stops between
+/// two batches. Every key still reaches the store once, with its value, in version order.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_late_niced_flusher_hands_the_rest_of_its_step_to_its_keeper() {
+    let faulty = store();
+    faulty.set_latency(Duration::from_millis(20));
+    let logging = Arc::new(ThreadLoggingStore {
+        inner: faulty.clone(),
+        threads: Default::default(),
+    });
+    let cache = Cache::builder(logging.clone())
+        .name("handoff")
+        .flusher_nice(5)
+        .write_delay(Duration::from_millis(400))
+        .max_batch(10)
+        .shards(4)
+        .build()
+        .unwrap();
+    for k in 0..300 {
+        cache.put(k, k + 1).unwrap();
+    }
+    // No flush: its full step would never hand off. The count trigger alone writes them.
+    assert!(
+        eventually(Duration::from_secs(10), || faulty.memory().len() == 300),
+        "{} of 300 keys reached the store",
+        faulty.memory().len()
+    );
+    let threads = logging.threads.lock().unwrap().clone();
+    let by = |prefix: &str| threads.iter().filter(|t| t.starts_with(prefix)).count();
+    assert!(
+        by("handoff-flusher") > 0 && by("handoff-keeper") > 0,
+        "batches by the worker {} and by the keeper {} (of {})",
+        by("handoff-flusher"),
+        by("handoff-keeper"),
+        threads.len()
+    );
+    assert!(cache.metrics().flusher_handoffs >= 1);
+    let snap = faulty.memory().snapshot();
+    for k in 0..300 {
+        assert_eq!(snap.get(&k), Some(&(k + 1)), "key {k}");
+    }
+    assert_eq!(
+        faulty.calls().iter().map(|c| c.batch.len()).sum::<usize>(),
+        300,
+        "each key written once"
+    );
+    assert_monotonic(&faulty);
+    let report = cache.close(Duration::from_secs(5));
+    assert!(report.unwritten.is_empty());
 }
 
 // Read-through --------------------------------------------------------------------------------------------
