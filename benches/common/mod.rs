@@ -397,13 +397,14 @@ impl<V: Val> SyncCache<V> for Wb<V> {
     fn report(&self) -> Option<String> {
         let m = self.cache.metrics();
         Some(format!(
-            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch)",
+            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch), flusher handoffs {}",
             m.puts,
             m.conflated,
             100.0 * m.conflated as f64 / m.puts.max(1) as f64,
             m.batches,
             m.records_written,
-            m.records_written as f64 / m.batches.max(1) as f64
+            m.records_written as f64 / m.batches.max(1) as f64,
+            m.flusher_handoffs
         ))
     }
     fn label(&self) -> Option<&'static str> {

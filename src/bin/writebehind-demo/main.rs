@@ -239,6 +239,8 @@ pub struct ModeResult {
     pub compared: u64,
     pub mismatched: u64,
     pub unwritten_at_close: usize,
+    /// Steps a niced flusher handed to its keeper (`--flusher-nice`).
+    pub handoffs: u64,
 }
 
 fn run(args: &Args) -> Result<bool, BoxError> {
@@ -474,6 +476,7 @@ fn run_mode(
             }
         }
     }
+    let handoffs = cache.metrics().flusher_handoffs;
     let report = cache.close(Duration::from_secs(10));
     Ok(ModeResult {
         mode,
@@ -491,6 +494,7 @@ fn run_mode(
         compared,
         mismatched,
         unwritten_at_close: report.unwritten.len(),
+        handoffs,
     })
 }
 
