@@ -122,6 +122,12 @@ where
         }
     }
 
+    /// The clock's time in nanoseconds.
+    #[inline]
+    pub(crate) fn clock_nanos(&self) -> u64 {
+        u64::try_from(self.clock.now().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// The coarse time for entry bookkeeping (0 when nothing is time-based).
     #[inline]
     pub(crate) fn coarse_now(&self) -> u64 {
@@ -725,9 +731,13 @@ where
         let inner = &*self.inner;
         let shard = &inner.shards[s];
         // Arm the shard first: a count-triggered step drains the armed shards, and this key
-        // must be in that batch.
-        if !shard.armed.load(Ordering::SeqCst) && !shard.armed.swap(true, Ordering::SeqCst) {
-            inner.flusher_of(s).wake();
+        // must be in that batch. The arming write's time goes first: the shard's delay, and
+        // the age of its oldest write, count from it (one clock read per shard and window).
+        if !shard.armed.load(Ordering::SeqCst) {
+            shard.armed_at.store(inner.clock_nanos(), Ordering::SeqCst);
+            if !shard.armed.swap(true, Ordering::SeqCst) {
+                inner.flusher_of(s).wake();
+            }
         }
         match queued {
             Queued::Conflated => {}

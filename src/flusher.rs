@@ -403,8 +403,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let now = inner.clock.now();
         let delay = inner.config.write_delay;
         for (slot, &s) in self.owned.iter().enumerate() {
-            if self.due[slot].is_none() && inner.shards[s].armed.load(Ordering::SeqCst) {
-                self.due[slot] = Some(now.saturating_add(delay));
+            if self.due[slot].is_none() {
+                if let Some(at) = Self::armed_since(&inner.shards[s], now) {
+                    self.due[slot] = Some(at.saturating_add(delay));
+                }
             }
         }
         if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
@@ -429,7 +431,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 continue;
             }
             // When the shard's delay started: the oldest write drained now is no older.
-            let since = self.due[slot].map_or(now, |d| d.saturating_sub(delay));
+            let since = match self.due[slot] {
+                Some(d) => d.saturating_sub(delay),
+                None => Self::armed_since(shard, now).unwrap_or(now),
+            };
             self.due[slot] = None;
             shard.armed.store(false, Ordering::SeqCst);
             shard.triggered.store(false, Ordering::SeqCst);
@@ -477,6 +482,16 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         true
     }
 
+    /// When `shard` was armed, if it is: the arming writer's clock reading (see
+    /// `Shard::armed_at`), never later than `now`.
+    fn armed_since<V>(shard: &crate::shard::Shard<K, V>, now: Duration) -> Option<Duration> {
+        if !shard.armed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let at = Duration::from_nanos(shard.armed_at.load(Ordering::SeqCst));
+        Some(at.min(now))
+    }
+
     /// Takes the handoff a worker's step asked for.
     pub(crate) fn take_handoff(&mut self) -> bool {
         std::mem::take(&mut self.handoff)
@@ -512,24 +527,27 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     where
         V: Clone + Send + Sync + 'static,
     {
-        let now = inner.clock.now();
-        let work = match self.retry.iter().position(|r| r.key == key) {
-            Some(i) => {
-                let r = self.retry.swap_remove(i);
-                Work {
-                    shard,
-                    key,
-                    retry: Some((r.attempts, r.version)),
-                    since: r.since,
-                }
-            }
-            None => Work {
-                shard,
-                key,
-                retry: None,
-                since: now,
-            },
+        let mut work = Work {
+            shard,
+            key,
+            retry: None,
+            since: inner.clock.now(),
         };
+        if let Some(i) = self.retry.iter().position(|r| r.key == work.key) {
+            let r = self.retry.swap_remove(i);
+            work.retry = Some((r.attempts, r.version));
+            work.since = r.since;
+        }
+        // A handed-off step may have left the key (a retry among them) for the keeper: it is
+        // written here instead.
+        self.work.retain(|w| {
+            if w.key != work.key {
+                return true;
+            }
+            work.retry = work.retry.or(w.retry);
+            work.since = work.since.min(w.since);
+            false
+        });
         self.write_out(inner, &mut vec![work], None);
     }
 
@@ -858,13 +876,15 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 k += 1;
                 continue;
             }
-            let pending = self
-                .retry
-                .iter()
-                .filter(|r| {
-                    let hash = inner.hash(&r.key);
-                    let unsent = inner.shards[r.shard].table.lock().unsent_of(hash, &r.key);
-                    unsent != NONE && unsent < ticket.targets[r.shard]
+            // Retry items, and keys a handed-off step left (retry items among them).
+            let waiting = self.retry.iter().map(|r| (r.shard, &r.key));
+            let left = self.work.iter().map(|w| (w.shard, &w.key));
+            let pending = waiting
+                .chain(left)
+                .filter(|&(shard, key)| {
+                    let hash = inner.hash(key);
+                    let unsent = inner.shards[shard].table.lock().unsent_of(hash, key);
+                    unsent != NONE && unsent < ticket.targets[shard]
                 })
                 .count();
             ticket.note(0, pending);
@@ -898,7 +918,8 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     /// When this flusher next has something to do, if anything.
     fn next_wake(&self) -> Option<Duration> {
         if !self.work.is_empty() {
-            return Some(Duration::ZERO);
+            // At once, unless the store's backoff holds the keys back.
+            return Some(self.backoff_until.unwrap_or(Duration::ZERO));
         }
         let due = self.due.iter().flatten().copied().min();
         let retry = self.retry.iter().map(|r| r.not_before).min();

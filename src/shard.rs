@@ -10,7 +10,7 @@ use hashbrown::HashTable;
 use crate::dirty_ring::DirtyRing;
 use crate::loader::LoadSlot;
 use crate::store::Write;
-use crate::sync::atomic::AtomicBool;
+use crate::sync::atomic::{AtomicBool, AtomicU64};
 use crate::sync::{Arc, CachePadded, Condvar, Mutex};
 
 /// `Entry::unsent` when every write of the entry has been handed to the store.
@@ -1304,6 +1304,10 @@ pub(crate) struct Shard<K, V> {
     pub(crate) ring: DirtyRing<K>,
     /// A key was pushed since the flusher last closed this shard's epoch: its delay runs.
     pub(crate) armed: AtomicBool,
+    /// When the writer that armed the shard did (clock nanoseconds): stored before `armed`
+    /// is set, so a flusher that finds it armed reads this arming's time or a racing
+    /// writer's a moment later.
+    pub(crate) armed_at: AtomicU64,
     /// The ring reached the count trigger.
     pub(crate) triggered: AtomicBool,
     /// Signalled when a write-through that another one waits for ends
@@ -1332,6 +1336,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
             table: CachePadded::new(Mutex::new(Table::new(first_version, limits, hasher))),
             ring: DirtyRing::new(ring_capacity),
             armed: AtomicBool::new(false),
+            armed_at: AtomicU64::new(0),
             triggered: AtomicBool::new(false),
             through_done: Condvar::new(),
             overflow: AtomicBool::new(false),

@@ -140,6 +140,27 @@ fn delay_counts_from_the_first_unflushed_write() {
     );
 }
 
+/// The delay runs from the write that armed the shard, not from the step that first saw it
+/// armed: a flusher that comes late (a niced one on busy cores, or one busy with another
+/// shard) must not push the deadline back by its own lateness.
+#[test]
+fn delay_counts_from_the_first_write_even_when_the_flusher_sees_it_late() {
+    let s = store();
+    let (cache, clock) = manual(&s, Duration::from_millis(100));
+    cache.put(1, 1).unwrap(); // arms the shard at t=0
+    clock.advance(Duration::from_millis(60));
+    cache.flush_step().unwrap(); // the flusher first looks at 60 ms
+    assert!(s.calls().is_empty(), "not due at 60 ms");
+    clock.advance(Duration::from_millis(40));
+    cache.flush_step().unwrap();
+    assert_eq!(
+        s.memory().get(&1),
+        Some(1),
+        "due 100 ms after the write, 40 ms after the flusher first saw it"
+    );
+    assert_eq!(cache.metrics().oldest_unflushed_age, Duration::ZERO);
+}
+
 #[test]
 fn threaded_flusher_meets_the_staleness_bound() {
     let s = store();
