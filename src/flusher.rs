@@ -326,10 +326,12 @@ pub(crate) struct StepMode {
     pub(crate) hand_off_when_late: bool,
 }
 
-/// A worker hands off before a batch once the oldest write of its step is this part of
-/// `write_delay` (a quarter) from its deadline (`since + write_delay`): the keeper, at the
-/// application's priority, gets that long to write the rest in time.
-pub(crate) const HANDOFF_RESERVE: u32 = 4;
+/// A worker hands off before a batch once the oldest write of its step would be this part
+/// of `write_delay` (a half) from its deadline (`since + write_delay`) when the batch ends
+/// (taking as long as its last one): the keeper, at the application's priority, gets that
+/// long to write the rest in time. A quarter was too little in the main job: a niced
+/// batch's wall time under saturation varies by more than that.
+pub(crate) const HANDOFF_RESERVE: u32 = 2;
 /// ... or once the step has run this part of `write_delay` (an eighth), whichever is later.
 /// Work a step takes because its delay is up is at its deadline already; this is how much
 /// longer than a thread at the application's priority the worker may take over it.
@@ -367,6 +369,8 @@ pub(crate) struct FlusherCore<K> {
     work: Vec<Work<K>>,
     /// A worker's step stopped for a handoff; the thread loop takes it.
     handoff: bool,
+    /// How long the worker's last batch took, wall time: a late check allows for one more.
+    batch_wall: Duration,
 }
 
 impl<K> FlusherCore<K> {
@@ -384,6 +388,7 @@ impl<K> FlusherCore<K> {
             scratch: Vec::new(),
             work: Vec::new(),
             handoff: false,
+            batch_wall: Duration::ZERO,
         }
     }
 }
@@ -584,12 +589,20 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
         let mut hashes = [0u64; SNAPSHOT_CHUNK];
         let mut i = 0;
+        // When the batch being filled was started (timed only for a late check).
+        let mut batch_started = None;
         while i < work.len() {
-            if batch.is_empty() && late_at.is_some_and(|at| inner.clock.now() >= at) {
-                // Nothing of `work[i..]` was snapshotted: the keys stay queued, in order, for
-                // the next step (the keeper's).
-                work.drain(..i);
-                return true;
+            if let (Some(at), true) = (late_at, batch.is_empty()) {
+                // Late if the next batch, taking as long as the last one did, would end past
+                // the step's lateness.
+                let now = inner.clock.now();
+                if now.saturating_add(self.batch_wall) >= at {
+                    // Nothing of `work[i..]` was snapshotted: the keys stay queued, in order,
+                    // for the next step (the keeper's).
+                    work.drain(..i);
+                    return true;
+                }
+                batch_started = Some(now);
             }
             // One chunk: keys of one shard, at most SNAPSHOT_CHUNK, no more than the batch
             // has room for.
@@ -627,13 +640,28 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             i = end;
             if batch.len() == max_batch {
                 self.send(inner, &mut batch, &mut meta);
+                self.time_batch(inner, batch_started.take());
             }
         }
         work.clear();
         if !batch.is_empty() {
             self.send(inner, &mut batch, &mut meta);
+            self.time_batch(inner, batch_started);
         }
         false
+    }
+
+    /// Keeps how long a timed batch took, from its first snapshot to its last record marked.
+    fn time_batch<V>(&mut self, inner: &Inner<K, V>, started: Option<Duration>)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        if let Some(t) = started {
+            // Capped at the reserve: one stalled store call must not make every later step
+            // hand off before its first batch (and so never time another).
+            let cap = inner.config.write_delay / HANDOFF_RESERVE;
+            self.batch_wall = inner.clock.now().saturating_sub(t).min(cap);
+        }
     }
 
     /// [`crate::Builder::flush_order`]: sorts a backlog of more than one batch by key, then

@@ -943,9 +943,10 @@ impl writebehind::Store<u64, u64> for ThreadLoggingStore {
 
 /// A niced flusher that runs late hands the rest of its step to its keeper, which writes it
 /// at the builder's priority and hands back. Here the store takes 20 ms a batch of 10, and
-/// 300 keys queued at once make one count-triggered step of about 600 ms: past a quarter of
-/// the 400 ms delay before its deadline, after about 15 batches, the worker stops between
-/// two batches. Every key still reaches the store once, with its value, in version order.
+/// 300 keys queued at once make one count-triggered step of about 600 ms: once a batch would
+/// end less than half the 400 ms delay before its deadline, after about 9 batches, the
+/// worker stops between two batches. Every key still reaches the store once, with its
+/// value, in version order.
 #[cfg(target_os = "linux")]
 #[test]
 fn a_late_niced_flusher_hands_the_rest_of_its_step_to_its_keeper() {
