@@ -1,5 +1,5 @@
-//! Time for the flushers: a monotonic [`Clock`] the engine reads only off the put path, so
-//! tests and models can drive it ([`ManualClock`]).
+//! Time for the flushers: a monotonic [`Clock`] (on the put path, only the write that arms
+//! a shard's delay reads it), which tests and models can drive ([`ManualClock`]).
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +7,8 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 
 /// A monotonic clock: the time since an arbitrary origin fixed when the clock was made.
 ///
-/// The engine reads it on flusher threads (and in `flush`/`close`), never on the put path.
+/// The engine reads it on flusher threads (and in `flush`/`close`), and on the put path only
+/// in the write that arms a shard's delay (once per shard and flush window).
 pub trait Clock: Send + Sync + 'static {
     /// Time since the clock's origin. Must never go backwards.
     fn now(&self) -> Duration;
