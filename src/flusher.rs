@@ -691,9 +691,9 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         true
     }
 
-    /// Publishes when the oldest write still waiting in this flusher's shards was made (as
-    /// far as the flusher can tell without a clock on the put path: when the shard's delay
-    /// started, or when a retried write was first drained).
+    /// Publishes when the oldest write still waiting in this flusher's shards was made (at
+    /// the latest: when its shard was armed, for a key a handoff left too, or when a
+    /// retried write was first drained).
     fn publish_oldest<V>(&self, inner: &Inner<K, V>)
     where
         V: Clone + Send + Sync + 'static,
