@@ -308,10 +308,11 @@ impl<K, V> Builder<K, V> {
     /// is background work: at a lower priority the application's threads run first and the
     /// flusher takes the gaps, so its flush windows grow, more writes to a key conflate into
     /// one record, and the machine does less work per put. On two cores with two threads
-    /// putting Zipf-chosen keys, 10 levels gave 14-47 % more puts per second than 0 (four
-    /// pairs) with about half the records, and the main job (SQLite) 23-34 % more
-    /// operations per second with 3.3-3.6 updates per row written against 2.5
-    /// (docs/BENCHMARKS.md, "Ninth session"). With a core to spare it changes nothing.
+    /// putting Zipf-chosen keys, 10 levels took the put rate from 1.09-1.45x to 1.46-1.76x
+    /// the hand-rolled write-behind's (four pairs) with about half the records, and the main
+    /// job (SQLite) to 23-34 % more operations per second with 3.3-3.6 updates per row
+    /// written against 2.5 (docs/BENCHMARKS.md, "Ninth session"). With a core to spare it
+    /// changes nothing.
     ///
     /// **The staleness bound holds through a keeper.** Above 0, each flusher gets a second
     /// thread at the builder's priority, which parks. Before each batch the niced worker
