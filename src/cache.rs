@@ -117,8 +117,7 @@ where
     /// Advances the coarse clock to the real one (flusher steps do this).
     pub(crate) fn tick_clock(&self) {
         if self.timed {
-            let now = u64::try_from(self.clock.now().as_nanos()).unwrap_or(u64::MAX);
-            self.coarse.fetch_max(now, Ordering::Relaxed);
+            self.coarse.fetch_max(self.clock_nanos(), Ordering::Relaxed);
         }
     }
 

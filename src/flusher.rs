@@ -295,16 +295,6 @@ struct Work<K> {
     since: Duration,
 }
 
-/// When a niced worker's step is late ([`StepMode::hand_off_when_late`]).
-#[derive(Clone, Copy, Debug)]
-struct Late {
-    /// [`HANDOFF_RESERVE`] of the delay.
-    reserve: Duration,
-    delay: Duration,
-    /// The step's start plus [`HANDOFF_GRACE`] of the delay.
-    grace_until: Duration,
-}
-
 /// Per-write bookkeeping of a batch in flight.
 struct Meta {
     shard: usize,
@@ -474,12 +464,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 i += 1;
             }
         }
-        let late = mode.hand_off_when_late.then(|| Late {
-            reserve: delay / HANDOFF_RESERVE,
-            delay,
-            grace_until: now.saturating_add(delay / HANDOFF_GRACE),
-        });
-        if self.write_out(inner, &mut work, late) {
+        let grace_until = mode
+            .hand_off_when_late
+            .then(|| now.saturating_add(delay / HANDOFF_GRACE));
+        if self.write_out(inner, &mut work, grace_until) {
             self.handoff = true;
         }
         self.work = work;
@@ -558,13 +546,14 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
 
     /// Snapshots the keys of `work` in batches of at most `max_batch`, sends and applies them.
     ///
-    /// With `late`, stops before a batch once the step is late, and returns `true`: `work`
-    /// then holds the keys not yet snapshotted, in order.
+    /// With `grace_until` (a niced worker's step: its start plus [`HANDOFF_GRACE`] of the
+    /// delay), stops before a batch once the step is late, and returns `true`: `work` then
+    /// holds the keys not yet snapshotted, in order.
     fn write_out<V>(
         &mut self,
         inner: &Inner<K, V>,
         work: &mut Vec<Work<K>>,
-        late: Option<Late>,
+        grace_until: Option<Duration>,
     ) -> bool
     where
         V: Clone + Send + Sync + 'static,
@@ -573,10 +562,13 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             return false;
         }
         // When this step gets late: checked before each batch, the first included.
-        let late_at = late.and_then(|l| {
+        let late_at = grace_until.and_then(|grace_until| {
+            let delay = inner.config.write_delay;
             let oldest = work.iter().map(|w| w.since).min()?;
-            let reserve_from = oldest.saturating_add(l.delay).saturating_sub(l.reserve);
-            Some(reserve_from.max(l.grace_until))
+            let reserve_from = oldest
+                .saturating_add(delay)
+                .saturating_sub(delay / HANDOFF_RESERVE);
+            Some(reserve_from.max(grace_until))
         });
         let max_batch = inner.config.max_batch;
         let ordered = work.len() > max_batch && Self::order_by_key(inner, work, max_batch);
