@@ -906,16 +906,19 @@ fn flushers_run_the_configured_nice_levels_below_the_builder() {
             nice_of_threads(&workers)
         );
         // A niced flusher has a keeper thread at the builder's priority; one that is not
-        // niced has none.
+        // niced has none. A keeper parks at once and serves nothing until a handoff, and a
+        // thread takes its name only once it runs, so wait for the names to appear.
         let keepers = if levels.is_some() {
             vec![base, base]
         } else {
             Vec::new()
         };
-        assert_eq!(
-            nice_of_threads(&format!("{name}-k")),
-            keepers,
-            "{name}: keeper threads' nice values (builder at {base})"
+        let keeper_prefix = format!("{name}-k");
+        assert!(
+            eventually(Duration::from_secs(5), || nice_of_threads(&keeper_prefix)
+                == keepers),
+            "{name}: keeper threads' nice values {:?}, want {keepers:?} (builder at {base})",
+            nice_of_threads(&keeper_prefix)
         );
         assert_eq!(own(), base, "the building thread keeps its priority");
     }
