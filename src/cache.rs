@@ -292,7 +292,7 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    inner: Arc<Inner<K, V>>,
+    pub(crate) inner: Arc<Inner<K, V>>,
     threads: Mutex<Option<Vec<JoinHandle>>>,
 }
 

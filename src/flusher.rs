@@ -1053,3 +1053,285 @@ where
         }
     }
 }
+
+/// Deterministic checks of the keys a niced worker's step leaves for its keeper (the
+/// "leftover" keys in `FlusherCore::work` between steps). No flusher thread runs (manual
+/// flushing), the clock moves only when a test or the store moves it, and every store batch
+/// takes a whole `DELAY` of that clock: a worker's step is late after its first batch.
+#[cfg(all(test, not(writebehind_loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{FlusherCore, StepMode, Ticket, TicketOutcome};
+    use crate::error::{BatchError, StoreError};
+    use crate::store::{Store, Write};
+    use crate::sync::MutexGuard;
+    use crate::testing::FaultyStore;
+    use crate::{Cache, Clock, ManualClock};
+
+    const DELAY: Duration = Duration::from_millis(100);
+    /// The store backoff after an unavailable batch (base and max alike: a test knows how far
+    /// to move the clock to end it).
+    const BACKOFF: Duration = Duration::from_millis(40);
+    const KEYS: u64 = 5;
+    const MAX_BATCH: usize = 2;
+    const WORKER: StepMode = StepMode {
+        full: false,
+        ignore_backoff: false,
+        hand_off_when_late: true,
+    };
+    /// A keeper's step (a sole flusher's and `flush_step`'s too).
+    const KEEPER: StepMode = StepMode {
+        full: false,
+        ignore_backoff: false,
+        hand_off_when_late: false,
+    };
+
+    /// Every batch takes `DELAY` of the test's clock, then the faulty store applies it.
+    struct SlowStore {
+        faulty: Arc<FaultyStore<u64, u64>>,
+        clock: Arc<ManualClock>,
+    }
+
+    impl Store<u64, u64> for SlowStore {
+        fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+            self.faulty.load(key)
+        }
+
+        fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+            self.clock.advance(DELAY);
+            self.faulty.write_all(batch)
+        }
+    }
+
+    /// A cache whose one flusher holds leftover keys: keys `0..KEYS` were put at time 0
+    /// (value `10 * k`), their delay is up, and a worker's step wrote one batch, was then
+    /// late and handed the rest off.
+    struct Leftover {
+        cache: Cache<u64, u64>,
+        store: Arc<FaultyStore<u64, u64>>,
+        clock: Arc<ManualClock>,
+    }
+
+    impl Leftover {
+        /// With `retried`, every key's first attempt failed (the store was down for a
+        /// keeper's step) and the worker's step took the keys from the retry list: the
+        /// leftover keys are retry items, which own their entries' in-flight marks.
+        fn new(retried: bool) -> Self {
+            let clock = Arc::new(ManualClock::new());
+            let store = Arc::new(FaultyStore::new());
+            let slow = SlowStore {
+                faulty: store.clone(),
+                clock: clock.clone(),
+            };
+            let cache = Cache::builder(slow)
+                .manual_flushing()
+                .clock(clock.clone())
+                .shards(1)
+                .max_batch(MAX_BATCH)
+                .write_delay(DELAY)
+                .retry_backoff(BACKOFF, BACKOFF)
+                .build()
+                .unwrap();
+            let l = Leftover {
+                cache,
+                store,
+                clock,
+            };
+            for k in 0..KEYS {
+                l.cache.put(k, 10 * k).unwrap();
+            }
+            l.clock.advance(DELAY);
+            if retried {
+                l.store.set_down(true);
+                assert!(l.step(KEEPER));
+                l.store.heal();
+                assert_eq!(l.core().retry.len(), KEYS as usize);
+                l.clock.advance(BACKOFF);
+            }
+            let sent = l.store.calls().len();
+            let mut core = l.core();
+            assert!(core.step(&l.cache.inner, WORKER));
+            assert!(core.take_handoff(), "the worker's step hands off");
+            drop(core);
+            let written = l.batches(sent);
+            assert_eq!(written.len(), 1, "one batch, then the step was late");
+            let mut all: Vec<u64> = written[0].iter().map(|&(k, _)| k).collect();
+            assert_eq!(all.len(), MAX_BATCH);
+            all.extend(l.left());
+            all.sort_unstable();
+            assert_eq!(all, (0..KEYS).collect::<Vec<_>>(), "written or left, once");
+            l
+        }
+
+        fn core(&self) -> MutexGuard<'_, FlusherCore<u64>> {
+            self.cache.inner.flushers[0].core.lock()
+        }
+
+        fn step(&self, mode: StepMode) -> bool {
+            self.core().step(&self.cache.inner, mode)
+        }
+
+        /// The leftover keys, in the order the next step sends them.
+        fn left(&self) -> Vec<u64> {
+            self.core().work.iter().map(|w| w.key).collect()
+        }
+
+        /// The (key, value) records of every store call from the `from`th on.
+        fn batches(&self, from: usize) -> Vec<Vec<(u64, u64)>> {
+            self.store.calls()[from..]
+                .iter()
+                .map(|c| {
+                    let record = |w: &Write<u64, u64>| (*w.key(), *w.value().unwrap());
+                    c.batch.iter().map(record).collect()
+                })
+                .collect()
+        }
+    }
+
+    /// The keeper's step (no handoff) writes every leftover key, in the order they were
+    /// left, each once and with its latest value; the flusher has then caught up.
+    #[test]
+    fn the_keepers_step_writes_each_leftover_key_once_with_its_latest_value() {
+        let l = Leftover::new(false);
+        assert_eq!(l.batches(0), [vec![(0, 0), (1, 10)]]);
+        assert_eq!(l.left(), [2, 3, 4]);
+        assert!(!l.core().caught_up());
+        // A newer value: the write queues key 3 again (its shard's delay starts now).
+        l.cache.put(3, 31).unwrap();
+        assert!(l.step(KEEPER));
+        assert!(l.core().caught_up());
+        assert!(l.left().is_empty());
+        assert_eq!(l.batches(1), [vec![(2, 20), (3, 31)], vec![(4, 40)]]);
+        // Key 3's second queueing comes due: nothing is left to send.
+        l.clock.advance(DELAY);
+        assert!(l.step(KEEPER));
+        assert_eq!(l.store.calls().len(), 3);
+        assert_eq!(l.cache.metrics().dirty, 0);
+    }
+
+    /// `Cache::flush_key` of a leftover key (`FlusherCore::write_key`) writes its latest
+    /// value at once and takes it out of the leftovers; the others stay queued, unsent, and
+    /// the keeper's step does not send the flushed key again.
+    #[test]
+    fn flush_key_writes_a_leftover_key_and_takes_it_out_of_the_leftovers() {
+        let l = Leftover::new(false);
+        assert_eq!(l.left(), [2, 3, 4]);
+        l.cache.put(3, 31).unwrap();
+        l.cache.flush_key(&3).unwrap();
+        assert_eq!(l.batches(1), [vec![(3, 31)]]);
+        assert_eq!(l.left(), [2, 4]);
+        assert_eq!(l.store.memory().get(&2), None);
+        assert_eq!(l.store.memory().get(&4), None);
+        assert!(l.step(KEEPER));
+        assert_eq!(l.batches(2), [vec![(2, 20), (4, 40)]]);
+    }
+
+    /// A leftover key that is a retry item: `write_key` carries its retry mark over, or the
+    /// snapshot would find the entry in flight (owned by the retry) and send nothing.
+    #[test]
+    fn flush_key_writes_a_leftover_retry_item() {
+        let l = Leftover::new(true);
+        let left = l.left();
+        let sent = l.store.calls().len();
+        let k = left[0];
+        l.cache.flush_key(&k).unwrap();
+        assert_eq!(l.batches(sent), [vec![(k, 10 * k)]]);
+        assert_eq!(l.left(), left[1..]);
+    }
+
+    /// A leftover key `flush_key` fails to write goes to the retry list with the age it had
+    /// as a leftover, not the time of the call.
+    #[test]
+    fn a_leftover_key_that_flush_key_fails_to_write_keeps_its_age() {
+        let l = Leftover::new(false);
+        l.store.set_down(true);
+        for k in l.left() {
+            assert!(l.cache.flush_key(&k).is_err());
+        }
+        assert!(l.left().is_empty());
+        assert_eq!(l.core().retry.len(), 3);
+        // A step (skipped: the store backs off) publishes the oldest write's age.
+        assert!(!l.step(KEEPER));
+        assert_eq!(
+            l.cache.metrics().oldest_unflushed_age,
+            l.clock.now(),
+            "the keys were put at time 0"
+        );
+    }
+
+    /// While leftover keys wait, the flusher is not idle, wants to run at once, and counts
+    /// their age as the oldest unflushed; the keeper's step clears all three.
+    #[test]
+    fn leftover_keys_keep_the_flusher_busy_and_count_as_the_oldest_writes() {
+        let l = Leftover::new(false);
+        let inner = &l.cache.inner;
+        {
+            let core = l.core();
+            assert!(!core.is_idle(inner));
+            assert_eq!(core.next_wake(), Some(Duration::ZERO));
+        }
+        let m = l.cache.metrics();
+        assert_eq!(m.dirty, 3);
+        assert_eq!(m.oldest_unflushed_age, l.clock.now(), "put at time 0");
+        assert!(l.step(KEEPER));
+        {
+            let core = l.core();
+            assert!(core.is_idle(inner));
+            assert_eq!(core.next_wake(), None);
+        }
+        assert_eq!(l.cache.metrics().oldest_unflushed_age, Duration::ZERO);
+    }
+
+    /// A store backoff holds leftover keys back: the flusher wakes when it ends, not at
+    /// once; a step meanwhile sends nothing; the first step after it sends them.
+    #[test]
+    fn leftover_keys_wait_for_the_store_backoff() {
+        let l = Leftover::new(false);
+        l.store.set_down(true);
+        assert!(l.cache.flush_key(&2).is_err(), "the store is down");
+        l.store.heal();
+        assert_eq!(l.left(), [3, 4]);
+        let until = l
+            .core()
+            .backoff_until
+            .expect("an unavailable store backs off");
+        assert!(until > l.clock.now());
+        assert_eq!(l.core().next_wake(), Some(until));
+        let sent = l.store.calls().len();
+        assert!(!l.step(KEEPER), "the step waits for the backoff");
+        assert_eq!(l.store.calls().len(), sent);
+        assert_eq!(l.left(), [3, 4]);
+        l.clock.advance(until - l.clock.now());
+        assert!(l.step(KEEPER));
+        assert_eq!(l.batches(sent), [vec![(3, 30), (4, 40)], vec![(2, 20)]]);
+        assert!(l.core().caught_up());
+    }
+
+    /// A flush ticket is not done while leftover keys written before it wait, and is once
+    /// the keeper's step has written them.
+    #[test]
+    fn a_flush_ticket_waits_for_the_leftover_keys() {
+        let l = Leftover::new(false);
+        let inner = &l.cache.inner;
+        let targets = inner
+            .shards
+            .iter()
+            .map(|s| s.table.lock().next_version)
+            .collect();
+        let ticket = Arc::new(Ticket::new(targets, 1));
+        let mut core = l.core();
+        core.take_ticket(ticket.clone());
+        // `true`: as once the ticket's full step has run (a worker's step after it may still
+        // leave keys over, e.g. retry items the ticket waits on).
+        core.settle_tickets(inner, true);
+        assert!(matches!(ticket.outcome(), TicketOutcome::Pending(3)));
+        assert!(core.step(inner, KEEPER));
+        core.settle_tickets(inner, false);
+        assert!(matches!(
+            ticket.outcome(),
+            TicketOutcome::Done { rejected: 0 }
+        ));
+    }
+}
