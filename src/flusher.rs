@@ -397,13 +397,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         inner.tick_clock();
         let now = inner.clock.now();
         let delay = inner.config.write_delay;
-        for (slot, &s) in self.owned.iter().enumerate() {
-            if self.due[slot].is_none() {
-                if let Some(at) = Self::armed_since(&inner.shards[s], now) {
-                    self.due[slot] = Some(at.saturating_add(delay));
-                }
-            }
-        }
+        self.stamp_armed(inner, now);
         if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
             self.publish_oldest(inner);
             return false;
@@ -475,6 +469,22 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         true
     }
 
+    /// Gives each armed shard without a deadline its deadline: its delay from the arming
+    /// write's clock reading.
+    fn stamp_armed<V>(&mut self, inner: &Inner<K, V>, now: Duration)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let delay = inner.config.write_delay;
+        for (slot, &s) in self.owned.iter().enumerate() {
+            if self.due[slot].is_none() {
+                if let Some(at) = Self::armed_since(&inner.shards[s], now) {
+                    self.due[slot] = Some(at.saturating_add(delay));
+                }
+            }
+        }
+    }
+
     /// When `shard` was armed, if it is: the arming writer's clock reading (see
     /// `Shard::armed_at`), never later than `now`.
     fn armed_since<V>(shard: &crate::shard::Shard<K, V>, now: Duration) -> Option<Duration> {
@@ -542,6 +552,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             false
         });
         self.write_out(inner, &mut vec![work], None);
+        // The key may have been the oldest write waiting here; the next oldest may be in a
+        // shard armed since the last step.
+        self.stamp_armed(inner, inner.clock.now());
+        self.publish_oldest(inner);
     }
 
     /// Snapshots the keys of `work` in batches of at most `max_batch`, sends and applies them.
@@ -649,9 +663,12 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         V: Clone + Send + Sync + 'static,
     {
         if let Some(t) = started {
-            // Capped at the reserve: one stalled store call must not make every later step
-            // hand off before its first batch (and so never time another).
-            let cap = inner.config.write_delay / HANDOFF_RESERVE;
+            // Capped at half the grace: a step's first late check comes a little after the
+            // step began and passes whenever `batch_wall` is under the grace, so every worker
+            // step writes (and times) at least one batch. A cap at the grace or above would
+            // let one slow batch make every later step hand off before its first batch, and
+            // so never time another: the keeper would write everything from then on.
+            let cap = inner.config.write_delay / (2 * HANDOFF_GRACE);
             self.batch_wall = inner.clock.now().saturating_sub(t).min(cap);
         }
     }
@@ -1333,5 +1350,76 @@ mod tests {
             ticket.outcome(),
             TicketOutcome::Done { rejected: 0 }
         ));
+    }
+
+    /// A slow batch does not leave the worker handing off for good: every later worker step
+    /// still writes (and times) its first batch before it asks whether it is late.
+    #[test]
+    fn after_a_slow_batch_each_worker_step_still_writes_its_first_batch() {
+        let l = Leftover::new(false);
+        assert!(l.step(KEEPER));
+        assert!(l.core().caught_up());
+        for round in 1..=3u64 {
+            for k in 0..KEYS {
+                l.cache.put(k, 100 * round + k).unwrap();
+            }
+            l.clock.advance(DELAY);
+            let sent = l.store.calls().len();
+            assert!(l.step(WORKER));
+            assert!(l.core().take_handoff(), "round {round}: each batch is slow");
+            assert_eq!(
+                l.batches(sent).len(),
+                1,
+                "round {round}: the worker wrote one batch before handing off"
+            );
+            assert!(l.step(KEEPER));
+            assert!(l.core().caught_up());
+        }
+    }
+
+    /// `flush_key` of the oldest write waiting (a retry item here) updates the oldest-write
+    /// figure at once, not at the flusher's next step.
+    #[test]
+    fn flush_key_of_the_oldest_write_updates_the_oldest_age() {
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(FaultyStore::new());
+        let cache = Cache::builder(store.clone())
+            .manual_flushing()
+            .clock(clock.clone())
+            .shards(1)
+            .write_delay(DELAY)
+            .retry_backoff(BACKOFF, BACKOFF)
+            .build()
+            .unwrap();
+        let step = || {
+            cache.inner.flushers[0]
+                .core
+                .lock()
+                .step(&cache.inner, KEEPER)
+        };
+        cache.put(1, 10).unwrap();
+        clock.advance(DELAY);
+        store.set_down(true);
+        assert!(
+            step(),
+            "key 1's first attempt fails: a retry item written at 0"
+        );
+        store.heal();
+        clock.advance(BACKOFF);
+        cache.put(2, 20).unwrap();
+        let second = clock.now();
+        clock.advance(DELAY / 4);
+        assert_eq!(
+            cache.metrics().oldest_unflushed_age,
+            clock.now(),
+            "key 1's age"
+        );
+        cache.flush_key(&1).unwrap();
+        assert_eq!(store.memory().get(&1), Some(10));
+        assert_eq!(
+            cache.metrics().oldest_unflushed_age,
+            clock.now() - second,
+            "key 2 is now the oldest write waiting"
+        );
     }
 }
