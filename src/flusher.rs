@@ -359,7 +359,8 @@ pub(crate) struct FlusherCore<K> {
     work: Vec<Work<K>>,
     /// A worker's step stopped for a handoff; the thread loop takes it.
     handoff: bool,
-    /// How long the worker's last batch took, wall time: a late check allows for one more.
+    /// How long the worker's last batch took, wall time, capped at half the grace (see
+    /// `time_batch`): a late check allows for one more.
     batch_wall: Duration,
 }
 
