@@ -321,9 +321,13 @@ impl<K, V> Builder<K, V> {
     /// rest to the keeper, which writes it at once and hands back (metric
     /// `flusher_handoffs`). In the main job at 10 levels the oldest unflushed write reached
     /// 0.68-0.71 s with a 1 s delay (0.23-0.25 s at 0): later than at 0, within the bound.
-    /// The bound then rests on the worker getting a core within about half the delay, which
-    /// it did in every measured run; a very short delay leaves it little room. A failure to
-    /// lower the priority is logged at debug level and the worker runs at the builder's
+    /// A worker that does not get a core at all is covered too: while the worker has the
+    /// turn the keeper looks every eighth of the delay (at least every 5 ms), and once a
+    /// shard has waited an eighth of the delay past its deadline, or a retry an eighth past
+    /// its time, without the worker starting the step, the keeper takes the turn, writes it
+    /// and hands back (counted in `flusher_handoffs` too). What stays uncovered is a worker
+    /// the CPU leaves in the middle of a batch: the keeper waits for that batch. A failure
+    /// to lower the priority is logged at debug level and the worker runs at the builder's
     /// priority.
     ///
     /// ```

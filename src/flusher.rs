@@ -327,6 +327,13 @@ pub(crate) const HANDOFF_RESERVE: u32 = 2;
 /// longer than a thread at the application's priority the worker may take over it.
 pub(crate) const HANDOFF_GRACE: u32 = 8;
 
+/// A keeper whose worker has the turn looks this often (this part of `write_delay`, within
+/// [`KEEPER_WATCH_MIN`] and the flusher's longest park) for a step the worker owes and has
+/// not started: a niced worker the CPU never gets to.
+pub(crate) const KEEPER_WATCH: u32 = 8;
+/// The keeper's shortest look interval, for tiny delays.
+pub(crate) const KEEPER_WATCH_MIN: Duration = Duration::from_millis(5);
+
 /// Which thread runs [`run`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Role {
@@ -494,6 +501,34 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         }
         let at = Duration::from_nanos(shard.armed_at.load(Ordering::SeqCst));
         Some(at.min(now))
+    }
+
+    /// `true` if the worker owes a step it has not started (see [`KEEPER_WATCH`]): a shard
+    /// of this flusher has been armed for `write_delay` and `watch` more, or a retry item has
+    /// been due for `watch`, and no store backoff holds the work back. The keeper then takes
+    /// the turn.
+    pub(crate) fn worker_overdue<V>(
+        &self,
+        inner: &Inner<K, V>,
+        now: Duration,
+        watch: Duration,
+    ) -> bool
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        if self.backoff_until.is_some_and(|until| now < until) {
+            return false;
+        }
+        let late = inner.config.write_delay.saturating_add(watch);
+        let armed = self
+            .owned
+            .iter()
+            .any(|&s| Self::armed_since(&inner.shards[s], now).is_some_and(|at| now - at >= late));
+        armed
+            || self
+                .retry
+                .iter()
+                .any(|r| r.not_before.saturating_add(watch) <= now)
     }
 
     /// Takes the handoff a worker's step asked for.
@@ -996,6 +1031,8 @@ where
 {
     let me = &inner.flushers[index];
     let max_park = if inner.timed { inner.tick } else { MAX_PARK };
+    let watch = (inner.config.write_delay / KEEPER_WATCH)
+        .clamp(KEEPER_WATCH_MIN, max_park.max(KEEPER_WATCH_MIN));
     loop {
         // A worker whose work the keeper has, or a keeper with nothing handed over, parks
         // (both serve a close).
@@ -1007,7 +1044,23 @@ where
         if !turn && me.mailbox.lock().close_deadline.is_none() {
             // The coarse clock must not stop while a starved worker is the one to tick it.
             inner.tick_clock();
-            crate::sync::thread::park_timeout(max_park);
+            if role == Role::Keeper {
+                // A worker that holds the core is running; one that owes a step and has not
+                // started it may be starved: the keeper takes the turn, steps and hands back.
+                let now = inner.clock.now();
+                let overdue = me
+                    .core
+                    .try_lock()
+                    .is_some_and(|core| core.worker_overdue(&inner, now, watch));
+                if overdue {
+                    FlusherStats::add(&me.stats.handoffs, 1);
+                    me.handed_off.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                crate::sync::thread::park_timeout(watch);
+            } else {
+                crate::sync::thread::park_timeout(max_park);
+            }
             continue;
         }
         let (new_tickets, close_deadline) = {
@@ -1422,5 +1475,101 @@ mod tests {
             clock.now() - second,
             "key 2 is now the oldest write waiting"
         );
+    }
+
+    /// `cond()` within `timeout` of real time (for a thread's progress, not for timing).
+    fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cond()
+    }
+
+    /// A manual-flushing cache on the test's clock with one shard and the test's delay and
+    /// backoff.
+    fn manual_cache(store: Arc<FaultyStore<u64, u64>>, clock: Arc<ManualClock>) -> Cache<u64, u64> {
+        Cache::builder(store)
+            .manual_flushing()
+            .clock(clock)
+            .shards(1)
+            .write_delay(DELAY)
+            .retry_backoff(BACKOFF, BACKOFF)
+            .build()
+            .unwrap()
+    }
+
+    /// The keeper's look for a starved worker: a shard armed for the delay and the watch
+    /// more, or a retry item due for the watch, and no store backoff.
+    #[test]
+    fn a_worker_is_overdue_after_its_deadline_and_the_watch_unless_the_store_backs_off() {
+        const WATCH: Duration = Duration::from_millis(10);
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(FaultyStore::new());
+        let cache = manual_cache(store.clone(), clock.clone());
+        let inner = &cache.inner;
+        let overdue = || {
+            inner.flushers[0]
+                .core
+                .lock()
+                .worker_overdue(inner, clock.now(), WATCH)
+        };
+        let step = || inner.flushers[0].core.lock().step(inner, KEEPER);
+        assert!(!overdue(), "nothing armed");
+        cache.put(1, 10).unwrap();
+        clock.advance(DELAY + WATCH - Duration::from_millis(1));
+        assert!(!overdue(), "the worker still has part of the watch");
+        clock.advance(Duration::from_millis(1));
+        assert!(overdue(), "armed for the delay and the watch");
+        assert!(step());
+        assert!(!overdue(), "the step drained the shard");
+        // A failed batch: the key is a retry item, and the store backs off.
+        cache.put(2, 20).unwrap();
+        clock.advance(DELAY + WATCH);
+        store.set_down(true);
+        assert!(step());
+        store.heal();
+        let until = {
+            let core = inner.flushers[0].core.lock();
+            assert_eq!(core.retry.len(), 1);
+            core.backoff_until.expect("an unavailable store backs off")
+        };
+        assert!(!overdue(), "the backoff holds the retry back");
+        clock.advance(until - clock.now() + WATCH - Duration::from_millis(1));
+        assert!(!overdue(), "the retry is due, but not for the whole watch");
+        clock.advance(Duration::from_millis(1));
+        assert!(overdue(), "the retry has been due for the watch");
+    }
+
+    /// A keeper whose worker never runs (no worker thread at all here) writes a key once its
+    /// deadline and the watch have passed, counts a handoff and hands the turn back.
+    #[test]
+    fn a_keeper_takes_over_from_a_worker_that_never_runs() {
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(FaultyStore::new());
+        let cache = manual_cache(store.clone(), clock.clone());
+        let inner = cache.inner.clone();
+        let keeper = std::thread::spawn(move || super::run(inner, 0, super::Role::Keeper));
+        cache.inner.flushers[0].keeper.set(keeper.thread().clone());
+        cache.put(1, 10).unwrap();
+        // The keeper looks every eighth of the delay (real time); the test's clock says when
+        // the worker is overdue.
+        clock.advance(DELAY + DELAY / super::KEEPER_WATCH);
+        let written = eventually(Duration::from_secs(10), || {
+            store.memory().get(&1) == Some(10)
+        });
+        assert!(written, "the keeper wrote the overdue key");
+        assert!(cache.metrics().flusher_handoffs >= 1);
+        let handed_back = eventually(Duration::from_secs(10), || {
+            !cache.inner.flushers[0]
+                .handed_off
+                .load(super::Ordering::SeqCst)
+        });
+        assert!(handed_back, "the keeper caught up and handed the turn back");
+        cache.inner.flushers[0].post_close(Duration::ZERO);
+        keeper.join().unwrap();
     }
 }

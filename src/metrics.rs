@@ -76,7 +76,8 @@ pub struct Metrics {
     pub slow_store_calls: u64,
     /// Times a write given up on could not enter the full failed-writes sink (it stayed queued).
     pub sink_full: u64,
-    /// Times a niced flusher thread handed its work to its keeper thread because it was late
+    /// Times a niced flusher thread handed its work to its keeper thread because it was late,
+    /// or the keeper took a step the worker owed and had not started
     /// ([`Builder::flusher_nice`](crate::Builder::flusher_nice)).
     pub flusher_handoffs: u64,
     /// Writes that waited for room under `Backpressure::Block`.

@@ -55,6 +55,15 @@ mod loom_lock {
             MutexGuard(Some(self.0.lock().unwrap_or_else(|e| e.into_inner())))
         }
 
+        /// The guard if the lock is free now (parking_lot's signature).
+        pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            match self.0.try_lock() {
+                Ok(g) => Some(MutexGuard(Some(g))),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(MutexGuard(Some(e.into_inner()))),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+
         #[allow(dead_code)] // parity with parking_lot::Mutex
         pub(crate) fn into_inner(self) -> T {
             self.0.into_inner().unwrap_or_else(|e| e.into_inner())
