@@ -1196,13 +1196,8 @@ mod tests {
                 faulty: store.clone(),
                 clock: clock.clone(),
             };
-            let cache = Cache::builder(slow)
-                .manual_flushing()
-                .clock(clock.clone())
-                .shards(1)
+            let cache = manual_builder(slow, &clock)
                 .max_batch(MAX_BATCH)
-                .write_delay(DELAY)
-                .retry_backoff(BACKOFF, BACKOFF)
                 .build()
                 .unwrap();
             let l = Leftover {
@@ -1437,14 +1432,7 @@ mod tests {
     fn flush_key_of_the_oldest_write_updates_the_oldest_age() {
         let clock = Arc::new(ManualClock::new());
         let store = Arc::new(FaultyStore::new());
-        let cache = Cache::builder(store.clone())
-            .manual_flushing()
-            .clock(clock.clone())
-            .shards(1)
-            .write_delay(DELAY)
-            .retry_backoff(BACKOFF, BACKOFF)
-            .build()
-            .unwrap();
+        let cache = manual_builder(store.clone(), &clock).build().unwrap();
         let step = || {
             cache.inner.flushers[0]
                 .core
@@ -1489,17 +1477,18 @@ mod tests {
         cond()
     }
 
-    /// A manual-flushing cache on the test's clock with one shard and the test's delay and
-    /// backoff.
-    fn manual_cache(store: Arc<FaultyStore<u64, u64>>, clock: Arc<ManualClock>) -> Cache<u64, u64> {
+    /// A manual-flushing cache's builder on the test's clock, with one shard and the test's
+    /// delay and backoff.
+    fn manual_builder<S: Store<u64, u64>>(
+        store: S,
+        clock: &Arc<ManualClock>,
+    ) -> crate::Builder<u64, u64> {
         Cache::builder(store)
             .manual_flushing()
-            .clock(clock)
+            .clock(clock.clone())
             .shards(1)
             .write_delay(DELAY)
             .retry_backoff(BACKOFF, BACKOFF)
-            .build()
-            .unwrap()
     }
 
     /// The keeper's look for a starved worker: a shard armed for the delay and the watch
@@ -1509,7 +1498,7 @@ mod tests {
         const WATCH: Duration = Duration::from_millis(10);
         let clock = Arc::new(ManualClock::new());
         let store = Arc::new(FaultyStore::new());
-        let cache = manual_cache(store.clone(), clock.clone());
+        let cache = manual_builder(store.clone(), &clock).build().unwrap();
         let inner = &cache.inner;
         let overdue = || {
             inner.flushers[0]
@@ -1550,7 +1539,7 @@ mod tests {
     fn a_keeper_takes_over_from_a_worker_that_never_runs() {
         let clock = Arc::new(ManualClock::new());
         let store = Arc::new(FaultyStore::new());
-        let cache = manual_cache(store.clone(), clock.clone());
+        let cache = manual_builder(store.clone(), &clock).build().unwrap();
         let inner = cache.inner.clone();
         let keeper = std::thread::spawn(move || super::run(inner, 0, super::Role::Keeper));
         cache.inner.flushers[0].keeper.set(keeper.thread().clone());
