@@ -324,7 +324,7 @@ impl<K, V> Builder<K, V> {
     /// worker has the turn the keeper also looks every eighth of the delay (at least every
     /// 5 ms): once a shard has waited an eighth of the delay past its deadline, or a retry
     /// an eighth past its time, and the worker has not started the step, the keeper takes
-    /// the turn, writes it and hands back (counted in `flusher_handoffs` too).
+    /// the turn, writes it and hands back (metric `flusher_takeovers`).
     ///
     /// What no keeper covers is a worker the CPU leaves in the middle of a batch, the store
     /// call included: the batch is its own until the call returns. With cores kept busy by

@@ -1053,7 +1053,7 @@ where
                     .try_lock()
                     .is_some_and(|core| core.worker_overdue(&inner, now, watch));
                 if overdue {
-                    FlusherStats::add(&me.stats.handoffs, 1);
+                    FlusherStats::add(&me.stats.takeovers, 1);
                     me.handed_off.store(true, Ordering::SeqCst);
                     continue;
                 }
@@ -1551,7 +1551,9 @@ mod tests {
             store.memory().get(&1) == Some(10)
         });
         assert!(written, "the keeper wrote the overdue key");
-        assert!(cache.metrics().flusher_handoffs >= 1);
+        let m = cache.metrics();
+        assert!(m.flusher_takeovers >= 1, "a takeover, counted");
+        assert_eq!(m.flusher_handoffs, 0, "no worker asked");
         let handed_back = eventually(Duration::from_secs(10), || {
             !cache.inner.flushers[0]
                 .handed_off

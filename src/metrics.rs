@@ -76,10 +76,12 @@ pub struct Metrics {
     pub slow_store_calls: u64,
     /// Times a write given up on could not enter the full failed-writes sink (it stayed queued).
     pub sink_full: u64,
-    /// Times a niced flusher thread handed its work to its keeper thread because it was late,
-    /// or the keeper took a step the worker owed and had not started
+    /// Times a niced flusher thread handed its work to its keeper thread because it was late
     /// ([`Builder::flusher_nice`](crate::Builder::flusher_nice)).
     pub flusher_handoffs: u64,
+    /// Times a niced flusher's keeper took a step its worker owed and had not started (a
+    /// worker the CPU did not get to; [`Builder::flusher_nice`](crate::Builder::flusher_nice)).
+    pub flusher_takeovers: u64,
     /// Writes that waited for room under `Backpressure::Block`.
     pub backpressure_waits: u64,
     /// Writes refused with `Error::Backpressure` (`Reject`, or `Block` timing out).
@@ -146,6 +148,7 @@ pub(crate) struct FlusherStats {
     pub(crate) slow_store_calls: AtomicU64,
     pub(crate) sink_full: AtomicU64,
     pub(crate) handoffs: AtomicU64,
+    pub(crate) takeovers: AtomicU64,
     /// 0 when healthy, else 1 + nanoseconds of the clock when degradation began.
     pub(crate) degraded_since: AtomicU64,
     /// 0 when nothing waits, else 1 + nanoseconds of the clock when the oldest waiting write
@@ -168,6 +171,7 @@ impl Default for FlusherStats {
             slow_store_calls: AtomicU64::new(0),
             sink_full: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
             degraded_since: AtomicU64::new(0),
             oldest: AtomicU64::new(0),
             batch_size: Mutex::new(new_histogram()),
@@ -222,6 +226,7 @@ impl FlusherStats {
         m.slow_store_calls += r(&self.slow_store_calls);
         m.sink_full += r(&self.sink_full);
         m.flusher_handoffs += r(&self.handoffs);
+        m.flusher_takeovers += r(&self.takeovers);
         let oldest = r(&self.oldest);
         if oldest != 0 {
             let age = now.saturating_sub(Duration::from_nanos(oldest - 1));
@@ -268,6 +273,7 @@ impl Metrics {
             slow_store_calls: 0,
             sink_full: 0,
             flusher_handoffs: 0,
+            flusher_takeovers: 0,
             backpressure_waits: 0,
             backpressure_rejections: 0,
             write_through_fallbacks: 0,
@@ -295,7 +301,7 @@ impl Metrics {
     /// distributions' p50/p99/p99.9/max as gauges. Call it periodically (e.g. every few
     /// seconds from the application's metrics loop); every series carries no labels.
     pub fn export(&self, prefix: &str) {
-        let counters: [(&str, u64); 28] = [
+        let counters: [(&str, u64); 29] = [
             ("load_waits", self.load_waits),
             ("evictions", self.evictions),
             ("expirations", self.expirations),
@@ -319,6 +325,7 @@ impl Metrics {
             ("slow_store_calls", self.slow_store_calls),
             ("sink_full", self.sink_full),
             ("flusher_handoffs", self.flusher_handoffs),
+            ("flusher_takeovers", self.flusher_takeovers),
             ("backpressure_waits", self.backpressure_waits),
             ("backpressure_rejections", self.backpressure_rejections),
             ("write_through_fallbacks", self.write_through_fallbacks),

@@ -397,14 +397,15 @@ impl<V: Val> SyncCache<V> for Wb<V> {
     fn report(&self) -> Option<String> {
         let m = self.cache.metrics();
         Some(format!(
-            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch), flusher handoffs {}",
+            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch), flusher handoffs {}, keeper takeovers {}",
             m.puts,
             m.conflated,
             100.0 * m.conflated as f64 / m.puts.max(1) as f64,
             m.batches,
             m.records_written,
             m.records_written as f64 / m.batches.max(1) as f64,
-            m.flusher_handoffs
+            m.flusher_handoffs,
+            m.flusher_takeovers
         ))
     }
     fn label(&self) -> Option<&'static str> {

@@ -241,6 +241,8 @@ pub struct ModeResult {
     pub unwritten_at_close: usize,
     /// Steps a niced flusher handed to its keeper (`--flusher-nice`).
     pub handoffs: u64,
+    /// Steps a niced flusher's keeper took from a worker that had not started them.
+    pub takeovers: u64,
 }
 
 fn run(args: &Args) -> Result<bool, BoxError> {
@@ -476,7 +478,10 @@ fn run_mode(
             }
         }
     }
-    let handoffs = cache.metrics().flusher_handoffs;
+    let (handoffs, takeovers) = {
+        let m = cache.metrics();
+        (m.flusher_handoffs, m.flusher_takeovers)
+    };
     let report = cache.close(Duration::from_secs(10));
     Ok(ModeResult {
         mode,
@@ -495,6 +500,7 @@ fn run_mode(
         mismatched,
         unwritten_at_close: report.unwritten.len(),
         handoffs,
+        takeovers,
     })
 }
 

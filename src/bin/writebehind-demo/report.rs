@@ -124,6 +124,9 @@ pub fn table(header: String, results: &[ModeResult]) -> String {
     if results.iter().any(|r| r.handoffs > 0) {
         rows.push(("flusher handoffs", col(&|r| group(r.handoffs as f64))));
     }
+    if results.iter().any(|r| r.takeovers > 0) {
+        rows.push(("keeper takeovers", col(&|r| group(r.takeovers as f64))));
+    }
     rows.push(("final flush", col(&|r| dur(r.flush_time.as_nanos() as u64))));
     rows.push((
         "consistency (DB = cache)",
