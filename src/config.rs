@@ -330,9 +330,9 @@ impl<K, V> Builder<K, V> {
     /// call included: the batch is its own until the call returns. With cores kept busy by
     /// more threads than they hold, a niced flusher can then miss the bound: on two cores
     /// with two busy threads beside the main job's two clients, 19 levels let writes wait
-    /// 1.3-4.2 s with a 1 s delay, where 0 levels kept them under 0.31 s
-    /// (docs/BENCHMARKS.md, "Tenth session"). Lower the priority only where the flusher
-    /// still gets its share of the CPU. A failure to lower the priority is logged at debug
+    /// 1.3-4.2 s with a 1 s delay, 10 levels 0.97 s, 5 levels 0.71 s, and 0 levels kept them
+    /// under 0.31 s (docs/BENCHMARKS.md, "Tenth session"). Lower the priority only where the
+    /// flusher still gets its share of the CPU, and by a few levels rather than many. A failure to lower the priority is logged at debug
     /// level and the worker runs at the builder's priority.
     ///
     /// ```
