@@ -364,8 +364,6 @@ pub(crate) struct FlusherCore<K> {
     /// steps only after a worker's step stopped for a handoff: the next step sends these
     /// first.
     work: Vec<Work<K>>,
-    /// A worker's step stopped for a handoff; the thread loop takes it.
-    handoff: bool,
     /// How long the worker's last batch took, wall time, capped at half the grace (see
     /// `time_batch`): a late check allows for one more.
     batch_wall: Duration,
@@ -385,7 +383,6 @@ impl<K> FlusherCore<K> {
             tickets: Vec::new(),
             scratch: Vec::new(),
             work: Vec::new(),
-            handoff: false,
             batch_wall: Duration::ZERO,
         }
     }
@@ -469,9 +466,8 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let grace_until = mode
             .hand_off_when_late
             .then(|| now.saturating_add(delay / HANDOFF_GRACE));
-        if self.write_out(inner, &mut work, grace_until) {
-            self.handoff = true;
-        }
+        // A worker's step that stopped leaves the rest in `work`: that is the handoff.
+        self.write_out(inner, &mut work, grace_until);
         self.work = work;
         self.publish_oldest(inner);
         true
@@ -531,9 +527,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 .any(|r| r.not_before.saturating_add(watch) <= now)
     }
 
-    /// Takes the handoff a worker's step asked for.
-    pub(crate) fn take_handoff(&mut self) -> bool {
-        std::mem::take(&mut self.handoff)
+    /// `true` after a worker's step that stopped for a handoff: keys are left for the
+    /// keeper (`work` is empty between steps otherwise).
+    pub(crate) fn handing_off(&self) -> bool {
+        !self.work.is_empty()
     }
 
     /// When the oldest write waiting in this flusher was made (at the latest; see
@@ -597,19 +594,18 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     /// Snapshots the keys of `work` in batches of at most `max_batch`, sends and applies them.
     ///
     /// With `grace_until` (a niced worker's step: its start plus [`HANDOFF_GRACE`] of the
-    /// delay), stops before a batch once the step is late, and returns `true`: `work` then
-    /// holds the keys not yet snapshotted, in order.
+    /// delay), stops before a batch once the step is late: `work` then holds the keys not yet
+    /// snapshotted, in order (the handoff).
     fn write_out<V>(
         &mut self,
         inner: &Inner<K, V>,
         work: &mut Vec<Work<K>>,
         grace_until: Option<Duration>,
-    ) -> bool
-    where
+    ) where
         V: Clone + Send + Sync + 'static,
     {
         if work.is_empty() {
-            return false;
+            return;
         }
         // When this step gets late: checked before each batch, the first included.
         let late_at = grace_until.and_then(|grace_until| {
@@ -642,7 +638,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                     // Nothing of `work[i..]` was snapshotted: the keys stay queued, in order,
                     // for the next step (the keeper's).
                     work.drain(..i);
-                    return true;
+                    return;
                 }
                 batch_started = Some(now);
             }
@@ -690,7 +686,6 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             self.send(inner, &mut batch, &mut meta);
             self.time_batch(inner, batch_started);
         }
-        false
     }
 
     /// Keeps how long a timed batch took, from its first snapshot to its last record marked.
@@ -1091,7 +1086,7 @@ where
         if !closing {
             let hand_over = match role {
                 Role::Sole => false,
-                Role::Worker => core.take_handoff(),
+                Role::Worker => core.handing_off(),
                 Role::Keeper => core.caught_up(),
             };
             if hand_over {
@@ -1219,7 +1214,7 @@ mod tests {
             let sent = l.store.calls().len();
             let mut core = l.core();
             assert!(core.step(&l.cache.inner, WORKER));
-            assert!(core.take_handoff(), "the worker's step hands off");
+            assert!(core.handing_off(), "the worker's step hands off");
             drop(core);
             let written = l.batches(sent);
             assert_eq!(written.len(), 1, "one batch, then the step was late");
@@ -1415,7 +1410,7 @@ mod tests {
             l.clock.advance(DELAY);
             let sent = l.store.calls().len();
             assert!(l.step(WORKER));
-            assert!(l.core().take_handoff(), "round {round}: each batch is slow");
+            assert!(l.core().handing_off(), "round {round}: each batch is slow");
             assert_eq!(
                 l.batches(sent).len(),
                 1,
