@@ -89,6 +89,7 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
         ops.push(((rate * aim.as_secs_f64()) as u64).clamp(5_000, 20_000_000));
     }
     let mut samples: Vec<Vec<f64>> = kinds.iter().map(|_| Vec::new()).collect();
+    let trace = std::env::var("RATIO_TRACE").is_ok_and(|v| v == "1");
     for round in 0..rounds {
         for j in 0..kinds.len() {
             let i = (j + round as usize) % kinds.len();
@@ -101,7 +102,11 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
                 &mut cached[i],
                 &miss,
             );
-            samples[i].push((ops[i] * THREADS as u64) as f64 / d.as_secs_f64());
+            let rate = (ops[i] * THREADS as u64) as f64 / d.as_secs_f64();
+            if trace {
+                eprintln!("round {round} {}: {:.2} Mops/s", kinds[i].name(), rate / 1e6);
+            }
+            samples[i].push(rate);
         }
     }
     let reports: Vec<String> = cached
