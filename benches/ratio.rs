@@ -104,7 +104,11 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
             );
             let rate = (ops[i] * THREADS as u64) as f64 / d.as_secs_f64();
             if trace {
-                eprintln!("round {round} {}: {:.2} Mops/s", kinds[i].name(), rate / 1e6);
+                eprintln!(
+                    "round {round} {}: {:.2} Mops/s",
+                    kinds[i].name(),
+                    rate / 1e6
+                );
             }
             samples[i].push(rate);
         }

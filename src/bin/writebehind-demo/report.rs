@@ -296,3 +296,100 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hdrhistogram::Histogram;
+    use writebehind::WriteMode;
+
+    use super::table;
+    use crate::ModeResult;
+
+    /// A run of `mode` with 1,000 updates in 2 s, none lost, and the given flusher counts.
+    fn result(mode: WriteMode, handoffs: u64, takeovers: u64) -> ModeResult {
+        let mut writes = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+        writes
+            .record_n(1_000, 1_000)
+            .expect("1 µs is inside the histogram's range");
+        ModeResult {
+            mode,
+            seconds: 2.0,
+            reads: Histogram::new(3).expect("3 significant digits is valid"),
+            writes,
+            writes_over_time: Vec::new(),
+            rows_over_time: Vec::new(),
+            transactions: 10,
+            failed_transactions: 0,
+            rows: 400,
+            ages: Histogram::new(3).expect("3 significant digits is valid"),
+            unstamped: 0,
+            flush_time: Duration::from_millis(5),
+            compared: 400,
+            mismatched: 0,
+            unwritten_at_close: 0,
+            handoffs,
+            takeovers,
+        }
+    }
+
+    /// The cells of the row labelled `label` (trimmed), or `None` if the table has no such
+    /// row.
+    fn row(table: &str, label: &str) -> Option<Vec<String>> {
+        table.lines().find(|l| l.starts_with(label)).map(|l| {
+            l[label.len()..]
+                .split('|')
+                .skip(1)
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_default_run_has_no_handoff_or_takeover_rows() {
+        let out = table(
+            "header".into(),
+            &[
+                result(WriteMode::Through, 0, 0),
+                result(WriteMode::Behind, 0, 0),
+            ],
+        );
+        assert_eq!(row(&out, "flusher handoffs"), None, "{out}");
+        assert_eq!(row(&out, "keeper takeovers"), None, "{out}");
+        assert_eq!(
+            row(&out, "conflation (updates/row)"),
+            Some(vec!["2.50".to_string(), "2.50".to_string()]),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_niced_run_shows_its_handoffs_and_takeovers_in_its_own_column() {
+        let out = table(
+            "header".into(),
+            &[
+                result(WriteMode::Through, 0, 0),
+                result(WriteMode::Behind, 7, 1234),
+            ],
+        );
+        assert_eq!(
+            row(&out, "flusher handoffs"),
+            Some(vec!["0".to_string(), "7".to_string()]),
+            "{out}"
+        );
+        assert_eq!(
+            row(&out, "keeper takeovers"),
+            Some(vec!["0".to_string(), "1,234".to_string()]),
+            "{out}"
+        );
+        // Takeovers alone (no handoff) still get their row, and the handoffs none.
+        let out = table("header".into(), &[result(WriteMode::Behind, 0, 3)]);
+        assert_eq!(row(&out, "flusher handoffs"), None, "{out}");
+        assert_eq!(
+            row(&out, "keeper takeovers"),
+            Some(vec!["3".to_string()]),
+            "{out}"
+        );
+    }
+}
