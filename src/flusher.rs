@@ -499,32 +499,37 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         Some(at.min(now))
     }
 
-    /// `true` if the worker owes a step it has not started (see [`KEEPER_WATCH`]): a shard
-    /// of this flusher has been armed for `write_delay` and `watch` more, or a retry item has
-    /// been due for `watch`, and no store backoff holds the work back. The keeper then takes
-    /// the turn.
-    pub(crate) fn worker_overdue<V>(
+    /// When the worker is overdue with a step it has not started (see [`KEEPER_WATCH`]),
+    /// judged at `now`: once a shard of this flusher has been armed for `write_delay` and
+    /// `watch` more, or a retry item has been due for `watch`, and no store backoff holds the
+    /// work back. At or before `now`, the keeper takes the turn; after it, the keeper sleeps
+    /// until then. A shard that is not armed counts as armed at `now` (a write may arm it
+    /// the next moment), so the time is never more than `write_delay` and `watch` away, and
+    /// no write made after `now` makes the worker overdue sooner.
+    pub(crate) fn worker_overdue_at<V>(
         &self,
         inner: &Inner<K, V>,
         now: Duration,
         watch: Duration,
-    ) -> bool
+    ) -> Duration
     where
         V: Clone + Send + Sync + 'static,
     {
-        if self.backoff_until.is_some_and(|until| now < until) {
-            return false;
-        }
         let late = inner.config.write_delay.saturating_add(watch);
         let armed = self
             .owned
             .iter()
-            .any(|&s| Self::armed_since(&inner.shards[s], now).is_some_and(|at| now - at >= late));
-        armed
-            || self
-                .retry
-                .iter()
-                .any(|r| r.not_before.saturating_add(watch) <= now)
+            .map(|&s| Self::armed_since(&inner.shards[s], now).unwrap_or(now))
+            .min()
+            .unwrap_or(now)
+            .saturating_add(late);
+        let retry = self
+            .retry
+            .iter()
+            .map(|r| r.not_before.saturating_add(watch))
+            .min();
+        let at = retry.map_or(armed, |r| r.min(armed));
+        self.backoff_until.map_or(at, |until| at.max(until))
     }
 
     /// `true` after a worker's step that stopped for a handoff: keys are left for the
@@ -1042,17 +1047,23 @@ where
             if role == Role::Keeper {
                 // A worker that holds the core is running; one that owes a step and has not
                 // started it may be starved: the keeper takes the turn, steps and hands back.
+                // Otherwise it sleeps until the worker could next be overdue (an idle
+                // flusher's keeper so wakes once per delay, or per longest park), or, while
+                // the worker is stepping, for the watch.
                 let now = inner.clock.now();
-                let overdue = me
+                let overdue_at = me
                     .core
                     .try_lock()
-                    .is_some_and(|core| core.worker_overdue(&inner, now, watch));
-                if overdue {
-                    FlusherStats::add(&me.stats.takeovers, 1);
-                    me.handed_off.store(true, Ordering::SeqCst);
-                    continue;
+                    .map(|core| core.worker_overdue_at(&inner, now, watch));
+                match overdue_at {
+                    Some(at) if at <= now => {
+                        FlusherStats::add(&me.stats.takeovers, 1);
+                        me.handed_off.store(true, Ordering::SeqCst);
+                        continue;
+                    }
+                    Some(at) => crate::sync::thread::park_timeout((at - now).min(max_park)),
+                    None => crate::sync::thread::park_timeout(watch),
                 }
-                crate::sync::thread::park_timeout(watch);
             } else {
                 crate::sync::thread::park_timeout(max_park);
             }
@@ -1077,6 +1088,11 @@ where
             },
         );
         core.settle_tickets(&inner, ran && full);
+        if role == Role::Worker && !core.retry.is_empty() {
+            // The keeper sleeps until the worker could be overdue, and a retry item made by
+            // this step may be due before that: it looks again.
+            me.keeper.unpark();
+        }
         let now = inner.clock.now();
         if let Some(deadline) = close_deadline {
             if core.is_idle(&inner) || now >= deadline {
@@ -1495,21 +1511,35 @@ mod tests {
         let store = Arc::new(FaultyStore::new());
         let cache = manual_builder(store.clone(), &clock).build().unwrap();
         let inner = &cache.inner;
-        let overdue = || {
+        let overdue_at = || {
             inner.flushers[0]
                 .core
                 .lock()
-                .worker_overdue(inner, clock.now(), WATCH)
+                .worker_overdue_at(inner, clock.now(), WATCH)
         };
+        let overdue = || overdue_at() <= clock.now();
         let step = || inner.flushers[0].core.lock().step(inner, KEEPER);
         assert!(!overdue(), "nothing armed");
+        assert_eq!(
+            overdue_at(),
+            clock.now() + DELAY + WATCH,
+            "nothing armed: a write made now would be overdue this late"
+        );
+        clock.advance(Duration::from_millis(3));
+        let armed = clock.now();
         cache.put(1, 10).unwrap();
         clock.advance(DELAY + WATCH - Duration::from_millis(1));
         assert!(!overdue(), "the worker still has part of the watch");
+        assert_eq!(
+            overdue_at(),
+            armed + DELAY + WATCH,
+            "the time counts from the arming write, not from now"
+        );
         clock.advance(Duration::from_millis(1));
         assert!(overdue(), "armed for the delay and the watch");
         assert!(step());
         assert!(!overdue(), "the step drained the shard");
+        assert_eq!(overdue_at(), clock.now() + DELAY + WATCH, "idle again");
         // A failed batch: the key is a retry item, and the store backs off.
         cache.put(2, 20).unwrap();
         clock.advance(DELAY + WATCH);
@@ -1522,6 +1552,12 @@ mod tests {
             core.backoff_until.expect("an unavailable store backs off")
         };
         assert!(!overdue(), "the backoff holds the retry back");
+        let not_before = inner.flushers[0].core.lock().retry[0].not_before;
+        assert_eq!(
+            overdue_at(),
+            (not_before + WATCH).max(until),
+            "the retry's time, held back by the backoff"
+        );
         clock.advance(until - clock.now() + WATCH - Duration::from_millis(1));
         assert!(!overdue(), "the retry is due, but not for the whole watch");
         clock.advance(Duration::from_millis(1));
@@ -1539,8 +1575,8 @@ mod tests {
         let keeper = std::thread::spawn(move || super::run(inner, 0, super::Role::Keeper));
         cache.inner.flushers[0].keeper.set(keeper.thread().clone());
         cache.put(1, 10).unwrap();
-        // The keeper looks every eighth of the delay (real time); the test's clock says when
-        // the worker is overdue.
+        // The keeper sleeps (real time) until the worker could be overdue by the test's
+        // clock, at most the delay and the watch; the clock then says it is.
         clock.advance(DELAY + DELAY / super::KEEPER_WATCH);
         let written = eventually(Duration::from_secs(10), || {
             store.memory().get(&1) == Some(10)
