@@ -41,8 +41,6 @@ fn value(i: u64) -> Vec<u8> {
     v
 }
 
-/// Put latency on 2 threads, Zipf-ish hot keys (every 8th put a new cold key), while the
-/// flusher writes to `store`.
 /// How a latency run configures the cache.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -54,6 +52,7 @@ enum Mode {
     Through,
 }
 
+/// Put latency on 2 threads ([`timed_puts`]) while the flusher writes to `store`.
 fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, mode: Mode, seconds: u64) {
     let mut b = Cache::builder(store)
         .write_delay(Duration::from_millis(50))
@@ -66,45 +65,10 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, mode: Mode
         Mode::Through => b = b.write_mode(writebehind::WriteMode::Through),
     }
     let cache = Arc::new(b.build().expect("cache"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Arc::new(Barrier::new(3));
-    let threads: Vec<_> = (0..2u64)
-        .map(|t| {
-            let cache = cache.clone();
-            let stop = stop.clone();
-            let start = start.clone();
-            std::thread::spawn(move || {
-                let mut h = Histogram::<u64>::new(3).expect("histogram");
-                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
-                let mut i = 0u64;
-                start.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let key = if i % 8 == 0 {
-                        1_000_000 + (x % 1_000_000)
-                    } else {
-                        x % 1000
-                    };
-                    let v = value(i);
-                    let t0 = Instant::now();
-                    cache.put(key, v).expect("put");
-                    let ns = t0.elapsed().as_nanos() as u64;
-                    let _ = h.record(ns.max(1));
-                    i += 1;
-                }
-                h
-            })
-        })
-        .collect();
-    start.wait();
-    std::thread::sleep(Duration::from_secs(seconds));
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Histogram::<u64>::new(3).expect("histogram");
-    for t in threads {
-        let _ = all.add(t.join().expect("writer"));
-    }
+    let c2 = cache.clone();
+    let all = timed_puts(seconds, move |key, v| {
+        c2.put(key, v).expect("put");
+    });
     let before = cache.metrics();
     let t_flush = Instant::now();
     if let Err(e) = cache.flush() {
@@ -127,6 +91,107 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, mode: Mode
         m.records_written,
         before.dirty,
         flush_took.as_secs_f64(),
+    );
+}
+
+/// Two writer threads putting for `seconds` (Zipf-ish hot keys: every 8th put a new cold
+/// key), each put timed alone; the latencies of both.
+fn timed_puts(seconds: u64, put: impl Fn(u64, Vec<u8>) + Send + Sync + 'static) -> Histogram<u64> {
+    let put = Arc::new(put);
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(3));
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let put = put.clone();
+            let stop = stop.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                let mut i = 0u64;
+                start.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let key = if i % 8 == 0 {
+                        1_000_000 + (x % 1_000_000)
+                    } else {
+                        x % 1000
+                    };
+                    let v = value(i);
+                    let t0 = Instant::now();
+                    put(key, v);
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    let _ = h.record(ns.max(1));
+                    i += 1;
+                }
+                h
+            })
+        })
+        .collect();
+    start.wait();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Histogram::<u64>::new(3).expect("histogram");
+    for t in threads {
+        let _ = all.add(t.join().expect("writer"));
+    }
+    all
+}
+
+/// The machine's floor for the put-latency rows: the same two writer threads timing a
+/// dashmap insert (no write-behind at all) while a third thread writes batches of 1,000
+/// rows to `store` without a pause, as a busy flusher does. No engine can put faster than
+/// a bare concurrent map insert beside the same database work.
+fn floor_latency<S: Store<u64, Vec<u8>> + Send + Sync + 'static>(
+    label: &str,
+    store: S,
+    seconds: u64,
+) {
+    let map = Arc::new(dashmap::DashMap::<u64, Vec<u8>, ahash::RandomState>::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut version = 0u64;
+            let mut batches = 0u64;
+            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<Write<u64, Vec<u8>>> = (0..1000)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        version += 1;
+                        let key = x % 1_001_000;
+                        Write::Put {
+                            key,
+                            value: value(key),
+                            version,
+                        }
+                    })
+                    .collect();
+                store.write_all(&batch).expect("write_all");
+                batches += 1;
+            }
+            batches
+        })
+    };
+    let m2 = map.clone();
+    let all = timed_puts(seconds, move |key, v| {
+        m2.insert(key, v);
+    });
+    stop.store(true, Ordering::Relaxed);
+    let batches = writer.join().expect("store writer");
+    println!(
+        "| {label} | {} | {} ns | {} ns | {} ns | {} ns | {batches} | {} | - |",
+        all.len(),
+        all.value_at_quantile(0.5),
+        all.value_at_quantile(0.99),
+        all.value_at_quantile(0.999),
+        all.max(),
+        batches * 1000,
     );
 }
 
@@ -275,6 +340,11 @@ fn main() {
         "SQLite, write-through",
         sqlite("lat_through"),
         Mode::Through,
+        seconds,
+    );
+    floor_latency(
+        "floor: dashmap insert beside SQLite batches (no engine)",
+        sqlite("lat_floor"),
         seconds,
     );
 
