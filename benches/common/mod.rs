@@ -834,6 +834,15 @@ impl Kind {
         }
     }
 
+    /// Does an instance keep a core busy between its runs? wb-cache 0.1.0's background
+    /// task flushes its whole update pool on every tick once the prefill has filled it, and
+    /// the pool does not empty (a tokio worker measured at 100 % of a core from the
+    /// prefill on, through every other contender's runs). Such a contender gets a fresh
+    /// instance for each run, dropped (its runtime shut down) before the next contender runs.
+    pub fn busy_between_runs(self) -> bool {
+        self == Kind::WbCache
+    }
+
     /// A new contender on `store`, for `threads` benchmark threads.
     pub fn build<V: Val>(self, store: SharedStore<V>, threads: usize) -> Box<dyn Contender<V>> {
         match self {
@@ -880,9 +889,67 @@ pub fn prepared<V: Val>(
     c
 }
 
+/// CPU time this process has used, all threads together (`None` where it cannot be read).
+#[cfg(target_os = "linux")]
+fn process_cpu() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable `timespec` for the duration of the call, and
+    // CLOCK_PROCESS_CPUTIME_ID is a clock every Linux kernel since 2.6.12 provides.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| {
+        Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        )
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_cpu() -> Option<Duration> {
+    None
+}
+
+/// Runs that started before the process was quiet (see [`quiesce`]), for the report.
+pub static UNQUIET_RUNS: AtomicU64 = AtomicU64::new(0);
+/// Time spent waiting for a quiet process before runs, in nanoseconds, for the report.
+pub static QUIESCE_WAITED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Waits, untimed, until the process is quiet: less than 5 % of one core used over a 20 ms
+/// window by all its threads (the caller sleeps). Contenders share the process, and some
+/// keep working after their run returns (a runtime's background flush, a writer thread
+/// draining its channel): without this wait, that work lands on whichever contender runs
+/// next, always the same one in the report's rotation. Gives up after 3 s (counted in
+/// [`UNQUIET_RUNS`]); returns at once where process CPU time cannot be read.
+pub fn quiesce() {
+    const WINDOW: Duration = Duration::from_millis(20);
+    const BUSY: Duration = Duration::from_millis(1);
+    const GIVE_UP: Duration = Duration::from_secs(3);
+    let start = Instant::now();
+    let waited = || {
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        QUIESCE_WAITED_NS.fetch_add(ns, Ordering::Relaxed);
+    };
+    while let Some(before) = process_cpu() {
+        std::thread::sleep(WINDOW);
+        let Some(after) = process_cpu() else { break };
+        if after.saturating_sub(before) < BUSY {
+            break;
+        }
+        if start.elapsed() >= GIVE_UP {
+            UNQUIET_RUNS.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+    }
+    waited();
+}
+
 /// Times `ops` operations per thread of `plan` on `kind`, building fresh instances as the
-/// workload needs (their construction and teardown are not timed). `cached` is reused for
-/// workloads on prefilled keys.
+/// workload or the contender needs ([`needs_fresh`], [`Kind::busy_between_runs`]; their
+/// construction and teardown are not timed), each run starting once the process is quiet
+/// ([`quiesce`]). `cached` is reused for workloads on prefilled keys.
 pub fn timed_run<V: Val>(
     kind: Kind,
     plan: &Arc<Plan>,
@@ -893,8 +960,14 @@ pub fn timed_run<V: Val>(
     miss_store: &Option<SharedStore<V>>,
 ) -> Duration {
     let w = plan.workload;
+    if !needs_fresh(&w) && kind.busy_between_runs() {
+        let c = prepared(kind, &w, threads, miss_store);
+        quiesce();
+        return c.run(plan, threads, ops, run_id);
+    }
     if !needs_fresh(&w) {
         let c = cached.get_or_insert_with(|| prepared(kind, &w, threads, miss_store));
+        quiesce();
         return c.run(plan, threads, ops, run_id);
     }
     let chunk = fresh_chunk(threads);
@@ -903,6 +976,7 @@ pub fn timed_run<V: Val>(
     while left > 0 {
         let n = left.min(chunk);
         let c = prepared(kind, &w, threads, miss_store);
+        quiesce();
         total += c.run(plan, threads, n, 0);
         drop(c);
         left -= n;
