@@ -346,15 +346,21 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_default_run_has_no_handoff_or_takeover_rows() {
-        let out = table(
+    /// The table of a write-through run, then a write-behind run with these flusher counts
+    /// (the demo's default order).
+    fn through_then_behind(handoffs: u64, takeovers: u64) -> String {
+        table(
             "header".into(),
             &[
                 result(WriteMode::Through, 0, 0),
-                result(WriteMode::Behind, 0, 0),
+                result(WriteMode::Behind, handoffs, takeovers),
             ],
-        );
+        )
+    }
+
+    #[test]
+    fn a_default_run_has_no_handoff_or_takeover_rows() {
+        let out = through_then_behind(0, 0);
         assert_eq!(row(&out, "flusher handoffs"), None, "{out}");
         assert_eq!(row(&out, "keeper takeovers"), None, "{out}");
         assert_eq!(
@@ -366,13 +372,7 @@ mod tests {
 
     #[test]
     fn a_niced_run_shows_its_handoffs_and_takeovers_in_its_own_column() {
-        let out = table(
-            "header".into(),
-            &[
-                result(WriteMode::Through, 0, 0),
-                result(WriteMode::Behind, 7, 1234),
-            ],
-        );
+        let out = through_then_behind(7, 1234);
         assert_eq!(
             row(&out, "flusher handoffs"),
             Some(vec!["0".to_string(), "7".to_string()]),
