@@ -1,8 +1,8 @@
 //! How often a cache's background threads wake: the flusher (worker) and, with
 //! `Builder::flusher_nice`, its keeper, counted as voluntary context switches from
-//! `/proc/self/task` (Linux). Two phases of five seconds each: idle after a flush, then one
-//! put per millisecond. A diagnostic for docs/ARCHITECTURE.md ("the keeper"), not one of the
-//! issue's benchmarks.
+//! `/proc/self/task` (Linux). Three phases: 5 s idle after a flush, 5 s of one put per
+//! millisecond, then 2 s of two threads putting as fast as they can over 100,000 keys. A
+//! diagnostic for docs/ARCHITECTURE.md ("the keeper"), not one of the benchmarks.
 //!
 //! `cargo run --release --example flusher_wakes [nice]` (default nice 10; 0 runs a sole
 //! flusher without a keeper).
@@ -70,15 +70,48 @@ fn main() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let end = counts().expect("readable a moment ago");
-    println!("flusher_nice({nice}), wakes in 5 s: | worker | keeper |");
+    // Two threads putting as fast as they can, over 100,000 keys, for 2 s.
+    let started = Instant::now();
+    let puts: u64 = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..2u64)
+            .map(|t| {
+                let cache = &cache;
+                s.spawn(move || {
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
+                    let mut n = 0u64;
+                    while started.elapsed() < Duration::from_secs(2) {
+                        for _ in 0..1000 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            cache.put(x % 100_000, n).expect("open");
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .sum()
+    });
+    let busy_end = counts().expect("readable a moment ago");
+    println!("flusher_nice({nice}), wakes: | worker | keeper |");
     println!(
-        "idle                             | {} | {} |",
+        "idle, 5 s | {} | {} |",
         busy_start.0 - idle_start.0,
         busy_start.1 - idle_start.1
     );
     println!(
-        "{i} puts, one a millisecond        | {} | {} |",
+        "{i} puts, one a millisecond, 5 s | {} | {} |",
         end.0 - busy_start.0,
         end.1 - busy_start.1
+    );
+    println!(
+        "{puts} puts, two threads flat out, 2 s | {} | {} |",
+        busy_end.0 - end.0,
+        busy_end.1 - end.1
     );
 }
