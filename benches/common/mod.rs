@@ -960,17 +960,17 @@ pub fn timed_run<V: Val>(
     miss_store: &Option<SharedStore<V>>,
 ) -> Duration {
     let w = plan.workload;
-    if !needs_fresh(&w) && kind.busy_between_runs() {
-        let c = prepared(kind, &w, threads, miss_store);
-        quiesce();
-        return c.run(plan, threads, ops, run_id);
-    }
-    if !needs_fresh(&w) {
+    if !needs_fresh(&w) && !kind.busy_between_runs() {
         let c = cached.get_or_insert_with(|| prepared(kind, &w, threads, miss_store));
         quiesce();
         return c.run(plan, threads, ops, run_id);
     }
-    let chunk = fresh_chunk(threads);
+    // Fresh instances: one per chunk of fresh keys, or one for the whole run.
+    let chunk = if needs_fresh(&w) {
+        fresh_chunk(threads)
+    } else {
+        ops
+    };
     let mut left = ops;
     let mut total = Duration::ZERO;
     while left > 0 {
