@@ -278,6 +278,12 @@ fn main() {
         "mixed 90% get / 10% put (Zipf 1.0)",
         on(Mix::Mixed { read_percent: 90 }, Dist::Zipf),
     );
+    println!(
+        "\nwaits for a quiet process before runs: {:.1}s in all; runs started with the process \
+         still busy after 3 s: {}",
+        QUIESCE_WAITED_NS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
+        UNQUIET_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+    );
     if chosen.is_some() || only.is_some() {
         return;
     }
@@ -296,11 +302,5 @@ fn main() {
     let what = format!("put Zipf vs hand-rolled, flusher_nice({WB_NICE})");
     target(&what, &put, niced, Kind::HandRolled, 2.0);
     conflation(20, 50_000);
-    println!(
-        "\nwaits for a quiet process before runs: {:.1}s in all; runs started with the process \
-         still busy after 3 s: {}",
-        QUIESCE_WAITED_NS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9,
-        UNQUIET_RUNS.load(std::sync::atomic::Ordering::Relaxed)
-    );
     println!("\ntotal time: {:.1}s", t0.elapsed().as_secs_f64());
 }

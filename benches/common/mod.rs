@@ -928,10 +928,6 @@ pub fn quiesce() {
     const BUSY: Duration = Duration::from_millis(1);
     const GIVE_UP: Duration = Duration::from_secs(3);
     let start = Instant::now();
-    let waited = || {
-        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        QUIESCE_WAITED_NS.fetch_add(ns, Ordering::Relaxed);
-    };
     while let Some(before) = process_cpu() {
         std::thread::sleep(WINDOW);
         let Some(after) = process_cpu() else { break };
@@ -943,7 +939,8 @@ pub fn quiesce() {
             break;
         }
     }
-    waited();
+    let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    QUIESCE_WAITED_NS.fetch_add(waited, Ordering::Relaxed);
 }
 
 /// Times `ops` operations per thread of `plan` on `kind`, building fresh instances as the
