@@ -11,6 +11,12 @@
 //! slower than a round. The targets table gives both, and in how many rounds the paired
 //! ratio reached the target.
 //!
+//! The get workload also times two floors (`common::LockFloor`): a get under the design's
+//! shard lock with nothing of writebehind's own, over a bare 16-byte entry (the key and the
+//! value) and over the least entry the design allows (32 bytes: the key, the value, a
+//! version, a word of epoch tag and flags, the tombstone flag read on a hit). The report
+//! sets the get targets against them: what the design allows next to what writebehind does.
+//!
 //! `cargo bench --bench ratio` (env: `RATIO_ROUNDS`, default 7; `RATIO_MS`, the aimed length
 //! of one contender's run in milliseconds, default 150; `RATIO_ONLY`, a comma-separated list
 //! of contenders, e.g. `writebehind,dashmap`; `RATIO_WORKLOADS`, a comma-separated subset of
@@ -72,8 +78,16 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     let plan = Arc::new(Plan::new(w, THREADS, SEED));
     let miss: Option<SharedStore<u64>> = None;
     let only = std::env::var("RATIO_ONLY").ok();
+    // The get workload also times the two shard-lock floors (`LockFloor`): what a get under
+    // the design's shard lock costs with nothing of writebehind's own.
+    let floors = if w.mix == Mix::GetHit {
+        vec![Kind::MapFloor, Kind::DesignFloor]
+    } else {
+        Vec::new()
+    };
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
+        .chain(floors)
         .filter(|k| {
             only.as_deref()
                 .is_none_or(|o| o.split(',').any(|o| o == k.name()))
@@ -178,6 +192,9 @@ fn ratio(rows: &[Row], subject: Kind, k: Kind) -> f64 {
 /// One target: the ratio of the medians decides the verdict; the paired ratio and the rounds
 /// whose paired ratio reached the target say how firm it is.
 fn target(what: &str, rows: &[Row], subject: Kind, k: Kind, want: f64) {
+    if !rows.iter().any(|r| r.kind == subject) || !rows.iter().any(|r| r.kind == k) {
+        return;
+    }
     let got = ratio(rows, subject, k);
     let mut pairs = paired(rows, subject, k);
     let reached = pairs.iter().filter(|&&r| r >= want).count();
@@ -278,6 +295,44 @@ fn main() {
         "mixed 90% get / 10% put (Zipf 1.0)",
         on(Mix::Mixed { read_percent: 90 }, Dist::Zipf),
     );
+    if get
+        .iter()
+        .any(|r| r.kind == Kind::MapFloor || r.kind == Kind::DesignFloor)
+    {
+        // Not targets: how far the design's shard lock lets any get go, and how close
+        // writebehind's get comes to that.
+        println!(
+            "\n### get hit: the shard-lock floors (not targets: the least a get under the design's lock costs)\n"
+        );
+        println!(
+            "| ratio | the target's bar | got (ratio of medians) | paired | rounds reaching it | |"
+        );
+        println!("|---|---:|---:|---:|---:|---|");
+        for floor in [Kind::MapFloor, Kind::DesignFloor] {
+            let name = floor.name();
+            target(
+                &format!("{name} vs quick_cache"),
+                &get,
+                floor,
+                Kind::QuickCache,
+                1.5,
+            );
+            target(
+                &format!("{name} vs dashmap"),
+                &get,
+                floor,
+                Kind::Dashmap,
+                0.9,
+            );
+            target(
+                &format!("writebehind vs {name}"),
+                &get,
+                Kind::Writebehind,
+                floor,
+                1.0,
+            );
+        }
+    }
     println!(
         "\nwaits for a quiet process before runs: {:.1}s in all; runs started with the process \
          still busy after 3 s: {}",

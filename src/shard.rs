@@ -37,21 +37,22 @@ pub(crate) const NOT_QUEUED: u16 = 0;
 pub(crate) struct Entry<K, V> {
     key: K,
     value: MaybeUninit<V>,
-    /// Version of the value (0 for a value loaded from the store or preloaded).
-    version: u64,
-    /// Version of the oldest write not yet handed to the store, or [`NONE`].
-    unsent: u64,
+    /// The S3-FIFO frequency and queue, the refresh flag and the tombstone flag (see
+    /// [`FREQ`] and the flags after it). Right after the value: a hit reads the key, the
+    /// value and this byte, and nothing else of the entry.
+    bits: u8,
+    /// A flusher holds a snapshot of this key (in a batch, or in its retry list).
+    in_flight: bool,
     /// The epoch in which the key was last pushed on the ring (its low 16 bits, see
     /// [`Table::close_epoch`]), or [`NOT_QUEUED`] once the flusher has taken it. A write
     /// pushes the key unless this equals the open epoch.
     queued_epoch: u16,
-    /// A flusher holds a snapshot of this key (in a batch, or in its retry list).
-    in_flight: bool,
-    /// The S3-FIFO frequency and queue, the refresh flag and the tombstone flag (see
-    /// [`FREQ`] and the flags after it).
-    bits: u8,
     /// The entry's slot in the table's `side` vector.
     slot: u32,
+    /// Version of the value (0 for a value loaded from the store or preloaded).
+    version: u64,
+    /// Version of the oldest write not yet handed to the store, or [`NONE`].
+    unsent: u64,
     /// Highest version the store is known to hold (0: none). `wait_durable` reads it, the
     /// flusher's acknowledgement writes it.
     persisted: u64,

@@ -447,6 +447,159 @@ impl<V: Val> SyncCache<V> for Dash<V> {
 }
 sync_contender!(Dash, "dashmap");
 
+// --- the shard-lock floors (a get's least cost under the design's shard lock) ----------------
+
+/// Shards of the floors, as many as writebehind's default.
+const FLOOR_SHARDS: usize = 64;
+
+/// An entry of a [`LockFloor`] table.
+pub trait FloorEntry<V>: Send + Sync + 'static {
+    fn new(key: u64, value: V) -> Self;
+    fn key(&self) -> u64;
+    /// What a hit returns.
+    fn hit(&self) -> Option<V>;
+    fn set(&mut self, value: V);
+}
+
+/// The bare map's entry: the key and the value, 16 bytes for `u64` values.
+pub struct MapEntry<V>(u64, V);
+
+impl<V: Val> FloorEntry<V> for MapEntry<V> {
+    fn new(key: u64, value: V) -> Self {
+        MapEntry(key, value)
+    }
+    #[inline(always)]
+    fn key(&self) -> u64 {
+        self.0
+    }
+    #[inline(always)]
+    fn hit(&self) -> Option<V> {
+        Some(self.1.clone())
+    }
+    fn set(&mut self, value: V) {
+        self.1 = value;
+    }
+}
+
+/// The least entry the design allows (the design card's `Entry{value, version,
+/// dirty_epoch, ...}`): the key, the value, the version, and one word for the epoch tag and
+/// the flags, 32 bytes for `u64` values. A hit reads the flags for the tombstone bit, as
+/// any entry that can stand for a pending delete must.
+pub struct DesignEntry<V> {
+    key: u64,
+    value: V,
+    flags: u64,
+    _version: u64,
+}
+
+/// [`DesignEntry::flags`]: the entry is a tombstone.
+const FLOOR_TOMB: u64 = 1 << 4;
+
+impl<V: Val> FloorEntry<V> for DesignEntry<V> {
+    fn new(key: u64, value: V) -> Self {
+        DesignEntry {
+            key,
+            value,
+            flags: 0,
+            _version: 1,
+        }
+    }
+    #[inline(always)]
+    fn key(&self) -> u64 {
+        self.key
+    }
+    #[inline(always)]
+    fn hit(&self) -> Option<V> {
+        (self.flags & FLOOR_TOMB == 0).then(|| self.value.clone())
+    }
+    fn set(&mut self, value: V) {
+        self.value = value;
+        self.flags &= !FLOOR_TOMB;
+    }
+}
+
+/// The least a get can cost under the design's shard lock, built by hand with the same parts
+/// writebehind uses: 64 cache-padded `parking_lot` mutexes over hashbrown tables hashed with
+/// ahash, the shard chosen from bits 32.. of the hash as writebehind chooses it, and entries
+/// of type `E` inline in the table. A get locks, probes, reads the entry and unlocks: no
+/// counters, nothing to persist. A diagnostic of the ratio report's get workload, not a
+/// cache anyone would ship: what writebehind's get could reach with nothing of its own
+/// ([`MapEntry`]) and with the least entry the design allows ([`DesignEntry`]).
+pub struct LockFloor<V: Val, E> {
+    shards: Box<[crossbeam_utils::CachePadded<parking_lot::Mutex<hashbrown::HashTable<E>>>]>,
+    hasher: ahash::RandomState,
+    store: SharedStore<V>,
+}
+
+impl<V: Val, E: FloorEntry<V>> LockFloor<V, E> {
+    pub fn new(store: SharedStore<V>) -> Arc<Self> {
+        Arc::new(LockFloor {
+            shards: (0..FLOOR_SHARDS).map(|_| Default::default()).collect(),
+            hasher: ahash::RandomState::new(),
+            store,
+        })
+    }
+
+    #[inline(always)]
+    fn shard(&self, hash: u64) -> &parking_lot::Mutex<hashbrown::HashTable<E>> {
+        &self.shards[((hash >> 32) as usize) & (FLOOR_SHARDS - 1)]
+    }
+
+    fn insert(&self, hash: u64, k: u64, v: V) {
+        let mut t = self.shard(hash).lock();
+        match t.find_mut(hash, |e| e.key() == k) {
+            Some(e) => e.set(v),
+            None => {
+                t.insert_unique(hash, E::new(k, v), |e| self.hasher.hash_one(e.key()));
+            }
+        }
+    }
+}
+
+impl<V: Val, E: FloorEntry<V>> SyncCache<V> for LockFloor<V, E> {
+    #[inline]
+    fn get(&self, k: u64) -> Option<V> {
+        let hash = self.hasher.hash_one(k);
+        if let Some(found) = self
+            .shard(hash)
+            .lock()
+            .find(hash, |e| e.key() == k)
+            .map(E::hit)
+        {
+            return found;
+        }
+        let v = self.store.load(&k).expect("in-memory store")?;
+        self.insert(hash, k, v.clone());
+        Some(v)
+    }
+    #[inline]
+    fn put(&self, k: u64, v: V) {
+        self.insert(self.hasher.hash_one(k), k, v);
+    }
+}
+
+/// A [`LockFloor`] with one entry type, for [`sync_contender!`].
+macro_rules! floor_contender {
+    ($alias:ident, $entry:ident, $name:expr) => {
+        pub type $alias<V> = LockFloor<V, $entry<V>>;
+        impl<V: Val> Contender<V> for Arc<LockFloor<V, $entry<V>>> {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn run(&self, plan: &Arc<Plan>, threads: usize, ops: u64, run_id: u64) -> Duration {
+                run_threads(self, plan, threads, ops, run_id)
+            }
+            fn prefill(&self, n: u64) {
+                for k in 0..n {
+                    SyncCache::put(&**self, k, V::make(k));
+                }
+            }
+        }
+    };
+}
+floor_contender!(MapFloor, MapEntry, "lock floor, 16 B entry");
+floor_contender!(DesignFloor, DesignEntry, "lock floor, 32 B entry");
+
 // --- quick_cache (sync) ----------------------------------------------------------------------
 
 /// Capacity of the bounded peers: large enough that nothing the benches put is evicted.
@@ -809,6 +962,12 @@ pub enum Kind {
     Moka,
     HandRolled,
     WbCache,
+    /// [`LockFloor`] with a [`MapEntry`]: not a peer, the least a get costs under the
+    /// design's shard lock. Not in [`Kind::ALL`]; the ratio report adds both floors to its
+    /// get workload.
+    MapFloor,
+    /// [`LockFloor`] with a [`DesignEntry`], the least entry the design allows.
+    DesignFloor,
 }
 
 impl Kind {
@@ -831,6 +990,8 @@ impl Kind {
             Kind::Moka => "moka",
             Kind::HandRolled => "hand-rolled",
             Kind::WbCache => "wb-cache",
+            Kind::MapFloor => "lock floor, 16 B entry",
+            Kind::DesignFloor => "lock floor, 32 B entry",
         }
     }
 
@@ -853,6 +1014,8 @@ impl Kind {
             Kind::Moka => Box::new(Moka::new(store)),
             Kind::HandRolled => Box::new(Hand::new(store)),
             Kind::WbCache => Box::new(WbCache::new(store, threads)),
+            Kind::MapFloor => Box::new(MapFloor::new(store)),
+            Kind::DesignFloor => Box::new(DesignFloor::new(store)),
         }
     }
 }
