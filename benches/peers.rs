@@ -37,23 +37,16 @@ fn group<V: Val>(c: &mut Criterion, name: &str, w: Workload, threads: usize) {
     let miss_store: Option<SharedStore<V>> =
         (w.mix == Mix::GetMiss).then(|| miss_store::<V>(MISS_KEYS));
     for kind in Kind::ALL {
-        let mut cached: Option<Box<dyn Contender<V>>> = None;
+        // Dropped before the next contender runs: no instance lives beside another's runs.
+        let mut runner = Runner::new(kind, miss_store.clone(), false);
         let mut run_id = 0u64;
         g.bench_function(BenchmarkId::from_parameter(kind.name()), |b| {
             b.iter_custom(|iters| {
                 run_id += 1;
-                timed_run(
-                    kind,
-                    &plan,
-                    threads,
-                    iters,
-                    run_id,
-                    &mut cached,
-                    &miss_store,
-                )
+                runner.timed_run(&plan, threads, iters, run_id)
             })
         });
-        drop(cached);
+        drop(runner);
     }
     g.finish();
 }

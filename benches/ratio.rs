@@ -76,7 +76,6 @@ struct Row {
 /// Runs one workload for every contender; returns median throughput (ops/s) per contender.
 fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     let plan = Arc::new(Plan::new(w, THREADS, SEED));
-    let miss: Option<SharedStore<u64>> = None;
     let only = std::env::var("RATIO_ONLY").ok();
     // The get workload also times the two shard-lock floors (`LockFloor`): what a get under
     // the design's shard lock costs with nothing of writebehind's own.
@@ -93,12 +92,12 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
                 .is_none_or(|o| o.split(',').any(|o| o == k.name()))
         })
         .collect();
-    let mut cached: Vec<Option<Box<dyn Contender<u64>>>> = kinds.iter().map(|_| None).collect();
+    let mut runners: Vec<Runner<u64>> = kinds.iter().map(|k| Runner::new(*k, None, true)).collect();
     // Calibrate: ops per thread so one run takes about `aim`.
     let mut ops = Vec::new();
-    for (i, k) in kinds.iter().enumerate() {
+    for r in &mut runners {
         let probe = 20_000;
-        let d = timed_run(*k, &plan, THREADS, probe, 1, &mut cached[i], &miss);
+        let d = r.timed_run(&plan, THREADS, probe, 1);
         let rate = probe as f64 / d.as_secs_f64().max(1e-9);
         ops.push(((rate * aim.as_secs_f64()) as u64).clamp(5_000, 20_000_000));
     }
@@ -107,15 +106,7 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     for round in 0..rounds {
         for j in 0..kinds.len() {
             let i = (j + round as usize) % kinds.len();
-            let d = timed_run(
-                kinds[i],
-                &plan,
-                THREADS,
-                ops[i],
-                round + 2,
-                &mut cached[i],
-                &miss,
-            );
+            let d = runners[i].timed_run(&plan, THREADS, ops[i], round + 2);
             let rate = (ops[i] * THREADS as u64) as f64 / d.as_secs_f64();
             if trace {
                 eprintln!(
@@ -127,12 +118,12 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
             samples[i].push(rate);
         }
     }
-    let reports: Vec<String> = cached
+    let reports: Vec<String> = runners
         .iter()
-        .flatten()
+        .filter_map(|r| r.cached.as_ref())
         .filter_map(|c| c.report().map(|r| format!("{}: {r}", c.name())))
         .collect();
-    drop(cached);
+    drop(runners);
     let rows: Vec<Row> = kinds
         .iter()
         .zip(samples)

@@ -998,8 +998,9 @@ impl Kind {
     /// Does an instance keep a core busy between its runs? wb-cache 0.1.0's background
     /// task flushes its whole update pool on every tick once the prefill has filled it, and
     /// the pool does not empty (a tokio worker measured at 100 % of a core from the
-    /// prefill on, through every other contender's runs). Such a contender gets a fresh
-    /// instance for each run, dropped (its runtime shut down) before the next contender runs.
+    /// prefill on, through every other contender's runs). Where other contenders' instances
+    /// stay alive (the ratio report), such a contender gets a fresh instance for each run,
+    /// dropped (its runtime shut down) before the next contender runs ([`timed_run`]).
     pub fn busy_between_runs(self) -> bool {
         self == Kind::WbCache
     }
@@ -1106,40 +1107,75 @@ pub fn quiesce() {
     QUIESCE_WAITED_NS.fetch_add(waited, Ordering::Relaxed);
 }
 
-/// Times `ops` operations per thread of `plan` on `kind`, building fresh instances as the
-/// workload or the contender needs ([`needs_fresh`], [`Kind::busy_between_runs`]; their
-/// construction and teardown are not timed), each run starting once the process is quiet
-/// ([`quiesce`]). `cached` is reused for workloads on prefilled keys.
-pub fn timed_run<V: Val>(
-    kind: Kind,
-    plan: &Arc<Plan>,
-    threads: usize,
-    ops: u64,
-    run_id: u64,
-    cached: &mut Option<Box<dyn Contender<V>>>,
-    miss_store: &Option<SharedStore<V>>,
-) -> Duration {
-    let w = plan.workload;
-    if !needs_fresh(&w) && !kind.busy_between_runs() {
-        let c = cached.get_or_insert_with(|| prepared(kind, &w, threads, miss_store));
-        quiesce();
-        return c.run(plan, threads, ops, run_id);
+/// One contender of a workload, as the runners time it: its cached instance, if any, and
+/// what a fresh one is built from.
+pub struct Runner<V: Val> {
+    pub kind: Kind,
+    /// The instance reused for workloads on prefilled keys.
+    pub cached: Option<Box<dyn Contender<V>>>,
+    /// The read-through store of the get-miss workload.
+    miss_store: Option<SharedStore<V>>,
+    /// Other contenders' instances stay alive between this contender's runs (the ratio
+    /// report, which keeps every contender of a workload). Then a contender busy between its
+    /// runs ([`Kind::busy_between_runs`]) gets a fresh instance for each run, so that it is
+    /// never alive during another contender's run. Without it (the criterion matrix, which
+    /// drops a contender's instance before the next contender runs) it keeps one instance
+    /// for the group: a fresh one per run would put its prefill inside criterion's warm-up
+    /// and sample planning, which time the whole call, and leave one operation per sample.
+    /// Its own background work is then its own cost, so its runs do not wait for a quiet
+    /// process.
+    beside_others: bool,
+}
+
+impl<V: Val> Runner<V> {
+    pub fn new(kind: Kind, miss_store: Option<SharedStore<V>>, beside_others: bool) -> Self {
+        Runner {
+            kind,
+            cached: None,
+            miss_store,
+            beside_others,
+        }
     }
-    // Fresh instances: one per chunk of fresh keys, or one for the whole run.
-    let chunk = if needs_fresh(&w) {
-        fresh_chunk(threads)
-    } else {
-        ops
-    };
-    let mut left = ops;
-    let mut total = Duration::ZERO;
-    while left > 0 {
-        let n = left.min(chunk);
-        let c = prepared(kind, &w, threads, miss_store);
-        quiesce();
-        total += c.run(plan, threads, n, 0);
-        drop(c);
-        left -= n;
+
+    /// Times `ops` operations per thread of `plan`, building fresh instances as the
+    /// workload or the contender needs ([`needs_fresh`], [`Kind::busy_between_runs`]; their
+    /// construction and teardown are not timed), each run starting once the process is
+    /// quiet ([`quiesce`]).
+    pub fn timed_run(
+        &mut self,
+        plan: &Arc<Plan>,
+        threads: usize,
+        ops: u64,
+        run_id: u64,
+    ) -> Duration {
+        let (kind, miss_store) = (self.kind, &self.miss_store);
+        let w = plan.workload;
+        let busy = kind.busy_between_runs();
+        if !(needs_fresh(&w) || busy && self.beside_others) {
+            let c = self
+                .cached
+                .get_or_insert_with(|| prepared(kind, &w, threads, miss_store));
+            if !busy {
+                quiesce();
+            }
+            return c.run(plan, threads, ops, run_id);
+        }
+        // Fresh instances: one per chunk of fresh keys, or one for the whole run.
+        let chunk = if needs_fresh(&w) {
+            fresh_chunk(threads)
+        } else {
+            ops
+        };
+        let mut left = ops;
+        let mut total = Duration::ZERO;
+        while left > 0 {
+            let n = left.min(chunk);
+            let c = prepared(kind, &w, threads, miss_store);
+            quiesce();
+            total += c.run(plan, threads, n, 0);
+            drop(c);
+            left -= n;
+        }
+        total
     }
-    total
 }
