@@ -80,13 +80,13 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     // The get workload also times the two shard-lock floors (`LockFloor`): what a get under
     // the design's shard lock costs with nothing of writebehind's own.
     let floors = if w.mix == Mix::GetHit {
-        vec![Kind::MapFloor, Kind::DesignFloor]
+        &Kind::FLOORS[..]
     } else {
-        Vec::new()
+        &[]
     };
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
-        .chain(floors)
+        .chain(floors.iter().copied())
         .filter(|k| {
             only.as_deref()
                 .is_none_or(|o| o.split(',').any(|o| o == k.name()))
@@ -286,10 +286,7 @@ fn main() {
         "mixed 90% get / 10% put (Zipf 1.0)",
         on(Mix::Mixed { read_percent: 90 }, Dist::Zipf),
     );
-    if get
-        .iter()
-        .any(|r| r.kind == Kind::MapFloor || r.kind == Kind::DesignFloor)
-    {
+    if get.iter().any(|r| Kind::FLOORS.contains(&r.kind)) {
         // Not targets: how far the design's shard lock lets any get go, and how close
         // writebehind's get comes to that.
         println!(
@@ -299,7 +296,7 @@ fn main() {
             "| ratio | the target's bar | got (ratio of medians) | paired | rounds reaching it | |"
         );
         println!("|---|---:|---:|---:|---:|---|");
-        for floor in [Kind::MapFloor, Kind::DesignFloor] {
+        for floor in Kind::FLOORS {
             let name = floor.name();
             target(
                 &format!("{name} vs quick_cache"),

@@ -578,27 +578,12 @@ impl<V: Val, E: FloorEntry<V>> SyncCache<V> for LockFloor<V, E> {
     }
 }
 
-/// A [`LockFloor`] with one entry type, for [`sync_contender!`].
-macro_rules! floor_contender {
-    ($alias:ident, $entry:ident, $name:expr) => {
-        pub type $alias<V> = LockFloor<V, $entry<V>>;
-        impl<V: Val> Contender<V> for Arc<LockFloor<V, $entry<V>>> {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn run(&self, plan: &Arc<Plan>, threads: usize, ops: u64, run_id: u64) -> Duration {
-                run_threads(self, plan, threads, ops, run_id)
-            }
-            fn prefill(&self, n: u64) {
-                for k in 0..n {
-                    SyncCache::put(&**self, k, V::make(k));
-                }
-            }
-        }
-    };
-}
-floor_contender!(MapFloor, MapEntry, "lock floor, 16 B entry");
-floor_contender!(DesignFloor, DesignEntry, "lock floor, 32 B entry");
+/// [`LockFloor`] over a bare map's entry.
+pub type MapFloor<V> = LockFloor<V, MapEntry<V>>;
+sync_contender!(MapFloor, "lock floor 16B");
+/// [`LockFloor`] over the least entry the design allows.
+pub type DesignFloor<V> = LockFloor<V, DesignEntry<V>>;
+sync_contender!(DesignFloor, "lock floor 32B");
 
 // --- quick_cache (sync) ----------------------------------------------------------------------
 
@@ -971,6 +956,10 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The two shard-lock floors ([`LockFloor`]), which the ratio report adds to its get
+    /// workload.
+    pub const FLOORS: [Kind; 2] = [Kind::MapFloor, Kind::DesignFloor];
+
     pub const ALL: [Kind; 7] = [
         Kind::Writebehind,
         Kind::WritebehindNice,
@@ -990,8 +979,8 @@ impl Kind {
             Kind::Moka => "moka",
             Kind::HandRolled => "hand-rolled",
             Kind::WbCache => "wb-cache",
-            Kind::MapFloor => "lock floor, 16 B entry",
-            Kind::DesignFloor => "lock floor, 32 B entry",
+            Kind::MapFloor => "lock floor 16B",
+            Kind::DesignFloor => "lock floor 32B",
         }
     }
 
@@ -1000,7 +989,7 @@ impl Kind {
     /// the pool does not empty (a tokio worker measured at 100 % of a core from the
     /// prefill on, through every other contender's runs). Where other contenders' instances
     /// stay alive (the ratio report), such a contender gets a fresh instance for each run,
-    /// dropped (its runtime shut down) before the next contender runs ([`timed_run`]).
+    /// dropped (its runtime shut down) before the next contender runs ([`Runner::timed_run`]).
     pub fn busy_between_runs(self) -> bool {
         self == Kind::WbCache
     }
@@ -1110,7 +1099,7 @@ pub fn quiesce() {
 /// One contender of a workload, as the runners time it: its cached instance, if any, and
 /// what a fresh one is built from.
 pub struct Runner<V: Val> {
-    pub kind: Kind,
+    kind: Kind,
     /// The instance reused for workloads on prefilled keys.
     pub cached: Option<Box<dyn Contender<V>>>,
     /// The read-through store of the get-miss workload.
