@@ -80,17 +80,29 @@ fn put_latency<S: Store<u64, Vec<u8>> + Clone>(label: &str, store: S, mode: Mode
     }
     let flush_took = t_flush.elapsed();
     let m = cache.metrics();
+    latency_row(
+        label,
+        &all,
+        &format!(
+            "{} | {} | {} in {:.1} s",
+            m.batches,
+            m.records_written,
+            before.dirty,
+            flush_took.as_secs_f64()
+        ),
+    );
+}
+
+/// One row of the put-latency table: the puts, their percentiles and maximum, then `rest`
+/// (store batches, rows written, the final flush).
+fn latency_row(label: &str, all: &Histogram<u64>, rest: &str) {
     println!(
-        "| {label} | {} | {} ns | {} ns | {} ns | {} ns | {} | {} | {} in {:.1} s |",
+        "| {label} | {} | {} ns | {} ns | {} ns | {} ns | {rest} |",
         all.len(),
         all.value_at_quantile(0.5),
         all.value_at_quantile(0.99),
         all.value_at_quantile(0.999),
         all.max(),
-        m.batches,
-        m.records_written,
-        before.dirty,
-        flush_took.as_secs_f64(),
     );
 }
 
@@ -184,15 +196,7 @@ fn floor_latency<S: Store<u64, Vec<u8>> + Send + Sync + 'static>(
     });
     stop.store(true, Ordering::Relaxed);
     let batches = writer.join().expect("store writer");
-    println!(
-        "| {label} | {} | {} ns | {} ns | {} ns | {} ns | {batches} | {} | - |",
-        all.len(),
-        all.value_at_quantile(0.5),
-        all.value_at_quantile(0.99),
-        all.value_at_quantile(0.999),
-        all.max(),
-        batches * 1000,
-    );
+    latency_row(label, &all, &format!("{batches} | {} | -", batches * 1000));
 }
 
 /// Rows per second: the engine flushing `n` dirty keys, against a plain loop of batched
