@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Backpressure, Builder, FailedWriteHook, KeyOrder, Weigher, WriteMode};
 use crate::error::{Error, StoreError};
-use crate::flusher::{self, call_store, in_store_call, Flusher, StepMode, Ticket, TicketOutcome};
+use crate::flusher::{self, Flusher, StepMode, Ticket, TicketOutcome};
+use crate::guard::{call_store, in_engine};
 use crate::loader::{LoadSlot, Loader, RefreshJob};
 use crate::metrics::Metrics;
 use crate::shard::{Limits, LoadRole, Lookup, Shard, Table};
@@ -67,6 +68,8 @@ pub(crate) struct Inner<K, V> {
     failed: Mutex<VecDeque<FailedWrite<K, V>>>,
     on_failed_write: Option<FailedWriteHook<K, V>>,
     load_errors: AtomicU64,
+    /// Panics caught in user code other than the store (see [`Metrics::user_panics`]).
+    pub(crate) user_panics: AtomicU64,
     /// Per-shard backpressure: (high watermark, low watermark, policy).
     backpressure: Option<(usize, usize, Backpressure)>,
     /// Flushers notify after every batch when someone waits (backpressure, `wait_durable`).
@@ -406,6 +409,7 @@ where
             failed: Mutex::new(VecDeque::new()),
             on_failed_write: b.on_failed_write,
             load_errors: AtomicU64::new(0),
+            user_panics: AtomicU64::new(0),
             backpressure: max_dirty.map(|(max, policy)| {
                 let high = (max / nshards).max(1);
                 // Low watermark at 90% (at least one below the high one).
@@ -697,7 +701,7 @@ where
                 }
             }
             Backpressure::WriteThrough => {
-                if in_store_call() {
+                if in_engine() {
                     // A store callback (on a flusher thread, or a writer's write-through)
                     // may run under a flusher's core: taking one here could wait for itself.
                     return Err(Error::Reentrant);
@@ -777,7 +781,7 @@ where
         shard: &Shard<K, V>,
         table: &mut MutexGuard<'_, Table<K, V>>,
     ) -> Result<(), Error> {
-        if in_store_call() {
+        if in_engine() {
             return Err(Error::Reentrant);
         }
         // The timeout only bounds a lost wake-up; the caller's loop asks again either way.
@@ -826,7 +830,7 @@ where
             // under the lock that marks it: the core is taken without the table lock, and the
             // turn asked for again.
             if !core_held && core.is_none() && table.has_behind_work(hash, &key) {
-                if in_store_call() {
+                if in_engine() {
                     // The core may be held by this thread's caller (a flusher's store call).
                     return Err(Error::Reentrant);
                 }
@@ -1226,7 +1230,7 @@ where
     /// * [`Error::Closed`] after `close`.
     pub fn flush(&self) -> Result<(), Error> {
         let inner = &*self.inner;
-        if in_store_call() {
+        if in_engine() {
             return Err(Error::Reentrant);
         }
         if inner.closed.load(Ordering::SeqCst) {
@@ -1313,7 +1317,7 @@ where
     /// ```
     pub fn flush_key(&self, key: &K) -> Result<(), Error> {
         let inner = &*self.inner;
-        if in_store_call() {
+        if in_engine() {
             return Err(Error::Reentrant);
         }
         if inner.closed.load(Ordering::SeqCst) {
@@ -1386,7 +1390,7 @@ where
     /// [`Error::Closed`] after close; [`Error::Reentrant`] from inside a store callback.
     pub fn flush_step(&self) -> Result<usize, Error> {
         let inner = &*self.inner;
-        if in_store_call() {
+        if in_engine() {
             return Err(Error::Reentrant);
         }
         if inner.closed.load(Ordering::SeqCst) {
@@ -1438,7 +1442,7 @@ where
         // before (and is written or handed back below) or sees it and fails.
         inner.closed.store(true, Ordering::SeqCst);
         let until = inner.clock.now().saturating_add(deadline);
-        if in_store_call() {
+        if in_engine() {
             for f in inner.flushers.iter() {
                 f.post_close(until);
             }
@@ -1530,6 +1534,7 @@ where
         }
         let inner = &*self.inner;
         m.load_errors = inner.load_errors.load(Ordering::Relaxed);
+        m.user_panics = inner.user_panics.load(Ordering::Relaxed);
         m.backpressure_waits = inner.bp_waits.load(Ordering::Relaxed);
         m.backpressure_rejections = inner.bp_rejections.load(Ordering::Relaxed);
         m.write_through_fallbacks = inner.through_fallbacks.load(Ordering::Relaxed);

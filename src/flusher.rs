@@ -19,11 +19,11 @@
 //! two batches at once, and every batch carries the latest version: the store never sees a
 //! key's versions go backwards.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use crate::cache::{FailedWrite, Inner};
 use crate::error::{BatchError, StoreError};
+use crate::guard::{call_store, catch};
 use crate::metrics::FlusherStats;
 use crate::shard::NONE;
 use crate::store::Write;
@@ -36,16 +36,6 @@ use crate::sync::{Arc, CachePadded, Condvar, Mutex};
 const SNAPSHOT_CHUNK: usize = 32;
 /// The longest a flusher parks without a reason to wake (a safety net, not a poll).
 const MAX_PARK: Duration = Duration::from_secs(1);
-
-std::thread_local! {
-    /// Set while this thread is inside `Store::write_all` on behalf of a flusher.
-    static IN_STORE_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// `true` when the calling thread is inside a flusher's store call.
-pub(crate) fn in_store_call() -> bool {
-    IN_STORE_CALL.with(|f| f.get())
-}
 
 /// A flush barrier shared by all flushers: each completes its part once no write older than
 /// the flush (per shard: a version below `targets[shard]`) is waiting in its shards.
@@ -723,9 +713,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         };
         // A panicking (or inconsistent) comparator leaves the slice a permutation of itself:
         // nothing is lost, the step just writes in shard order.
-        let sorted = catch_unwind(AssertUnwindSafe(|| {
-            work.sort_by(|a, b| order(&a.key, &b.key));
-        }));
+        let sorted = catch(|| work.sort_by(|a, b| order(&a.key, &b.key)));
         if sorted.is_err() {
             tracing::error!("the flush_order comparator panicked; this step writes in shard order");
             return false;
@@ -1004,25 +992,6 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     }
 }
 
-/// Calls the store on behalf of a flusher: marks the thread as inside a store call (so a
-/// re-entrant `flush`/`close` is refused instead of deadlocking) and turns a panic into an
-/// error message.
-pub(crate) fn call_store<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            IN_STORE_CALL.with(|c| c.set(self.0));
-        }
-    }
-    let _reset = Reset(IN_STORE_CALL.with(|c| c.replace(true)));
-    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
-        p.downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".to_string())
-    })
-}
-
 /// The body of a flusher thread in `role`.
 pub(crate) fn run<K, V>(inner: Arc<Inner<K, V>>, index: usize, role: Role)
 where
@@ -1147,6 +1116,7 @@ mod tests {
 
     use super::{FlusherCore, StepMode, Ticket, TicketOutcome};
     use crate::error::{BatchError, StoreError};
+use crate::guard::{call_store, catch};
     use crate::store::{Store, Write};
     use crate::sync::MutexGuard;
     use crate::testing::FaultyStore;

@@ -45,6 +45,7 @@ mod config;
 mod dirty_ring;
 mod error;
 mod flusher;
+mod guard;
 mod loader;
 mod metrics;
 mod shard;

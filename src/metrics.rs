@@ -72,6 +72,11 @@ pub struct Metrics {
     pub failed_writes: u64,
     /// Store calls that panicked (treated as unavailable).
     pub store_panics: u64,
+    /// Panics the cache caught in user code other than the store: a key's or value's `Clone`,
+    /// `Drop` or `Hash`, the clock, a weigher or a callback, on a thread of the cache or
+    /// while it held a flusher's state. Each one marks health degraded until the next batch
+    /// the store takes; docs/ARCHITECTURE.md, "When user code panics".
+    pub user_panics: u64,
     /// Store calls that took longer than `store_timeout`.
     pub slow_store_calls: u64,
     /// Times a write given up on could not enter the full failed-writes sink (it stayed queued).
@@ -270,6 +275,7 @@ impl Metrics {
             retries: 0,
             failed_writes: 0,
             store_panics: 0,
+            user_panics: 0,
             slow_store_calls: 0,
             sink_full: 0,
             flusher_handoffs: 0,
@@ -301,7 +307,7 @@ impl Metrics {
     /// distributions' p50/p99/p99.9/max as gauges. Call it periodically (e.g. every few
     /// seconds from the application's metrics loop); every series carries no labels.
     pub fn export(&self, prefix: &str) {
-        let counters: [(&str, u64); 29] = [
+        let counters: [(&str, u64); 30] = [
             ("load_waits", self.load_waits),
             ("evictions", self.evictions),
             ("expirations", self.expirations),
@@ -322,6 +328,7 @@ impl Metrics {
             ("retries", self.retries),
             ("failed_writes", self.failed_writes),
             ("store_panics", self.store_panics),
+            ("user_panics", self.user_panics),
             ("slow_store_calls", self.slow_store_calls),
             ("sink_full", self.sink_full),
             ("flusher_handoffs", self.flusher_handoffs),
