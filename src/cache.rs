@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{Backpressure, Builder, FailedWriteHook, KeyOrder, Weigher, WriteMode};
 use crate::error::{Error, StoreError};
 use crate::flusher::{self, Flusher, StepMode, Ticket, TicketOutcome};
-use crate::guard::{call_store, in_engine};
+use crate::guard::{call_store, in_engine, EngineScope};
 use crate::loader::{LoadSlot, Loader, RefreshJob};
 use crate::metrics::Metrics;
-use crate::shard::{Limits, LoadRole, Lookup, Shard, Table};
+use crate::shard::{Durability, Limits, LoadRole, Lookup, Shard, Table};
 use crate::store::{Store, Write};
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use crate::sync::thread::JoinHandle;
@@ -40,9 +40,23 @@ pub struct CloseReport<K, V> {
     pub deadline_reached: bool,
     /// The cache had been closed already; this report is empty.
     pub already_closed: bool,
+    /// `close` was called from inside the engine (a `Store` callback, or user code on a
+    /// flusher thread) and could not wait: the flushers write until the deadline in the
+    /// background, and this report is empty. Call `close` again from an application thread
+    /// for the full report.
+    pub in_progress: bool,
 }
 
 impl<K, V> CloseReport<K, V> {
+    fn empty(already_closed: bool, in_progress: bool) -> Self {
+        CloseReport {
+            unwritten: Vec::new(),
+            deadline_reached: false,
+            already_closed,
+            in_progress,
+        }
+    }
+
     /// `true` if everything reached the store.
     pub fn is_clean(&self) -> bool {
         self.unwritten.is_empty()
@@ -70,6 +84,8 @@ pub(crate) struct Inner<K, V> {
     load_errors: AtomicU64,
     /// Panics caught in user code other than the store (see [`Metrics::user_panics`]).
     pub(crate) user_panics: AtomicU64,
+    /// The last time the clock gave (ns), for [`Inner::now`] when it panics.
+    last_clock: AtomicU64,
     /// Per-shard backpressure: (high watermark, low watermark, policy).
     backpressure: Option<(usize, usize, Backpressure)>,
     /// Flushers notify after every batch when someone waits (backpressure, `wait_durable`).
@@ -90,6 +106,8 @@ pub(crate) struct Inner<K, V> {
     bounded: bool,
     /// How often flushers advance the coarse clock when `timed`.
     pub(crate) tick: Duration,
+    /// How often a flusher sweeps its shards for expired entries when `timed`.
+    pub(crate) sweep_every: Duration,
     weigher: Option<Weigher<K, V>>,
     /// [`crate::Builder::flush_order`]: how a flusher orders a backlog of more than one
     /// batch.
@@ -127,7 +145,32 @@ where
     /// The clock's time in nanoseconds.
     #[inline]
     pub(crate) fn clock_nanos(&self) -> u64 {
-        u64::try_from(self.clock.now().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.now().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The clock's time. The clock is user code: if it panics, the panic is counted and the
+    /// last time it gave (never going back) stands in for it.
+    #[inline]
+    pub(crate) fn now(&self) -> Duration {
+        match crate::guard::catch(|| self.clock.now()) {
+            Ok(t) => {
+                let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+                if self.last_clock.load(Ordering::Relaxed) < ns {
+                    self.last_clock.fetch_max(ns, Ordering::Relaxed);
+                }
+                t
+            }
+            Err(msg) => {
+                self.user_panicked("the clock", &msg);
+                Duration::from_nanos(self.last_clock.load(Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// Counts a panic caught in user code, and logs it.
+    pub(crate) fn user_panicked(&self, what: &str, msg: &str) {
+        self.user_panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(message = %msg, "{what} panicked; the cache goes on");
     }
 
     /// The coarse time for entry bookkeeping (0 when nothing is time-based).
@@ -215,6 +258,23 @@ where
         })
     }
 
+    /// Waits, without spinning, until no read- or write-through is at the store, or `until`
+    /// passes (`None`: no limit).
+    fn wait_store_users(&self, until: Option<std::time::Instant>) {
+        let mut pause = Duration::from_micros(50);
+        while self.store_users.load(Ordering::SeqCst) != 0 {
+            if until.is_some_and(|u| std::time::Instant::now() >= u) {
+                tracing::warn!(
+                    calls = self.store_users.load(Ordering::SeqCst),
+                    "close: store calls of application threads still running at the deadline"
+                );
+                return;
+            }
+            crate::sync::thread::park_timeout(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
+
     /// Enters a store call from a caller's thread, unless the cache is closed.
     fn enter_store(&self) -> Result<StoreUse<'_>, Error> {
         self.store_users.fetch_add(1, Ordering::SeqCst);
@@ -255,6 +315,69 @@ impl<K: Eq + Clone + Hash, V: Clone> Drop for ThroughMark<'_, K, V> {
             }
         }
     }
+}
+
+/// The loads a `get` leads (single-flight): if the leader unwinds before it publishes (a
+/// panic in the store's `load`, the weigher, the value's `Clone`), the guard publishes an
+/// error to the followers and takes the loads out of the table, so the key's next miss loads
+/// again instead of waiting for good. Cleared once the leader publishes.
+struct LeadGuard<'a, K: Eq + Clone + Hash, V: Clone> {
+    shard: &'a Shard<K, V>,
+    leads: Vec<(u64, &'a K, &'a LoadSlot<V>)>,
+}
+
+impl<K: Eq + Clone + Hash, V: Clone> Drop for LeadGuard<'_, K, V> {
+    fn drop(&mut self) {
+        for (hash, key, slot) in self.leads.drain(..) {
+            abandon_lead(self.shard, hash, key, slot);
+        }
+    }
+}
+
+/// [`LeadGuard`] for a batch read ([`Cache::get_all`]): the led keys from `done` on are
+/// abandoned if the leader unwinds.
+struct BatchLeadGuard<'a, K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    inner: &'a Inner<K, V>,
+    keys: &'a [K],
+    lead: &'a [Led<V>],
+    done: usize,
+}
+
+impl<K, V> Drop for BatchLeadGuard<'_, K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        // The load being finished when the panic came (`done - 1`) may not be published.
+        let from = self.done.saturating_sub(1);
+        for l in self.lead.iter().skip(from) {
+            let shard = &self.inner.shards[l.shard];
+            abandon_lead(shard, l.hash, &self.keys[l.index], &l.slot);
+        }
+    }
+}
+
+/// Publishes an error to the followers of a load whose leader unwinds, and takes the load out
+/// of the table. Runs while unwinding: the table's `Eq` calls are guarded (a second panic
+/// would abort the process).
+fn abandon_lead<K: Eq + Clone + Hash, V: Clone>(
+    shard: &Shard<K, V>,
+    hash: u64,
+    key: &K,
+    slot: &LoadSlot<V>,
+) {
+    if !std::thread::panicking() {
+        return;
+    }
+    slot.publish_if_empty(Err(StoreError::unavailable(
+        "the load's leader panicked (in the store or in user code); try again",
+    )));
+    let _ = crate::guard::catch(|| shard.table.lock().abort_load(hash, key, slot));
 }
 
 /// Marks a caller thread's store call in progress.
@@ -327,10 +450,11 @@ where
         // so the step stays at a quarter of a shard's even share of a batch, and at most 8; a
         // power of two, so the push path masks instead of dividing.
         let count_chunk = prev_power_of_two((b.max_batch / (4 * owned_per_flusher)).clamp(1, 8));
+        // Room for two batches' share per ring, within the bound on all rings together.
         let ring_capacity = b
             .ring_capacity
             .max(2 * (b.max_batch / owned_per_flusher).max(1))
-            .min(1 << 24);
+            .min((crate::config::MAX_RING_SLOTS / nshards).max(b.ring_capacity));
         let ns =
             |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let limits = Limits {
@@ -410,6 +534,7 @@ where
             on_failed_write: b.on_failed_write,
             load_errors: AtomicU64::new(0),
             user_panics: AtomicU64::new(0),
+            last_clock: AtomicU64::new(0),
             backpressure: max_dirty.map(|(max, policy)| {
                 let high = (max / nshards).max(1);
                 // Low watermark at 90% (at least one below the high one).
@@ -427,6 +552,7 @@ where
             timed,
             bounded,
             tick,
+            sweep_every: (shortest / 2).clamp(tick, Duration::from_secs(10)),
             weigher: b.weigher,
             flush_order: b.flush_order,
             loader: b.refresh_ahead.map(|_| Loader::new()),
@@ -644,8 +770,10 @@ where
         outcome: crate::shard::WriteOutcome<K, V>,
         queued: Queued<K>,
     ) -> u64 {
-        drop(outcome.old);
+        // Queued and armed first: a panic in the old value's `Drop` (user code) must not keep
+        // the flusher from learning of the write.
         self.after_push(s, queued);
+        drop(outcome.old);
         if outcome.over_capacity {
             let shard = &self.inner.shards[s];
             if !shard.triggered.swap(true, Ordering::SeqCst) {
@@ -677,17 +805,21 @@ where
             Backpressure::Reject => refused(),
             Backpressure::Block { timeout } => {
                 inner.bp_waits.fetch_add(1, Ordering::Relaxed);
-                let deadline = std::time::Instant::now() + timeout;
+                // No deadline when the timeout is beyond what an `Instant` can hold.
+                let deadline = std::time::Instant::now().checked_add(timeout);
                 loop {
                     // Ask the flusher to write this shard now rather than at its delay.
                     if !shard.triggered.swap(true, Ordering::SeqCst) {
                         inner.flusher_of(s).wake();
                     }
-                    let now = std::time::Instant::now();
-                    if now >= deadline {
+                    let left = match deadline {
+                        Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                        None => Duration::MAX,
+                    };
+                    if left.is_zero() {
                         return refused();
                     }
-                    inner.wait_progress((deadline - now).min(Duration::from_millis(10)));
+                    inner.wait_progress(left.min(Duration::from_millis(10)));
                     // The mode may have switched meanwhile, and a write-through of the key
                     // gone to the store: `lock_behind` waits for it.
                     let mut table = Self::lock_behind(shard, hash, &key)?;
@@ -844,6 +976,9 @@ where
             }
         };
         drop(table);
+        // The weigher (user code) runs before the store call: once the store holds the write,
+        // nothing may keep it out of the cache.
+        let weight = inner.weight(&key, value.as_ref());
         let mark = ThroughMark {
             shard,
             hash,
@@ -858,17 +993,10 @@ where
             None => Write::Delete { key, version },
         };
         let result = call_store(|| inner.store.write_all(std::slice::from_ref(&write)));
-        let error = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(crate::BatchError::Unavailable(e))) => Some(StoreError::Unavailable(e)),
-            Ok(Err(crate::BatchError::Partial(mut list))) => list.pop().map(|(_, e)| e),
-            Err(msg) => Some(StoreError::unavailable(format!("store panicked: {msg}"))),
-        };
-        if let Some(e) = error {
+        if let Some((_, e)) = flusher::failures(result, 1).pop() {
             drop(mark); // ends the write-through: the key's next one may go
             return Err(Error::Store(e));
         }
-        let weight = inner.weight(write.key(), write.value());
         let mut t = shard.table.lock();
         t.count_write_through(write.is_delete());
         match write {
@@ -967,6 +1095,9 @@ where
         role: LoadRole<V>,
     ) -> Result<Option<V>, Error> {
         match role {
+            // This thread leads the load already (its store's `load` reads the key through the
+            // cache): waiting would wait for itself.
+            LoadRole::Follower(slot) if slot.led_here() => Err(Error::Reentrant),
             LoadRole::Follower(slot) => slot.wait().map_err(Error::Load),
             LoadRole::Leader(slot) => self.lead_load(s, hash, key, &slot),
         }
@@ -982,6 +1113,10 @@ where
     ) -> Result<Option<V>, Error> {
         let inner = &*self.inner;
         let shard = &inner.shards[s];
+        let mut guard = LeadGuard {
+            shard,
+            leads: vec![(hash, key, slot)],
+        };
         let loaded = inner.read_store("load", || inner.store.load(key));
         match loaded {
             Ok(v) => {
@@ -992,10 +1127,12 @@ where
                     .lock()
                     .finish_load(hash, key, slot, v, now, weight)
                     .0;
+                guard.leads.clear();
                 slot.publish(Ok(answer.clone()));
                 Ok(answer)
             }
             Err(e) => {
+                guard.leads.clear();
                 shard.table.lock().abort_load(hash, key, slot);
                 slot.publish(Err(e.clone()));
                 if inner.closed.load(Ordering::SeqCst) {
@@ -1072,12 +1209,19 @@ where
         if lead.is_empty() {
             return Ok(Vec::new());
         }
+        let mut guard = BatchLeadGuard {
+            inner,
+            keys,
+            lead,
+            done: 0,
+        };
         let wanted: Vec<K> = lead.iter().map(|l| keys[l.index].clone()).collect();
         match inner.read_store("load_all", || inner.store.load_all(&wanted)) {
             Ok(rows) => {
                 let mut found: HashMap<K, V> = rows.into_iter().collect();
                 let mut answers = Vec::with_capacity(lead.len());
                 for l in lead {
+                    guard.done += 1;
                     let key = &keys[l.index];
                     let v = found.remove(key);
                     let weight = inner.weight(key, v.as_ref());
@@ -1091,6 +1235,7 @@ where
                 Ok(answers)
             }
             Err(e) => {
+                guard.done = lead.len();
                 for l in lead {
                     inner.shards[l.shard]
                         .table
@@ -1190,7 +1335,7 @@ where
     pub fn entries(&self) -> Vec<(K, V)> {
         let mut out = Vec::new();
         for s in self.inner.shards.iter() {
-            s.table.lock().entries(&mut out);
+            s.table.lock().entries(&mut out, self.inner.coarse_now());
         }
         out
     }
@@ -1201,12 +1346,17 @@ where
         self.inner.shards[self.inner.shard_of(hash)]
             .table
             .lock()
-            .contains(hash, key)
+            .contains(hash, key, self.inner.coarse_now())
     }
 
     /// Live entries in memory (pending deletes not counted).
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| s.table.lock().len()).sum()
+        let now = self.inner.coarse_now();
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.table.lock().len(now))
+            .sum()
     }
 
     /// `true` if no live entry is in memory.
@@ -1271,6 +1421,7 @@ where
         let inner = &*self.inner;
         let rounds = inner.config.max_attempts as usize + 1;
         for f in inner.flushers.iter() {
+            let _engine = EngineScope::enter();
             let mut core = f.core.lock();
             // As in `flush_step`: no store call once a concurrent `close` has taken over.
             if inner.closed.load(Ordering::SeqCst) {
@@ -1283,7 +1434,7 @@ where
                     ignore_backoff: true,
                     hand_off_when_late: false,
                 };
-                let ran = core.step(inner, mode);
+                let ran = core.step_guarded(inner, mode);
                 core.settle_tickets(inner, ran);
                 if !core.wants_full_step() && matches!(ticket.outcome(), TicketOutcome::Done { .. })
                 {
@@ -1326,11 +1477,24 @@ where
         let hash = inner.hash(key);
         let s = inner.shard_of(hash);
         let target = inner.shards[s].table.lock().next_version;
-        inner
-            .flusher_of(s)
-            .core
-            .lock()
-            .write_key(inner, s, key.clone());
+        {
+            let _engine = EngineScope::enter();
+            let mut core = inner.flusher_of(s).core.lock();
+            // `close` holds every core once after it set the flag: checked under the core, a
+            // write here either comes before `close` returns or not at all.
+            if inner.closed.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            let key = key.clone();
+            if core
+                .guarded(inner, |core| core.write_key(inner, s, key))
+                .is_none()
+            {
+                return Err(Error::Store(StoreError::unavailable(
+                    "user code panicked while the key was written; it stays queued",
+                )));
+            }
+        }
         let t = inner.shards[s].table.lock();
         // Every write of the key from before the call has been handed over and persisted.
         if t.unsent_of(hash, key) >= target && !t.in_flight(hash, key) {
@@ -1364,16 +1528,25 @@ where
         let inner = &*self.inner;
         let hash = inner.hash(key);
         let shard = &inner.shards[inner.shard_of(hash)];
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now().checked_add(timeout);
         loop {
-            if shard.table.lock().durable(hash, key, version) {
-                return Ok(());
+            match shard.table.lock().durable(hash, key, version) {
+                Durability::Durable => return Ok(()),
+                Durability::GivenUp => {
+                    return Err(Error::Store(StoreError::rejected(
+                        "the store rejected this write too often; it is in failed_writes()",
+                    )))
+                }
+                Durability::Pending => {}
             }
-            let now = std::time::Instant::now();
-            if now >= deadline {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                None => Duration::MAX,
+            };
+            if left.is_zero() {
                 return Err(Error::Timeout);
             }
-            inner.wait_progress((deadline - now).min(Duration::from_millis(50)));
+            inner.wait_progress(left.min(Duration::from_millis(50)));
         }
     }
 
@@ -1398,6 +1571,7 @@ where
         }
         let mut ran = 0;
         for f in inner.flushers.iter() {
+            let _engine = EngineScope::enter();
             let mut core = f.core.lock();
             // `close` may have run between the check above and this lock, handed back what
             // was dirty and returned: a step now would call the store after `close`. `close`
@@ -1411,10 +1585,10 @@ where
                 ignore_backoff: false,
                 hand_off_when_late: false,
             };
-            if core.step(inner, mode) {
+            if core.step_guarded(inner, mode) {
                 ran += 1;
             }
-            core.settle_tickets(inner, false);
+            core.guarded(inner, |core| core.settle_tickets(inner, false));
         }
         Ok(ran)
     }
@@ -1423,57 +1597,44 @@ where
     /// stops the flusher threads, and hands back every write that did not reach the store.
     ///
     /// After `close`, `put`/`remove`/`flush` fail with [`Error::Closed`], a `get` that misses
-    /// memory fails with it too, and the store is not called again. A store call in progress
-    /// when the deadline passes is waited for (it cannot be interrupted). A second `close`
+    /// memory fails with it too, and the store is not called again once `close` returns. A
+    /// read- or write-through in progress is waited for until the deadline, not longer (it
+    /// cannot be interrupted; a load that returns later caches nothing). A second `close`
     /// returns an empty report with `already_closed` set.
     ///
-    /// Called from inside a `Store` callback, it stops the cache without waiting (it cannot
-    /// join the thread it runs on) and the report is empty.
+    /// Called from inside the engine (a `Store` callback, or user code such as a value's `Drop`
+    /// running on a flusher thread), it cannot wait for the flushers, which may be waiting for
+    /// it: it stops the cache, lets the flushers write until the deadline, and returns a report
+    /// with `in_progress` set. A later `close` from an application thread joins the flushers
+    /// and returns the full report.
     pub fn close(&self, deadline: Duration) -> CloseReport<K, V> {
         let inner = &*self.inner;
-        let Some(threads) = self.threads.lock().take() else {
-            return CloseReport {
-                unwritten: Vec::new(),
-                deadline_reached: false,
-                already_closed: true,
-            };
-        };
+        if self.threads.lock().is_none() {
+            return CloseReport::empty(true, false);
+        }
         // Writers check the flag under their shard lock, so every write either completed
         // before (and is written or handed back below) or sees it and fails.
         inner.closed.store(true, Ordering::SeqCst);
-        let until = inner.clock.now().saturating_add(deadline);
+        if let Some(loader) = &inner.loader {
+            loader.stop();
+        }
+        let until = inner.now().saturating_add(deadline);
+        let wall_until = std::time::Instant::now().checked_add(deadline);
         if in_engine() {
             for f in inner.flushers.iter() {
                 f.post_close(until);
             }
-            return CloseReport {
-                unwritten: Vec::new(),
-                deadline_reached: false,
-                already_closed: false,
-            };
+            return CloseReport::empty(false, true);
         }
+        let Some(threads) = self.threads.lock().take() else {
+            return CloseReport::empty(true, false);
+        };
+        let _engine = EngineScope::enter();
         if inner.config.manual {
-            let rounds = inner.config.max_attempts as usize + 1;
-            for f in inner.flushers.iter() {
-                let mut core = f.core.lock();
-                for _ in 0..rounds {
-                    if core.is_idle(inner) || inner.clock.now() > until {
-                        break;
-                    }
-                    let mode = StepMode {
-                        full: true,
-                        ignore_backoff: true,
-                        hand_off_when_late: false,
-                    };
-                    core.step(inner, mode);
-                }
-            }
+            self.drain_manually(until);
         } else {
             for f in inner.flushers.iter() {
                 f.post_close(until);
-            }
-            if let Some(loader) = &inner.loader {
-                loader.stop();
             }
             let me = crate::sync::thread::current_id();
             for h in threads {
@@ -1481,27 +1642,51 @@ where
                     continue;
                 }
                 if h.join().is_err() {
-                    tracing::error!("a flusher thread panicked");
+                    tracing::error!("a background thread of the cache panicked");
                 }
             }
         }
-        // The flushers are stopped: a flush still waiting (or racing this close) gets `Closed`.
+        // Holding each core once after the flag was set orders this close after any
+        // `flush_key`/`flush_step`/manual flush that holds one now; those that come later see
+        // the flag under the core and do not call the store.
         for f in inner.flushers.iter() {
+            drop(f.core.lock());
+            // A flush still waiting (or racing this close) gets `Closed`.
             f.shut();
         }
-        // No new read- or write-through can start now; wait for those in progress.
-        while inner.store_users.load(Ordering::SeqCst) != 0 {
-            crate::sync::thread::yield_now();
-        }
+        inner.wait_store_users(wall_until);
         let mut unwritten = Vec::new();
         for s in inner.shards.iter() {
             s.table.lock().unwritten(&mut unwritten);
         }
-        let deadline_reached = !unwritten.is_empty() && inner.clock.now() >= until;
+        let deadline_reached = !unwritten.is_empty() && inner.now() >= until;
         CloseReport {
             unwritten,
             deadline_reached,
             already_closed: false,
+            in_progress: false,
+        }
+    }
+
+    /// Manual flushing: `close` runs full steps on the caller's thread until everything is
+    /// written, the deadline passes, or each record had its attempts.
+    fn drain_manually(&self, until: Duration) {
+        let inner = &*self.inner;
+        let rounds = inner.config.max_attempts as usize + 1;
+        for f in inner.flushers.iter() {
+            let mut core = f.core.lock();
+            for _ in 0..rounds {
+                let idle = core.guarded(inner, |core| core.is_idle(inner));
+                if idle == Some(true) || inner.now() > until {
+                    break;
+                }
+                let mode = StepMode {
+                    full: true,
+                    ignore_backoff: true,
+                    hand_off_when_late: false,
+                };
+                core.step_guarded(inner, mode);
+            }
         }
     }
 
@@ -1514,6 +1699,7 @@ where
     /// A snapshot of the counters and gauges.
     pub fn metrics(&self) -> Metrics {
         let mut m = Metrics::empty();
+        let now = self.inner.coarse_now();
         for s in self.inner.shards.iter() {
             let t = s.table.lock();
             let c = t.counters();
@@ -1529,7 +1715,7 @@ where
             m.refreshes += c.refreshes;
             m.refresh_failures += c.refresh_failures;
             m.load_waits += c.load_waits;
-            m.entries += t.len() as u64;
+            m.entries += t.len(now) as u64;
             m.dirty += t.dirty as u64;
         }
         let inner = &*self.inner;
@@ -1538,7 +1724,7 @@ where
         m.backpressure_waits = inner.bp_waits.load(Ordering::Relaxed);
         m.backpressure_rejections = inner.bp_rejections.load(Ordering::Relaxed);
         m.write_through_fallbacks = inner.through_fallbacks.load(Ordering::Relaxed);
-        let now = inner.clock.now();
+        let now = inner.now();
         let mut hists = Metrics::histograms();
         for f in inner.flushers.iter() {
             f.stats.add_into(&mut m, now, &mut hists);
@@ -1609,6 +1795,18 @@ where
     /// (at error level) how many writes could not be written. Call `close` to get them back.
     fn drop(&mut self) {
         let report = self.close(self.inner.config.drop_deadline);
+        if report.in_progress {
+            let dirty: u64 = self
+                .inner
+                .shards
+                .iter()
+                .map(|s| u64::from(s.table.lock().dirty))
+                .sum();
+            tracing::error!(
+                dirty,
+                "cache dropped inside a store call or on a flusher thread: its flushers write until the drop deadline, and what is left then is lost; close() the cache from an application thread to get it back"
+            );
+        }
         if !report.unwritten.is_empty() {
             tracing::error!(
                 unwritten = report.unwritten.len(),

@@ -41,6 +41,13 @@ pub const DEFAULT_FAILED_WRITES_CAPACITY: usize = 10_000;
 pub const MAX_SHARDS: usize = 1 << 16;
 /// Most flusher threads a cache may have.
 pub const MAX_FLUSHERS: usize = 256;
+/// Largest `max_batch`.
+pub const MAX_BATCH: usize = 1 << 20;
+/// Largest dirty ring per shard.
+pub const MAX_RING_CAPACITY: usize = 1 << 20;
+/// Most dirty-ring slots over all shards (what [`Builder::dirty_ring_capacity`] times
+/// [`Builder::shards`] may come to; the rings are allocated when the cache is built).
+pub const MAX_RING_SLOTS: usize = 1 << 22;
 
 /// How writes reach the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -478,10 +485,13 @@ impl<K, V> Builder<K, V> {
                 ),
             );
         }
-        if self.max_batch == 0 {
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH {
             return bad(
                 "max_batch",
-                "0: a batch must hold at least one write".into(),
+                format!(
+                    "{} must be between 1 and {MAX_BATCH}: a batch must hold at least one write, and each flusher keeps room for one",
+                    self.max_batch
+                ),
             );
         }
         if self.max_attempts == 0 {
@@ -499,10 +509,16 @@ impl<K, V> Builder<K, V> {
                 ),
             );
         }
-        if self.ring_capacity == 0 || self.ring_capacity > 1 << 24 {
+        if self.ring_capacity == 0
+            || self.ring_capacity > MAX_RING_CAPACITY
+            || self.ring_capacity.saturating_mul(self.shards) > MAX_RING_SLOTS
+        {
             return bad(
                 "dirty_ring_capacity",
-                format!("{} must be between 1 and 2^24", self.ring_capacity),
+                format!(
+                    "{} per shard must be between 1 and {MAX_RING_CAPACITY}, and at most {MAX_RING_SLOTS} over all {} shards (a full ring costs a table scan, never a write)",
+                    self.ring_capacity, self.shards
+                ),
             );
         }
         if let Some((max, _)) = self.max_dirty {

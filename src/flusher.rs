@@ -25,6 +25,7 @@ use crate::cache::{FailedWrite, Inner};
 use crate::error::{BatchError, StoreError};
 use crate::guard::{call_store, catch};
 use crate::metrics::FlusherStats;
+use crate::shard::Table;
 use crate::shard::NONE;
 use crate::store::Write;
 use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,6 +37,9 @@ use crate::sync::{Arc, CachePadded, Condvar, Mutex};
 const SNAPSHOT_CHUNK: usize = 32;
 /// The longest a flusher parks without a reason to wake (a safety net, not a poll).
 const MAX_PARK: Duration = Duration::from_secs(1);
+/// A flusher's pause after a panic in user code cut its turn short; it doubles, up to
+/// [`MAX_PARK`], while the panics repeat.
+const PANIC_PAUSE_MIN: Duration = Duration::from_millis(1);
 
 /// A flush barrier shared by all flushers: each completes its part once no write older than
 /// the flush (per shard: a version below `targets[shard]`) is waiting in its shards.
@@ -103,7 +107,8 @@ impl Ticket {
     /// Waits until every flusher completed its part or `timeout` passes (then the ticket is
     /// cancelled so flushers drop it).
     pub(crate) fn wait(&self, timeout: Duration) -> TicketOutcome {
-        let deadline = std::time::Instant::now() + timeout;
+        // No deadline when the timeout is beyond what an `Instant` can hold.
+        let deadline = std::time::Instant::now().checked_add(timeout);
         let mut s = self.state.lock();
         loop {
             if s.remaining == 0 {
@@ -114,12 +119,15 @@ impl Ticket {
             if s.closed {
                 return TicketOutcome::Closed;
             }
-            let now = std::time::Instant::now();
-            if now >= deadline {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                None => Duration::from_secs(3600),
+            };
+            if left.is_zero() {
                 s.cancelled = true;
                 return TicketOutcome::Pending(s.pending.max(1));
             }
-            self.cv.wait_for(&mut s, deadline - now);
+            self.cv.wait_for(&mut s, left);
         }
     }
 
@@ -357,6 +365,8 @@ pub(crate) struct FlusherCore<K> {
     /// How long the worker's last batch took, wall time, capped at half the grace (see
     /// `time_batch`): a late check allows for one more.
     batch_wall: Duration,
+    /// When the next sweep of expired entries is due.
+    next_sweep: Duration,
 }
 
 impl<K> FlusherCore<K> {
@@ -374,6 +384,7 @@ impl<K> FlusherCore<K> {
             scratch: Vec::new(),
             work: Vec::new(),
             batch_wall: Duration::ZERO,
+            next_sweep: Duration::ZERO,
         }
     }
 }
@@ -390,8 +401,16 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         V: Clone + Send + Sync + 'static,
     {
         inner.tick_clock();
-        let now = inner.clock.now();
+        let now = inner.now();
         let delay = inner.config.write_delay;
+        if inner.timed && now >= self.next_sweep {
+            // Expired entries leave memory within `sweep_every` without a read touching them.
+            self.next_sweep = now.saturating_add(inner.sweep_every);
+            let coarse = inner.coarse_now();
+            for &s in &self.owned {
+                inner.shards[s].table.lock().sweep_expired(coarse);
+            }
+        }
         self.stamp_armed(inner, now);
         if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
             self.publish_oldest(inner);
@@ -461,6 +480,66 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         self.work = work;
         self.publish_oldest(inner);
         true
+    }
+
+    /// [`FlusherCore::step`], surviving a panic in user code that escaped the finer guards
+    /// (a key's `Hash` or `Eq`, a tracing subscriber, ...): the panic is logged and counted,
+    /// health turns degraded, and [`FlusherCore::recover`] puts back what the step held.
+    /// Returns what `step` returned, `false` after a panic.
+    pub(crate) fn step_guarded<V>(&mut self, inner: &Inner<K, V>, mode: StepMode) -> bool
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        self.guarded(inner, |core| core.step(inner, mode))
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` on this core; a panic in it is caught and recovered from as in
+    /// [`FlusherCore::step_guarded`] (`None` then).
+    pub(crate) fn guarded<V, R>(
+        &mut self,
+        inner: &Inner<K, V>,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> Option<R>
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        match catch(|| f(self)) {
+            Ok(r) => Some(r),
+            Err(msg) => {
+                self.recover(inner, &msg);
+                None
+            }
+        }
+    }
+
+    /// Puts the flusher back in a state from which nothing is lost after a panic cut a step
+    /// short: every key the step or the retry list held in flight is released (and sent again:
+    /// the versions make a repeat harmless), and every owned shard is marked overflowed, so
+    /// the next step scans its table for dirty keys instead of trusting the drained rings.
+    pub(crate) fn recover<V>(&mut self, inner: &Inner<K, V>, msg: &str)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        inner.user_panicked("user code on the flush path", msg);
+        let stats = &inner.flushers[self.index].stats;
+        stats.mark_degraded(inner.now());
+        // The lists' keys are dropped without running user code under a lock.
+        let retry = std::mem::take(&mut self.retry);
+        let work = std::mem::take(&mut self.work);
+        for &s in &self.owned {
+            let shard = &inner.shards[s];
+            shard.table.lock().release_all_in_flight();
+            shard.overflow.store(true, Ordering::SeqCst);
+        }
+        for r in retry {
+            crate::guard::drop_quietly(r.key);
+        }
+        for w in work {
+            crate::guard::drop_quietly(w.key);
+        }
+        self.scratch.clear();
+        self.publish_oldest(inner);
     }
 
     /// Gives each armed shard without a deadline its deadline: its delay from the arming
@@ -562,7 +641,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             shard,
             key,
             retry: None,
-            since: inner.clock.now(),
+            since: inner.now(),
         };
         if let Some(i) = self.retry.iter().position(|r| r.key == work.key) {
             let r = self.retry.swap_remove(i);
@@ -582,7 +661,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         self.write_out(inner, &mut vec![work], None);
         // The key may have been the oldest write waiting here; the next oldest may be in a
         // shard armed since the last step.
-        self.stamp_armed(inner, inner.clock.now());
+        self.stamp_armed(inner, inner.now());
         self.publish_oldest(inner);
     }
 
@@ -628,7 +707,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             if let (Some(at), true) = (late_at, batch.is_empty()) {
                 // Late if the next batch, taking as long as the last one did, would end past
                 // the step's lateness.
-                let now = inner.clock.now();
+                let now = inner.now();
                 if now.saturating_add(self.batch_wall) >= at {
                     // Nothing of `work[i..]` was snapshotted: the keys stay queued, in order,
                     // for the next step (the keeper's).
@@ -653,23 +732,55 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             for &hash in &hashes[..end - i] {
                 table.prefetch(hash);
             }
+            let mut surrendered = Vec::new();
             for (w, &hash) in work[i..end].iter().zip(&hashes) {
-                if let Some(snap) = table.take(hash, &w.key, w.retry.is_some()) {
-                    let attempts = match w.retry {
-                        Some((a, v)) if v == snap.write.version() => a,
-                        _ => 0,
-                    };
-                    batch.push(snap.write);
-                    meta.push(Meta {
-                        shard: s,
-                        hash,
-                        first: snap.first,
-                        attempts,
-                        since: w.since,
-                    });
+                match table.take(hash, &w.key, w.retry.is_some()) {
+                    Ok(None) => {}
+                    Ok(Some(snap)) => {
+                        let attempts = match w.retry {
+                            Some((a, v)) if v == snap.write.version() => a,
+                            _ => 0,
+                        };
+                        batch.push(snap.write);
+                        meta.push(Meta {
+                            shard: s,
+                            hash,
+                            first: snap.first,
+                            attempts,
+                            since: w.since,
+                        });
+                    }
+                    Err((version, msg)) => {
+                        // The key's or value's `Clone` panicked: the key is in flight and
+                        // this flusher's to retry, like a rejected record.
+                        inner.user_panicked("a key's or value's Clone", &msg);
+                        let attempts = 1 + match w.retry {
+                            Some((a, v)) if v == version => a,
+                            _ => 0,
+                        };
+                        if attempts >= inner.config.max_attempts && inner.sink_has_room() {
+                            if let Some(given) = table.surrender(hash, &w.key) {
+                                surrendered.push((given, attempts, msg));
+                            }
+                        } else {
+                            let wait = self.rejected_backoff(inner, attempts);
+                            self.retry_key(
+                                inner,
+                                &mut table,
+                                (s, hash),
+                                &w.key,
+                                (attempts, version),
+                                w.since,
+                                wait,
+                            );
+                        }
+                    }
                 }
             }
             drop(table);
+            for ((write, first), attempts, msg) in surrendered {
+                self.surrender(inner, s, write, first, attempts, &msg);
+            }
             i = end;
             if batch.len() == max_batch {
                 self.send(inner, &mut batch, &mut meta);
@@ -695,7 +806,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             // let one slow batch make every later step hand off before its first batch, and
             // so never time another: the keeper would write everything from then on.
             let cap = inner.config.write_delay / (2 * HANDOFF_GRACE);
-            self.batch_wall = inner.clock.now().saturating_sub(t).min(cap);
+            self.batch_wall = inner.now().saturating_sub(t).min(cap);
         }
     }
 
@@ -751,38 +862,13 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             FlusherStats::add(&stats.slow_store_calls, 1);
             tracing::warn!(took = ?took, limit = ?inner.config.store_timeout, records = batch.len(), "a store call took longer than store_timeout");
         }
-        let now = inner.clock.now();
+        let now = inner.now();
         let coarse = inner.coarse_now();
-        let failed: Vec<(usize, StoreError)> = match outcome {
-            Ok(Ok(())) => Vec::new(),
-            Ok(Err(BatchError::Partial(list))) => {
-                let mut list = list;
-                list.retain(|(i, _)| {
-                    let ok = *i < batch.len();
-                    if !ok {
-                        tracing::warn!(
-                            index = *i,
-                            batch = batch.len(),
-                            "store reported a failure for an index outside the batch; ignored"
-                        );
-                    }
-                    ok
-                });
-                list.sort_by_key(|(i, _)| *i);
-                list.dedup_by_key(|(i, _)| *i);
-                list
-            }
-            Ok(Err(BatchError::Unavailable(e))) => {
-                let e = StoreError::Unavailable(e);
-                (0..batch.len()).map(|i| (i, e.clone())).collect()
-            }
-            Err(panic_msg) => {
-                FlusherStats::add(&stats.store_panics, 1);
-                tracing::error!(message = %panic_msg, "store panicked in write_all; treated as unavailable");
-                let e = StoreError::unavailable(format!("store panicked: {panic_msg}"));
-                (0..batch.len()).map(|i| (i, e.clone())).collect()
-            }
-        };
+        if let Err(panic_msg) = &outcome {
+            FlusherStats::add(&stats.store_panics, 1);
+            tracing::error!(message = %panic_msg, "store panicked in write_all; treated as unavailable");
+        }
+        let failed = failures(outcome, batch.len());
 
         let any_unavailable = failed.iter().any(|(_, e)| e.is_unavailable());
         if any_unavailable {
@@ -792,7 +878,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             }
             let jittered = self.jitter(self.backoff_next);
             self.backoff_until = Some(now.saturating_add(jittered));
-            self.backoff_next = (self.backoff_next * 2).min(inner.config.retry_max);
+            self.backoff_next = self
+                .backoff_next
+                .saturating_mul(2)
+                .min(inner.config.retry_max);
             tracing::debug!(failed = failed.len(), batch = batch.len(), backoff = ?jittered, "store unavailable; writes stay queued");
         } else {
             self.backoff_until = None;
@@ -825,73 +914,163 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 i = end;
             }
             FlusherStats::add(&stats.records_written, batch.len() as u64);
-            batch.clear();
+            crate::guard::clear_quietly(batch);
             meta.clear();
+            inner.notify_progress();
             return;
         }
         let mut failed = failed.into_iter().peekable();
         let mut written = 0u64;
         for (i, (write, m)) in batch.drain(..).zip(meta.drain(..)).enumerate() {
             let error = failed.next_if(|(fi, _)| *fi == i).map(|(_, e)| e);
-            let mut table = inner.shards[m.shard].table.lock();
-            let retry_wait = match error {
+            match error {
                 None => {
+                    let mut table = inner.shards[m.shard].table.lock();
                     table.persisted(m.hash, write.key(), write.version(), coarse);
+                    drop(table);
                     written += 1;
-                    continue;
+                    crate::guard::drop_quietly(write);
                 }
-                Some(StoreError::Unavailable(_)) => None,
-                Some(e @ StoreError::Rejected(_)) => {
-                    FlusherStats::add(&stats.records_rejected, 1);
-                    let attempts = m.attempts + 1;
-                    if attempts < inner.config.max_attempts {
-                        Some((attempts, self.rejected_backoff(inner, attempts)))
-                    } else if inner.sink_has_room() {
-                        table.abandon(m.hash, write.key());
-                        drop(table);
-                        for (t, _) in &self.tickets {
-                            if m.first < t.targets[m.shard] {
-                                t.note(1, 0);
-                            }
-                        }
-                        FlusherStats::add(&stats.failed_writes, 1);
-                        tracing::error!(version = write.version(), attempts, error = %e, "store rejected a write too often; handed to the failed-writes sink");
-                        inner.give_up(FailedWrite {
-                            write,
-                            error: e,
-                            attempts,
-                        });
-                        continue;
-                    } else {
-                        // The sink is full: keep the write in the cache, dirty, and try again
-                        // at the longest backoff until the application drains the sink.
-                        FlusherStats::add(&stats.sink_full, 1);
-                        tracing::warn!(
-                            version = write.version(),
-                            "failed-writes sink is full; the write stays queued"
-                        );
-                        Some((attempts, inner.config.retry_max))
-                    }
-                }
-            };
-            table.retry_later(m.hash, write.key(), m.first);
-            drop(table);
-            FlusherStats::add(&stats.retries, 1);
-            let (attempts, not_before) = match retry_wait {
-                Some((a, wait)) => (a, now.saturating_add(wait)),
-                None => (m.attempts, self.backoff_until.unwrap_or(now)),
-            };
-            self.retry.push(RetryItem {
-                shard: m.shard,
-                key: write.key().clone(),
-                attempts,
-                version: write.version(),
-                not_before,
-                since: m.since,
-            });
+                Some(e) => self.settle_failed(inner, write, &m, e, now),
+            }
         }
         FlusherStats::add(&stats.records_written, written);
         inner.notify_progress();
+    }
+
+    /// A record of a batch failed with `error`: it goes on the retry list (unavailable, or
+    /// rejected fewer than `max_attempts` times, or the failed-writes sink is full), or to
+    /// the failed-writes sink.
+    fn settle_failed<V>(
+        &mut self,
+        inner: &Inner<K, V>,
+        write: Write<K, V>,
+        m: &Meta,
+        error: StoreError,
+        now: Duration,
+    ) where
+        V: Clone + Send + Sync + 'static,
+    {
+        let stats = &inner.flushers[self.index].stats;
+        let mut table = inner.shards[m.shard].table.lock();
+        let (attempts, wait) = match error {
+            StoreError::Unavailable(_) => (
+                m.attempts,
+                self.backoff_until.unwrap_or(now).saturating_sub(now),
+            ),
+            e @ StoreError::Rejected(_) => {
+                FlusherStats::add(&stats.records_rejected, 1);
+                let attempts = m.attempts + 1;
+                if attempts < inner.config.max_attempts {
+                    (attempts, self.rejected_backoff(inner, attempts))
+                } else if inner.sink_has_room() {
+                    table.abandon(m.hash, write.key(), write.version());
+                    drop(table);
+                    for (t, _) in &self.tickets {
+                        if m.first < t.targets[m.shard] {
+                            t.note(1, 0);
+                        }
+                    }
+                    FlusherStats::add(&stats.failed_writes, 1);
+                    tracing::error!(version = write.version(), attempts, error = %e, "store rejected a write too often; handed to the failed-writes sink");
+                    inner.give_up(FailedWrite {
+                        write,
+                        error: e,
+                        attempts,
+                    });
+                    return;
+                } else {
+                    // The sink is full: keep the write in the cache, dirty, and try again
+                    // at the longest backoff until the application drains the sink.
+                    FlusherStats::add(&stats.sink_full, 1);
+                    tracing::warn!(
+                        version = write.version(),
+                        "failed-writes sink is full; the write stays queued"
+                    );
+                    (attempts, inner.config.retry_max)
+                }
+            }
+        };
+        if table.retry_later(m.hash, write.key(), m.first) {
+            FlusherStats::add(&stats.retries, 1);
+            self.retry_key(
+                inner,
+                &mut table,
+                (m.shard, m.hash),
+                write.key(),
+                (attempts, write.version()),
+                m.since,
+                wait,
+            );
+        }
+        drop(table);
+        crate::guard::drop_quietly(write);
+    }
+
+    /// Puts a key this flusher holds in flight on its retry list, due after `wait`. If the
+    /// key cannot be cloned for the list (its `Clone` panics), its mark is released instead and
+    /// the shard's table scan finds it.
+    #[allow(clippy::too_many_arguments)]
+    fn retry_key<V>(
+        &mut self,
+        inner: &Inner<K, V>,
+        table: &mut Table<K, V>,
+        (shard, hash): (usize, u64),
+        key: &K,
+        (attempts, version): (u32, u64),
+        since: Duration,
+        wait: Duration,
+    ) where
+        V: Clone + Send + Sync + 'static,
+    {
+        match catch(|| key.clone()) {
+            Ok(key) => self.retry.push(RetryItem {
+                shard,
+                key,
+                attempts,
+                version,
+                not_before: inner.now().saturating_add(wait),
+                since,
+            }),
+            Err(msg) => {
+                inner.user_panicked("a key's Clone", &msg);
+                table.release(hash, key);
+                inner.shards[shard].overflow.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Hands a write whose key or value cannot be cloned to the failed-writes sink (it was
+    /// moved out of the table by [`Table::surrender`]).
+    fn surrender<V>(
+        &mut self,
+        inner: &Inner<K, V>,
+        shard: usize,
+        write: Write<K, V>,
+        first: u64,
+        attempts: u32,
+        msg: &str,
+    ) where
+        V: Clone + Send + Sync + 'static,
+    {
+        for (t, _) in &self.tickets {
+            if first < t.targets[shard] {
+                t.note(1, 0);
+            }
+        }
+        FlusherStats::add(&inner.flushers[self.index].stats.failed_writes, 1);
+        tracing::error!(
+            version = write.version(),
+            attempts,
+            "a write's key or value could not be cloned; handed to the failed-writes sink"
+        );
+        inner.give_up(FailedWrite {
+            write,
+            error: StoreError::rejected(format!(
+                "the key's or value's Clone panicked {attempts} time(s): {msg}"
+            )),
+            attempts,
+        });
     }
 
     /// The wait before retrying a record rejected `attempts` times.
@@ -992,117 +1171,188 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     }
 }
 
-/// The body of a flusher thread in `role`.
+/// What a store call's outcome (`Err`: the store panicked, with its message) means for each
+/// record of a batch of `len`: the indices that failed and why, in order; empty when
+/// everything was applied. The flushers and the write-through path share it.
+///
+/// A `Partial` that does not account for the batch (an empty list, or an index outside it)
+/// is treated as `Unavailable`: nothing is known to be applied, so the whole batch is retried,
+/// which the store's version guard makes harmless.
+pub(crate) fn failures(
+    outcome: Result<Result<(), BatchError>, String>,
+    len: usize,
+) -> Vec<(usize, StoreError)> {
+    let all = |e: StoreError| (0..len).map(|i| (i, e.clone())).collect();
+    match outcome {
+        Ok(Ok(())) => Vec::new(),
+        Ok(Err(BatchError::Unavailable(e))) => all(StoreError::Unavailable(e)),
+        Ok(Err(BatchError::Partial(mut list))) => {
+            if list.is_empty() || list.iter().any(|(i, _)| *i >= len) {
+                tracing::warn!(
+                    batch = len,
+                    reported = ?list.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+                    "the store's Partial does not account for the batch; retrying it whole"
+                );
+                return all(StoreError::unavailable(
+                    "the store answered with a Partial that does not account for the batch",
+                ));
+            }
+            list.sort_by_key(|(i, _)| *i);
+            list.dedup_by_key(|(i, _)| *i);
+            list
+        }
+        Err(panic_msg) => all(StoreError::unavailable(format!(
+            "store panicked: {panic_msg}"
+        ))),
+    }
+}
+
+/// The body of a flusher thread in `role`: turns until a close is done. A panic that escapes
+/// a turn (user code: a key's `Hash`, a value's `Drop`, a tracing subscriber) is caught, the
+/// flusher recovers ([`FlusherCore::recover`]) and goes on after a pause that doubles while
+/// panics repeat, so the thread never dies and never spins.
 pub(crate) fn run<K, V>(inner: Arc<Inner<K, V>>, index: usize, role: Role)
 where
     K: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    let _engine = crate::guard::EngineScope::enter();
     let me = &inner.flushers[index];
     let max_park = if inner.timed { inner.tick } else { MAX_PARK };
     let watch = (inner.config.write_delay / KEEPER_WATCH)
         .clamp(KEEPER_WATCH_MIN, max_park.max(KEEPER_WATCH_MIN));
+    let mut pause = PANIC_PAUSE_MIN;
     loop {
-        // A worker whose work the keeper has, or a keeper with nothing handed over, parks
-        // (both serve a close).
-        let turn = match role {
-            Role::Sole => true,
-            Role::Worker => !me.handed_off.load(Ordering::SeqCst),
-            Role::Keeper => me.handed_off.load(Ordering::SeqCst),
-        };
-        if !turn && me.mailbox.lock().close_deadline.is_none() {
-            // The coarse clock must not stop while a starved worker is the one to tick it.
-            inner.tick_clock();
-            if role == Role::Keeper {
-                // A worker that holds the core is running; one that owes a step and has not
-                // started it may be starved: the keeper takes the turn, steps and hands back.
-                // Otherwise it sleeps until the worker could next be overdue (an idle
-                // flusher's keeper so wakes once per delay, or per longest park), or, while
-                // the worker is stepping, for the watch.
-                let now = inner.clock.now();
-                let overdue_at = me
-                    .core
-                    .try_lock()
-                    .map(|core| core.worker_overdue_at(&inner, now, watch));
-                match overdue_at {
-                    Some(at) if at <= now => {
-                        FlusherStats::add(&me.stats.takeovers, 1);
-                        me.handed_off.store(true, Ordering::SeqCst);
-                        continue;
-                    }
-                    Some(at) => crate::sync::thread::park_timeout((at - now).min(max_park)),
-                    None => crate::sync::thread::park_timeout(watch),
+        match catch(|| turn(&inner, index, role, max_park, watch)) {
+            Ok(true) => return,
+            Ok(false) => pause = PANIC_PAUSE_MIN,
+            Err(msg) => {
+                me.core.lock().recover(&inner, &msg);
+                let deadline = me.mailbox.lock().close_deadline;
+                if deadline.is_some_and(|d| inner.now() >= d) {
+                    return;
                 }
-            } else {
-                crate::sync::thread::park_timeout(max_park);
+                crate::sync::thread::park_timeout(pause);
+                pause = pause.saturating_mul(2).min(MAX_PARK);
             }
-            continue;
-        }
-        let (new_tickets, close_deadline) = {
-            let mut mb = me.mailbox.lock();
-            (std::mem::take(&mut mb.tickets), mb.close_deadline)
-        };
-        let mut core = me.core.lock();
-        for t in new_tickets {
-            core.take_ticket(t);
-        }
-        let closing = close_deadline.is_some();
-        let full = closing || core.wants_full_step();
-        let ran = core.step(
-            &inner,
-            StepMode {
-                full,
-                ignore_backoff: false,
-                hand_off_when_late: role == Role::Worker && !full,
-            },
-        );
-        core.settle_tickets(&inner, ran && full);
-        if role == Role::Worker && !core.retry.is_empty() {
-            // The keeper sleeps until the worker could be overdue, and a retry item made by
-            // this step may be due before that: it looks again.
-            me.keeper.unpark();
-        }
-        let now = inner.clock.now();
-        if let Some(deadline) = close_deadline {
-            if core.is_idle(&inner) || now >= deadline {
-                return;
-            }
-        }
-        if !closing {
-            let hand_over = match role {
-                Role::Sole => false,
-                Role::Worker => core.handing_off(),
-                Role::Keeper => core.caught_up(),
-            };
-            if hand_over {
-                drop(core);
-                // The flag first, then the unpark: the other thread's next look at the flag
-                // finds its turn, and a wake routed to this thread meanwhile is covered by
-                // the other's step.
-                if role == Role::Worker {
-                    FlusherStats::add(&me.stats.handoffs, 1);
-                    me.handed_off.store(true, Ordering::SeqCst);
-                    me.keeper.unpark();
-                } else {
-                    me.handed_off.store(false, Ordering::SeqCst);
-                    me.unparker.unpark();
-                }
-                continue;
-            }
-        }
-        let mut wake = core.next_wake();
-        if core.wants_full_step() {
-            wake = core.backoff_until.or(Some(now));
-        }
-        if let Some(deadline) = close_deadline {
-            wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
-        }
-        drop(core);
-        let sleep = wake.map_or(max_park, |w| w.saturating_sub(now).min(max_park));
-        if !sleep.is_zero() {
-            crate::sync::thread::park_timeout(sleep);
         }
     }
+}
+
+/// One turn of a flusher thread's loop; `true` once the thread should end (a close is done).
+fn turn<K, V>(
+    inner: &Arc<Inner<K, V>>,
+    index: usize,
+    role: Role,
+    max_park: Duration,
+    watch: Duration,
+) -> bool
+where
+    K: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let me = &inner.flushers[index];
+    // A worker whose work the keeper has, or a keeper with nothing handed over, parks
+    // (both serve a close).
+    let turn = match role {
+        Role::Sole => true,
+        Role::Worker => !me.handed_off.load(Ordering::SeqCst),
+        Role::Keeper => me.handed_off.load(Ordering::SeqCst),
+    };
+    if !turn && me.mailbox.lock().close_deadline.is_none() {
+        // The coarse clock must not stop while a starved worker is the one to tick it.
+        inner.tick_clock();
+        if role == Role::Keeper {
+            // A worker that holds the core is running; one that owes a step and has not
+            // started it may be starved: the keeper takes the turn, steps and hands back.
+            // Otherwise it sleeps until the worker could next be overdue (an idle
+            // flusher's keeper so wakes once per delay, or per longest park), or, while
+            // the worker is stepping, for the watch.
+            let now = inner.now();
+            let overdue_at = me
+                .core
+                .try_lock()
+                .map(|core| core.worker_overdue_at(inner, now, watch));
+            match overdue_at {
+                Some(at) if at <= now => {
+                    FlusherStats::add(&me.stats.takeovers, 1);
+                    me.handed_off.store(true, Ordering::SeqCst);
+                    return false;
+                }
+                Some(at) => crate::sync::thread::park_timeout((at - now).min(max_park)),
+                None => crate::sync::thread::park_timeout(watch),
+            }
+        } else {
+            crate::sync::thread::park_timeout(max_park);
+        }
+        return false;
+    }
+    let (new_tickets, close_deadline) = {
+        let mut mb = me.mailbox.lock();
+        (std::mem::take(&mut mb.tickets), mb.close_deadline)
+    };
+    let mut core = me.core.lock();
+    for t in new_tickets {
+        core.take_ticket(t);
+    }
+    let closing = close_deadline.is_some();
+    let full = closing || core.wants_full_step();
+    let ran = core.step(
+        inner,
+        StepMode {
+            full,
+            ignore_backoff: false,
+            hand_off_when_late: role == Role::Worker && !full,
+        },
+    );
+    core.settle_tickets(inner, ran && full);
+    if role == Role::Worker && !core.retry.is_empty() {
+        // The keeper sleeps until the worker could be overdue, and a retry item made by
+        // this step may be due before that: it looks again.
+        me.keeper.unpark();
+    }
+    let now = inner.now();
+    if let Some(deadline) = close_deadline {
+        if core.is_idle(inner) || now >= deadline {
+            return true;
+        }
+    }
+    if !closing {
+        let hand_over = match role {
+            Role::Sole => false,
+            Role::Worker => core.handing_off(),
+            Role::Keeper => core.caught_up(),
+        };
+        if hand_over {
+            drop(core);
+            // The flag first, then the unpark: the other thread's next look at the flag
+            // finds its turn, and a wake routed to this thread meanwhile is covered by
+            // the other's step.
+            if role == Role::Worker {
+                FlusherStats::add(&me.stats.handoffs, 1);
+                me.handed_off.store(true, Ordering::SeqCst);
+                me.keeper.unpark();
+            } else {
+                me.handed_off.store(false, Ordering::SeqCst);
+                me.unparker.unpark();
+            }
+            return false;
+        }
+    }
+    let mut wake = core.next_wake();
+    if core.wants_full_step() {
+        wake = core.backoff_until.or(Some(now));
+    }
+    if let Some(deadline) = close_deadline {
+        wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
+    }
+    drop(core);
+    let sleep = wake.map_or(max_park, |w| w.saturating_sub(now).min(max_park));
+    if !sleep.is_zero() {
+        crate::sync::thread::park_timeout(sleep);
+    }
+
+    false
 }
 
 /// Deterministic checks of the keys a niced worker's step leaves for its keeper (the
@@ -1116,7 +1366,6 @@ mod tests {
 
     use super::{FlusherCore, StepMode, Ticket, TicketOutcome};
     use crate::error::{BatchError, StoreError};
-use crate::guard::{call_store, catch};
     use crate::store::{Store, Write};
     use crate::sync::MutexGuard;
     use crate::testing::FaultyStore;

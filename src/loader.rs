@@ -11,14 +11,24 @@ use crate::sync::{Condvar, Mutex};
 pub(crate) struct LoadSlot<V> {
     result: Mutex<Option<Result<Option<V>, StoreError>>>,
     cv: Condvar,
+    /// The leader's thread: a miss of the key on that thread (its store's `load` reading the
+    /// key through the cache) would wait for itself.
+    leader: std::thread::ThreadId,
 }
 
 impl<V: Clone> LoadSlot<V> {
+    /// A slot whose leader is the calling thread.
     pub(crate) fn new() -> Self {
         LoadSlot {
             result: Mutex::new(None),
             cv: Condvar::new(),
+            leader: crate::sync::thread::current_id(),
         }
+    }
+
+    /// `true` if the calling thread leads this load.
+    pub(crate) fn led_here(&self) -> bool {
+        self.leader == crate::sync::thread::current_id()
     }
 
     /// The leader hands over what every caller should see.
@@ -27,7 +37,18 @@ impl<V: Clone> LoadSlot<V> {
         self.cv.notify_all();
     }
 
-    /// A follower waits for the leader's outcome.
+    /// Publishes `r` unless an outcome is there already.
+    pub(crate) fn publish_if_empty(&self, r: Result<Option<V>, StoreError>) {
+        let mut g = self.result.lock();
+        if g.is_none() {
+            *g = Some(r);
+        }
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// A follower waits for the leader's outcome. The leader always publishes one: its
+    /// `LeadGuard` (in `cache.rs`) publishes an error if it unwinds.
     pub(crate) fn wait(&self) -> Result<Option<V>, StoreError> {
         let mut g = self.result.lock();
         loop {

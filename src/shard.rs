@@ -101,6 +101,15 @@ const REFRESHING: u8 = 0b0000_1000;
 /// `Entry::bits`: the entry holds no value (a pending or local delete, or a cached absence);
 /// `Entry::value` is uninitialised.
 const TOMB: u8 = 0b0001_0000;
+/// `Entry::bits`: the value was written in `WriteMode::ReadOnly` and must never be sent; a
+/// write-behind or write-through write of the key clears it. A batch of an older version that
+/// was in flight when the local write came does not bring the key back to the store when it
+/// fails ([`Table::retry_later`]).
+const LOCAL: u8 = 0b0010_0000;
+
+/// Most records a table keeps of keys that left memory while their latest write was not in
+/// the store ([`Table::durable`]); past it, the oldest are folded into a version floor.
+const UNDURABLE_MAX: usize = 4096;
 
 impl<K, V> Entry<K, V> {
     fn new(key: K, value: Option<V>, version: u64, slot: u32, persisted: u64) -> Self {
@@ -302,6 +311,31 @@ struct Through<K> {
     waited: bool,
 }
 
+/// A key that left memory while the store did not hold its latest write (a write given up
+/// to the failed-writes sink, or a local write of `WriteMode::ReadOnly`), so that
+/// [`Table::durable`] never acknowledges that write once nothing in memory remembers it.
+struct Undurable<K> {
+    key: K,
+    hash: u64,
+    /// The highest version the store is known to hold.
+    persisted: u64,
+    /// The key's latest version when it left memory.
+    version: u64,
+    /// That version was given up (it is in the failed-writes sink).
+    given_up: bool,
+}
+
+/// Whether the store holds a version of a key ([`Table::durable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// The store holds this version or a newer one.
+    Durable,
+    /// Not yet, or never (a local write).
+    Pending,
+    /// The write was given up: it went to the failed-writes sink.
+    GivenUp,
+}
+
 /// A load in flight for a key (single-flight). A miss of the key joins it while it is in
 /// the table; a write, remove or eviction of the key takes it out ([`Table::touch_loading`]).
 struct Loading<K, V> {
@@ -390,6 +424,11 @@ pub(crate) struct Table<K, V> {
     queues: Queues<K>,
     /// The cache's hasher, to rehash keys when the table grows.
     hasher: ahash::RandomState,
+    /// Keys that left memory with a write the store does not hold ([`Undurable`]).
+    undurable: HashTable<Undurable<K>>,
+    /// Versions at or below this may belong to a record that [`UNDURABLE_MAX`] pushed out:
+    /// an absent key's write at or below it is never acknowledged.
+    undurable_floor: u64,
 }
 
 /// What a write under the lock decided.
@@ -409,6 +448,13 @@ pub(crate) struct WriteOutcome<K, V> {
 pub(crate) struct Snapshot<K, V> {
     pub(crate) write: Write<K, V>,
     pub(crate) first: u64,
+}
+
+impl<K> Queues<K> {
+    /// Positions in the queues beyond the live entries (an upper bound of the stale ones).
+    fn stale(&self) -> usize {
+        self.small.len() + self.main.len()
+    }
 }
 
 impl<K> Default for Queues<K> {
@@ -447,6 +493,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             weight: 0,
             queues: Queues::default(),
             hasher,
+            undurable: HashTable::new(),
+            undurable_floor: 0,
         }
     }
 
@@ -462,9 +510,20 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
-    /// Live (non-tombstone) entries.
-    pub(crate) fn len(&self) -> usize {
-        self.map.len() - self.tombstones
+    /// Live (non-tombstone) entries that have not expired at coarse time `now`.
+    pub(crate) fn len(&self, now: u64) -> usize {
+        if !self.limits.timed() {
+            return self.map.len() - self.tombstones;
+        }
+        self.map
+            .iter()
+            .filter(|e| !e.is_tombstone() && !self.expired_at(e, now))
+            .count()
+    }
+
+    /// `true` if `e` has expired at `now` (never for a dirty entry).
+    fn expired_at(&self, e: &Entry<K, V>, now: u64) -> bool {
+        self.limits.timed() && Self::expired(&self.limits, e, &self.side[e.slot as usize], now)
     }
 
     /// The entry of `key`, if the table holds it.
@@ -545,9 +604,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.find(hash, key).is_some()
     }
 
-    /// `true` if the key holds a value (not a tombstone).
-    pub(crate) fn contains(&self, hash: u64, key: &K) -> bool {
-        self.find(hash, key).is_some_and(|e| !e.is_tombstone())
+    /// `true` if the key holds a value (not a tombstone) that has not expired at `now`.
+    pub(crate) fn contains(&self, hash: u64, key: &K, now: u64) -> bool {
+        self.find(hash, key)
+            .is_some_and(|e| !e.is_tombstone() && !self.expired_at(e, now))
     }
 
     /// Backpressure check for a write that would add a dirty entry: `false` once the table
@@ -571,10 +631,66 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         !self.over_limit(high, low) || self.find(hash, key).is_some_and(Entry::is_dirty)
     }
 
-    /// `true` once the store holds `version` of the key or a newer one (or the key left the
-    /// table, which only a persisted delete or a given-up write does).
-    pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> bool {
-        self.find(hash, key).is_none_or(|e| e.persisted >= version)
+    /// Whether the store holds `version` of the key or a newer one. An entry knows the
+    /// highest version the store holds; a key that left memory is durable unless it left
+    /// with a write the store does not hold ([`Undurable`], [`Table::undurable_floor`]).
+    pub(crate) fn durable(&self, hash: u64, key: &K, version: u64) -> Durability {
+        if let Some(e) = self.find(hash, key) {
+            return if e.persisted >= version {
+                Durability::Durable
+            } else {
+                Durability::Pending
+            };
+        }
+        match self.undurable.find(hash, |u| u.key == *key) {
+            Some(u) if version <= u.persisted => Durability::Durable,
+            Some(u) if u.given_up && version <= u.version => Durability::GivenUp,
+            Some(_) => Durability::Pending,
+            None if version <= self.undurable_floor => Durability::Pending,
+            None => Durability::Durable,
+        }
+    }
+
+    /// Remembers that `key` leaves memory while the store holds only `persisted` of it and
+    /// its latest write is `version` (see [`Undurable`]).
+    fn note_undurable(&mut self, hash: u64, key: K, persisted: u64, version: u64, given_up: bool) {
+        if let Ok(occ) = self.undurable.find_entry(hash, |u| u.key == key) {
+            occ.remove();
+        }
+        if self.undurable.len() >= UNDURABLE_MAX {
+            // Fold an arbitrary record into the floor: its key's writes up to its version are
+            // never acknowledged from now on, nor are other absent keys' (a false "not yet" for
+            // an old version that was in fact written, never a false acknowledgement).
+            let mut oldest = None;
+            if let Some(u) = self.undurable.iter().next() {
+                oldest = Some((u.hash, u.version));
+            }
+            if let Some((h, v)) = oldest {
+                self.undurable_floor = self.undurable_floor.max(v);
+                if let Ok(occ) = self.undurable.find_entry(h, |u| u.version == v) {
+                    occ.remove();
+                }
+            }
+        }
+        let rec = Undurable {
+            key,
+            hash,
+            persisted,
+            version,
+            given_up,
+        };
+        self.undurable.insert_unique(hash, rec, |u| u.hash);
+    }
+
+    /// A key comes back into memory: what its record knew moves into the entry.
+    fn recall_undurable(&mut self, hash: u64, key: &K) -> u64 {
+        if self.undurable.is_empty() {
+            return 0;
+        }
+        match self.undurable.find_entry(hash, |u| u.key == *key) {
+            Ok(occ) => occ.remove().0.persisted,
+            Err(_) => 0,
+        }
     }
 
     /// Closes the open epoch: a write from now on pushes its key again, even if the key was
@@ -735,6 +851,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> &mut Entry<K, V> {
+        let persisted = persisted.max(self.recall_undurable(hash, &key));
+        if self.limits.bounded() && self.queues.stale() > 2 * self.map.len() + 64 {
+            self.compact_queues();
+        }
         let slot = self.take_slot(now, weight);
         let stamp = self.side[slot as usize].stamp;
         let mut e = Entry::new(key, value, version, slot, persisted);
@@ -778,6 +898,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_tombstone = e.is_tombstone();
             let old = e.replace_value(value);
             e.version = version;
+            e.set_flag(LOCAL, false);
             let push = e.queued_epoch != open_epoch;
             if push {
                 e.queued_epoch = open_epoch;
@@ -852,6 +973,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             // Dropped after the table is updated (still under the lock, as before).
             let _old = e.replace_value(Some(value.clone()));
             e.version = version;
+            e.set_flag(LOCAL, false);
             e.persisted = e.persisted.max(version);
             let side = &mut self.side[e.slot as usize];
             side.born = now;
@@ -1012,6 +1134,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let was_tombstone = e.is_tombstone();
         let old = e.replace_value(None);
         e.version = version;
+        e.set_flag(LOCAL, false);
         e.persisted = e.persisted.max(version);
         let old_weight = std::mem::replace(&mut self.side[e.slot as usize].weight, weight);
         self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
@@ -1040,6 +1163,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let was_dirty = e.is_dirty();
             let old = e.replace_value(value);
             e.version = version;
+            e.set_flag(LOCAL, true);
             let side = &mut self.side[e.slot as usize];
             side.born = now;
             side.accessed = now;
@@ -1057,7 +1181,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
             return (version, old);
         }
-        self.insert(hash, key, value, version, 0, now, weight);
+        self.insert(hash, key, value, version, 0, now, weight)
+            .set_flag(LOCAL, true);
         self.enforce();
         (version, None)
     }
@@ -1080,27 +1205,95 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// Takes a snapshot of a dirty key for a batch. `retry` is set when the caller is the
     /// retry list that already owns the key's in-flight mark.
-    pub(crate) fn take(&mut self, hash: u64, key: &K, retry: bool) -> Option<Snapshot<K, V>> {
-        let e = self.map.find_mut(hash, |e| e.key == *key)?;
+    ///
+    /// The snapshot clones the key and the value. If that panics, the entry is left as the
+    /// caller's to retry (in flight, its write still unsent) and the panic comes back as
+    /// `Err` with the key's version and the panic's message.
+    pub(crate) fn take(
+        &mut self,
+        hash: u64,
+        key: &K,
+        retry: bool,
+    ) -> Result<Option<Snapshot<K, V>>, (u64, String)> {
+        let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
+            return Ok(None);
+        };
         if e.in_flight && !retry {
             // The key is in the flusher's retry list, which will send its latest value.
-            return None;
+            return Ok(None);
         }
         if e.unsent == NONE {
             if retry && e.in_flight {
                 e.in_flight = false;
                 self.dirty -= 1;
             }
-            return None;
+            return Ok(None);
         }
+        let cloned = crate::guard::catch(|| e.as_write());
         e.in_flight = true;
         // Any later write must push the key again: it may have been pushed in the open epoch
         // already (and drained early), and a write that conflates into that epoch would
         // otherwise never reach the ring. See docs/ARCHITECTURE.md, "the early-drain race".
         e.queued_epoch = NOT_QUEUED;
-        let write = e.as_write();
-        let first = std::mem::replace(&mut e.unsent, NONE);
-        Some(Snapshot { write, first })
+        match cloned {
+            Ok(write) => {
+                let first = std::mem::replace(&mut e.unsent, NONE);
+                Ok(Some(Snapshot { write, first }))
+            }
+            Err(msg) => Err((e.version, msg)),
+        }
+    }
+
+    /// Gives up on the key's unsent write without cloning it: the entry leaves memory and its
+    /// write is moved out, for the failed-writes sink. Only for a key the caller's retry list
+    /// owns (in flight) whose latest write is unsent; `None` otherwise.
+    /// Returns the write and its oldest unsent version.
+    pub(crate) fn surrender(&mut self, hash: u64, key: &K) -> Option<(Write<K, V>, u64)> {
+        let e = self.map.find(hash, |e| e.key == *key)?;
+        if !e.in_flight || e.unsent == NONE {
+            return None;
+        }
+        let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) else {
+            return None;
+        };
+        let (e, _) = occ.remove();
+        self.dirty -= 1;
+        let (persisted, version, first) = (e.persisted, e.version, e.unsent);
+        let write = self.forget(e);
+        self.touch_loading(hash, key);
+        match crate::guard::catch(|| write.key().clone()) {
+            Ok(k) => self.note_undurable(hash, k, persisted, version, true),
+            Err(_) => self.undurable_floor = self.undurable_floor.max(version),
+        }
+        Some((write, first))
+    }
+
+    /// The bookkeeping of an entry taken out of `map`, and its write, moved out.
+    fn forget(&mut self, mut e: Entry<K, V>) -> Write<K, V> {
+        if e.is_tombstone() {
+            self.tombstones -= 1;
+        }
+        if !e.flag(IN_MAIN) && self.limits.bounded() {
+            self.queues.small_live = self.queues.small_live.saturating_sub(1);
+        }
+        self.weight -= u64::from(self.side[e.slot as usize].weight);
+        self.free.push(e.slot);
+        // The value moves out and leaves a tombstone, whose drop touches no value.
+        let value = e.replace_value(None);
+        let version = e.version;
+        let e = std::mem::ManuallyDrop::new(e);
+        // SAFETY: `e` is initialised and in a `ManuallyDrop`, so `Entry::drop` never runs: the
+        // key read out here is the only copy that will be dropped, and `e` is not used again.
+        // (Its value was moved out above; `Entry` has no other field that owns anything.)
+        let key = unsafe { std::ptr::read(&e.key) };
+        match value {
+            Some(value) => Write::Put {
+                key,
+                value,
+                version,
+            },
+            None => Write::Delete { key, version },
+        }
     }
 
     /// The store applied `version` of the key. Returns `true` if the entry is now clean. An
@@ -1135,15 +1328,31 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// The snapshot whose oldest version was `first` failed and will be retried: the entry
     /// keeps its in-flight mark (the retry list owns it) and remembers the oldest unsent
     /// version again.
-    pub(crate) fn retry_later(&mut self, hash: u64, key: &K, first: u64) {
-        if let Some(e) = self.map.find_mut(hash, |e| e.key == *key) {
-            e.unsent = e.unsent.min(first);
+    ///
+    /// Returns `false` when there is nothing left to retry: the key was written in
+    /// `WriteMode::ReadOnly` since, which supersedes the failed write for good (that local
+    /// write is never sent), and no write-behind write followed it. The entry is then clean.
+    pub(crate) fn retry_later(&mut self, hash: u64, key: &K, first: u64) -> bool {
+        let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
+            return false;
+        };
+        if e.flag(LOCAL) && e.unsent == NONE {
+            if e.in_flight {
+                e.in_flight = false;
+                self.dirty -= 1;
+            }
+            return false;
         }
+        e.unsent = e.unsent.min(first);
+        true
     }
 
-    /// The cache gave up on the snapshot (it went to the failed-writes sink). A newer write,
-    /// if any, goes on; otherwise the entry is clean, and a tombstone is dropped.
-    pub(crate) fn abandon(&mut self, hash: u64, key: &K) {
+    /// The cache gave up on the snapshot of `version` (it went to the failed-writes sink). A
+    /// newer write, if any, goes on. Otherwise the entry leaves memory, so that reads go to
+    /// the store again rather than serve a value the store refused, and the key is
+    /// remembered as given up ([`Table::durable`]). A local write (`WriteMode::ReadOnly`) made
+    /// since stays in memory, clean.
+    pub(crate) fn abandon(&mut self, hash: u64, key: &K, version: u64) {
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             return;
         };
@@ -1151,13 +1360,60 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             return;
         }
         e.in_flight = false;
-        if e.unsent == NONE {
-            let gone = e.is_tombstone();
-            self.dirty -= 1;
-            if gone {
-                self.remove_entry(hash, key);
+        if e.unsent != NONE {
+            return;
+        }
+        self.dirty -= 1;
+        if e.flag(LOCAL) {
+            return;
+        }
+        let persisted = e.persisted;
+        let k = crate::guard::catch(|| e.key.clone());
+        self.remove_entry(hash, key);
+        if let Ok(k) = k {
+            self.note_undurable(hash, k, persisted, version, true);
+        } else {
+            self.undurable_floor = self.undurable_floor.max(version);
+        }
+    }
+
+    /// Recovery after a panic interrupted a flusher's step: every in-flight mark of the table
+    /// is released (the batch or retry list that held it is gone) and the write is unsent
+    /// again, so the next step's table scan (the overflow path) sends it. A version already
+    /// at the store is sent again, which the version guard makes harmless.
+    pub(crate) fn release_all_in_flight(&mut self) -> usize {
+        let mut n = 0;
+        let mut cleaned = 0;
+        for e in self.map.iter_mut() {
+            if e.in_flight {
+                n += 1;
+                cleaned += u32::from(Self::release_entry(e));
             }
         }
+        self.dirty -= cleaned;
+        n
+    }
+
+    /// [`Table::release_all_in_flight`] for one key.
+    pub(crate) fn release(&mut self, hash: u64, key: &K) {
+        if let Some(e) = self.map.find_mut(hash, |e| e.key == *key) {
+            if e.in_flight && Self::release_entry(e) {
+                self.dirty -= 1;
+            }
+        }
+    }
+
+    /// Releases an entry's in-flight mark; `true` if the entry is clean now.
+    fn release_entry(e: &mut Entry<K, V>) -> bool {
+        e.in_flight = false;
+        e.queued_epoch = NOT_QUEUED;
+        if e.unsent == NONE {
+            if e.flag(LOCAL) || e.persisted >= e.version {
+                return true; // nothing of it is left to send
+            }
+            e.unsent = e.version;
+        }
+        false
     }
 
     /// The oldest unsent version of a key, for the flush barrier ([`NONE`] if none).
@@ -1180,23 +1436,70 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         );
     }
 
-    /// Every dirty entry as the write that would persist it (what `close` hands back).
-    pub(crate) fn unwritten(&self, out: &mut Vec<Write<K, V>>) {
+    /// Every dirty entry as the write that would persist it (what `close` hands back). An
+    /// entry whose key or value cannot be cloned (the `Clone` panics) is moved out instead:
+    /// it leaves memory, its write goes to `out`.
+    pub(crate) fn unwritten(&mut self, out: &mut Vec<Write<K, V>>) {
+        let mut stuck = Vec::new();
+        for e in self.map.iter() {
+            if !e.is_dirty() || (e.flag(LOCAL) && e.unsent == NONE) {
+                continue;
+            }
+            match crate::guard::catch(|| e.as_write()) {
+                Ok(w) => out.push(w),
+                Err(_) => stuck.push(e.slot),
+            }
+        }
+        if stuck.is_empty() {
+            return;
+        }
+        let taken: Vec<Entry<K, V>> = self.map.extract_if(|e| stuck.contains(&e.slot)).collect();
+        for e in taken {
+            self.dirty -= 1;
+            let w = self.forget(e);
+            out.push(w);
+        }
+    }
+
+    /// Every live entry that has not expired at `now` (for `Cache::entries`); never loads.
+    pub(crate) fn entries(&self, out: &mut Vec<(K, V)>, now: u64) {
         out.extend(
             self.map
                 .iter()
-                .filter(|e| e.is_dirty())
-                .map(Entry::as_write),
+                .filter(|e| !self.expired_at(e, now))
+                .filter_map(|e| e.value().map(|v| (e.key.clone(), v.clone()))),
         );
     }
 
-    /// Every live entry (for `Cache::entries`); never loads.
-    pub(crate) fn entries(&self, out: &mut Vec<(K, V)>) {
-        out.extend(
-            self.map
-                .iter()
-                .filter_map(|e| e.value().map(|v| (e.key.clone(), v.clone()))),
-        );
+    /// Removes every clean entry that has expired at `now`, without a read touching it: the
+    /// flushers call it periodically. Returns how many left.
+    pub(crate) fn sweep_expired(&mut self, now: u64) -> usize {
+        if (self.limits.ttl | self.limits.tti | self.limits.negative_ttl) == 0 {
+            return 0;
+        }
+        let limits = self.limits;
+        let side = &self.side;
+        let gone: Vec<Entry<K, V>> = self
+            .map
+            .extract_if(|e| Self::expired(&limits, e, &side[e.slot as usize], now))
+            .collect();
+        let n = gone.len();
+        for e in gone {
+            self.rare.expirations += 1;
+            let (persisted, version) = (e.persisted, e.version);
+            if persisted < version {
+                // A local write: never acknowledged, also once it has left.
+                if let Ok(k) = crate::guard::catch(|| e.key.clone()) {
+                    let hash = self.hasher.hash_one(&k);
+                    self.note_undurable(hash, k, persisted, version, false);
+                } else {
+                    self.undurable_floor = self.undurable_floor.max(version);
+                }
+            }
+            let w = self.forget(e);
+            crate::guard::drop_quietly(w);
+        }
+        n
     }
 
     /// `true` while the table holds more than its capacity or weight allows.
@@ -1277,19 +1580,40 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// Removes the entry of `key` (and takes a load of it in flight out of the single-flight
     /// table).
+    /// A local write (`WriteMode::ReadOnly`) that leaves is remembered, so that it is never
+    /// acknowledged ([`Table::durable`]). A panic in the key's or value's `Drop` is caught.
     fn remove_entry(&mut self, hash: u64, key: &K) {
         if let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) {
             let (e, _) = occ.remove();
-            if e.is_tombstone() {
-                self.tombstones -= 1;
-            }
-            if !e.flag(IN_MAIN) && self.limits.bounded() {
-                self.queues.small_live = self.queues.small_live.saturating_sub(1);
-            }
-            self.weight -= u64::from(self.side[e.slot as usize].weight);
-            self.free.push(e.slot);
+            let (persisted, version) = (e.persisted, e.version);
+            let w = self.forget(e);
             self.touch_loading(hash, key);
+            if persisted < version {
+                if let Ok(k) = crate::guard::catch(|| key.clone()) {
+                    self.note_undurable(hash, k, persisted, version, false);
+                } else {
+                    self.undurable_floor = self.undurable_floor.max(version);
+                }
+            }
+            crate::guard::drop_quietly(w);
         }
+    }
+
+    /// Drops the eviction queues' stale positions (entries that left or were re-inserted):
+    /// they are skipped by `enforce`, which only runs over capacity, so without this a cache
+    /// under its capacity with churning keys would grow them without bound.
+    fn compact_queues(&mut self) {
+        let map = &self.map;
+        let side = &self.side;
+        let live = |pos: &(K, u64, u32), in_main: bool| {
+            map.find(pos.1, |e| {
+                e.key == pos.0 && side[e.slot as usize].stamp == pos.2 && e.flag(IN_MAIN) == in_main
+            })
+            .is_some()
+        };
+        self.queues.small.retain(|p| live(p, false));
+        self.queues.main.retain(|p| live(p, true));
+        self.queues.small_live = self.queues.small.len();
     }
 }
 
@@ -1417,7 +1741,7 @@ mod tests {
         assert_eq!(t.counters().conflated, 1);
         assert!(put(&mut t, 1, 12, 2), "next epoch: pushed again");
         assert_eq!(look(&mut t, 1), Some(Some(12)));
-        assert_eq!((t.len(), t.dirty), (1, 1));
+        assert_eq!((t.len(0), t.dirty), (1, 1));
         assert_eq!(t.next_version, 103, "one version per write");
         assert_eq!(
             t.unsent_of(h(1), &1),
@@ -1459,7 +1783,7 @@ mod tests {
         let mut t = table();
         put(&mut t, 1, 10, 1);
         put(&mut t, 1, 11, 1);
-        let snap = t.take(h(1), &1, false).expect("dirty key");
+        let snap = t.take(h(1), &1, false).unwrap().expect("dirty key");
         assert_eq!(
             snap.write,
             Write::Put {
@@ -1470,7 +1794,7 @@ mod tests {
         );
         assert_eq!(snap.first, 100);
         assert!(
-            t.take(h(1), &1, false).is_none(),
+            t.take(h(1), &1, false).unwrap().is_none(),
             "in flight: not taken twice"
         );
         assert!(t.persisted(h(1), &1, 101, 0));
@@ -1499,6 +1823,7 @@ mod tests {
         assert!(w.ring_key.is_none(), "the same tag: conflated");
         let snap = t
             .take(h(1), &1, false)
+            .unwrap()
             .expect("the take the queued key is waiting for");
         assert_eq!((snap.write.value(), snap.first), (Some(&11), 100));
         assert!(
@@ -1513,14 +1838,14 @@ mod tests {
     fn a_write_after_take_in_the_same_epoch_pushes_again() {
         let mut t = table();
         assert!(put(&mut t, 1, 10, 2));
-        let snap = t.take(h(1), &1, false).unwrap();
+        let snap = t.take(h(1), &1, false).unwrap().unwrap();
         assert!(put(&mut t, 1, 11, 2), "the key must go on the ring again");
         assert!(
             !t.persisted(h(1), &1, snap.write.version(), 0),
             "a newer write keeps the entry dirty"
         );
         assert_eq!(t.dirty, 1);
-        let again = t.take(h(1), &1, false).unwrap();
+        let again = t.take(h(1), &1, false).unwrap().unwrap();
         assert_eq!(again.write.value(), Some(&11));
         assert!(t.persisted(h(1), &1, again.write.version(), 0));
         assert_eq!(t.dirty, 0);
@@ -1531,10 +1856,10 @@ mod tests {
         let mut t = table();
         put(&mut t, 1, 10, 1);
         del(&mut t, 1, 1);
-        assert_eq!(t.len(), 0, "a tombstone is not a live entry");
+        assert_eq!(t.len(0), 0, "a tombstone is not a live entry");
         assert_eq!(look(&mut t, 1), Some(None), "a pending delete answers None");
-        assert!(!t.contains(h(1), &1));
-        let snap = t.take(h(1), &1, false).unwrap();
+        assert!(!t.contains(h(1), &1, 0));
+        let snap = t.take(h(1), &1, false).unwrap().unwrap();
         assert!(snap.write.is_delete());
         assert!(t.persisted(h(1), &1, snap.write.version(), 0));
         assert_eq!(look(&mut t, 1), None, "the entry left the table");
@@ -1545,15 +1870,18 @@ mod tests {
     fn retry_keeps_ownership_and_the_oldest_version() {
         let mut t = table();
         put(&mut t, 1, 10, 1);
-        let snap = t.take(h(1), &1, false).unwrap();
+        let snap = t.take(h(1), &1, false).unwrap().unwrap();
         t.retry_later(h(1), &1, snap.first);
         assert_eq!(t.unsent_of(h(1), &1), 100);
         put(&mut t, 1, 11, 2);
         assert!(
-            t.take(h(1), &1, false).is_none(),
+            t.take(h(1), &1, false).unwrap().is_none(),
             "the retry list owns the key; a ring entry must not send it too"
         );
-        let retried = t.take(h(1), &1, true).expect("the retry list takes it");
+        let retried = t
+            .take(h(1), &1, true)
+            .unwrap()
+            .expect("the retry list takes it");
         assert_eq!(
             retried.first, 100,
             "the retry covers the first failed version"
@@ -1563,9 +1891,9 @@ mod tests {
         assert_eq!(t.dirty, 0);
         // A retry of a key that has nothing unsent any more just releases it.
         put(&mut t, 2, 20, 3);
-        let s2 = t.take(h(2), &2, false).unwrap();
+        let s2 = t.take(h(2), &2, false).unwrap().unwrap();
         assert!(t.persisted(h(2), &2, s2.write.version(), 0));
-        assert!(t.take(h(2), &2, true).is_none());
+        assert!(t.take(h(2), &2, true).unwrap().is_none());
         assert_eq!(t.dirty, 0);
     }
 
@@ -1573,22 +1901,24 @@ mod tests {
     fn abandon_cleans_or_keeps_a_newer_write() {
         let mut t = table();
         put(&mut t, 1, 10, 1);
-        t.take(h(1), &1, false).unwrap();
-        t.abandon(h(1), &1);
+        let v1 = t.take(h(1), &1, false).unwrap().unwrap().write.version();
+        t.abandon(h(1), &1, v1);
         assert_eq!(t.dirty, 0);
-        assert_eq!(look(&mut t, 1), Some(Some(10)));
+        assert_eq!(look(&mut t, 1), None, "a given-up value leaves memory");
+        assert_eq!(t.durable(h(1), &1, v1), Durability::GivenUp);
 
         del(&mut t, 2, 1);
-        t.take(h(2), &2, false).unwrap();
-        t.abandon(h(2), &2);
+        let v2 = t.take(h(2), &2, false).unwrap().unwrap().write.version();
+        t.abandon(h(2), &2, v2);
         assert_eq!(look(&mut t, 2), None, "an abandoned tombstone is dropped");
+        assert_eq!(t.durable(h(2), &2, v2), Durability::GivenUp);
 
         put(&mut t, 3, 30, 1);
-        t.take(h(3), &3, false).unwrap();
+        let v3 = t.take(h(3), &3, false).unwrap().unwrap().write.version();
         put(&mut t, 3, 31, 1);
-        t.abandon(h(3), &3);
+        t.abandon(h(3), &3, v3);
         assert_eq!(t.dirty, 1, "the newer write still goes to the store");
-        assert!(t.take(h(3), &3, false).is_some());
+        assert!(t.take(h(3), &3, false).unwrap().is_some());
     }
 
     #[test]
@@ -1611,7 +1941,7 @@ mod tests {
         t.abort_load(h(5), &5, &slot);
         // A delete that came and went while the load ran: answered but not cached.
         let slot = lead(&mut t, 2);
-        let s = t.take(h(2), &2, false).unwrap();
+        let s = t.take(h(2), &2, false).unwrap().unwrap();
         t.persisted(h(2), &2, s.write.version(), 0);
         assert_eq!(
             t.finish_load(h(2), &2, &slot, Some(5), 0, 1),
@@ -1642,7 +1972,7 @@ mod tests {
         // A remove that came and went (written through, or a tombstone persisted and
         // dropped): the key is absent from memory again.
         del(&mut t, 4, 1);
-        let s = t.take(h(4), &4, false).unwrap();
+        let s = t.take(h(4), &4, false).unwrap().unwrap();
         assert!(t.persisted(h(4), &4, s.write.version(), 0));
         assert_eq!(look(&mut t, 4), None, "the tombstone left");
         let second = lead(&mut t, 4);
@@ -1673,7 +2003,7 @@ mod tests {
         put(&mut t, 2, 20, 1);
         del(&mut t, 3, 1);
         load(&mut t, 4, Some(40));
-        t.take(h(2), &2, false).unwrap(); // in flight: not the scan's, but still unwritten
+        t.take(h(2), &2, false).unwrap().unwrap(); // in flight: not the scan's, but still unwritten
         let mut scanned = Vec::new();
         t.scan_dirty(&mut scanned);
         scanned.sort_unstable();
@@ -1725,7 +2055,7 @@ mod tests {
                     t.scan_dirty(&mut keys);
                 }
                 for k in keys {
-                    if let Some(s) = t.take(h(k), &k, false) {
+                    if let Some(s) = t.take(h(k), &k, false).unwrap() {
                         t.persisted(h(k), &k, s.write.version(), 0);
                         *persisted += 1;
                     }
@@ -1762,12 +2092,12 @@ mod tests {
         for k in 4..8 {
             t.fill_clean(h(k), k, k, 1, 0, 1);
         }
-        assert!(t.contains(h(0), &0), "the key that was read stays");
+        assert!(t.contains(h(0), &0, 0), "the key that was read stays");
         assert!(
-            !t.contains(h(1), &1),
+            !t.contains(h(1), &1, 0),
             "an unread key of its time is evicted"
         );
-        assert_eq!(t.len(), 4);
+        assert_eq!(t.len(0), 4);
         // New keys, each read once, follow it into the main queue; never read again, it
         // leaves the main queue in its turn.
         for k in 8..40 {
@@ -1775,10 +2105,10 @@ mod tests {
             assert_eq!(look(&mut t, k), Some(Some(k)));
         }
         assert!(
-            !t.contains(h(0), &0),
+            !t.contains(h(0), &0, 0),
             "the main queue evicts it once it goes cold"
         );
-        assert_eq!(t.len(), 4);
+        assert_eq!(t.len(0), 4);
     }
 
     /// The table holds only what a hit and an update touch.
@@ -1801,7 +2131,7 @@ mod tests {
             for k in (0..100u64).step_by(3) {
                 t.remove_clean(h(k), &k, 1_000, 1);
             }
-            assert_eq!(t.len(), 66);
+            assert_eq!(t.len(0), 66);
             for k in 0..100u64 {
                 let want = (k % 3 != 0).then_some(Some(k + round));
                 assert_eq!(look(&mut t, k), want, "key {k} in round {round}");
@@ -1813,7 +2143,7 @@ mod tests {
             for k in 0..100u64 {
                 t.remove_clean(h(k), &k, 1_000, 1);
             }
-            assert_eq!((t.len(), t.map.len()), (0, 0));
+            assert_eq!((t.len(0), t.map.len()), (0, 0));
         }
         assert_eq!(
             (t.side.len(), t.free.len()),
@@ -1870,10 +2200,10 @@ mod tests {
             drop(out);
             // Key 1's snapshot, persisted: clean and kept; key 2's tombstone goes.
             for k in [1u64, 2] {
-                let s = t.take(h(k), &k, false).expect("dirty");
+                let s = t.take(h(k), &k, false).unwrap().expect("dirty");
                 assert!(t.persisted(h(k), &k, s.write.version(), 0));
             }
-            assert_eq!((t.len(), t.map.len()), (2, 2));
+            assert_eq!((t.len(0), t.map.len()), (2, 2));
             assert_eq!(LIVE.load(O::SeqCst), 2);
         }
         assert_eq!(
@@ -1932,6 +2262,34 @@ mod tests {
         assert!(
             at(&t.dirty as *const u32 as usize) >= 64 && second.iter().all(|&e| e <= 128),
             "the rest of the put path: the second line"
+        );
+    }
+
+    /// Put/remove churn under capacity leaves stale positions in the eviction queues, which
+    /// `enforce` (over capacity only) never pops: the table compacts them as it goes.
+    #[test]
+    fn eviction_queues_stay_bounded_under_churn_below_capacity() {
+        let limits = Limits {
+            capacity: 1000,
+            ..UNBOUNDED
+        };
+        let mut t: Table<u64, u64> = Table::new(100, limits, hasher());
+        for i in 0..100_000u64 {
+            let k = i % 10;
+            t.write(h(k), k, Some(i), 0, 1);
+            if let Ok(Some(s)) = t.take(h(k), &k, false) {
+                assert!(t.persisted(h(k), &k, s.write.version(), 0));
+            }
+            // A finished delete leaves memory; the next put of the key inserts it again.
+            t.write(h(k), k, None, 0, 1);
+            let s = t.take(h(k), &k, false).unwrap().unwrap();
+            assert!(t.persisted(h(k), &k, s.write.version(), 0));
+        }
+        let positions = t.queues.small.len() + t.queues.main.len();
+        assert!(
+            positions <= 2 * t.map.len() + 64,
+            "{positions} queue positions for {} entries",
+            t.map.len()
         );
     }
 }
