@@ -1,4 +1,4 @@
-//! Criterion benches: writebehind against its peers, workload by workload (issue 7).
+//! Criterion benches: writebehind against its peers, workload by workload.
 //!
 //! Every group holds all contenders, so ratios come from one run:
 //! `writebehind`, `dashmap` (the raw map: the ceiling), `quick_cache` (sync), `moka` (sync),

@@ -1,4 +1,4 @@
-//! The ratio report (issue 7): the headline workloads for every contender in one process,
+//! The ratio report: the headline workloads for every contender in one process,
 //! interleaved (the order rotates each round), several rounds; prints each contender's median
 //! throughput and the ratio writebehind/peer, checks the targets, and checks conflation.
 //! writebehind runs twice: with the defaults (`writebehind`, the subject of every ratio

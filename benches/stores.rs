@@ -1,4 +1,4 @@
-//! The store-side targets of issue 7, against real databases:
+//! The store-side targets, against real databases:
 //!
 //! 1. put latency (p50/p99/p99.9/max) on 2 writer threads while a flusher writes batches to
 //!    SQLite (write-behind, by default and with `Builder::flush_order`), and the same puts

@@ -590,8 +590,8 @@ fn read_through_vs_persisted_remove() {
 /// A get that begins after a remove was written (the tombstone persisted and dropped) must
 /// not follow a load that began before the remove: that load may have read the removed row.
 /// Unlike `read_through_vs_persisted_remove`, the reader is still in flight when this
-/// thread's get misses. (Found by tests/linearizability.rs with write-through backpressure;
-/// the load used to stay joinable, marked stale.)
+/// thread's get misses. (A load that stayed joinable once marked stale would answer the
+/// removed row.)
 #[test]
 fn a_get_after_a_persisted_remove_does_not_follow_an_older_load() {
     loom::model(|| read_through_vs_persisted_remove_then_get(false));

@@ -1,5 +1,5 @@
-//! The put path allocates nothing when it updates an existing key with a `Copy` value
-//! (issue 7). A counting global allocator counts only on threads that opted in, so the
+//! The put path allocates nothing when it updates an existing key with a `Copy` value. A
+//! counting global allocator counts only on threads that opted in, so the
 //! flusher threads (which build batches) do not disturb the count.
 
 use std::alloc::{GlobalAlloc, Layout, System};

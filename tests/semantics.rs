@@ -1,5 +1,5 @@
-//! One or more tests per guarantee of the design card (the ten semantics), plus the engine
-//! behaviours the core issue lists. Engine tests use the in-memory fault-injecting store.
+//! One or more tests per guarantee of the design card (the ten semantics), plus the engine's
+//! other behaviours. Engine tests use the in-memory fault-injecting store.
 
 mod common;
 
@@ -246,8 +246,8 @@ fn count_trigger_flushes_before_the_delay() {
 }
 
 /// The count trigger counts the dirty keys of all of a flusher's shards, and the batch it
-/// fires carries all of them (the trigger used to count per shard and fire at
-/// `max_batch / shards` keys, with a batch of that one shard).
+/// fires carries all of them (a trigger per shard would fire at `max_batch / shards` keys,
+/// with a batch of that one shard).
 #[test]
 fn count_trigger_counts_across_shards_and_sends_one_batch() {
     count_trigger_case(64, 100);
@@ -1127,9 +1127,9 @@ fn a_write_through_of_key_1_held() -> (Arc<HoldsValues>, Arc<Cache<u64, u64>>, P
 
 /// Two write-throughs of one key: the second waits until the first has been to the store, so
 /// the store receives the versions in order and the cache ends with the store's answer. (Run
-/// side by side, the remove reached the store first, the store's version guard then ignored
-/// the older put, and the put still cached its value: `get` said `Some(10)` while the store
-/// held nothing.)
+/// side by side, the remove could reach the store first, the store's version guard would then
+/// ignore the older put, and the put would still cache its value: `get` would say `Some(10)`
+/// while the store held nothing.)
 #[test]
 fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
     let (store, cache, put) = a_write_through_of_key_1_held();
@@ -1174,9 +1174,9 @@ fn write_throughs_of_one_key_reach_the_store_one_at_a_time() {
 }
 
 /// After a switch to `WriteMode::Through`, a write-through of a key whose write-behind batch
-/// is at the store waits for that batch: the store applies the key's versions in order. (It
-/// went straight to the store before, which applied the new version and then the batch's
-/// older one; a store without a version guard would have kept the older value.)
+/// is at the store waits for that batch: the store applies the key's versions in order. (Going
+/// straight to the store, it would have the new version applied and then the batch's older
+/// one; a store without a version guard would keep the older value.)
 #[test]
 fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
     let store = Arc::new(HoldsValues::new(&[10]));
@@ -1209,9 +1209,9 @@ fn a_write_through_after_a_switch_waits_for_the_keys_batch_at_the_store() {
 
 /// A remove written through over a write-behind put of the key that is still pending (here
 /// because the switch's flush failed) takes the key out of the cache too: the entry becomes a
-/// tombstone at the remove's version. (`Table::remove_clean` once dropped a clean entry only
-/// and left the older dirty value cached: a get after the remove answered the removed value,
-/// and after a flush the cache held it while the store held nothing.)
+/// tombstone at the remove's version. (Were only a clean entry dropped, the older dirty value
+/// would stay cached: a get after the remove would answer the removed value, and after a
+/// flush the cache would hold it while the store held nothing.)
 #[test]
 fn a_remove_written_through_over_a_pending_write_behind_put_removes_it() {
     let s = store();
@@ -1285,9 +1285,10 @@ fn a_remove_written_through_while_the_switch_flush_has_not_reached_the_key() {
 
 /// A write-through of key 1 is at the store when the mode switches back to `Behind`; a put of
 /// key 1 made after the switch waits until the write-through is back, so its batch cannot
-/// reach the store first. (Before, a flush sent it while the write-through was still at the
-/// store, which applied the newer version and then the write-through's older one; a store
-/// without a version guard would keep the older value while the cache answers the newer.)
+/// reach the store first. (Otherwise a flush would send it while the write-through is still
+/// at the store, which would apply the newer version and then the write-through's older one;
+/// a store without a version guard would keep the older value while the cache answers the
+/// newer.)
 #[test]
 fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through() {
     let (store, cache, through) = a_write_through_of_key_1_held();
@@ -1664,9 +1665,9 @@ fn a_flush_racing_close_answers_closed_not_a_timeout() {
 /// A write held back by backpressure (`policy`) on key 1 finds room only after the mode
 /// switched to `Through` and a write-through of key 1 went to the store; the held-back write
 /// waits for that write-through before it writes behind, so its batch cannot reach the store
-/// first. (Before, it re-took the table lock and wrote without asking: a flush then sent its
-/// newer version while the write-through's older one was still at the store, which applied
-/// them in the wrong order.)
+/// first. (Were it to re-take the table lock and write without asking, a flush would send its
+/// newer version while the write-through's older one is still at the store, which would
+/// apply them in the wrong order.)
 fn a_backpressured_write_waits_for_the_keys_write_through(policy: Backpressure) {
     let store = Arc::new(HoldsValues::new(&[10, 30]));
     let cache = Arc::new(
@@ -1708,8 +1709,8 @@ fn a_backpressured_write_waits_for_the_keys_write_through(policy: Backpressure) 
     store.wait_until_held(10); // the write-through of key 1 is at the store
     store.release(30); // key 2 is written: room for the held-back put
     first_flush.join().unwrap().unwrap();
-    // Let the held-back put, and a flush after it, finish if nothing holds them (as before
-    // the fix); one that waits for the write-through is let go by the release below.
+    // Let the held-back put, and a flush after it, finish if nothing holds them; one that
+    // waits for the write-through is let go by the release below.
     wait_for(&|| held_back.is_finished());
     let second_flush = spawn_flush(&cache);
     wait_for(&|| second_flush.is_finished());

@@ -1,6 +1,5 @@
-//! What the two layout diagnostics (`lookup_layout`, `put_layout`) share: writebehind's shard
-//! shape built by hand, 64 padded parking_lot locks, the shard chosen by bits 32.. of the
-//! hash, as the cache chooses it.
+//! writebehind's shard shape built by hand, for `put_layout`: 64 padded parking_lot locks,
+//! the shard chosen by bits 32.. of the hash, as the cache chooses it.
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};

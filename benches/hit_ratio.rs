@@ -1,7 +1,7 @@
 //! Hit ratios of writebehind's S3-FIFO eviction against moka (W-TinyLFU) and quick_cache
 //! (CLOCK-Pro) on the same traces, same capacity, one shard-equivalent setup each.
 //!
-//! Run: `cargo run --release --example hit_ratio`
+//! Run: `cargo bench --bench hit_ratio`
 use writebehind::{BatchError, Cache, Store, StoreError, Write};
 
 /// A store that has every key (its value is the key): every miss is a read-through that
@@ -120,7 +120,21 @@ fn quick_cache_ratio(trace: &[u64], cap: usize) -> f64 {
     hits as f64 / trace.len() as f64
 }
 
+/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
+/// runs under `cargo test` (no `--bench` flag), which only builds it.
+fn bench_args() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("a diagnostic: run it with `cargo bench --bench <name>`");
+        return None;
+    }
+    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
+}
+
 fn main() {
+    if bench_args().is_none() {
+        return;
+    }
     let len = 1_000_000;
     let traces: Vec<(&str, Vec<u64>)> = vec![
         ("zipf 1.0, 100k keys", zipf_trace(100_000, 1.0, len, 1)),

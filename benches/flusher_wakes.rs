@@ -2,10 +2,10 @@
 //! `Builder::flusher_nice`, its keeper, counted as voluntary context switches from
 //! `/proc/self/task` (Linux). Three phases: 5 s idle after a flush, 5 s of one put per
 //! millisecond, then 2 s of two threads putting as fast as they can over 100,000 keys. A
-//! diagnostic for docs/ARCHITECTURE.md ("the keeper"), not one of the benchmarks.
+//! diagnostic for docs/ARCHITECTURE.md ("A flusher may yield the CPU").
 //!
-//! `cargo run --release --example flusher_wakes [nice]` (default nice 10; 0 runs a sole
-//! flusher without a keeper).
+//! `cargo bench --bench flusher_wakes [-- nice]` (default nice 10; 0 runs a sole flusher
+//! without a keeper).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,11 +41,20 @@ fn counts() -> Option<(u64, u64)> {
     ))
 }
 
+/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
+/// runs under `cargo test` (no `--bench` flag), which only builds it.
+fn bench_args() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("a diagnostic: run it with `cargo bench --bench <name>`");
+        return None;
+    }
+    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
+}
+
 fn main() {
-    let nice: u8 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10);
+    let Some(args) = bench_args() else { return };
+    let nice: u8 = args.first().and_then(|a| a.parse().ok()).unwrap_or(10);
     let mut builder = Cache::builder(Arc::new(MemoryStore::new())).name(NAME);
     if nice > 0 {
         builder = builder.flusher_nice(nice);

@@ -3,29 +3,27 @@
 //! hashbrown tables of 56-byte entries), the *store floor* and the hand-rolled write-behind of
 //! the benches (`benches/common`: dashmap, a channel, one writer thread), and the same update
 //! on a dense table of 32-byte entries behind a `u32` index, in one process, interleaved
-//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS-HISTORY.md, "put: what the
-//! update costs, and the store floor"), not one of the issue's benchmarks: those are
-//! `benches/ratio.rs` and `benches/peers.rs`.
+//! over nine rounds. A diagnostic for the put path (docs/BENCHMARKS.md, "Floors"); the
+//! targets are measured by `benches/ratio.rs` and `benches/peers.rs`.
 //!
 //! The store floor is the least work any write-behind must do for these puts: a dashmap
 //! insert per put, and for the share of puts that writebehind's flusher sent to the store
 //! (its records per put over a calibration run and every flushing run before the floor's;
 //! perfect conflation, so no design sends fewer) one dashmap read of the value and one record
-//! in a `MemoryStore::write_all` batch of 1,000, all on the putting thread: no flusher thread, no lock or line shared with one, no epochs, no
-//! dirty bookkeeping. It picks the recorded puts evenly rather than the cold keys the engine
+//! in a `MemoryStore::write_all` batch of 1,000, all on the putting thread: no flusher
+//! thread, no lock or line shared with one, no epochs, no dirty bookkeeping. It picks the recorded puts evenly rather than the cold keys the engine
 //! really sends, so it errs fast. Its ratio to dashmap bounds what a write-behind can reach
 //! on this workload with this store.
 //!
-//! `cargo run --release --example put_layout [threads] [keys]` (defaults 2 and 131072;
-//! `PUT_OPS` puts per thread per contender per round, default 1,000,000).
+//! `cargo bench --bench put_layout [-- threads keys]` (defaults 2 and 131072; `PUT_OPS` puts
+//! per thread per contender per round, default 1,000,000).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use writebehind::{Cache, MemoryStore, Store, Write};
 
-/// The benches' contenders: this example runs their hand-rolled write-behind ([`Hand`]).
-#[path = "../benches/common/mod.rs"]
+/// The benches' contenders: this diagnostic runs their hand-rolled write-behind ([`Hand`]).
 mod common;
 use common::{Hand, SyncCache};
 
@@ -81,9 +79,8 @@ impl HandBuilt {
 }
 
 /// The same update on the design's least entry (32 bytes: key, value, version, a word for the
-/// epoch tag and flags) kept in a dense vector behind a `u32` index, the layout that
-/// `lookup_layout` finds fastest for a get (docs/BENCHMARKS-HISTORY.md, "get hit: the entry's
-/// size"): what that layout would cost an update.
+/// epoch tag and flags) kept in a dense vector behind a `u32` index: what that layout costs
+/// an update.
 struct HandDense {
     shards: Shards<DenseTable>,
 }
@@ -259,8 +256,20 @@ fn lower_thread_priority(name: &str, levels: u8) {
     eprintln!("{name}: thread priorities are set on Linux only ({levels} levels asked)");
 }
 
+/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
+/// runs under `cargo test` (no `--bench` flag), which only builds it.
+fn bench_args() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("a diagnostic: run it with `cargo bench --bench <name>`");
+        return None;
+    }
+    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let Some(args) = bench_args() else { return };
+    let mut args = args.into_iter();
     let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
     let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1 << 17);
     let ops: usize = std::env::var("PUT_OPS")

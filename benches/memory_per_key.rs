@@ -1,11 +1,10 @@
 //! Memory a cache holds per key: the resident set's growth while `preload` fills a
 //! `Cache<u64, u64>` with clean entries (nothing goes to the store, so the store holds
-//! nothing), divided by the keys. A diagnostic for the entry's layout
-//! (docs/BENCHMARKS-HISTORY.md, "Sixth session: the entry's size, built three ways in the
-//! engine"), not one of the issue's benchmarks.
+//! nothing), divided by the keys. A diagnostic for the entry's layout (docs/ARCHITECTURE.md,
+//! "Entry state").
 //!
-//! `cargo run --release --example memory_per_key [keys]` (default 4,194,304). Linux only
-//! (reads `/proc/self/status`).
+//! `cargo bench --bench memory_per_key [-- keys]` (default 4,194,304). Linux only (reads
+//! `/proc/self/status`).
 
 use std::sync::Arc;
 
@@ -24,9 +23,21 @@ fn rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
+/// runs under `cargo test` (no `--bench` flag), which only builds it.
+fn bench_args() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("a diagnostic: run it with `cargo bench --bench <name>`");
+        return None;
+    }
+    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
+}
+
 fn main() {
-    let n: u64 = std::env::args()
-        .nth(1)
+    let Some(args) = bench_args() else { return };
+    let n: u64 = args
+        .first()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1 << 22)
         .max(1);
