@@ -77,7 +77,7 @@ pub(crate) struct Inner<K, V> {
     /// Threads inside a read-through or write-through store call; `close` waits for them.
     store_users: AtomicUsize,
     /// The count trigger's step: a push that brings its ring to a multiple of this many keys
-    /// adds that many to its flusher's count of queued keys (see [`Cache::push`]).
+    /// adds that many to its flusher's count of queued keys (see `Cache::after_push`).
     count_chunk: usize,
     failed: Mutex<VecDeque<FailedWrite<K, V>>>,
     on_failed_write: Option<FailedWriteHook<K, V>>,

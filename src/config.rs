@@ -315,11 +315,9 @@ impl<K, V> Builder<K, V> {
     /// is background work: at a lower priority the application's threads run first and the
     /// flusher takes the gaps, so its flush windows grow, more writes to a key conflate into
     /// one record, and the machine does less work per put. On two cores with two threads
-    /// putting Zipf-chosen keys, 10 levels took the put rate from 1.09-1.45x to 1.46-1.76x
-    /// the hand-rolled write-behind's (four pairs) with about half the records, and the main
-    /// job (SQLite) to 23-34 % more operations per second with 3.3-3.6 updates per row
-    /// written against 2.5 (docs/BENCHMARKS.md, "Ninth session"). With a core to spare it
-    /// changes nothing.
+    /// putting Zipf-chosen keys, 10 levels take the put rate from about 2.15x to about 3x
+    /// the hand-rolled write-behind's (`cargo bench --bench ratio`; docs/BENCHMARKS.md,
+    /// "Targets"). With a core to spare it changes nothing.
     ///
     /// **The staleness bound, and where it gives.** Above 0, each flusher gets a second
     /// thread at the builder's priority, the keeper, which parks. Before each batch the
@@ -327,7 +325,7 @@ impl<K, V> Builder<K, V> {
     /// [`Builder::write_delay`] before the deadline of its oldest write; if so it stops
     /// between two batches and hands the rest to the keeper, which writes it at once and
     /// hands back (metric `flusher_handoffs`). In the main job at 10 levels the oldest
-    /// unflushed write reached 0.67-0.77 s with a 1 s delay (0.23-0.25 s at 0). While the
+    /// unflushed write stays under the 1 s delay (docs/BENCHMARKS.md, "Main job"). While the
     /// worker has the turn the keeper also looks every eighth of the delay (at least every
     /// 5 ms): once a shard has waited an eighth of the delay past its deadline, or a retry
     /// an eighth past its time, and the worker has not started the step, the keeper takes
@@ -337,10 +335,11 @@ impl<K, V> Builder<K, V> {
     /// call included: the batch is its own until the call returns. With cores kept busy by
     /// more threads than they hold, a niced flusher can then miss the bound: on two cores
     /// with two busy threads beside the main job's two clients, 19 levels let writes wait
-    /// 1.3-4.2 s with a 1 s delay, 10 levels 0.97 s, 5 levels 0.71 s, and 0 levels kept them
-    /// under 0.31 s (docs/BENCHMARKS.md, "Tenth session"). Lower the priority only where the
-    /// flusher still gets its share of the CPU, and by a few levels rather than many. A failure to lower the priority is logged at debug
-    /// level and the worker runs at the builder's priority.
+    /// 1.4-4.2 s with a 1 s delay, 10 levels 0.97 s, 5 levels 0.71 s, and 0 levels keep them
+    /// under 0.31 s (docs/BENCHMARKS.md, "Main job"). Lower the priority only where the
+    /// flusher still gets its share of the CPU, and by a few levels rather than many. A
+    /// failure to lower the priority is logged at debug level and the worker runs at the
+    /// builder's priority.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -393,7 +392,7 @@ impl<K, V> Builder<K, V> {
     /// [`Builder::max_batch`], so each batch covers a run of neighbouring keys instead of
     /// keys from all over the key space. A B-tree store (SQLite, PostgreSQL) then writes
     /// each batch into a few neighbouring pages rather than one page per row:
-    /// docs/BENCHMARKS.md ("Store-side targets") measures SQLite taking a large backlog
+    /// docs/BENCHMARKS.md ("Stores") measures SQLite taking a large backlog
     /// several times faster this way. Pick the order the store keeps its rows in (for
     /// integer or string keys, usually `Ord::cmp`); any order that keeps neighbours together
     /// helps.
@@ -407,7 +406,7 @@ impl<K, V> Builder<K, V> {
     /// A flusher that drains faster also takes more of the CPU while it does: on a 2-core
     /// machine with two writer threads the writers' put p99.9 rose from about 1–2 µs to
     /// 1.4–3.2 µs with the order, while SQLite took the same backlog 8–12 times faster
-    /// (docs/BENCHMARKS.md, "Store-side targets").
+    /// (docs/BENCHMARKS.md, "Stores").
     ///
     /// # Examples
     /// ```

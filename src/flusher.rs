@@ -171,7 +171,7 @@ pub(crate) struct Flusher<K> {
     mailbox: Mutex<Mailbox>,
     pub(crate) stats: FlusherStats,
     /// Keys pushed on this flusher's rings and not yet drained, as counted by the count
-    /// trigger (in steps, so an estimate: see `Cache::push`).
+    /// trigger (in steps, so an estimate: see `Cache::after_push`).
     queued: CachePadded<AtomicUsize>,
     /// The count trigger fired: the next step drains every armed shard of this flusher.
     count_fired: AtomicBool,

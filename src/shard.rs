@@ -23,14 +23,11 @@ pub(crate) const NOT_QUEUED: u16 = 0;
 /// ([`Side`]) sits at the entry's `slot` of a vector beside the table.
 ///
 /// The value is `MaybeUninit` with a tombstone flag rather than an `Option`: an `Option<u64>`
-/// takes 16 bytes, and the entry would be 56, as it was until the sixth session (a half-full
-/// table holds twice the entry per key). Smaller entries were built and measured
-/// (docs/BENCHMARKS-HISTORY.md, "Sixth session: the entry's size, built three ways in the
-/// engine"): with `persisted` in a slot beside the table (40 bytes) the flusher's
-/// acknowledgement missed on that slot for every record and its CPU per record rose by about
-/// a third; with `unsent` there too (32 bytes) the first write of a key after the flusher
-/// took it wrote a line the flusher writes too, which cost puts a quarter to a third of their
-/// rate. Gets ran level with all of them.
+/// takes 16 bytes, and the entry would be 56 (a half-full table holds twice the entry per
+/// key). Smaller entries cost more than they save: with `persisted` in a slot beside the
+/// table (40 bytes) the flusher's acknowledgement misses on that slot for every record; with
+/// `unsent` there too (32 bytes) the first write of a key after the flusher took it writes a
+/// line the flusher writes too. docs/ARCHITECTURE.md, "Entry state".
 /// The value is initialised exactly when [`TOMB`] is clear; only [`Entry::new`],
 /// [`Entry::value`], [`Entry::replace_value`] and `Drop` touch it.
 #[repr(C)]
@@ -359,21 +356,19 @@ struct Queues<K> {
 
 /// The single-threaded part of a shard.
 ///
-/// The hash table `map` holds the entries ([`Entry`]) inline; their [`Side`] state sits at each
-/// entry's slot of the `side` vector, whose free slots are kept in `free`. Inline, a lookup follows two dependent loads (the control bytes, then the
-/// entry); a dense vector behind an index of slot numbers, tried in the sixth session, made
-/// it three and ran a get at about half the rate (docs/BENCHMARKS-HISTORY.md, "Sixth session:
-/// the entry's size, built three ways in the engine").
+/// The hash table `map` holds the entries ([`Entry`]) inline; their [`Side`] state sits at
+/// each entry's slot of the `side` vector, whose free slots are kept in `free`. Inline, a
+/// lookup follows two dependent loads (the control bytes, then the entry); a dense vector
+/// behind an index of slot numbers would make it three.
 ///
 /// Layout (`repr(C)`, and `lock_api::Mutex` keeps its raw lock first): what a hit reads and
 /// writes, and what every put writes, fills the shard's first cache line with the lock word
 /// (the table header, `hits`, `next_version`, `conflated`); the rest of the put path (the
-/// dirty count, the open epoch, the flags, the loads-in-flight header) fills the second, which a put only reads unless its entry turns dirty. A hit on
-/// a cache without time-based rules so touches one line of the shard besides the entry's
-/// (docs/BENCHMARKS-HISTORY.md, "get hit: one cache line, and then the size of an entry" and
-/// item 2 of "What this session changed, and what each change measured": each extra line of
-/// shard state a get touched cost a cache miss per get once the entries no longer fit in the
-/// cache). The put count is not stored: every
+/// dirty count, the open epoch, the flags, the loads-in-flight header) fills the second,
+/// which a put only reads unless its entry turns dirty. A hit on a cache without time-based
+/// rules so touches one line of the shard besides the entry's: each extra line of shard
+/// state a get touches costs a cache miss per get once the entries no longer fit in the
+/// cache. The put count is not stored: every
 /// write takes one version, so it is the versions handed out less the removes and the
 /// write-through versions ([`Table::counters`]). The cold state follows.
 #[repr(C)]
@@ -970,7 +965,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             // A newer, stored version (write-through): it replaces even a dirty older value;
             // the flusher then sends this same version again, never an older one.
             let was_tombstone = e.is_tombstone();
-            // Dropped after the table is updated (still under the lock, as before).
+            // Dropped after the table is updated, still under the lock.
             let _old = e.replace_value(Some(value.clone()));
             e.version = version;
             e.set_flag(LOCAL, false);
@@ -1618,7 +1613,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 }
 
 /// Bytes of padding in a [`Shard`] (see `Shard::_stride`): the fields alone come to an odd
-/// multiple of 128 bytes (1,152 since the write-through condvar), so none is needed. A change
+/// multiple of 128 bytes (1,152), so none is needed. A change
 /// to the fields may need 128.
 const STRIDE_PAD: usize = 0;
 
@@ -1641,10 +1636,9 @@ pub(crate) struct Shard<K, V> {
     /// A push found the ring full: the flusher must scan the table for dirty keys.
     pub(crate) overflow: AtomicBool,
     /// Makes the shard's size an odd multiple of 128 bytes. The shards sit in one array, and
-    /// at a power-of-two stride (1024 bytes once) every shard's lock line fell into the same
-    /// few sets of the L1 cache: 64 shards evicted each other's hot line and a get took three
-    /// times as long on a table that fits in L2 (docs/BENCHMARKS-HISTORY.md, item 1 of "What
-    /// this session changed, and what each change measured"). The unit test
+    /// at a power-of-two stride every shard's lock line would fall into the same few sets of
+    /// the L1 cache: 64 shards would evict each other's hot line, and a get takes about three
+    /// times as long on a table that fits in L2 that way. The unit test
     /// `shard_stride_is_an_odd_multiple_of_128` keeps it so: [`STRIDE_PAD`] is what the
     /// fields need to get there.
     _stride: [u8; STRIDE_PAD],
