@@ -387,3 +387,168 @@ fn typed_profiles_adapter_example_holds() {
     let url = need!("WRITEBEHIND_PG_URL");
     profiles::demo(&url).unwrap();
 }
+
+/// The SQLSTATE of a rejected record's error, or "" if it carries none.
+fn sqlstate(e: &StoreError) -> String {
+    e.source_error()
+        .downcast_ref::<postgres::Error>()
+        .and_then(|pe| pe.code())
+        .map(|c| c.code().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_deferred_foreign_key_failing_at_commit_is_isolated() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_deferred_fk";
+    drop_table(&url, table);
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS wb_test_parents; \
+         CREATE TABLE wb_test_parents (id BYTEA PRIMARY KEY); \
+         INSERT INTO wb_test_parents VALUES ('\\x01');",
+    )
+    .unwrap();
+    let store = PostgresStore::<u64, Vec<u8>>::builder(&url, table, Raw, Raw)
+        .table_constraint(
+            "FOREIGN KEY (value) REFERENCES wb_test_parents (id) DEFERRABLE INITIALLY DEFERRED",
+        )
+        .connect()
+        .unwrap();
+    let err = store
+        .write_all(&[
+            Write::Put {
+                key: 1,
+                value: vec![1],
+                version: 1,
+            },
+            Write::Put {
+                key: 2,
+                value: vec![2],
+                version: 1,
+            },
+            Write::Delete { key: 3, version: 1 },
+        ])
+        .unwrap_err();
+    let BatchError::Partial(failed) = err else {
+        panic!("expected Partial, got {err:?}")
+    };
+    let codes: Vec<(usize, String)> = failed
+        .iter()
+        .map(|(i, e)| {
+            assert!(matches!(e, StoreError::Rejected(_)), "{e:?}");
+            (*i, sqlstate(e))
+        })
+        .collect();
+    assert_eq!(codes, vec![(1, "23503".to_string())]);
+    assert_eq!(store.load(&1).unwrap(), Some(vec![1]));
+    assert_eq!(store.load(&2).unwrap(), None);
+    assert!(
+        raw_row(&url, table, 3).is_some_and(|r| r.2),
+        "tombstone of 3"
+    );
+    c.batch_execute(&format!("DROP TABLE {table}; DROP TABLE wb_test_parents"))
+        .unwrap();
+}
+
+#[test]
+fn a_deferred_constraint_trigger_failing_at_commit_is_isolated() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_deferred_trigger";
+    let store = fresh(&url, table);
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION wb_test_no_bad() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.value = 'bad'::bytea THEN \
+             RAISE EXCEPTION 'value bad is not allowed' USING ERRCODE = 'check_violation'; \
+           END IF; \
+           RETURN NULL; \
+         END $$; \
+         CREATE CONSTRAINT TRIGGER wb_test_no_bad AFTER INSERT OR UPDATE ON {table} \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wb_test_no_bad();"
+    ))
+    .unwrap();
+    let err = store
+        .write_all(&[put(1, "good", 1), put(2, "bad", 1), put(3, "fine", 1)])
+        .unwrap_err();
+    let BatchError::Partial(failed) = err else {
+        panic!("expected Partial, got {err:?}")
+    };
+    let codes: Vec<(usize, String)> = failed.iter().map(|(i, e)| (*i, sqlstate(e))).collect();
+    assert_eq!(codes, vec![(1, "23514".to_string())]);
+    assert!(failed
+        .iter()
+        .all(|(_, e)| matches!(e, StoreError::Rejected(_))));
+    let mut all = store.load_all(&[1, 2, 3]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, "good".into()), (3, "fine".into())]);
+    // An update of a good row to the bad value is isolated the same way.
+    let err = store
+        .write_all(&[put(1, "bad", 2), put(3, "fine2", 2)])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![0]);
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("good"));
+    assert_eq!(store.load(&3).unwrap().as_deref(), Some("fine2"));
+}
+
+#[test]
+fn a_commit_that_still_fails_after_the_savepoint_replay_is_isolated_row_by_row() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_commit_fallback";
+    drop_table(&url, table);
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS wb_test_parents2; \
+         CREATE TABLE wb_test_parents2 (id BYTEA PRIMARY KEY); \
+         INSERT INTO wb_test_parents2 VALUES ('\\x01'), ('\\x03');",
+    )
+    .unwrap();
+    let store = PostgresStore::<u64, Vec<u8>>::builder(&url, table, Raw, Raw)
+        .table_constraint(
+            "FOREIGN KEY (value) REFERENCES wb_test_parents2 (id) DEFERRABLE INITIALLY DEFERRED",
+        )
+        .connect()
+        .unwrap();
+    // A trigger that defers every constraint again, so the foreign key is checked at COMMIT
+    // even in the savepoint replay.
+    c.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION wb_test_defer() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN SET CONSTRAINTS ALL DEFERRED; RETURN NEW; END $$; \
+         CREATE TRIGGER wb_test_defer BEFORE INSERT OR UPDATE ON {table} \
+         FOR EACH ROW EXECUTE FUNCTION wb_test_defer();"
+    ))
+    .unwrap();
+    let err = store
+        .write_all(&[
+            Write::Put {
+                key: 1,
+                value: vec![1],
+                version: 1,
+            },
+            Write::Put {
+                key: 2,
+                value: vec![2],
+                version: 1,
+            },
+            Write::Put {
+                key: 3,
+                value: vec![3],
+                version: 1,
+            },
+        ])
+        .unwrap_err();
+    let BatchError::Partial(failed) = err else {
+        panic!("expected Partial, got {err:?}")
+    };
+    let codes: Vec<(usize, String)> = failed.iter().map(|(i, e)| (*i, sqlstate(e))).collect();
+    assert_eq!(codes, vec![(1, "23503".to_string())]);
+    let mut all = store.load_all(&[1, 2, 3]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, vec![1]), (3, vec![3])]);
+    c.batch_execute(&format!("DROP TABLE {table}; DROP TABLE wb_test_parents2"))
+        .unwrap();
+}

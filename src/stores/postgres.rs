@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use postgres::{Client, Config, NoTls, Statement};
+use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
 use super::codec::{Codec, Raw};
 use super::{db_version, quote_ident};
@@ -27,7 +27,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// * If PostgreSQL rejects the data (SQLSTATE class `22` data exception or `23` integrity
 ///   constraint violation), the batch is replayed in one transaction, one row per savepoint,
 ///   to find the bad rows: they are reported in [`BatchError::Partial`] as
-///   [`StoreError::Rejected`] and every other row commits.
+///   [`StoreError::Rejected`] and every other row commits. The replay runs with
+///   `SET CONSTRAINTS ALL IMMEDIATE`, so a deferred constraint (a `DEFERRABLE INITIALLY
+///   DEFERRED` foreign key or constraint trigger) fails the row that broke it rather than
+///   the `COMMIT`; should the `COMMIT` fail on a data error all the same, the rows are
+///   applied one transaction each.
 /// * Any other error (connection lost or refused, server shutting down, serialization
 ///   failure, ...) is [`StoreError::Unavailable`]; the connection is dropped and the next call
 ///   opens a new one, so the store recovers on its own when the server is back.
@@ -188,10 +192,30 @@ fn store_error(e: postgres::Error, slot: &mut Option<Conn>) -> StoreError {
 
 /// An encoded row of the batch.
 struct Row {
+    /// The row's index in the batch slice, which [`BatchError::Partial`] reports.
     index: usize,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
     version: i64,
+}
+
+impl Row {
+    /// Runs the upsert for this row alone.
+    fn upsert(
+        &self,
+        client: &mut impl GenericClient,
+        upsert: &Statement,
+    ) -> Result<u64, postgres::Error> {
+        client.execute(
+            upsert,
+            &[
+                &[&self.key[..]].as_slice(),
+                &[self.value.as_deref()].as_slice(),
+                &[self.version].as_slice(),
+                &[self.value.is_none()].as_slice(),
+            ],
+        )
+    }
 }
 
 impl<K: 'static, V: 'static> PostgresStore<K, V> {
@@ -340,34 +364,58 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
     }
 
     /// Replays `rows` in one transaction, one savepoint per row, collecting rejected rows.
+    ///
+    /// Deferred constraints (`DEFERRABLE INITIALLY DEFERRED` foreign keys and constraint
+    /// triggers) would fire at `COMMIT`, where the row at fault cannot be told apart: the
+    /// replay makes them immediate, so each fires at the end of its own row's statement,
+    /// inside that row's savepoint. If the `COMMIT` still fails on a data error, the rows are
+    /// applied one transaction each instead.
     fn isolate(
         conn: &mut Conn,
         rows: &[Row],
         failed: &mut Vec<(usize, StoreError)>,
     ) -> Result<(), postgres::Error> {
         let Conn { client, upsert, .. } = conn;
+        let mut found = Vec::new();
         let mut tx = client.transaction()?;
+        tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")?;
         for row in rows {
             let mut sp = tx.savepoint("writebehind_row")?;
-            let done = sp.execute(
-                &*upsert,
-                &[
-                    &[&row.key[..]].as_slice(),
-                    &[row.value.as_deref()].as_slice(),
-                    &[row.version].as_slice(),
-                    &[row.value.is_none()].as_slice(),
-                ],
-            );
-            match done {
+            match row.upsert(&mut sp, upsert) {
                 Ok(_) => sp.commit()?,
                 Err(e) if is_record_error(&e) => {
                     sp.rollback()?;
-                    failed.push((row.index, StoreError::rejected(e)));
+                    found.push((row.index, StoreError::rejected(e)));
                 }
                 Err(e) => return Err(e),
             }
         }
-        tx.commit()
+        match tx.commit() {
+            Ok(()) => {
+                failed.append(&mut found);
+                Ok(())
+            }
+            Err(e) if is_record_error(&e) => Self::one_by_one(client, upsert, rows, failed),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies each row in its own (implicit) transaction, so that a constraint checked at
+    /// commit fails the row that broke it and no other.
+    fn one_by_one(
+        client: &mut Client,
+        upsert: &Statement,
+        rows: &[Row],
+        failed: &mut Vec<(usize, StoreError)>,
+    ) -> Result<(), postgres::Error> {
+        for row in rows {
+            match row.upsert(client, upsert) {
+                Ok(_) => {}
+                Err(e) if is_record_error(&e) => failed.push((row.index, StoreError::rejected(e))),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
