@@ -552,3 +552,164 @@ fn a_commit_that_still_fails_after_the_savepoint_replay_is_isolated_row_by_row()
     c.batch_execute(&format!("DROP TABLE {table}; DROP TABLE wb_test_parents2"))
         .unwrap();
 }
+
+#[test]
+fn a_batch_reaches_the_table_in_key_order() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_key_order";
+    let store = fresh(&url, table);
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    // Logs every row the upsert proposes, in the order the statement processes them.
+    c.batch_execute(&format!(
+        "DROP TABLE IF EXISTS wb_test_order_log; \
+         CREATE TABLE wb_test_order_log (n BIGSERIAL PRIMARY KEY, key BYTEA NOT NULL); \
+         CREATE OR REPLACE FUNCTION wb_test_log_order() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO wb_test_order_log (key) VALUES (NEW.key); RETURN NEW; END $$; \
+         CREATE TRIGGER wb_test_log_order BEFORE INSERT ON {table} \
+         FOR EACH ROW EXECUTE FUNCTION wb_test_log_order();"
+    ))
+    .unwrap();
+    // Descending, then a scramble that also straddles byte boundaries (255/256, 65535/65536).
+    let mut keys: Vec<u64> = (0..300u64).rev().collect();
+    keys.extend([65_536, 7_000_000, 65_535, 1 << 40, 256 + 300, 1_000]);
+    let batch: Vec<_> = keys.iter().map(|&k| put(k, "v", 1)).collect();
+    store.write_all(&batch).unwrap();
+    store
+        .write_all(&[del(200, 2), put(5, "w", 2), del(100, 2)])
+        .unwrap();
+
+    let logged: Vec<u64> = c
+        .query("SELECT key FROM wb_test_order_log ORDER BY n", &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let b: Vec<u8> = r.get(0);
+            u64::from_be_bytes(b.try_into().unwrap())
+        })
+        .collect();
+    let mut first = keys.clone();
+    first.sort();
+    let mut expected = first;
+    expected.extend([5, 100, 200]);
+    assert_eq!(logged, expected);
+    c.batch_execute(&format!("DROP TABLE {table}; DROP TABLE wb_test_order_log"))
+        .unwrap();
+}
+
+#[test]
+fn rejected_rows_of_a_reordered_batch_keep_their_batch_indices() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_reorder_indices";
+    drop_table(&url, table);
+    let store = PostgresStore::<u64, String>::builder(&url, table, Raw, Raw)
+        .table_constraint("CHECK (deleted OR length(value) <= 8)")
+        .connect()
+        .unwrap();
+    let err = store
+        .write_all(&[
+            put(9, "far too long", 1),
+            put(7, "ok", 1),
+            del(5, 1),
+            put(3, "also far too long", 1),
+            put(1, "fine", 1),
+            put(8, "more than eight", 1),
+        ])
+        .unwrap_err();
+    assert_eq!(failed_indices(err), vec![0, 3, 5]);
+    let mut all = store.load_all(&[1, 3, 5, 7, 8, 9]).unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, "fine".into()), (7, "ok".into())]);
+}
+
+#[test]
+fn two_stores_writing_overlapping_keys_in_opposite_orders_do_not_deadlock() {
+    use std::sync::{Arc, Barrier};
+
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_no_deadlock";
+    drop(fresh(&url, table));
+    const KEYS: u64 = 2_000;
+    const ROUNDS: u64 = 8;
+    let barrier = Arc::new(Barrier::new(2));
+    let writers: Vec<_> = [false, true]
+        .into_iter()
+        .map(|reverse| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let store = PostgresStore::<u64, String>::connect(&url, table).unwrap();
+                let mut errors = Vec::new();
+                for round in 1..=ROUNDS {
+                    let mut batch: Vec<_> = (0..KEYS)
+                        .map(|k| put(k, &format!("r{round}"), round))
+                        .collect();
+                    if reverse {
+                        batch.reverse();
+                    }
+                    barrier.wait();
+                    if let Err(e) = store.write_all(&batch) {
+                        errors.push(format!("{e:?}"));
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let errors: Vec<String> = writers
+        .into_iter()
+        .flat_map(|h| h.join().expect("writer thread"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} failed batches: {errors:?}",
+        errors.len()
+    );
+    let store = PostgresStore::<u64, String>::connect(&url, table).unwrap();
+    let all = store.load_all(&(0..KEYS).collect::<Vec<_>>()).unwrap();
+    assert_eq!(all.len() as u64, KEYS);
+    assert!(all.iter().all(|(_, v)| *v == format!("r{ROUNDS}")));
+}
+
+/// The SQLSTATE of a batch that failed as a whole.
+fn batch_sqlstate(e: &BatchError) -> String {
+    match e {
+        BatchError::Unavailable(s) => s
+            .downcast_ref::<postgres::Error>()
+            .and_then(|pe| pe.code())
+            .map(|c| c.code().to_string())
+            .unwrap_or_default(),
+        BatchError::Partial(_) => panic!("expected Unavailable, got {e:?}"),
+    }
+}
+
+#[test]
+fn a_deadlock_is_unavailable_and_the_retry_applies_the_batch() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_deadlock";
+    let store = fresh(&url, table);
+    store.write_all(&[put(1, "a", 1), put(2, "b", 1)]).unwrap();
+
+    // Another client locks key 2; the batch locks key 1 and waits for key 2; then the other
+    // client asks for key 1. The batch waited first, so its deadlock check runs first and
+    // PostgreSQL aborts it.
+    let mut other = Client::connect(&url, NoTls).unwrap();
+    let mut tx = other.transaction().unwrap();
+    let lock = format!("UPDATE {table} SET version = version WHERE key = $1");
+    tx.execute(&lock, &[&2u64.to_be_bytes().to_vec()]).unwrap();
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| store.write_all(&[put(1, "a2", 2), put(2, "b2", 2)]));
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = tx.execute(&lock, &[&1u64.to_be_bytes().to_vec()]);
+        let err = writer.join().unwrap().unwrap_err();
+        assert!(matches!(err, BatchError::Unavailable(_)), "{err:?}");
+        assert_eq!(batch_sqlstate(&err), "40P01", "{err:?}");
+    });
+    tx.rollback().unwrap();
+    store
+        .write_all(&[put(1, "a2", 2), put(2, "b2", 2)])
+        .unwrap();
+    assert_eq!(store.load(&2).unwrap().as_deref(), Some("b2"));
+}

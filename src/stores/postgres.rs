@@ -1,6 +1,5 @@
 //! [`PostgresStore`]: a version-guarded key/value table in a PostgreSQL database.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -23,7 +22,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// * A batch is **one statement**: the rows travel as four arrays and are merged with
 ///   `INSERT ... SELECT * FROM unnest($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE ...
 ///   WHERE t.version < EXCLUDED.version`, one round trip and one (implicit) transaction
-///   whatever the batch size.
+///   whatever the batch size. The rows are sent in the order of their encoded key bytes,
+///   so two writers (two processes, or two caches over one table) whose batches share keys
+///   lock those rows in the same order and do not deadlock each other.
 /// * If PostgreSQL rejects the data (SQLSTATE class `22` data exception or `23` integrity
 ///   constraint violation), the batch is replayed in one transaction, one row per savepoint,
 ///   to find the bad rows: they are reported in [`BatchError::Partial`] as
@@ -32,9 +33,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///   DEFERRED` foreign key or constraint trigger) fails the row that broke it rather than
 ///   the `COMMIT`; should the `COMMIT` fail on a data error all the same, the rows are
 ///   applied one transaction each.
-/// * Any other error (connection lost or refused, server shutting down, serialization
-///   failure, ...) is [`StoreError::Unavailable`]; the connection is dropped and the next call
-///   opens a new one, so the store recovers on its own when the server is back.
+/// * Any other error (connection lost or refused, server shutting down, deadlock `40P01`,
+///   serialization failure `40001`, statement timeout, ...) is [`StoreError::Unavailable`]:
+///   the cache retries the batch. The connection is dropped and the next call opens a new
+///   one, so the store recovers on its own when the server is back.
 /// * Writes and loads use two connections, each behind its own mutex, so a read-through on
 ///   a miss never waits for a batch in flight.
 ///
@@ -175,8 +177,14 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
 /// `true` for SQLSTATE class 22 (data exception) and 23 (integrity constraint violation):
 /// the row is at fault, not the server.
 fn is_record_error(e: &postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+    e.code().is_some_and(|c| is_record_state(c.code()))
+}
+
+/// `true` for an SQLSTATE of class 22 or 23. Every other code (deadlock `40P01`,
+/// serialization failure `40001`, statement timeout `57014`, shutdown `57P01`, ...) says
+/// nothing against the row: the batch is retried as it is.
+fn is_record_state(code: &str) -> bool {
+    code.starts_with("22") || code.starts_with("23")
 }
 
 /// Maps a client error to a store error. Anything but a record error drops the connection,
@@ -216,6 +224,21 @@ impl Row {
             ],
         )
     }
+}
+
+/// Puts the rows of a batch in the order they are sent: by encoded key bytes, so that two
+/// writers whose batches share keys lock those rows in the same order and cannot deadlock
+/// each other. One statement cannot update a row twice, so of several writes of one key (a
+/// batch holds one per key, but nothing enforces it) only the newest version is kept: the
+/// version guard would ignore the others anyway. Each row keeps its batch index.
+fn sort_and_dedup(rows: &mut Vec<Row>) {
+    rows.sort_unstable_by(|a, b| {
+        a.key
+            .cmp(&b.key)
+            .then(b.version.cmp(&a.version))
+            .then(a.index.cmp(&b.index))
+    });
+    rows.dedup_by(|later, kept| later.key == kept.key);
 }
 
 impl<K: 'static, V: 'static> PostgresStore<K, V> {
@@ -472,25 +495,7 @@ where
                 Err(e) => failed.push((i, e)),
             }
         }
-        // One statement cannot update a row twice. A batch holds one write per key, but if
-        // it does not, only the newest write of a key matters: the others are older versions
-        // the guard would ignore anyway.
-        let mut newest: HashMap<&[u8], (usize, i64)> = HashMap::with_capacity(rows.len());
-        for (pos, row) in rows.iter().enumerate() {
-            let e = newest.entry(&row.key[..]).or_insert((pos, row.version));
-            if row.version > e.1 {
-                *e = (pos, row.version);
-            }
-        }
-        if newest.len() < rows.len() {
-            let keep: HashSet<usize> = newest.into_values().map(|(pos, _)| pos).collect();
-            rows = rows
-                .into_iter()
-                .enumerate()
-                .filter_map(|(pos, row)| keep.contains(&pos).then_some(row))
-                .collect();
-        }
-
+        sort_and_dedup(&mut rows);
         if !rows.is_empty() {
             let keys: Vec<&[u8]> = rows.iter().map(|r| &r.key[..]).collect();
             let values: Vec<Option<&[u8]>> = rows.iter().map(|r| r.value.as_deref()).collect();
@@ -526,5 +531,72 @@ impl<K, V> fmt::Debug for PostgresStore<K, V> {
         f.debug_struct("PostgresStore")
             .field("table", &self.table)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(index: usize, key: &[u8], version: i64) -> Row {
+        Row {
+            index,
+            key: key.to_vec(),
+            value: Some(vec![index as u8]),
+            version,
+        }
+    }
+
+    #[test]
+    fn rows_go_out_in_key_byte_order_with_their_batch_indices() {
+        let mut rows = vec![
+            row(0, &[9], 1),
+            row(1, &[1, 0], 1),
+            row(2, &[0, 255], 1),
+            row(3, &[1], 1),
+            row(4, &[], 1),
+        ];
+        sort_and_dedup(&mut rows);
+        let order: Vec<(usize, Vec<u8>)> = rows.iter().map(|r| (r.index, r.key.clone())).collect();
+        assert_eq!(
+            order,
+            vec![
+                (4, vec![]),
+                (2, vec![0, 255]),
+                (3, vec![1]),
+                (1, vec![1, 0]),
+                (0, vec![9]),
+            ]
+        );
+    }
+
+    #[test]
+    fn of_several_writes_of_a_key_the_newest_is_sent() {
+        let mut rows = vec![
+            row(0, b"b", 3),
+            row(1, b"a", 1),
+            row(2, b"b", 7),
+            row(3, b"a", 1),
+            row(4, b"b", 5),
+        ];
+        sort_and_dedup(&mut rows);
+        let kept: Vec<(usize, i64)> = rows.iter().map(|r| (r.index, r.version)).collect();
+        assert_eq!(kept, vec![(1, 1), (2, 7)]);
+    }
+
+    #[test]
+    fn only_data_and_constraint_errors_blame_the_row() {
+        for code in [
+            "22001", "22021", "22P02", "23502", "23503", "23505", "23514",
+        ] {
+            assert!(is_record_state(code), "{code}");
+        }
+        // Deadlock, serialization failure, statement timeout, admin shutdown, undefined
+        // table, out of memory: retried, never blamed on a row.
+        for code in [
+            "40P01", "40001", "57014", "57P01", "42P01", "53200", "08006",
+        ] {
+            assert!(!is_record_state(code), "{code}");
+        }
     }
 }
