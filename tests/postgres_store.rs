@@ -713,3 +713,125 @@ fn a_deadlock_is_unavailable_and_the_retry_applies_the_batch() {
         .unwrap();
     assert_eq!(store.load(&2).unwrap().as_deref(), Some("b2"));
 }
+
+/// Runs `f` on a scoped thread and waits up to `limit` for it; past that, calls `unblock`
+/// (which must make `f` return) and fails the test.
+fn within<T: Send>(limit: Duration, unblock: impl FnOnce(), f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(t) => t,
+            Err(_) => {
+                unblock();
+                panic!("still blocked after {limit:?}");
+            }
+        }
+    })
+}
+
+#[test]
+fn a_statement_blocked_past_the_statement_timeout_is_unavailable() {
+    use std::time::Instant;
+
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let table = "wb_test_statement_timeout";
+    drop_table(&url, table);
+    let timeout = Duration::from_millis(500);
+    let store = PostgresStore::<u64, String>::builder(&url, table, Raw, Raw)
+        .statement_timeout(timeout)
+        .connect()
+        .unwrap();
+    store.write_all(&[put(1, "a", 1)]).unwrap();
+
+    // Another client takes the table's strongest lock and keeps it: every statement of the
+    // store on the table waits for it.
+    let mut other = Client::connect(&url, NoTls).unwrap();
+    other
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .unwrap();
+    let other = Mutex::new(other);
+    let release = || {
+        let _ = other.lock().unwrap().batch_execute("ROLLBACK");
+    };
+
+    let (err, took) = within(Duration::from_secs(15), release, || {
+        let t = Instant::now();
+        (store.write_all(&[put(1, "b", 2)]), t.elapsed())
+    });
+    let err = err.unwrap_err();
+    assert!(matches!(err, BatchError::Unavailable(_)), "{err:?}");
+    assert_eq!(batch_sqlstate(&err), "57014", "{err:?}");
+    assert!(took >= timeout && took < Duration::from_secs(5), "{took:?}");
+
+    // A read-through gives up as well (and is not tried a second time).
+    let (err, took) = within(Duration::from_secs(15), release, || {
+        let t = Instant::now();
+        (store.load(&1), t.elapsed())
+    });
+    let err = err.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert!(took >= timeout && took < timeout * 2, "{took:?}");
+
+    release();
+    store.write_all(&[put(1, "b", 2)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("b"));
+}
+
+/// The keepalive timers (time left, from `/proc/net/tcp`) of the established TCP
+/// connections to `port` on this machine.
+#[cfg(target_os = "linux")]
+fn keepalive_timers(port: u16) -> Vec<Duration> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(f[2].rsplit(':').next()?, 16).ok()?;
+            let (timer, left) = f[5].split_once(':')?;
+            // State 01 is ESTABLISHED; timer 2 is the keepalive timer, in 1/100 s.
+            (remote_port == port && f[3] == "01" && timer == "02").then(|| {
+                Duration::from_millis(u64::from_str_radix(left, 16).unwrap_or(u64::MAX) * 10)
+            })
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn tcp_connections_send_keepalives_after_the_configured_idle_time() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    // The same server over TCP on the loopback address instead of its Unix socket.
+    let config: postgres::Config = url.parse().unwrap();
+    let port = config.get_ports()[0];
+    let tcp = format!("host=127.0.0.1 port={port} user=postgres dbname=writebehind");
+    let table = "wb_test_keepalive";
+    drop_table(&url, table);
+
+    for idle in [None, Some(Duration::from_secs(12))] {
+        let mut builder = PostgresStore::<u64, String>::builder(&tcp, table, Raw, Raw);
+        if let Some(idle) = idle {
+            builder = builder.keepalives_idle(idle);
+        }
+        let store = builder.connect().unwrap();
+        let idle = idle.unwrap_or(writebehind::stores::DEFAULT_KEEPALIVES_IDLE);
+        store.write_all(&[put(1, "a", 1)]).unwrap();
+        let timers = keepalive_timers(port);
+        // The writer's and the reader's connection.
+        assert_eq!(timers.len(), 2, "{timers:?}");
+        assert!(
+            timers.iter().all(|t| *t <= idle),
+            "keepalive timers {timers:?}, idle time {idle:?}"
+        );
+        drop(store);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -57,7 +57,11 @@ mod postgres;
 mod sqlite;
 
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT};
+pub use self::postgres::{
+    PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVES_IDLE,
+    DEFAULT_KEEPALIVES_INTERVAL, DEFAULT_KEEPALIVES_RETRIES, DEFAULT_STATEMENT_TIMEOUT,
+    DEFAULT_TCP_USER_TIMEOUT,
+};
 #[cfg(feature = "serde")]
 pub use codec::SerdeJson;
 pub use codec::{Codec, CodecError, Raw};

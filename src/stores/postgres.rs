@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use postgres::error::SqlState;
 use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
 use super::codec::{Codec, Raw};
@@ -15,6 +16,27 @@ use crate::store::{Store, Write};
 
 /// How long connecting may take before the call fails as [`StoreError::Unavailable`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one statement (a batch's upsert, a load) may run before the server cancels it
+/// and the call fails as [`StoreError::Unavailable`] (SQLSTATE `57014`). It bounds waits
+/// for locks held by other clients too.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a TCP connection may be idle before the client sends the first keepalive probe.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+
+/// Time between two keepalive probes that went unanswered.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Unanswered keepalive probes after which the connection is closed.
+pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+
+/// How long data sent on a TCP connection may stay unacknowledged before the connection is
+/// closed (the `TCP_USER_TIMEOUT` socket option; Linux only).
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `postgres` client's own `keepalives_idle` when the connection string sets none.
+const CLIENT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// A [`Store`] over one table of a PostgreSQL database (feature `postgres`), through the
 /// synchronous `postgres` client without TLS.
@@ -39,6 +61,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///   one, so the store recovers on its own when the server is back.
 /// * Writes and loads use two connections, each behind its own mutex, so a read-through on
 ///   a miss never waits for a batch in flight.
+/// * Every call is bounded in time: a statement timeout (30 s by default) on the server,
+///   TCP keepalives (first probe after 30 s idle) and a TCP user timeout (60 s) on the
+///   connection, and a connect timeout (5 s). A call that runs into one of them fails as
+///   [`StoreError::Unavailable`]; see [`PostgresStoreBuilder`] for the settings.
 ///
 /// See the [module docs](crate::stores) for the table layout and the version guard. For a
 /// distributed database speaking the PostgreSQL protocol the same statements apply.
@@ -58,6 +84,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```
 pub struct PostgresStore<K, V> {
     config: Config,
+    /// Run on every new connection before anything else (the statement timeout).
+    session: Option<String>,
     writer: Mutex<Option<Conn>>,
     reader: Mutex<Option<Conn>>,
     sql: Sql,
@@ -115,19 +143,123 @@ impl Sql {
 }
 
 /// Options for [`PostgresStore`], from [`PostgresStore::builder`].
+///
+/// # Timeouts
+/// Without them, a connection whose server vanished without closing it (a host that lost
+/// power, a network partition, a firewall dropping the flow) blocks the flusher and every
+/// read-through until the operating system gives up, which takes hours. The defaults:
+///
+/// | setting | default | what it bounds |
+/// | --- | --- | --- |
+/// | [`connect_timeout`](Self::connect_timeout) | [`DEFAULT_CONNECT_TIMEOUT`], 5 s | opening a connection |
+/// | [`statement_timeout`](Self::statement_timeout) | [`DEFAULT_STATEMENT_TIMEOUT`], 30 s | one statement on the server, lock waits included |
+/// | [`keepalives_idle`](Self::keepalives_idle) | [`DEFAULT_KEEPALIVES_IDLE`], 30 s | idle time before the first TCP keepalive probe |
+/// | [`keepalives_interval`](Self::keepalives_interval) | [`DEFAULT_KEEPALIVES_INTERVAL`], 10 s | time between unanswered probes |
+/// | [`keepalives_retries`](Self::keepalives_retries) | [`DEFAULT_KEEPALIVES_RETRIES`], 3 | unanswered probes before the connection is closed |
+/// | [`tcp_user_timeout`](Self::tcp_user_timeout) | [`DEFAULT_TCP_USER_TIMEOUT`], 60 s | data sent and not acknowledged (Linux) |
+///
+/// With these, a call on a dead connection fails as [`StoreError::Unavailable`] within
+/// about a minute (the cache keeps the writes and retries), and the next call opens a new
+/// connection. The keepalive and TCP settings apply to TCP connections, not to Unix
+/// sockets.
+///
+/// Each setting can also come from the connection string (`connect_timeout=10`,
+/// `keepalives_idle=60`, `keepalives=0`, `options='-c statement_timeout=5s'`, ...); a value
+/// there is kept unless the builder method is called, which takes precedence. Setting the
+/// statement timeout with a role's or database's default (`ALTER ROLE ... SET
+/// statement_timeout`) needs `options` or the builder method too, as the store otherwise
+/// sets its default on every connection.
+///
+/// # Examples
+/// ```no_run
+/// use std::time::Duration;
+/// use writebehind::stores::{PostgresStore, Raw};
+///
+/// let store = PostgresStore::<u64, String>::builder(
+///     "host=db.internal port=5432 user=app dbname=app",
+///     "kv",
+///     Raw,
+///     Raw,
+/// )
+/// .connect_timeout(Duration::from_secs(3))
+/// .statement_timeout(Duration::from_secs(10))
+/// .keepalives_idle(Duration::from_secs(15))
+/// .connect()?;
+/// # Ok::<(), writebehind::StoreError>(())
+/// ```
 pub struct PostgresStoreBuilder<K, V> {
     url: String,
     table: String,
     key_codec: Arc<dyn Codec<K>>,
     value_codec: Arc<dyn Codec<V>>,
-    connect_timeout: Duration,
+    connect_timeout: Option<Duration>,
+    statement_timeout: Option<Duration>,
+    keepalives: Option<bool>,
+    keepalives_idle: Option<Duration>,
+    keepalives_interval: Option<Duration>,
+    keepalives_retries: Option<u32>,
+    tcp_user_timeout: Option<Duration>,
     constraints: Vec<String>,
 }
 
 impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
-    /// How long opening a connection may take. Default [`DEFAULT_CONNECT_TIMEOUT`].
+    /// How long opening a connection may take before it fails as
+    /// [`StoreError::Unavailable`]. Default [`DEFAULT_CONNECT_TIMEOUT`], or the connection
+    /// string's `connect_timeout`.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// How long one statement may run on the server, waiting for locks included, before the
+    /// server cancels it and the call fails as [`StoreError::Unavailable`] (SQLSTATE `57014`,
+    /// retried by the cache). Default [`DEFAULT_STATEMENT_TIMEOUT`], or a `statement_timeout`
+    /// in the connection string's `options`. [`Duration::ZERO`] turns the timeout off.
+    ///
+    /// It is the session's `statement_timeout`, set on each new connection, in
+    /// milliseconds (a nonzero duration shorter than 1 ms counts as 1 ms). Keep it well above
+    /// the time the largest batch (the cache's `max_batch` rows) takes: a batch that always
+    /// runs past it fails every time it is retried.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether TCP keepalive probes are sent on idle connections. Default `true` (unless the
+    /// connection string says `keepalives=0`).
+    pub fn keepalives(mut self, on: bool) -> Self {
+        self.keepalives = Some(on);
+        self
+    }
+
+    /// How long a connection may be idle before the first keepalive probe. Default
+    /// [`DEFAULT_KEEPALIVES_IDLE`] (the client library's own default is two hours), or the
+    /// connection string's `keepalives_idle`.
+    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
+        self.keepalives_idle = Some(idle);
+        self
+    }
+
+    /// Time between keepalive probes that go unanswered. Default
+    /// [`DEFAULT_KEEPALIVES_INTERVAL`], or the connection string's `keepalives_interval`.
+    pub fn keepalives_interval(mut self, interval: Duration) -> Self {
+        self.keepalives_interval = Some(interval);
+        self
+    }
+
+    /// Unanswered keepalive probes after which the connection is closed. Default
+    /// [`DEFAULT_KEEPALIVES_RETRIES`], or the connection string's `keepalives_retries`.
+    pub fn keepalives_retries(mut self, retries: u32) -> Self {
+        self.keepalives_retries = Some(retries);
+        self
+    }
+
+    /// How long data sent may stay unacknowledged before the connection is closed (Linux
+    /// `TCP_USER_TIMEOUT`; ignored elsewhere): it covers a server that vanishes while a
+    /// batch is being sent, which keepalives do not. Default [`DEFAULT_TCP_USER_TIMEOUT`], or
+    /// the connection string's `tcp_user_timeout`.
+    pub fn tcp_user_timeout(mut self, timeout: Duration) -> Self {
+        self.tcp_user_timeout = Some(timeout);
         self
     }
 
@@ -138,6 +270,75 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
         self
     }
 
+    /// The client configuration: the connection string with the builder's settings and
+    /// the defaults applied.
+    fn config(&self) -> Result<Config, StoreError> {
+        let mut config: Config = self.url.parse().map_err(|e| {
+            StoreError::rejected(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        if let Some(t) = self.connect_timeout.or(config
+            .get_connect_timeout()
+            .is_none()
+            .then_some(DEFAULT_CONNECT_TIMEOUT))
+        {
+            config.connect_timeout(t);
+        }
+        if let Some(on) = self.keepalives {
+            config.keepalives(on);
+        }
+        // The client reports its own two-hour default when the string sets none.
+        if let Some(idle) = self
+            .keepalives_idle
+            .or((config.get_keepalives_idle() == CLIENT_KEEPALIVES_IDLE)
+                .then_some(DEFAULT_KEEPALIVES_IDLE))
+        {
+            config.keepalives_idle(idle);
+        }
+        if let Some(interval) = self.keepalives_interval.or(config
+            .get_keepalives_interval()
+            .is_none()
+            .then_some(DEFAULT_KEEPALIVES_INTERVAL))
+        {
+            config.keepalives_interval(interval);
+        }
+        if let Some(retries) = self.keepalives_retries.or(config
+            .get_keepalives_retries()
+            .is_none()
+            .then_some(DEFAULT_KEEPALIVES_RETRIES))
+        {
+            config.keepalives_retries(retries);
+        }
+        if let Some(t) = self.tcp_user_timeout.or(config
+            .get_tcp_user_timeout()
+            .is_none()
+            .then_some(DEFAULT_TCP_USER_TIMEOUT))
+        {
+            config.tcp_user_timeout(t);
+        }
+        Ok(config)
+    }
+
+    /// The statement run on each new connection, if any: `SET statement_timeout`, unless
+    /// the connection string's `options` set it and the builder method was not called.
+    fn session(&self, config: &Config) -> Option<String> {
+        let timeout = match self.statement_timeout {
+            Some(t) => t,
+            None if config
+                .get_options()
+                .is_some_and(|o| o.contains("statement_timeout")) =>
+            {
+                return None
+            }
+            None => DEFAULT_STATEMENT_TIMEOUT,
+        };
+        let ms = if timeout.is_zero() {
+            0
+        } else {
+            timeout.as_millis().clamp(1, i32::MAX as u128)
+        };
+        Some(format!("SET statement_timeout = {ms}"))
+    }
+
     /// Connects, creates the table if it is missing and prepares the statements.
     ///
     /// # Errors
@@ -145,12 +346,11 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
     /// [`StoreError::Unavailable`] when the server cannot be reached or the table cannot be
     /// created.
     pub fn connect(self) -> Result<PostgresStore<K, V>, StoreError> {
-        let mut config: Config = self.url.parse().map_err(|e| {
-            StoreError::rejected(format!("invalid PostgreSQL connection string: {e}"))
-        })?;
-        config.connect_timeout(self.connect_timeout);
+        let config = self.config()?;
+        let session = self.session(&config);
         let store = PostgresStore {
             config,
+            session,
             writer: Mutex::new(None),
             reader: Mutex::new(None),
             sql: Sql::new(&self.table),
@@ -159,10 +359,7 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
             value_codec: self.value_codec,
             _types: PhantomData,
         };
-        let mut client = store
-            .config
-            .connect(NoTls)
-            .map_err(|e| StoreError::unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        let mut client = store.client()?;
         client
             .batch_execute(&Sql::create(&store.table, &self.constraints))
             .map_err(|e| {
@@ -267,7 +464,13 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
             table: table.to_string(),
             key_codec: Arc::new(key_codec),
             value_codec: Arc::new(value_codec),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            connect_timeout: None,
+            statement_timeout: None,
+            keepalives: None,
+            keepalives_idle: None,
+            keepalives_interval: None,
+            keepalives_retries: None,
+            tcp_user_timeout: None,
             constraints: Vec::new(),
         }
     }
@@ -293,12 +496,23 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
         }
     }
 
-    fn open(&self) -> Result<Conn, StoreError> {
-        let client = self
+    /// A new connection, its session set up.
+    fn client(&self) -> Result<Client, StoreError> {
+        let mut client = self
             .config
             .connect(NoTls)
             .map_err(|e| StoreError::unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
-        self.prepare(client)
+        if let Some(sql) = &self.session {
+            client.batch_execute(sql).map_err(|e| {
+                StoreError::unavailable(format!("cannot set up the PostgreSQL session: {e}"))
+            })?;
+        }
+        Ok(client)
+    }
+
+    /// A new connection with the statements prepared.
+    fn open(&self) -> Result<Conn, StoreError> {
+        self.prepare(self.client()?)
     }
 
     fn prepare(&self, mut client: Client) -> Result<Conn, StoreError> {
@@ -336,7 +550,8 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
     /// Runs a read on the reader connection. Reads are idempotent, so when a connection that
     /// was already open fails as unavailable (the server restarted since its last use and
     /// the first query on it finds the old session gone) the read is tried once more on a
-    /// fresh connection before the error reaches the caller.
+    /// fresh connection before the error reaches the caller. A read the server cancelled
+    /// (statement timeout) is not tried again: it would only wait as long once more.
     fn read<T>(
         &self,
         f: impl Fn(&mut Conn) -> Result<T, postgres::Error>,
@@ -347,8 +562,9 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
         match f(conn) {
             Ok(t) => Ok(t),
             Err(e) => {
+                let cancelled = e.code() == Some(&SqlState::QUERY_CANCELED);
                 let err = store_error(e, &mut slot);
-                if !(reused && err.is_unavailable()) {
+                if !(reused && err.is_unavailable()) || cancelled {
                     return Err(err);
                 }
                 let conn = self.conn(&mut slot)?;
@@ -537,6 +753,100 @@ impl<K, V> fmt::Debug for PostgresStore<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn builder(url: &str) -> PostgresStoreBuilder<u64, u64> {
+        PostgresStore::builder(url, "kv", Raw, Raw)
+    }
+
+    const URL: &str = "host=/tmp port=5432 user=app dbname=app";
+
+    #[test]
+    fn timeouts_and_keepalives_default_to_the_documented_values() {
+        let b = builder(URL);
+        let c = b.config().unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&DEFAULT_CONNECT_TIMEOUT));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), DEFAULT_KEEPALIVES_IDLE);
+        assert_eq!(
+            c.get_keepalives_interval(),
+            Some(DEFAULT_KEEPALIVES_INTERVAL)
+        );
+        assert_eq!(c.get_keepalives_retries(), Some(DEFAULT_KEEPALIVES_RETRIES));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&DEFAULT_TCP_USER_TIMEOUT));
+        assert_eq!(
+            b.session(&c).as_deref(),
+            Some("SET statement_timeout = 30000")
+        );
+    }
+
+    #[test]
+    fn the_connection_string_wins_over_the_defaults() {
+        let b = builder(
+            "host=/tmp user=app connect_timeout=9 keepalives=0 keepalives_idle=7 \
+             keepalives_interval=3 keepalives_retries=2 tcp_user_timeout=11 \
+             options='-c statement_timeout=5s'",
+        );
+        let c = b.config().unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(9)));
+        assert!(!c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(7));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(3)));
+        assert_eq!(c.get_keepalives_retries(), Some(2));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(11)));
+        assert_eq!(b.session(&c), None);
+    }
+
+    #[test]
+    fn the_builder_wins_over_the_connection_string() {
+        let b = builder("host=/tmp user=app connect_timeout=9 keepalives=0 keepalives_idle=7 options='-c statement_timeout=5s'")
+            .connect_timeout(Duration::from_secs(1))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(20))
+            .keepalives_interval(Duration::from_secs(4))
+            .keepalives_retries(6)
+            .tcp_user_timeout(Duration::from_secs(25))
+            .statement_timeout(Duration::from_millis(1500));
+        let c = b.config().unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(1)));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(20));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(4)));
+        assert_eq!(c.get_keepalives_retries(), Some(6));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(25)));
+        assert_eq!(
+            b.session(&c).as_deref(),
+            Some("SET statement_timeout = 1500")
+        );
+    }
+
+    #[test]
+    fn statement_timeout_in_milliseconds_zero_turns_it_off() {
+        let session = |t: Duration| {
+            let b = builder(URL).statement_timeout(t);
+            let c = b.config().unwrap();
+            b.session(&c)
+        };
+        assert_eq!(
+            session(Duration::ZERO).as_deref(),
+            Some("SET statement_timeout = 0")
+        );
+        assert_eq!(
+            session(Duration::from_micros(10)).as_deref(),
+            Some("SET statement_timeout = 1")
+        );
+        assert_eq!(
+            session(Duration::from_secs(u64::MAX)).as_deref(),
+            Some("SET statement_timeout = 2147483647")
+        );
+    }
+
+    #[test]
+    fn a_malformed_connection_string_is_rejected() {
+        assert!(matches!(
+            builder("host=/tmp port=notaport").config(),
+            Err(StoreError::Rejected(_))
+        ));
+    }
 
     fn row(index: usize, key: &[u8], version: i64) -> Row {
         Row {
