@@ -835,3 +835,130 @@ fn tcp_connections_send_keepalives_after_the_configured_idle_time() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Connects a store over `table` after `ddl` made it, and returns the error message (or
+/// panics if the connection succeeds).
+fn connect_err(url: &str, table: &str, ddl: &str) -> String {
+    let mut c = Client::connect(url, NoTls).unwrap();
+    c.batch_execute(&format!(
+        "DO $$ BEGIN \
+           IF (SELECT relkind FROM pg_class WHERE oid = to_regclass('{table}')) = 'v' THEN \
+             DROP VIEW {table}; \
+           END IF; \
+         END $$; \
+         DROP TABLE IF EXISTS {table}; {ddl}"
+    ))
+    .unwrap();
+    match PostgresStore::<u64, String>::connect(url, table) {
+        Ok(_) => panic!("connected over a table made by {ddl:?}"),
+        Err(e) => {
+            assert!(matches!(e, StoreError::Rejected(_)), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("table {table}")), "{msg}");
+            msg
+        }
+    }
+}
+
+#[test]
+fn a_table_with_the_wrong_schema_is_refused_at_connect() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let t = "wb_test_schema";
+    let cases = [
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA PRIMARY KEY, value BYTEA, version BIGINT NOT NULL)",
+            "no column deleted",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key TEXT PRIMARY KEY, value BYTEA, version BIGINT, deleted BOOLEAN)",
+            "column key has type text",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA PRIMARY KEY, value BYTEA, version INTEGER, deleted BOOLEAN)",
+            "column version has type integer",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA PRIMARY KEY, value BYTEA, version TEXT, deleted BOOLEAN)",
+            "column version has type text",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA PRIMARY KEY, value BYTEA, version BIGINT, deleted SMALLINT)",
+            "column deleted has type smallint",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA PRIMARY KEY, value BYTEA NOT NULL, version BIGINT, deleted BOOLEAN)",
+            "column value is NOT NULL",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA, value BYTEA, version BIGINT, deleted BOOLEAN)",
+            "key is neither the primary key nor unique",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA, value BYTEA, version BIGINT, deleted BOOLEAN, \
+             PRIMARY KEY (key, version))",
+            "key is neither the primary key nor unique",
+        ),
+        (
+            "CREATE TABLE wb_test_schema (key BYTEA PRIMARY KEY, value BYTEA, version BIGINT, \
+             deleted BOOLEAN, owner TEXT NOT NULL)",
+            "column owner is NOT NULL without a default",
+        ),
+    ];
+    for (ddl, expected) in cases {
+        let msg = connect_err(&url, t, ddl);
+        assert!(
+            msg.contains(expected),
+            "{ddl}\n=> {msg}\n(expected {expected:?})"
+        );
+    }
+    let msg = connect_err(
+        &url,
+        t,
+        "CREATE TABLE wb_test_schema (key INTEGER, value TEXT NOT NULL, version REAL)",
+    );
+    for part in [
+        "column key has type integer",
+        "column value has type text",
+        "column value is NOT NULL",
+        "column version has type real",
+        "no column deleted",
+    ] {
+        assert!(msg.contains(part), "{msg} (expected {part:?})");
+    }
+    let msg = connect_err(
+        &url,
+        t,
+        "DROP TABLE IF EXISTS wb_test_schema_base; \
+         CREATE TABLE wb_test_schema_base (key BYTEA PRIMARY KEY, value BYTEA, version BIGINT, \
+         deleted BOOLEAN); CREATE VIEW wb_test_schema AS SELECT * FROM wb_test_schema_base",
+    );
+    assert!(msg.contains("is a view"), "{msg}");
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.batch_execute("DROP VIEW wb_test_schema; DROP TABLE wb_test_schema_base")
+        .unwrap();
+}
+
+#[test]
+fn a_compatible_table_made_by_hand_is_accepted() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    // Its own schema, a mixed-case name, key unique through an index rather than a
+    // constraint, and extra columns the adapter does not write.
+    c.batch_execute(
+        "DROP SCHEMA IF EXISTS wb_test_app CASCADE; CREATE SCHEMA wb_test_app; \
+         CREATE TABLE wb_test_app.\"App KV\" (id BIGINT GENERATED ALWAYS AS IDENTITY, \
+           key BYTEA NOT NULL, value BYTEA, version BIGINT NOT NULL, \
+           deleted BOOLEAN NOT NULL DEFAULT FALSE, note TEXT, \
+           created TIMESTAMPTZ NOT NULL DEFAULT now()); \
+         CREATE UNIQUE INDEX ON wb_test_app.\"App KV\" (key);",
+    )
+    .unwrap();
+    let store = PostgresStore::<u64, String>::connect(&url, "wb_test_app.App KV").unwrap();
+    store.write_all(&[put(1, "a", 1), del(2, 1)]).unwrap();
+    store.write_all(&[put(1, "b", 2)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("b"));
+    assert_eq!(store.load(&2).unwrap(), None);
+    c.batch_execute("DROP SCHEMA wb_test_app CASCADE").unwrap();
+}

@@ -61,6 +61,9 @@ const CLIENT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 ///   one, so the store recovers on its own when the server is back.
 /// * Writes and loads use two connections, each behind its own mutex, so a read-through on
 ///   a miss never waits for a batch in flight.
+/// * An existing table is checked at connect: one with a missing column, a column of the
+///   wrong type or no unique `key` is refused then, with a message that names the table and
+///   each mismatch (see [`PostgresStoreBuilder::connect`]).
 /// * Every call is bounded in time: a statement timeout (30 s by default) on the server,
 ///   TCP keepalives (first probe after 30 s idle) and a TCP user timeout (60 s) on the
 ///   connection, and a connect timeout (5 s). A call that runs into one of them fails as
@@ -105,6 +108,9 @@ struct Conn {
 
 struct Sql {
     upsert: String,
+    /// The upsert of no rows, planned and not run: the server resolves its `ON CONFLICT
+    /// (key)` target then, so this fails (`42P10`) on a table where `key` is not unique.
+    explain_upsert: String,
     load_one: String,
     load_many: String,
     purge: String,
@@ -113,13 +119,20 @@ struct Sql {
 impl Sql {
     fn new(table: &str) -> Self {
         let t = quote_ident(table);
-        Sql {
-            upsert: format!(
+        let upsert = |rows: &str| {
+            format!(
                 "INSERT INTO {t} AS t (key, value, version, deleted) \
-                 SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::bool[]) \
+                 SELECT * FROM {rows} \
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
                  version = EXCLUDED.version, deleted = EXCLUDED.deleted \
                  WHERE t.version < EXCLUDED.version"
+            )
+        };
+        Sql {
+            upsert: upsert("unnest($1::bytea[], $2::bytea[], $3::int8[], $4::bool[])"),
+            explain_upsert: format!(
+                "EXPLAIN {}",
+                upsert("unnest('{}'::bytea[], '{}'::bytea[], '{}'::int8[], '{}'::bool[])")
             ),
             load_one: format!("SELECT value FROM {t} WHERE key = $1 AND NOT deleted"),
             load_many: format!("SELECT key, value FROM {t} WHERE key = ANY($1) AND NOT deleted"),
@@ -339,12 +352,19 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
         Some(format!("SET statement_timeout = {ms}"))
     }
 
-    /// Connects, creates the table if it is missing and prepares the statements.
+    /// Connects, creates the table if it is missing, checks that an existing table has the
+    /// columns the adapter writes, and prepares the statements.
+    ///
+    /// The check wants `key bytea` (the primary key, or unique on its own through a
+    /// constraint or an index), `value bytea` (nullable), `version bigint`, `deleted
+    /// boolean`, and no other `NOT NULL` column without a default; other columns, indexes,
+    /// constraints and triggers are allowed.
     ///
     /// # Errors
-    /// [`StoreError::Rejected`] for a malformed connection string;
-    /// [`StoreError::Unavailable`] when the server cannot be reached or the table cannot be
-    /// created.
+    /// [`StoreError::Rejected`] for a malformed connection string, or a table that exists
+    /// with a schema the adapter cannot use (the message names the table and every
+    /// mismatch); [`StoreError::Unavailable`] when the server cannot be reached or the table
+    /// cannot be created or inspected.
     pub fn connect(self) -> Result<PostgresStore<K, V>, StoreError> {
         let config = self.config()?;
         let session = self.session(&config);
@@ -365,10 +385,129 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
             .map_err(|e| {
                 StoreError::unavailable(format!("cannot create table {}: {e}", store.table))
             })?;
+        let problems = schema_problems(&mut client, &store.table, &store.sql).map_err(|e| {
+            StoreError::unavailable(format!(
+                "cannot read the schema of table {}: {}",
+                store.table,
+                db_message(&e)
+            ))
+        })?;
+        if !problems.is_empty() {
+            return Err(StoreError::rejected(format!(
+                "PostgreSQL table {} does not fit the adapter: {}; it needs {NEEDED}",
+                store.table,
+                problems.join("; ")
+            )));
+        }
         *store.writer.lock() = Some(store.prepare(client)?);
         *store.reader.lock() = Some(store.open()?);
         Ok(store)
     }
+}
+
+/// The columns the adapter writes, as the message of a schema mismatch states them.
+const NEEDED: &str = "key bytea PRIMARY KEY (or UNIQUE), value bytea (nullable), \
+                      version bigint, deleted boolean, and no other NOT NULL column without \
+                      a default";
+
+/// The server's message for a database error, the client's text for any other.
+fn db_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// What keeps `table` (as the adapter names it, `schema.table` allowed) from working with
+/// the adapter's statements; empty when it fits.
+///
+/// The adapter needs `key bytea` unique on its own (the `ON CONFLICT (key)` target),
+/// `value bytea` nullable (a delete writes `NULL`), `version bigint` (the version guard
+/// compares it) and `deleted boolean`, and no other column it would have to fill. The
+/// columns come from `information_schema`; whether `key` is unique is asked of the
+/// planner, which knows about unique indexes as well as constraints.
+fn schema_problems(
+    client: &mut Client,
+    table: &str,
+    sql: &Sql,
+) -> Result<Vec<String>, postgres::Error> {
+    let parts: Vec<&str> = table.split('.').collect();
+    let name = parts[parts.len() - 1];
+    let schema = parts.len().checked_sub(2).map(|i| parts[i]);
+    let kind = client.query_opt(
+        "SELECT table_type::text FROM information_schema.tables \
+         WHERE table_schema = coalesce($1::text, current_schema()) AND table_name = $2",
+        &[&schema, &name],
+    )?;
+    match kind.map(|r| r.get::<_, String>(0)) {
+        None => {
+            return Ok(vec![format!(
+                "{table} is not in information_schema.tables (is it visible to this user?)"
+            )])
+        }
+        Some(kind) if kind != "BASE TABLE" => {
+            return Ok(vec![format!(
+                "{table} is a {}, not a table",
+                kind.to_lowercase()
+            )])
+        }
+        Some(_) => {}
+    }
+    let columns = client.query(
+        "SELECT column_name::text, data_type::text, is_nullable = 'YES', \
+         column_default IS NOT NULL OR is_identity = 'YES' OR is_generated <> 'NEVER' \
+         FROM information_schema.columns \
+         WHERE table_schema = coalesce($1::text, current_schema()) AND table_name = $2 \
+         ORDER BY ordinal_position",
+        &[&schema, &name],
+    )?;
+    let columns: Vec<(String, String, bool, bool)> = columns
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let find = |n: &str| columns.iter().find(|c| c.0 == n);
+    let mut problems = Vec::new();
+    for (n, needed) in [
+        ("key", "bytea"),
+        ("value", "bytea"),
+        ("version", "bigint"),
+        ("deleted", "boolean"),
+    ] {
+        match find(n) {
+            None => problems.push(format!("no column {n}")),
+            Some(c) if c.1 != needed => {
+                problems.push(format!("column {n} has type {}, not {needed}", c.1))
+            }
+            Some(_) => {}
+        }
+    }
+    if find("value").is_some_and(|c| !c.2) {
+        problems.push("column value is NOT NULL, but a delete writes NULL".to_string());
+    }
+    for (n, _, nullable, filled) in &columns {
+        let needed = ["key", "value", "version", "deleted"].contains(&n.as_str());
+        if !needed && !nullable && !filled {
+            problems.push(format!(
+                "column {n} is NOT NULL without a default, and the adapter does not write it"
+            ));
+        }
+    }
+    if find("key").is_some() {
+        match client.batch_execute(&sql.explain_upsert) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&SqlState::INVALID_COLUMN_REFERENCE) => problems
+                .push("column key is neither the primary key nor unique on its own".to_string()),
+            // Class 42 (syntax error or access rule violation): the upsert does not apply
+            // to this table; the column problems above usually say why.
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("42")) => {
+                if problems.is_empty() {
+                    problems.push(format!("the upsert does not apply: {}", db_message(&e)));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(problems)
 }
 
 /// `true` for SQLSTATE class 22 (data exception) and 23 (integrity constraint violation):
