@@ -439,7 +439,7 @@ fn schema_problems(
          WHERE table_schema = coalesce($1::text, current_schema()) AND table_name = $2",
         &[&schema, &name],
     )?;
-    match kind.map(|r| r.get::<_, String>(0)) {
+    match kind.map(|r| r.try_get::<_, String>(0)).transpose()? {
         None => {
             return Ok(vec![format!(
                 "{table} is not in information_schema.tables (is it visible to this user?)"
@@ -463,8 +463,8 @@ fn schema_problems(
     )?;
     let columns: Vec<(String, String, bool, bool)> = columns
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+        .collect::<Result<_, postgres::Error>>()?;
     let find = |n: &str| columns.iter().find(|c| c.0 == n);
     let mut problems = Vec::new();
     for (n, needed) in [
