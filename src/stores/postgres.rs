@@ -623,8 +623,13 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
     /// [`SqliteStore::purge_tombstones`](super::SqliteStore::purge_tombstones) for when that
     /// is safe. Returns the number of rows removed.
     ///
+    /// The purge is one statement, under the store's statement timeout: on a table with
+    /// many tombstones, purge in steps of increasing `version`, or give the store a longer
+    /// timeout ([`PostgresStoreBuilder::statement_timeout`]).
+    ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the server cannot be reached.
+    /// [`StoreError::Unavailable`] when the server cannot be reached or the statement runs
+    /// past the statement timeout.
     pub fn purge_tombstones(&self, version: u64) -> Result<u64, StoreError> {
         let version = db_version(version).unwrap_or(i64::MAX);
         let mut slot = self.writer.lock();
