@@ -684,6 +684,30 @@ fn batch_sqlstate(e: &BatchError) -> String {
     }
 }
 
+/// Waits until some session's statement on `table` waits for a lock.
+fn wait_for_lock_wait(url: &str, table: &str) {
+    let mut watcher = Client::connect(url, NoTls).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+                &[&table],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no statement on {table} waits for a lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_deadlock_is_unavailable_and_the_retry_applies_the_batch() {
     let _s = serial();
@@ -701,7 +725,7 @@ fn a_deadlock_is_unavailable_and_the_retry_applies_the_batch() {
     tx.execute(&lock, &[&2u64.to_be_bytes().to_vec()]).unwrap();
     std::thread::scope(|s| {
         let writer = s.spawn(|| store.write_all(&[put(1, "a2", 2), put(2, "b2", 2)]));
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_lock_wait(&url, table);
         let _ = tx.execute(&lock, &[&1u64.to_be_bytes().to_vec()]);
         let err = writer.join().unwrap().unwrap_err();
         assert!(matches!(err, BatchError::Unavailable(_)), "{err:?}");
