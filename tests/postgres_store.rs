@@ -684,7 +684,7 @@ fn batch_sqlstate(e: &BatchError) -> String {
     }
 }
 
-/// Waits until some session's statement on `table` waits for a lock.
+/// Waits until a statement on `table`, from any connection, waits for a lock.
 fn wait_for_lock_wait(url: &str, table: &str) {
     let mut watcher = Client::connect(url, NoTls).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

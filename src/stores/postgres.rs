@@ -88,7 +88,7 @@ const CLIENT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 pub struct PostgresStore<K, V> {
     config: Config,
     /// Run on every new connection before anything else (the statement timeout).
-    session: Option<String>,
+    on_connect: Option<String>,
     writer: Mutex<Option<Conn>>,
     reader: Mutex<Option<Conn>>,
     sql: Sql,
@@ -229,7 +229,7 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
     /// retried by the cache). Default [`DEFAULT_STATEMENT_TIMEOUT`], or a `statement_timeout`
     /// in the connection string's `options`. [`Duration::ZERO`] turns the timeout off.
     ///
-    /// It is the session's `statement_timeout`, set on each new connection, in
+    /// It is PostgreSQL's `statement_timeout` setting, set on each new connection, in
     /// milliseconds (a nonzero duration shorter than 1 ms counts as 1 ms). Keep it well above
     /// the time the largest batch (the cache's `max_batch` rows) takes: a batch that always
     /// runs past it fails every time it is retried.
@@ -333,7 +333,7 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
 
     /// The statement run on each new connection, if any: `SET statement_timeout`, unless
     /// the connection string's `options` set it and the builder method was not called.
-    fn session(&self, config: &Config) -> Option<String> {
+    fn on_connect(&self, config: &Config) -> Option<String> {
         let timeout = match self.statement_timeout {
             Some(t) => t,
             None if config
@@ -367,10 +367,10 @@ impl<K: 'static, V: 'static> PostgresStoreBuilder<K, V> {
     /// cannot be created or inspected.
     pub fn connect(self) -> Result<PostgresStore<K, V>, StoreError> {
         let config = self.config()?;
-        let session = self.session(&config);
+        let on_connect = self.on_connect(&config);
         let store = PostgresStore {
             config,
-            session,
+            on_connect,
             writer: Mutex::new(None),
             reader: Mutex::new(None),
             sql: Sql::new(&self.table),
@@ -640,15 +640,17 @@ impl<K: 'static, V: 'static> PostgresStore<K, V> {
         }
     }
 
-    /// A new connection, its session set up.
+    /// A new connection, with the statement timeout set.
     fn client(&self) -> Result<Client, StoreError> {
         let mut client = self
             .config
             .connect(NoTls)
             .map_err(|e| StoreError::unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
-        if let Some(sql) = &self.session {
+        if let Some(sql) = &self.on_connect {
             client.batch_execute(sql).map_err(|e| {
-                StoreError::unavailable(format!("cannot set up the PostgreSQL session: {e}"))
+                StoreError::unavailable(format!(
+                    "cannot set the statement timeout on a new PostgreSQL connection: {e}"
+                ))
             })?;
         }
         Ok(client)
@@ -918,7 +920,7 @@ mod tests {
         assert_eq!(c.get_keepalives_retries(), Some(DEFAULT_KEEPALIVES_RETRIES));
         assert_eq!(c.get_tcp_user_timeout(), Some(&DEFAULT_TCP_USER_TIMEOUT));
         assert_eq!(
-            b.session(&c).as_deref(),
+            b.on_connect(&c).as_deref(),
             Some("SET statement_timeout = 30000")
         );
     }
@@ -937,7 +939,7 @@ mod tests {
         assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(3)));
         assert_eq!(c.get_keepalives_retries(), Some(2));
         assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(11)));
-        assert_eq!(b.session(&c), None);
+        assert_eq!(b.on_connect(&c), None);
     }
 
     #[test]
@@ -958,28 +960,28 @@ mod tests {
         assert_eq!(c.get_keepalives_retries(), Some(6));
         assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(25)));
         assert_eq!(
-            b.session(&c).as_deref(),
+            b.on_connect(&c).as_deref(),
             Some("SET statement_timeout = 1500")
         );
     }
 
     #[test]
     fn statement_timeout_in_milliseconds_zero_turns_it_off() {
-        let session = |t: Duration| {
+        let on_connect = |t: Duration| {
             let b = builder(URL).statement_timeout(t);
             let c = b.config().unwrap();
-            b.session(&c)
+            b.on_connect(&c)
         };
         assert_eq!(
-            session(Duration::ZERO).as_deref(),
+            on_connect(Duration::ZERO).as_deref(),
             Some("SET statement_timeout = 0")
         );
         assert_eq!(
-            session(Duration::from_micros(10)).as_deref(),
+            on_connect(Duration::from_micros(10)).as_deref(),
             Some("SET statement_timeout = 1")
         );
         assert_eq!(
-            session(Duration::from_secs(u64::MAX)).as_deref(),
+            on_connect(Duration::from_secs(u64::MAX)).as_deref(),
             Some("SET statement_timeout = 2147483647")
         );
     }

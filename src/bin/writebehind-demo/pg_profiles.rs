@@ -98,7 +98,7 @@ impl Columns {
 
 /// Set on every new connection: a statement (a batch, a load, a wait for another client's
 /// lock) that runs longer fails as `Unavailable` instead of blocking.
-const SESSION: &str = "SET statement_timeout = 30000";
+const ON_CONNECT: &str = "SET statement_timeout = 30000";
 
 impl ProfileStore {
     /// Connects and creates the table if it is missing.
@@ -144,7 +144,8 @@ impl ProfileStore {
                     .config
                     .connect(NoTls)
                     .map_err(StoreError::unavailable)?;
-                c.batch_execute(SESSION).map_err(StoreError::unavailable)?;
+                c.batch_execute(ON_CONNECT)
+                    .map_err(StoreError::unavailable)?;
                 c
             }
         };
