@@ -328,3 +328,111 @@ fn in_memory_database_works() {
         .unwrap();
     assert_eq!(store.load(&"k".to_string()).unwrap(), Some(vec![1, 2]));
 }
+
+/// Opens a store over table `kv` of a database where `ddl` made the table beforehand, and
+/// returns the error message (or panics if the open succeeds).
+fn open_err(ddl: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    Connection::open(&path).unwrap().execute_batch(ddl).unwrap();
+    match SqliteStore::<u64, String>::open(&path, "kv") {
+        Ok(_) => panic!("opened a table made by {ddl:?}"),
+        Err(e) => {
+            assert!(matches!(e, StoreError::Rejected(_)), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains("table kv"), "{msg}");
+            msg
+        }
+    }
+}
+
+#[test]
+fn a_table_with_the_wrong_schema_is_refused_at_open() {
+    let cases = [
+        // (table, what the message must say)
+        (
+            "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB, version INTEGER NOT NULL)",
+            "no column deleted",
+        ),
+        (
+            "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB, version INTEGER, deleted INTEGER)",
+            "no column key",
+        ),
+        (
+            "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB, version INTEGER, deleted INTEGER)",
+            "column key has type TEXT",
+        ),
+        (
+            "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB, version TEXT, deleted INTEGER)",
+            "column version has type TEXT",
+        ),
+        (
+            "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB, version INTEGER, deleted BOOLEAN_TEXT)",
+            "column deleted has type BOOLEAN_TEXT",
+        ),
+        (
+            "CREATE TABLE kv (key BLOB, value BLOB, version INTEGER, deleted INTEGER)",
+            "key is neither the primary key nor unique",
+        ),
+        (
+            "CREATE TABLE kv (key BLOB, value BLOB, version INTEGER, deleted INTEGER, \
+             PRIMARY KEY (key, version))",
+            "key is neither the primary key nor unique",
+        ),
+        (
+            "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL, version INTEGER, \
+             deleted INTEGER)",
+            "column value is NOT NULL",
+        ),
+        (
+            "CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB, version INTEGER, \
+             deleted INTEGER, owner TEXT NOT NULL)",
+            "column owner is NOT NULL without a default",
+        ),
+        (
+            "CREATE TABLE other (x); CREATE VIEW kv AS SELECT x AS key, x AS value, \
+             x AS version, x AS deleted FROM other",
+            "is a view",
+        ),
+    ];
+    for (ddl, expected) in cases {
+        let msg = open_err(ddl);
+        assert!(
+            msg.contains(expected),
+            "{ddl}\n=> {msg}\n(expected {expected:?})"
+        );
+    }
+    // Several problems are all named at once.
+    let msg = open_err("CREATE TABLE kv (key INTEGER, value TEXT NOT NULL, version REAL)");
+    for part in [
+        "column key has type INTEGER",
+        "column value has type TEXT",
+        "column value is NOT NULL",
+        "column version has type REAL",
+        "no column deleted",
+    ] {
+        assert!(msg.contains(part), "{msg} (expected {part:?})");
+    }
+}
+
+#[test]
+fn a_compatible_table_made_by_hand_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            // A rowid table, key unique through an index, other type names of the same
+            // affinity, and extra columns the adapter does not write.
+            "CREATE TABLE app_kv (id INTEGER PRIMARY KEY, key BLOB NOT NULL, value, \
+             version BIGINT NOT NULL, deleted NUMERIC NOT NULL DEFAULT 0, \
+             note TEXT, created INTEGER NOT NULL DEFAULT 0); \
+             CREATE UNIQUE INDEX app_kv_key ON app_kv (key);",
+        )
+        .unwrap();
+    let store = SqliteStore::<u64, String>::open(&path, "main.app_kv").unwrap();
+    store.write_all(&[put(1, "a", 1), del(2, 1)]).unwrap();
+    store.write_all(&[put(1, "b", 2)]).unwrap();
+    assert_eq!(store.load(&1).unwrap().as_deref(), Some("b"));
+    assert_eq!(store.load(&2).unwrap(), None);
+}

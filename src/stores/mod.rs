@@ -40,8 +40,21 @@
 //!   [`StoreError::Unavailable`](crate::StoreError::Unavailable) (nothing is lost: the cache
 //!   retries). Constraint and data errors, codec failures and versions above `i64::MAX` are
 //!   [`StoreError::Rejected`](crate::StoreError::Rejected), for that record only.
+//!   A constraint checked at `COMMIT` (a deferred foreign key or constraint trigger) is
+//!   isolated the same way. Deadlocks and serialization failures are `Unavailable`.
+//! * **Key order.** A batch is applied in the order of its encoded key bytes, so two writers
+//!   whose batches share keys lock them in the same order and do not deadlock each other.
 //! * **Loads ignore tombstones.** `load` of a deleted key is `Ok(None)`; `load_all` runs one
 //!   query (SQLite: one per 500 keys).
+//! * **Schema check.** A table that already exists is checked when the store is opened or
+//!   connected: one whose columns do not fit the layout above (a missing column, another
+//!   type, a `key` that is not unique, a `NOT NULL` column the adapter does not write) is
+//!   refused with [`StoreError::Rejected`](crate::StoreError::Rejected), naming the table and
+//!   every mismatch.
+//! * **Bounded calls (PostgreSQL).** A statement timeout, TCP keepalives and a TCP user
+//!   timeout make a call on a dead connection, or one stuck behind another client's lock,
+//!   fail as `Unavailable` instead of blocking; see `PostgresStoreBuilder` for the settings
+//!   and their defaults.
 //!
 //! Tombstones stay until you remove them, with `purge_tombstones`, once no write older than
 //! a given version can arrive any more.
@@ -57,7 +70,11 @@ mod postgres;
 mod sqlite;
 
 #[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT};
+pub use self::postgres::{
+    PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVES_IDLE,
+    DEFAULT_KEEPALIVES_INTERVAL, DEFAULT_KEEPALIVES_RETRIES, DEFAULT_STATEMENT_TIMEOUT,
+    DEFAULT_TCP_USER_TIMEOUT,
+};
 #[cfg(feature = "serde")]
 pub use codec::SerdeJson;
 pub use codec::{Codec, CodecError, Raw};

@@ -40,6 +40,9 @@ const LOAD_CHUNK: usize = 500;
 ///   batch is replayed one record per transaction to find it.
 /// * `SQLITE_BUSY`, `SQLITE_LOCKED`, I/O, disk-full and every unclassified error are
 ///   [`BatchError::Unavailable`]: nothing was committed, the cache retries the batch.
+/// * An existing table is checked when the store opens: one with a missing column, a
+///   column of the wrong type or no unique `key` is refused then, with a message that
+///   names the table and each mismatch (see [`SqliteStoreBuilder::open`]).
 ///
 /// See the [module docs](crate::stores) for the table layout and the version guard.
 ///
@@ -155,12 +158,18 @@ impl<K, V> SqliteStoreBuilder<K, V> {
         self
     }
 
-    /// Opens (or creates) the database file and the table.
+    /// Opens (or creates) the database file and the table, and checks that an existing
+    /// table has the columns the adapter writes: `key` (BLOB affinity, the primary key or
+    /// unique on its own), `value` (BLOB affinity, nullable), `version` and `deleted`
+    /// (INTEGER or NUMERIC affinity), and no other `NOT NULL` column without a default.
+    /// Other columns, indexes and constraints are allowed.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the file cannot be opened or created, switched to WAL
-    /// mode, or the table cannot be created (a bad constraint among them); the message names
-    /// the path.
+    /// mode, or the table cannot be created (a bad constraint among them);
+    /// [`StoreError::Rejected`] when the table exists with a schema the adapter cannot use
+    /// (it would fail at every write, or compare versions as text). Each message names the
+    /// path and the table, and the second lists every mismatch.
     pub fn open(self) -> Result<SqliteStore<K, V>, StoreError> {
         let at = |what: &str, e: rusqlite::Error| {
             StoreError::unavailable(format!(
@@ -192,6 +201,17 @@ impl<K, V> SqliteStoreBuilder<K, V> {
         writer
             .execute_batch(&Sql::create(&self.table, &self.constraints))
             .map_err(|e| at(&format!("create table {}", self.table), e))?;
+        let problems = schema_problems(&writer, &self.table)
+            .map_err(|e| at(&format!("read the schema of table {}", self.table), e))?;
+        if !problems.is_empty() {
+            return Err(StoreError::rejected(format!(
+                "SQLite database {}: table {} does not fit the adapter: {}; it needs {}",
+                self.path.display(),
+                self.table,
+                problems.join("; "),
+                NEEDED,
+            )));
+        }
         let reader = if in_memory(&self.path) {
             None
         } else {
@@ -211,6 +231,163 @@ impl<K, V> SqliteStoreBuilder<K, V> {
             _types: PhantomData,
         })
     }
+}
+
+/// The columns the adapter writes, as the message of a schema mismatch states them.
+const NEEDED: &str = "key BLOB PRIMARY KEY (or UNIQUE), value BLOB (nullable), \
+                      version INTEGER, deleted INTEGER, and no other NOT NULL column \
+                      without a default";
+
+/// A column's type affinity, from its declared type (SQLite's rules, in their order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+fn affinity(declared: &str) -> Affinity {
+    let t = declared.to_ascii_uppercase();
+    if t.contains("INT") {
+        Affinity::Integer
+    } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+        Affinity::Text
+    } else if t.contains("BLOB") || t.trim().is_empty() {
+        Affinity::Blob
+    } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+        Affinity::Real
+    } else {
+        Affinity::Numeric
+    }
+}
+
+/// One row of `PRAGMA table_info`.
+struct Column {
+    name: String,
+    declared: String,
+    not_null: bool,
+    has_default: bool,
+    /// Position in the primary key, from 1; 0 when not part of it.
+    pk: i64,
+}
+
+/// What keeps table `table` (as the adapter names it, `schema.table` allowed) from working
+/// with the adapter's statements; empty when it fits.
+///
+/// The adapter needs `key` with BLOB affinity and unique on its own (the `ON CONFLICT
+/// (key)` target), `value` with BLOB affinity and nullable (a delete writes `NULL`),
+/// `version` and `deleted` with INTEGER or NUMERIC affinity (the version guard compares
+/// integers), and no other column it would have to fill.
+fn schema_problems(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (schema, name),
+        None => ("main", table),
+    };
+    let kind: Option<String> = conn
+        .query_row(
+            &format!(
+                "SELECT type FROM {}.sqlite_schema WHERE name = ?1 COLLATE NOCASE \
+                 AND type IN ('table', 'view')",
+                quote_ident(schema)
+            ),
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if kind.as_deref() == Some("view") {
+        return Ok(vec![format!("{table} is a view, not a table")]);
+    }
+    let columns: Vec<Column> = conn
+        .prepare("SELECT name, type, \"notnull\", dflt_value IS NOT NULL, pk FROM pragma_table_info(?1, ?2)")?
+        .query_map([name, schema], |r| {
+            Ok(Column {
+                name: r.get(0)?,
+                declared: r.get(1)?,
+                not_null: r.get(2)?,
+                has_default: r.get(3)?,
+                pk: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let pk_columns = columns.iter().filter(|c| c.pk > 0).count();
+    let mut problems = Vec::new();
+    let find = |n: &str| columns.iter().find(|c| c.name.eq_ignore_ascii_case(n));
+    let mut check_type = |n: &str, ok: &[Affinity], needs: &str| match find(n) {
+        None => problems.push(format!("no column {n}")),
+        Some(c) if !ok.contains(&affinity(&c.declared)) => problems.push(format!(
+            "column {n} has type {} ({:?} affinity), not {needs}",
+            if c.declared.is_empty() {
+                "(none)"
+            } else {
+                &c.declared
+            },
+            affinity(&c.declared),
+        )),
+        Some(_) => {}
+    };
+    check_type("key", &[Affinity::Blob], "BLOB");
+    check_type("value", &[Affinity::Blob], "BLOB");
+    check_type(
+        "version",
+        &[Affinity::Integer, Affinity::Numeric],
+        "INTEGER",
+    );
+    check_type(
+        "deleted",
+        &[Affinity::Integer, Affinity::Numeric],
+        "INTEGER",
+    );
+    if find("value").is_some_and(|c| c.not_null) {
+        problems.push("column value is NOT NULL, but a delete writes NULL".to_string());
+    }
+    if let Some(key) = find("key") {
+        let key_is_pk = key.pk > 0 && pk_columns == 1;
+        if !key_is_pk && !unique_on_its_own(conn, schema, name, &key.name)? {
+            problems
+                .push("column key is neither the primary key nor unique on its own".to_string());
+        }
+    }
+    for c in &columns {
+        let needed = ["key", "value", "version", "deleted"]
+            .iter()
+            .any(|n| c.name.eq_ignore_ascii_case(n));
+        // An INTEGER PRIMARY KEY of a rowid table is the rowid, filled in by SQLite.
+        let rowid = c.pk > 0 && pk_columns == 1 && c.declared.eq_ignore_ascii_case("INTEGER");
+        if !needed && !rowid && c.not_null && !c.has_default {
+            problems.push(format!(
+                "column {} is NOT NULL without a default, and the adapter does not write it",
+                c.name
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// `true` if a unique index that is not partial covers exactly `column` of the table.
+fn unique_on_its_own(
+    conn: &Connection,
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> rusqlite::Result<bool> {
+    let indexes: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_index_list(?1, ?2) WHERE \"unique\" = 1 AND partial = 0")?
+        .query_map([table, schema], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for index in indexes {
+        let columns: Vec<Option<String>> = conn
+            .prepare("SELECT name FROM pragma_index_info(?1, ?2)")?
+            .query_map([&index, schema], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if let [Some(only)] = &columns[..] {
+            if only.eq_ignore_ascii_case(column) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 fn in_memory(path: &Path) -> bool {
@@ -563,5 +740,43 @@ impl<K, V> fmt::Debug for SqliteStore<K, V> {
             .field("path", &self.path)
             .field("table", &self.table)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_follows_sqlites_rules_in_order() {
+        for (declared, expected) in [
+            ("INTEGER", Affinity::Integer),
+            ("bigint", Affinity::Integer),
+            ("UNSIGNED BIG INT", Affinity::Integer),
+            ("TEXT", Affinity::Text),
+            ("VARCHAR(10)", Affinity::Text),
+            ("CLOB", Affinity::Text),
+            ("BLOB", Affinity::Blob),
+            ("", Affinity::Blob),
+            ("REAL", Affinity::Real),
+            ("DOUBLE PRECISION", Affinity::Real),
+            ("NUMERIC", Affinity::Numeric),
+            ("BOOLEAN", Affinity::Numeric),
+            // "INT" comes first: a "FLOATING POINT" column has integer affinity.
+            ("FLOATING POINT", Affinity::Integer),
+        ] {
+            assert_eq!(affinity(declared), expected, "{declared:?}");
+        }
+    }
+
+    #[test]
+    fn the_table_the_adapter_creates_fits_it() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&Sql::create("kv", &[])).unwrap();
+        assert_eq!(schema_problems(&conn, "kv").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            schema_problems(&conn, "main.kv").unwrap(),
+            Vec::<String>::new()
+        );
     }
 }

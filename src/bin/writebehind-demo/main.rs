@@ -9,6 +9,7 @@
 mod pg_profiles;
 mod probe;
 mod profile;
+mod redact;
 mod report;
 mod sqlite_profiles;
 mod workload;
@@ -139,7 +140,13 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
         Err(e) => {
-            eprintln!("error: {e}");
+            // The messages name the server by its redacted connection string; a library's
+            // message could still quote the password, so it is scrubbed from all of them.
+            let message = match &args.postgres {
+                Some(conn) => redact::scrub(&e.to_string(), conn),
+                None => e.to_string(),
+            };
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -181,18 +188,20 @@ impl Drop for Target {
 
 fn open_target(args: &Args) -> Result<Target, BoxError> {
     if let Some(url) = &args.postgres {
+        // Messages show the connection string without its password.
+        let shown = redact::redact(url);
         let mut config: postgres::Config = url
             .parse()
-            .map_err(|e| format!("--postgres {url:?} is not a valid connection string: {e}"))?;
+            .map_err(|e| format!("--postgres {shown:?} is not a valid connection string: {e}"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
         // A first connection with a timeout, so an unreachable server is a clear error.
         config
             .connect(postgres::NoTls)
-            .map_err(|e| format!("cannot reach PostgreSQL at {url:?}: {}", chain(&e)))?;
+            .map_err(|e| format!("cannot reach PostgreSQL at {shown:?}: {}", chain(&e)))?;
         let store = pg_profiles::ProfileStore::connect(url)
-            .map_err(|e| format!("cannot use PostgreSQL at {url:?}: {e}"))?;
+            .map_err(|e| format!("cannot use PostgreSQL at {shown:?}: {e}"))?;
         return Ok(Target {
             db: Arc::new(Db::Postgres(Box::new(store))),
             label: "PostgreSQL".to_string(),

@@ -5,15 +5,18 @@
 //! as `super::Profile`: whoever includes it brings `Profile` into scope next to it.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use postgres::{Client, Config, NoTls};
 use writebehind::{BatchError, Store, StoreError, Write};
 
 use super::Profile;
 
 /// A version-guarded [`Store`] over the typed `profiles` table.
 pub struct ProfileStore {
-    url: String,
+    /// The connection string, with keepalives that find a dead connection in about a
+    /// minute (the client's own default waits two hours before the first probe).
+    config: Config,
     /// `None` after a connection error: the next call reconnects.
     client: Mutex<Option<Client>>,
 }
@@ -93,11 +96,23 @@ impl Columns {
     }
 }
 
+/// Set on every new connection: a statement (a batch, a load, a wait for another client's
+/// lock) that runs longer fails as `Unavailable` instead of blocking.
+const ON_CONNECT: &str = "SET statement_timeout = 30000";
+
 impl ProfileStore {
     /// Connects and creates the table if it is missing.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config = url.parse().map_err(StoreError::rejected)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
         let store = ProfileStore {
-            url: url.to_string(),
+            config,
             client: Mutex::new(None),
         };
         store.with_client(|c| c.batch_execute(CREATE))?;
@@ -124,7 +139,15 @@ impl ProfileStore {
         }
         let client = match slot.take() {
             Some(c) => c,
-            None => Client::connect(&self.url, NoTls).map_err(StoreError::unavailable)?,
+            None => {
+                let mut c = self
+                    .config
+                    .connect(NoTls)
+                    .map_err(StoreError::unavailable)?;
+                c.batch_execute(ON_CONNECT)
+                    .map_err(StoreError::unavailable)?;
+                c
+            }
         };
         let client = slot.insert(client);
         f(client).map_err(|e| {
@@ -180,6 +203,9 @@ impl Store<u64, Profile> for ProfileStore {
                 Err(e) => failed.push((i, e)),
             }
         }
+        // In key order: two writers whose batches share rows lock them in the same order
+        // and cannot deadlock each other. Each row keeps its index into the batch.
+        rows.sort_unstable_by_key(|(_, id, _, _)| *id);
         let mut all = Columns::default();
         for (_, id, version, value) in &rows {
             all.push(*id, *version, *value);
@@ -191,6 +217,9 @@ impl Store<u64, Profile> for ProfileStore {
             Err(StoreError::Rejected(_)) => {
                 let isolated = self.with_client(|c| {
                     let mut tx = c.transaction()?;
+                    // A deferred constraint fires at the end of its row's statement, inside
+                    // the row's savepoint, rather than failing the COMMIT for every row.
+                    tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")?;
                     for (i, id, version, value) in &rows {
                         let mut one = Columns::default();
                         one.push(*id, *version, *value);
