@@ -688,3 +688,41 @@ fn a_put_across_a_switch_to_write_through_vs_a_step() {
         assert_eq!(store.memory().get(&9), Some(2), "store and cache agree");
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// A local write (ReadOnly) against a failing batch of an older write of its key.
+// ---------------------------------------------------------------------------------------
+
+/// Key 1 has a write-behind write waiting after failed flushes when the cache switches to
+/// `ReadOnly`. A writer writes key 1 locally while `flush` sends the old write in a batch that
+/// fails: whichever comes first (the local write before the snapshot, or between the snapshot
+/// and the failure), the local value never reaches the store, and the old write is not sent
+/// after the local one superseded it.
+#[test]
+fn a_local_write_against_a_failing_batch_of_its_key() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(1, 10).unwrap();
+        store.set_down(true);
+        assert!(cache.set_write_mode(WriteMode::ReadOnly).is_err());
+        store.heal();
+        store.fail_next(1);
+        let c1 = cache.clone();
+        let writer = thread::spawn(move || {
+            c1.put(1, 20).unwrap();
+        });
+        let _ = cache.flush();
+        writer.join().unwrap();
+        store.heal();
+        let _ = cache.flush();
+        for call in store.calls() {
+            for w in &call.batch {
+                assert_ne!(w.value(), Some(&20), "a local write reached the store");
+            }
+        }
+        assert!(matches!(store.memory().get(&1), None | Some(10)));
+        assert_eq!(cache.get(&1).unwrap(), Some(20), "read your (local) writes");
+        assert_versions_grow(&store);
+    });
+}

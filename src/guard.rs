@@ -13,15 +13,23 @@
 //! panic. docs/ARCHITECTURE.md, "When user code panics", lists every call and what the engine
 //! does when it panics.
 
-use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-std::thread_local! {
-    /// Set while this thread is inside a store call or callback made by the cache.
-    static IN_STORE_CALL: Cell<bool> = const { Cell::new(false) };
-    /// How many engine scopes this thread is in (see the module docs).
-    static ENGINE_DEPTH: Cell<u32> = const { Cell::new(0) };
+// Through the facade: under loom its green threads share one OS thread, and the thread-locals
+// must be loom's (whose macro takes no `const` initializer).
+#[allow(clippy::missing_const_for_thread_local)]
+mod local {
+    use std::cell::Cell;
+
+    crate::sync::thread_local! {
+        /// Set while this thread is inside a store call or callback made by the cache.
+        pub(super) static IN_STORE_CALL: Cell<bool> = Cell::new(false);
+        /// How many engine scopes this thread is in (see the module docs).
+        pub(super) static ENGINE_DEPTH: Cell<u32> = Cell::new(0);
+    }
 }
+
+use local::{ENGINE_DEPTH, IN_STORE_CALL};
 
 /// `true` when the calling thread is inside a store call or callback made by a cache.
 pub(crate) fn in_store_call() -> bool {

@@ -15,8 +15,16 @@
 //!   one, across retries, `flush` and `close`.
 //! * **No silent loss.** An unavailable store makes writes wait and retry with capped
 //!   exponential backoff; a rejected record is retried `max_attempts` times and then handed
-//!   to [`Cache::failed_writes`] (and the `on_failed_write` callback); a panicking store is
-//!   caught and treated as unavailable; [`Cache::close`] returns what it could not write.
+//!   to [`Cache::failed_writes`] (and the `on_failed_write` callback), and leaves memory so
+//!   that reads go to the store again; a panicking store is caught and treated as
+//!   unavailable; [`Cache::close`] returns what it could not write.
+//! * **User code may panic.** A panic in the store, a callback, the clock, or a key's or
+//!   value's `Clone`, `Drop` or `Hash` kills no thread of the cache and strands no key: every
+//!   accepted write is, at every moment, in the store, queued, in the failed-writes sink or in
+//!   a close report. Panics are counted in [`Metrics::user_panics`].
+//! * **Acknowledgements mean the store holds the write.** [`Cache::wait_durable`] and
+//!   [`Cache::flush_key`] return `Ok` only once the store holds that version of the key or a
+//!   newer one; a write given up to the sink, or made in `ReadOnly` mode, never is.
 //! * **`flush` is a barrier** (see [`Cache::flush`]).
 //! * **No lock across the store.** A store may call back into the cache (`get`, `put`).
 //! * **At-least-once, versioned.** A batch may be delivered again after a failure; every

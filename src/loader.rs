@@ -13,7 +13,7 @@ pub(crate) struct LoadSlot<V> {
     cv: Condvar,
     /// The leader's thread: a miss of the key on that thread (its store's `load` reading the
     /// key through the cache) would wait for itself.
-    leader: std::thread::ThreadId,
+    leader: crate::sync::thread::ThreadId,
 }
 
 impl<V: Clone> LoadSlot<V> {
@@ -22,13 +22,13 @@ impl<V: Clone> LoadSlot<V> {
         LoadSlot {
             result: Mutex::new(None),
             cv: Condvar::new(),
-            leader: crate::sync::thread::current_id(),
+            leader: crate::sync::thread::model_id(),
         }
     }
 
     /// `true` if the calling thread leads this load.
     pub(crate) fn led_here(&self) -> bool {
-        self.leader == crate::sync::thread::current_id()
+        self.leader == crate::sync::thread::model_id()
     }
 
     /// The leader hands over what every caller should see.

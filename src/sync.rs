@@ -24,6 +24,13 @@ pub(crate) mod atomic {
 
 pub(crate) use crossbeam_utils::CachePadded;
 
+/// Thread-locals: loom's under the model checker, whose threads share one OS thread.
+#[cfg(not(writebehind_loom))]
+pub(crate) use std::thread_local;
+
+#[cfg(writebehind_loom)]
+pub(crate) use loom::thread_local;
+
 // ---------------------------------------------------------------------------------------
 // Mutex and Condvar: parking_lot in production, loom's under the model checker.
 // ---------------------------------------------------------------------------------------
@@ -221,6 +228,20 @@ pub(crate) mod thread {
     /// The id of the calling thread, to refuse joining oneself.
     pub(crate) fn current_id() -> std::thread::ThreadId {
         std::thread::current().id()
+    }
+
+    /// A thread's identity as the model sees it: loom's green threads share one OS thread.
+    #[cfg(not(writebehind_loom))]
+    pub(crate) type ThreadId = std::thread::ThreadId;
+    #[cfg(writebehind_loom)]
+    pub(crate) type ThreadId = loom::thread::ThreadId;
+
+    /// The calling thread's [`ThreadId`].
+    pub(crate) fn model_id() -> ThreadId {
+        #[cfg(not(writebehind_loom))]
+        return std::thread::current().id();
+        #[cfg(writebehind_loom)]
+        return loom::thread::current().id();
     }
 
     /// A slot for a flusher's thread handle, set once the thread runs; writers use it to

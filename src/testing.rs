@@ -27,6 +27,7 @@ use crate::error::{BatchError, StoreError};
 use crate::store::{MemoryStore, Store, Write};
 
 type RejectFn<K, V> = Box<dyn Fn(&Write<K, V>) -> bool + Send + Sync>;
+type Hook = Box<dyn FnOnce() + Send>;
 
 /// What a logged `write_all` call ended with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +40,9 @@ pub enum Outcome {
     Partial(Vec<usize>),
     /// The call panicked; nothing was applied.
     Panicked,
+    /// Nothing was applied, and the call answered with a `Partial` that does not account for
+    /// the batch (an index outside it).
+    Malformed,
 }
 
 /// One logged `write_all` call.
@@ -54,6 +58,7 @@ struct Faults<K, V> {
     fail_next: usize,
     panic_next: usize,
     partial_next: usize,
+    malformed_next: usize,
     down: bool,
     probability: f64,
     rng: u64,
@@ -61,6 +66,7 @@ struct Faults<K, V> {
     blocked: bool,
     waiting: usize,
     reject: Option<RejectFn<K, V>>,
+    before_next_write: Option<Hook>,
     log: Vec<Call<K, V>>,
     load_calls: usize,
 }
@@ -84,6 +90,7 @@ where
                 fail_next: 0,
                 panic_next: 0,
                 partial_next: 0,
+                malformed_next: 0,
                 down: false,
                 probability: 0.0,
                 rng: 0x2545_F491_4F6C_DD1D,
@@ -91,6 +98,7 @@ where
                 blocked: false,
                 waiting: 0,
                 reject: None,
+                before_next_write: None,
                 log: Vec::new(),
                 load_calls: 0,
             }),
@@ -137,6 +145,24 @@ where
         self.faults().partial_next = n;
     }
 
+    /// The next `n` `write_all` calls (after any armed `fail_next`) apply nothing and answer
+    /// with a malformed `Partial`: one failed index just past the batch, which does not
+    /// account for it. A cache must retry such a batch whole.
+    pub fn malformed_next(&self, n: usize) {
+        self.faults().malformed_next = n;
+    }
+
+    /// Runs `hook` at the start of the next `write_all` call, inside it (as a store that calls
+    /// back into the cache would), before any fault is applied. `take_hook` disarms it.
+    pub fn before_next_write(&self, hook: impl FnOnce() + Send + 'static) {
+        self.faults().before_next_write = Some(Box::new(hook));
+    }
+
+    /// Disarms the hook of [`FaultyStore::before_next_write`]; `true` if it had not run.
+    pub fn take_hook(&self) -> bool {
+        self.faults().before_next_write.take().is_some()
+    }
+
     /// The next `n` `write_all` calls panic before applying anything.
     pub fn panic_next(&self, n: usize) {
         self.faults().panic_next = n;
@@ -163,6 +189,7 @@ where
         f.fail_next = 0;
         f.panic_next = 0;
         f.partial_next = 0;
+        f.malformed_next = 0;
         f.down = false;
         f.probability = 0.0;
         f.reject = None;
@@ -262,6 +289,10 @@ where
     }
 
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
+        let hook = self.faults().before_next_write.take();
+        if let Some(hook) = hook {
+            hook();
+        }
         let mut f = self.enter();
         let log = |f: &mut Faults<K, V>, outcome: Outcome| {
             f.log.push(Call {
@@ -289,6 +320,14 @@ where
             return Err(BatchError::unavailable(
                 "faulty store: injected unavailability",
             ));
+        }
+        if f.malformed_next > 0 {
+            f.malformed_next -= 1;
+            log(&mut f, Outcome::Malformed);
+            return Err(BatchError::Partial(vec![(
+                batch.len(),
+                StoreError::rejected("faulty store: a failure outside the batch"),
+            )]));
         }
         let split = if f.partial_next > 0 {
             f.partial_next -= 1;

@@ -9,6 +9,10 @@ use harness::{Harness, Op, KEYS};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
+fn key2() -> std::ops::Range<u64> {
+    0..KEYS
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let key = 0..KEYS;
     prop_oneof![
@@ -22,6 +26,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Down),
         2 => Just(Op::Heal),
         1 => Just(Op::CloseReopen),
+        1 => (1..3usize).prop_map(Op::MalformedNext),
+        1 => (1..4u32, 0..25u64).prop_map(|(n, ms)| Op::CloneBomb(n, ms)),
+        1 => (key2(), 0..100u64).prop_map(|(k, v)| Op::ReadOnlyPut(k, v)),
+        1 => (key2(), 0..100u64, 0..25u64).prop_map(|(k, v, ms)| Op::ReadOnlyDuringBatch(k, v, ms)),
     ]
 }
 
@@ -33,7 +41,9 @@ proptest! {
     // Default config: 256 cases, `PROPTEST_CASES=N` for a longer run.
 
     /// Read-your-writes after every op; store == model after every successful flush; close
-    /// loses nothing; per-key versions received by the store never go down.
+    /// loses nothing; per-key versions received by the store never go down; a local write
+    /// never reaches the store. The environment's faults include panicking clones, malformed
+    /// store answers and mode switches around batches in flight.
     #[test]
     fn cache_matches_hashmap_model(initial in initial_rows(), ops in vec(op(), 1..80)) {
         let mut h = Harness::new(&initial);

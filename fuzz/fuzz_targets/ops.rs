@@ -22,6 +22,10 @@ enum FuzzOp {
     Down,
     Heal,
     CloseReopen,
+    MalformedNext(u8),
+    CloneBomb(u8, u8),
+    ReadOnlyPut(u8, u8),
+    ReadOnlyDuringBatch(u8, u8, u8),
 }
 
 impl FuzzOp {
@@ -38,6 +42,12 @@ impl FuzzOp {
             FuzzOp::Down => Op::Down,
             FuzzOp::Heal => Op::Heal,
             FuzzOp::CloseReopen => Op::CloseReopen,
+            FuzzOp::MalformedNext(n) => Op::MalformedNext(usize::from(*n % 2) + 1),
+            FuzzOp::CloneBomb(n, ms) => Op::CloneBomb(u32::from(*n % 3) + 1, u64::from(*ms % 32)),
+            FuzzOp::ReadOnlyPut(key, v) => Op::ReadOnlyPut(k(key), u64::from(*v)),
+            FuzzOp::ReadOnlyDuringBatch(key, v, ms) => {
+                Op::ReadOnlyDuringBatch(k(key), u64::from(*v), u64::from(*ms % 32))
+            }
         }
     }
 }

@@ -9,16 +9,46 @@
 //!
 //! After every op it checks read-your-writes for the key it touched; after every `flush` that
 //! returns `Ok` (always, when the store is healthy) it checks that the store equals the model
-//! exactly and nothing is dirty; after `close` that every write is in the store or in the
-//! report; at the end that the versions the store received per key never went down.
+//! exactly and nothing is dirty; after `close` that every write is in the store, in the
+//! failed-writes sink or in the report; at the end that the versions the store received per
+//! key never went down, and that no write made in `WriteMode::ReadOnly` reached the store.
+//!
+//! Besides the store's faults, the environment can make the values' `Clone` panic during a
+//! flusher step ([`Op::CloneBomb`]) and switch the write mode around a local write
+//! ([`Op::ReadOnlyPut`]).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use writebehind::testing::FaultyStore;
-use writebehind::{Cache, Error, ManualClock, Write};
+use writebehind::{Cache, Error, ManualClock, Write, WriteMode};
+
+std::thread_local! {
+    /// Clones of a [`Val`] on this thread that panic from now on (the harness runs the cache's
+    /// steps on its own thread: manual flushing).
+    static CLONE_BOMBS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The model's value: a `u64` whose `Clone` panics while [`CLONE_BOMBS`] is above zero.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Val(pub u64);
+
+impl Clone for Val {
+    fn clone(&self) -> Self {
+        let bomb = CLONE_BOMBS.with(|b| {
+            let n = b.get();
+            b.set(n.saturating_sub(1));
+            n > 0
+        });
+        if bomb {
+            panic!("Val::clone: injected panic");
+        }
+        Val(self.0)
+    }
+}
 
 /// Keys are drawn from `0..KEYS`, so operations collide on keys and shards.
 pub const KEYS: u64 = 8;
@@ -42,13 +72,24 @@ pub enum Op {
     PartialNext(usize),
     /// The store goes down (every call unavailable) until healed.
     Down,
+    /// The next `n` store batches apply nothing and answer with a malformed `Partial`.
+    MalformedNext(usize),
+    /// The next `n` clones of a value panic during a `flush_step` (advancing the clock this
+    /// many milliseconds); then the bombs are disarmed.
+    CloneBomb(u32, u64),
+    /// Switch to `WriteMode::ReadOnly` (its flush may fail), `put` locally, switch back.
+    ReadOnlyPut(u64, u64),
+    /// During the next batch (inside the store call): switch to `WriteMode::ReadOnly` and
+    /// `put` locally; that batch then fails. Then a step runs (advancing the clock this many
+    /// milliseconds) and the mode switches back.
+    ReadOnlyDuringBatch(u64, u64, u64),
     /// Every fault is cleared.
     Heal,
     /// `close`, then a new cache over the same store, replaying what close handed back.
     CloseReopen,
 }
 
-type Store = Arc<FaultyStore<u64, u64>>;
+type Store = Arc<FaultyStore<u64, Val>>;
 
 /// The system under test and its reference models.
 pub struct Harness {
@@ -56,20 +97,30 @@ pub struct Harness {
     ordered: bool,
     store: Store,
     clock: Arc<ManualClock>,
-    cache: Cache<u64, u64>,
+    cache: Arc<Cache<u64, Val>>,
     /// The answer `get` must give for every key the application wrote (`None`: deleted).
     written: HashMap<u64, Option<u64>>,
+    /// The version of each key's latest write.
+    latest: HashMap<u64, u64>,
+    /// Keys whose latest write is local (`ReadOnly`): never sent, lost at close.
+    local: HashSet<u64>,
+    /// Local writes (key, version), none of which may ever reach the store. (Versions are
+    /// counted per shard: only a key and its version name a write.)
+    local_versions: HashSet<(u64, u64)>,
+    /// Writes given up to the failed-writes sink, taken from it.
+    sink: Vec<Write<u64, Val>>,
     /// The store's rows before the first op (version 0: any cache write supersedes them).
     initial: HashMap<u64, u64>,
     /// Faults that are armed: when none is, the store is healthy.
     down: bool,
     fail_pending: usize,
+    malformed_pending: usize,
     partial_pending: usize,
     /// Operations applied, for failure messages.
     pub steps: usize,
 }
 
-fn build(store: &Store, clock: &Arc<ManualClock>, ordered: bool) -> Cache<u64, u64> {
+fn build(store: &Store, clock: &Arc<ManualClock>, ordered: bool) -> Arc<Cache<u64, Val>> {
     let b = Cache::builder(store.clone())
         .manual_flushing()
         .clock(clock.clone())
@@ -86,7 +137,7 @@ fn build(store: &Store, clock: &Arc<ManualClock>, ordered: bool) -> Cache<u64, u
     } else {
         b
     };
-    b.build().expect("valid model configuration")
+    Arc::new(b.build().expect("valid model configuration"))
 }
 
 impl Harness {
@@ -100,7 +151,7 @@ impl Harness {
     pub fn with_order(initial: &[(u64, u64)], ordered: bool) -> Self {
         let store: Store = Arc::new(FaultyStore::new());
         for &(k, v) in initial {
-            store.memory().insert(k, v);
+            store.memory().insert(k, Val(v));
         }
         let clock = Arc::new(ManualClock::new());
         let cache = build(&store, &clock, ordered);
@@ -110,16 +161,48 @@ impl Harness {
             clock,
             cache,
             written: HashMap::new(),
+            latest: HashMap::new(),
+            local: HashSet::new(),
+            local_versions: HashSet::new(),
+            sink: Vec::new(),
             initial: initial.iter().copied().collect(),
             down: false,
             fail_pending: 0,
+            malformed_pending: 0,
             partial_pending: 0,
             steps: 0,
         }
     }
 
     fn healthy(&self) -> bool {
-        !self.down && self.fail_pending == 0 && self.partial_pending == 0
+        !self.down
+            && self.fail_pending == 0
+            && self.partial_pending == 0
+            && self.malformed_pending == 0
+    }
+
+    /// The store's rows, as plain numbers.
+    fn store_rows(&self) -> HashMap<u64, u64> {
+        self.store
+            .memory()
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    }
+
+    /// Takes what went to the failed-writes sink: a key whose latest write is there left
+    /// memory, and reads the store from now on.
+    fn drain_sink(&mut self) {
+        let rows = self.store_rows();
+        for f in self.cache.failed_writes() {
+            let k = *f.write.key();
+            if self.latest.get(&k) == Some(&f.write.version()) {
+                self.written.insert(k, rows.get(&k).copied());
+                self.local.remove(&k);
+            }
+            self.sink.push(f.write);
+        }
     }
 
     /// What `get(key)` must answer.
@@ -130,9 +213,11 @@ impl Harness {
         }
     }
 
-    /// The rows the store must hold once everything is written.
+    /// The rows the store must hold once everything is written, for the keys whose latest
+    /// write is not local (what the store holds of those is left open).
     fn expected_store(&self) -> HashMap<u64, u64> {
         (0..KEYS)
+            .filter(|k| !self.local.contains(k))
             .filter_map(|k| self.expected(k).map(|v| (k, v)))
             .collect()
     }
@@ -143,19 +228,22 @@ impl Harness {
     /// fault is "pending" until a step or flush ran after it was armed with enough calls.
     fn note_store_calls(&mut self, calls_before: usize) {
         let made = self.store.calls().len() - calls_before;
-        // Each call consumes one armed fail (checked first by the store), else one partial.
+        // Each call consumes one armed fail (checked first by the store), else one malformed
+        // answer, else one partial.
         let fails = made.min(self.fail_pending);
         self.fail_pending -= fails;
-        let partials = if self.down {
-            0
+        let (malformed, partials) = if self.down {
+            (0, 0)
         } else {
-            (made - fails).min(self.partial_pending)
+            let m = (made - fails).min(self.malformed_pending);
+            (m, (made - fails - m).min(self.partial_pending))
         };
+        self.malformed_pending -= malformed;
         self.partial_pending -= partials;
     }
 
-    fn check_read(&self, key: u64, got: Result<Option<u64>, Error>) {
-        match got {
+    fn check_read(&self, key: u64, got: Result<Option<Val>, Error>) {
+        match got.map(|v| v.map(|v| v.0)) {
             Ok(v) => assert_eq!(
                 v,
                 self.expected(key),
@@ -169,8 +257,10 @@ impl Harness {
     }
 
     fn check_store_equals_model(&self, what: &str) {
+        let mut rows = self.store_rows();
+        rows.retain(|k, _| !self.local.contains(k));
         assert_eq!(
-            self.store.memory().snapshot(),
+            rows,
             self.expected_store(),
             "step {}: after {what} the store differs from the model",
             self.steps
@@ -188,14 +278,44 @@ impl Harness {
         self.steps += 1;
         match *op {
             Op::Put(k, v) => {
-                self.cache.put(k, v).expect("put on an open cache");
-                self.written.insert(k, Some(v));
-                self.check_read(k, self.cache.get(&k));
+                let version = self.cache.put(k, Val(v)).expect("put on an open cache");
+                self.wrote(k, Some(v), version);
             }
             Op::Remove(k) => {
-                self.cache.remove(&k).expect("remove on an open cache");
-                self.written.insert(k, None);
-                self.check_read(k, self.cache.get(&k));
+                let version = self.cache.remove(&k).expect("remove on an open cache");
+                self.wrote(k, None, version);
+            }
+            Op::ReadOnlyPut(k, v) => {
+                let before = self.store.calls().len();
+                // Leaving write-behind flushes first; a failing store makes that flush fail
+                // and the pending write of `k`, if any, is superseded by the local one.
+                let _ = self.cache.set_write_mode(WriteMode::ReadOnly);
+                self.note_store_calls(before);
+                let version = self.cache.put(k, Val(v)).expect("a local put");
+                self.cache.set_write_mode(WriteMode::Behind).unwrap();
+                self.wrote(k, Some(v), version);
+                self.local.insert(k);
+                self.local_versions.insert((k, version));
+            }
+            Op::CloneBomb(n, ms) => {
+                let before = self.store.calls().len();
+                self.clock.advance(Duration::from_millis(ms));
+                CLONE_BOMBS.with(|b| b.set(n));
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.cache.flush_step()
+                }));
+                CLONE_BOMBS.with(|b| b.set(0));
+                assert!(
+                    matches!(stepped, Ok(Ok(_))),
+                    "step {}: a value's panicking Clone escaped flush_step",
+                    self.steps
+                );
+                self.note_store_calls(before);
+            }
+            Op::ReadOnlyDuringBatch(k, v, ms) => self.read_only_during_batch(k, v, ms),
+            Op::MalformedNext(n) => {
+                self.store.malformed_next(n);
+                self.malformed_pending = n;
             }
             Op::Get(k) => self.check_read(k, self.cache.get(&k)),
             Op::Step(ms) => {
@@ -211,8 +331,11 @@ impl Harness {
                 let before = self.store.calls().len();
                 let result = self.cache.flush();
                 self.note_store_calls(before);
+                self.drain_sink();
                 match result {
                     Ok(()) => self.check_store_equals_model("flush() == Ok"),
+                    // Writes whose clones kept panicking went to the sink.
+                    Err(Error::Store(_)) if !self.sink.is_empty() => {}
                     Err(Error::FlushTimeout { .. }) if !healthy => {}
                     Err(e) => panic!(
                         "step {}: flush failed (store healthy: {healthy}): {e}",
@@ -236,27 +359,80 @@ impl Harness {
                 self.store.heal();
                 self.down = false;
                 self.fail_pending = 0;
+                self.malformed_pending = 0;
                 self.partial_pending = 0;
             }
             Op::CloseReopen => self.close_and_reopen(),
         }
+        self.drain_sink();
         // Read-your-writes holds for every key, not only the one touched (cheap: 8 keys).
-        if matches!(op, Op::Step(_) | Op::Flush | Op::CloseReopen) {
+        if matches!(
+            op,
+            Op::Step(_) | Op::Flush | Op::CloseReopen | Op::CloneBomb(..) | Op::ReadOnlyPut(..)
+        ) {
             for k in 0..KEYS {
                 self.check_read(k, self.cache.get(&k));
             }
         }
     }
 
+    fn read_only_during_batch(&mut self, k: u64, v: u64, ms: u64) {
+        let cache = Arc::downgrade(&self.cache);
+        let local = Arc::new(std::sync::Mutex::new(None));
+        let slot = local.clone();
+        self.store.before_next_write(move || {
+            if let Some(c) = cache.upgrade() {
+                // The switch's flush is refused inside a store call; the mode switches.
+                let _ = c.set_write_mode(WriteMode::ReadOnly);
+                *slot.lock().unwrap() = Some(c.put(k, Val(v)).expect("a local put"));
+            }
+        });
+        // The batch the local write lands in fails (consumed only if a batch is sent).
+        let was_failing = self.fail_pending;
+        self.store.fail_next(was_failing + 1);
+        let before = self.store.calls().len();
+        self.clock.advance(Duration::from_millis(ms));
+        self.cache
+            .flush_step()
+            .expect("flush_step on an open cache");
+        let ran = !self.store.take_hook();
+        let made = self.store.calls().len() - before;
+        if made == 0 {
+            self.store.fail_next(was_failing);
+        } else {
+            self.fail_pending = was_failing + 1;
+            self.note_store_calls(before);
+        }
+        self.cache.set_write_mode(WriteMode::Behind).unwrap();
+        if ran {
+            let version = local.lock().unwrap().take().expect("the hook wrote");
+            self.wrote(k, Some(v), version);
+            self.local.insert(k);
+            self.local_versions.insert((k, version));
+        }
+    }
+
+    /// Records a write the application made and checks read-your-writes for it.
+    fn wrote(&mut self, k: u64, v: Option<u64>, version: u64) {
+        self.written.insert(k, v);
+        self.latest.insert(k, version);
+        self.local.remove(&k);
+        self.check_read(k, self.cache.get(&k));
+    }
+
     fn close_and_reopen(&mut self) {
+        // Only a store healthy before close must take everything: close gives each record
+        // `max_attempts + 1` rounds, which one-shot faults armed before it may use up.
+        let healthy_before = self.healthy();
         let before = self.store.calls().len();
         let report = self.cache.close(Duration::from_secs(1));
         self.note_store_calls(before);
         let after_close = self.store.calls().len();
+        self.drain_sink();
         let handed_back: HashMap<u64, Option<u64>> = report
             .unwritten
             .iter()
-            .map(|w| (*w.key(), w.value().copied()))
+            .map(|w| (*w.key(), w.value().map(|v| v.0)))
             .collect();
         assert_eq!(
             handed_back.len(),
@@ -264,9 +440,18 @@ impl Harness {
             "step {}: close handed a key back twice",
             self.steps
         );
-        // No silent loss: every write is in the store, or handed back with its latest value.
-        let stored = self.store.memory().snapshot();
+        // No silent loss: every write is in the store, handed back with its latest value, or
+        // (for a write given up) in the sink. A local write is none of them: close drops it.
+        let stored = self.store_rows();
         for (&k, &v) in &self.written {
+            if self.local.contains(&k) {
+                assert!(
+                    !handed_back.contains_key(&k) || handed_back.get(&k) != Some(&v),
+                    "step {}: key {k}: close handed back a local write",
+                    self.steps
+                );
+                continue;
+            }
             let in_store = stored.get(&k).copied() == v;
             let returned = handed_back.get(&k) == Some(&v);
             assert!(
@@ -276,7 +461,7 @@ impl Harness {
                 stored.get(&k)
             );
         }
-        if self.healthy() {
+        if healthy_before {
             assert!(
                 report.unwritten.is_empty(),
                 "step {}: close with a healthy store left {:?}",
@@ -284,7 +469,7 @@ impl Harness {
                 report.unwritten
             );
         }
-        assert!(matches!(self.cache.put(0, 0), Err(Error::Closed)));
+        assert!(matches!(self.cache.put(0, Val(0)), Err(Error::Closed)));
         assert!(matches!(self.cache.flush(), Err(Error::Closed)));
         assert_eq!(
             self.store.calls().len(),
@@ -295,10 +480,17 @@ impl Harness {
         // The application replays what close handed back into a new cache.
         self.cache = build(&self.store, &self.clock, self.ordered);
         for w in report.unwritten {
-            match w {
+            let (k, v) = (*w.key(), w.value().map(|v| v.0));
+            let version = match w {
                 Write::Put { key, value, .. } => self.cache.put(key, value).unwrap(),
                 Write::Delete { key, .. } => self.cache.remove(&key).unwrap(),
             };
+            self.latest.insert(k, version);
+            debug_assert_eq!(self.written.get(&k), Some(&v));
+        }
+        // Local writes did not survive the close: those keys read the store again.
+        for k in std::mem::take(&mut self.local) {
+            self.written.insert(k, stored.get(&k).copied());
         }
     }
 
@@ -311,6 +503,12 @@ impl Harness {
                 versions.windows(2).all(|w| w[0] <= w[1]),
                 "key {k}: the store received versions out of order: {versions:?}"
             );
+            for v in &versions {
+                assert!(
+                    !self.local_versions.contains(&(k, *v)),
+                    "key {k}: a write made in ReadOnly mode (version {v}) reached the store"
+                );
+            }
         }
         let report = self.cache.close(Duration::from_secs(1));
         assert!(report.unwritten.is_empty(), "{:?}", report.unwritten);
