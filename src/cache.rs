@@ -1509,9 +1509,14 @@ where
     /// write of the key), or `timeout` passes. Use it to tell a client "saved" without
     /// writing through on every request; [`Cache::flush_key`] makes it quick.
     ///
+    /// `Ok` means the store holds that version of the key or a newer one, never less: a write
+    /// given up to the failed-writes sink, or made in [`WriteMode::ReadOnly`], is never
+    /// acknowledged, also after its key has left memory.
+    ///
     /// # Errors
-    /// [`Error::Timeout`] (the write stays queued). In [`WriteMode::ReadOnly`] nothing is
-    /// ever written, so this always times out.
+    /// [`Error::Timeout`] (the write stays queued). [`Error::Store`] at once when the write
+    /// was given up (it is in [`Cache::failed_writes`]). In [`WriteMode::ReadOnly`] nothing is
+    /// ever written, so this always times out. A `timeout` of `Duration::MAX` waits for good.
     ///
     /// # Examples
     /// ```

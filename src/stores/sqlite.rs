@@ -192,9 +192,8 @@ impl<K, V> SqliteStoreBuilder<K, V> {
         // Checkpoint every 10,000 WAL pages (about 40 MiB) instead of every 1,000: a batch of
         // keys dirtied at random modifies hundreds of pages, and between two checkpoints the
         // same pages are modified again and again; copying them back ten times less often
-        // took flushes of 100,000 random keys from 42-48k to 70-77k rows/s on this machine
-        // (docs/BENCHMARKS-HISTORY.md, "Store-side targets (SQLite and PostgreSQL), 2026-11-26
-        // to the third session of 2026-11-27").
+        // makes a flush of 100,000 random keys about 1.6 times as fast
+        // (`STORES_KEYS=100000 cargo bench --features sqlite,postgres --bench stores`).
         writer
             .pragma_update(None, "wal_autocheckpoint", 10_000)
             .map_err(|e| at("set wal_autocheckpoint", e))?;
@@ -701,10 +700,8 @@ where
             })
             .collect();
         // Apply in key order: a batch arrives in hash order, and walking the B-tree in order
-        // touches each page once instead of jumping around the file (measured in
-        // docs/BENCHMARKS-HISTORY.md, "Store-side targets (SQLite and PostgreSQL), 2026-11-26
-        // to the third session of 2026-11-27": several times faster on a table larger than
-        // SQLite's page cache).
+        // touches each page once instead of jumping around the file (several times faster on a
+        // table larger than SQLite's page cache: docs/BENCHMARKS.md, "Stores").
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by(|&a, &b| {
             let key = |i: usize| rows[i].as_ref().map(|r| &r.key[..]);
