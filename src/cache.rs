@@ -5,29 +5,19 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backpressure, Builder, FailedWriteHook, KeyOrder, Weigher, WriteMode};
+use crate::config::Builder;
+use crate::error::FailedWrite;
 use crate::error::{Error, StoreError};
 use crate::flusher::{self, Flusher, StepMode, Ticket, TicketOutcome};
 use crate::guard::{call_store, in_engine, EngineScope};
-use crate::loader::{LoadSlot, Loader, RefreshJob};
+use crate::loader::{Loader, RefreshJob};
 use crate::metrics::Metrics;
-use crate::shard::{Durability, Limits, LoadRole, Lookup, Shard, Table};
+use crate::settings::{Backpressure, FailedWriteHook, KeyOrder, Weigher, WriteMode};
+use crate::shard::{Durability, Limits, LoadRole, LoadSlot, Lookup, Shard, Table};
 use crate::store::{Store, Write};
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use crate::sync::thread::JoinHandle;
 use crate::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-/// A write the cache gave up on: the store rejected it `attempts` times. The application
-/// decides what to do with it (log it, fix and re-submit it, park it elsewhere).
-#[derive(Clone, Debug)]
-pub struct FailedWrite<K, V> {
-    /// The write, with the value and version the store refused.
-    pub write: Write<K, V>,
-    /// The last error.
-    pub error: StoreError,
-    /// How many times it was tried.
-    pub attempts: u32,
-}
 
 /// What [`Cache::close`] could not write.
 #[derive(Debug)]
@@ -440,6 +430,7 @@ where
     }
 
     pub(crate) fn from_builder(b: Builder<K, V>) -> Result<Self, Error> {
+        let b = b.s;
         b.validate()?;
         let first_version = first_version();
         let nshards = b.shards;
@@ -454,7 +445,7 @@ where
         let ring_capacity = b
             .ring_capacity
             .max(2 * (b.max_batch / owned_per_flusher).max(1))
-            .min((crate::config::MAX_RING_SLOTS / nshards).max(b.ring_capacity));
+            .min((crate::settings::MAX_RING_SLOTS / nshards).max(b.ring_capacity));
         let ns =
             |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let limits = Limits {
@@ -1833,21 +1824,6 @@ where
             .field("write_mode", &self.write_mode())
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
-    }
-}
-
-impl<K, V> Builder<K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    /// Builds the cache and starts its flusher threads.
-    ///
-    /// # Errors
-    /// [`Error::InvalidConfig`] naming the setting at fault; [`Error::Spawn`] if a thread could
-    /// not be started.
-    pub fn build(self) -> Result<Cache<K, V>, Error> {
-        Cache::from_builder(self)
     }
 }
 

@@ -21,7 +21,8 @@
 
 use std::time::Duration;
 
-use crate::cache::{FailedWrite, Inner};
+use crate::cache::Inner;
+use crate::error::FailedWrite;
 use crate::error::{BatchError, StoreError};
 use crate::guard::{call_store, catch};
 use crate::metrics::FlusherStats;

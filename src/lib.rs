@@ -56,6 +56,7 @@ mod flusher;
 mod guard;
 mod loader;
 mod metrics;
+mod settings;
 mod shard;
 mod store;
 pub mod stores;
@@ -70,16 +71,17 @@ pub mod __verify {
     pub use crate::dirty_ring::DirtyRing;
 }
 
-pub use cache::{Cache, CloseReport, FailedWrite};
+pub use cache::{Cache, CloseReport};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{
-    Backpressure, Builder, WriteMode, DEFAULT_FAILED_WRITES_CAPACITY, DEFAULT_FLUSHERS,
+pub use config::Builder;
+pub use error::{BatchError, Error, FailedWrite, Source, StoreError};
+pub use metrics::{Distribution, Health, Metrics};
+pub use settings::{
+    Backpressure, WriteMode, DEFAULT_FAILED_WRITES_CAPACITY, DEFAULT_FLUSHERS,
     DEFAULT_FLUSHER_NICE, DEFAULT_FLUSH_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BATCH,
     DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_STORE_TIMEOUT,
-    DEFAULT_WRITE_DELAY,
+    DEFAULT_WRITE_DELAY, MAX_BATCH, MAX_RING_CAPACITY, MAX_RING_SLOTS,
 };
-pub use error::{BatchError, Error, Source, StoreError};
-pub use metrics::{Distribution, Health, Metrics};
 pub use store::{MemoryStore, Store, Write};
 
 /// Compiles the examples of `docs/FEDERATION.md` as doctests.
