@@ -332,6 +332,24 @@ where
     /// [`Error::InvalidConfig`] naming the setting at fault; [`Error::Spawn`] if a thread could
     /// not be started.
     pub fn build(self) -> Result<Cache<K, V>, Error> {
-        Cache::from_builder(self)
+        Cache::from_settings(self.s)
+    }
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Starts configuring a cache in front of `store`.
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, MemoryStore};
+    /// let cache: Cache<u64, u64> = Cache::builder(MemoryStore::new()).build()?;
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn builder(store: impl Store<K, V>) -> Builder<K, V> {
+        Builder::new(store)
     }
 }

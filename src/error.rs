@@ -207,15 +207,3 @@ impl std::error::Error for Error {
         }
     }
 }
-
-/// A write the cache gave up on: the store rejected it `attempts` times. The application
-/// decides what to do with it (log it, fix and re-submit it, park it elsewhere).
-#[derive(Clone, Debug)]
-pub struct FailedWrite<K, V> {
-    /// The write, with the value and version the store refused.
-    pub write: crate::store::Write<K, V>,
-    /// The last error.
-    pub error: StoreError,
-    /// How many times it was tried.
-    pub attempts: u32,
-}

@@ -51,6 +51,7 @@ mod cache;
 mod clock;
 mod config;
 mod dirty_ring;
+mod engine;
 mod error;
 mod flusher;
 mod guard;
@@ -58,6 +59,7 @@ mod loader;
 mod metrics;
 mod settings;
 mod shard;
+mod shared;
 mod store;
 pub mod stores;
 pub(crate) mod sync;
@@ -71,10 +73,11 @@ pub mod __verify {
     pub use crate::dirty_ring::DirtyRing;
 }
 
-pub use cache::{Cache, CloseReport};
+pub use cache::Cache;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Builder;
-pub use error::{BatchError, Error, FailedWrite, Source, StoreError};
+pub use engine::CloseReport;
+pub use error::{BatchError, Error, Source, StoreError};
 pub use metrics::{Distribution, Health, Metrics};
 pub use settings::{
     Backpressure, WriteMode, DEFAULT_FAILED_WRITES_CAPACITY, DEFAULT_FLUSHERS,
@@ -82,7 +85,7 @@ pub use settings::{
     DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_STORE_TIMEOUT,
     DEFAULT_WRITE_DELAY, MAX_BATCH, MAX_RING_CAPACITY, MAX_RING_SLOTS,
 };
-pub use store::{MemoryStore, Store, Write};
+pub use store::{FailedWrite, MemoryStore, Store, Write};
 
 /// Compiles the examples of `docs/FEDERATION.md` as doctests.
 #[cfg(doctest)]

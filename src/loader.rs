@@ -3,6 +3,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::shared::Shared;
+use crate::sync::atomic::Ordering;
 use crate::sync::{Condvar, Mutex};
 
 /// A refresh to run: the key, its shard, and the version it must still have.
@@ -60,5 +62,34 @@ impl<K> Loader<K> {
         q.stop = true;
         self.cv.notify_all();
         q.jobs.drain(..).collect()
+    }
+}
+
+impl<K> Loader<K> {
+    /// The body of a refresh-ahead loader thread: runs jobs until stopped or the cache closes.
+    pub(crate) fn run<V>(&self, shared: &Shared<K, V>)
+    where
+        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        while let Some(job) = self.next() {
+            if shared.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            let loaded = shared
+                .read_store("load", || shared.store.load(&job.key))
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "refresh-ahead reload failed; the old value stays until it expires");
+                });
+            let hash = shared.hash(&job.key);
+            let now = shared.coarse_now();
+            shared.shards[job.shard].table.lock().finish_refresh(
+                hash,
+                &job.key,
+                job.version,
+                loaded,
+                now,
+            );
+        }
     }
 }

@@ -95,7 +95,7 @@ pub(crate) type Weigher<K, V> = std::sync::Arc<dyn Fn(&K, &V) -> u32 + Send + Sy
 pub(crate) type KeyOrder<K> = std::sync::Arc<dyn Fn(&K, &K) -> std::cmp::Ordering + Send + Sync>;
 
 /// A callback that sees every write the cache gave up on.
-pub(crate) type FailedWriteHook<K, V> = Box<dyn Fn(&crate::error::FailedWrite<K, V>) + Send + Sync>;
+pub(crate) type FailedWriteHook<K, V> = Box<dyn Fn(&crate::store::FailedWrite<K, V>) + Send + Sync>;
 
 /// Every setting of a cache, as [`Builder`](crate::Builder) collected them.
 pub(crate) struct Settings<K, V> {

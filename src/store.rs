@@ -58,6 +58,18 @@ impl<K, V> Write<K, V> {
     }
 }
 
+/// A write the cache gave up on: the store rejected it `attempts` times. The application
+/// decides what to do with it (log it, fix and re-submit it, park it elsewhere).
+#[derive(Clone, Debug)]
+pub struct FailedWrite<K, V> {
+    /// The write, with the value and version the store refused.
+    pub write: Write<K, V>,
+    /// The last error.
+    pub error: StoreError,
+    /// How many times it was tried.
+    pub attempts: u32,
+}
+
 /// The system of record behind a cache: blocking, called only from flusher threads, from a
 /// reader's thread on a miss, and from the writer's thread in write-through mode.
 ///

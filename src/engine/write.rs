@@ -1,0 +1,431 @@
+//! The write paths: write-behind (record, queue on the shard's ring, arm the shard, wake the
+//! flusher), backpressure, write-through (one key at a time per key, in version order) and
+//! the local writes of `ReadOnly` mode.
+
+use std::hash::Hash;
+use std::time::Duration;
+
+use super::Inner;
+use crate::error::Error;
+use crate::guard::{call_store, in_engine};
+use crate::settings::{Backpressure, WriteMode};
+use crate::shard::{Shard, Table};
+use crate::store::Write;
+use crate::sync::atomic::Ordering;
+use crate::sync::MutexGuard;
+
+/// A key's write-through in flight ([`Table::begin_through`](crate::shard::Table)): ended by
+/// [`ThroughMark::end`] under the table lock once the write is cached, or on drop (a failed
+/// store call, or a panic in between) so that a waiting write-through of the key never waits
+/// for good.
+struct ThroughMark<'a, K: Eq + Clone + Hash, V: Clone> {
+    shard: &'a Shard<K, V>,
+    hash: u64,
+    key: Option<K>,
+}
+
+impl<K: Eq + Clone + Hash, V: Clone> ThroughMark<'_, K, V> {
+    /// Ends the write-through under the caller's lock; `true` if another one waits for it.
+    fn end(mut self, table: &mut Table<K, V>) -> bool {
+        match self.key.take() {
+            Some(key) => table.end_through(self.hash, &key),
+            None => false,
+        }
+    }
+}
+
+impl<K: Eq + Clone + Hash, V: Clone> Drop for ThroughMark<'_, K, V> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let waited = self.shard.table.lock().end_through(self.hash, &key);
+            if waited {
+                self.shard.through_done.notify_all();
+            }
+        }
+    }
+}
+
+/// How a write-behind queued its key ([`Cache::queue`], under the shard lock).
+pub(super) enum Queued<K> {
+    /// The key was already queued in the open epoch: nothing to push.
+    Conflated,
+    /// Pushed; the ring's length just after the push (for the count trigger).
+    Pushed(usize),
+    /// The ring was full: the key is given back (to drop after the unlock), and `raised` says
+    /// whether this write set the shard's overflow flag (then it wakes the flusher).
+    Overflowed { key: K, raised: bool },
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    #[inline]
+    pub(crate) fn write(&self, key: K, value: Option<V>) -> Result<u64, Error> {
+        match self.write_mode() {
+            WriteMode::Behind => self.write_behind(key, value),
+            WriteMode::Through => self.write_through(key, value),
+            WriteMode::ReadOnly => self.write_local(key, value),
+        }
+    }
+
+    #[inline]
+    pub(super) fn write_behind(&self, key: K, value: Option<V>) -> Result<u64, Error> {
+        let inner = self;
+        let hash = inner.hash(&key);
+        let s = inner.shard_of(hash);
+        let shard = &inner.shards[s];
+        let weight = inner.weight(&key, value.as_ref());
+        let now = inner.coarse_now();
+        let mut table = Self::lock_behind(shard, hash, &key)?;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if let Some((high, low, policy)) = inner.backpressure {
+            if !table.admits(high, low, hash, &key) {
+                drop(table);
+                return self.write_under_pressure(s, hash, key, value, weight, policy);
+            }
+        }
+        Ok(self.write_locked(s, table, hash, key, value, now, weight))
+    }
+
+    /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is
+    /// still at the store (the mode switched while this write was on its way), waits for it
+    /// first, or this write's batch could reach the store before the older write-through.
+    #[inline]
+    pub(super) fn lock_behind<'a>(
+        shard: &'a Shard<K, V>,
+        hash: u64,
+        key: &K,
+    ) -> Result<MutexGuard<'a, Table<K, V>>, Error> {
+        let mut table = shard.table.lock();
+        while table.through_in_flight(hash, key) {
+            Self::wait_through(shard, &mut table)?;
+        }
+        Ok(table)
+    }
+
+    /// A write-behind on a shard whose table lock the caller holds: records the write, queues
+    /// its key while still holding the lock ([`Cache::queue`]), unlocks, then wakes whoever the
+    /// write calls for. Returns the write's version.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub(super) fn write_locked(
+        &self,
+        s: usize,
+        mut table: MutexGuard<'_, Table<K, V>>,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        now: u64,
+        weight: u32,
+    ) -> u64 {
+        let mut outcome = table.write(hash, key, value, now, weight);
+        let queued = Self::queue(&self.shards[s], outcome.ring_key.take());
+        drop(table);
+        self.after_write(s, outcome, queued)
+    }
+
+    /// Puts the key of a write that was not queued in the open epoch on its shard's ring, or
+    /// raises the shard's overflow flag if the ring is full. Called **with the shard's table
+    /// lock held**: a later write of the key in the same epoch conflates (it finds the
+    /// entry's tag equal to the open epoch and does not push), and returns as soon as it
+    /// unlocks. If this push came after the unlock, that write could return while the key was
+    /// on no ring and behind no flag; a `flush()` begun then would close the epoch, drain
+    /// the ring without it and return with the write unsent. Under the lock the push (or the
+    /// flag) happens before any write that can conflate into it, so a flush that a write
+    /// returned before finds the key drained or scanned. docs/ARCHITECTURE.md, "Why no
+    /// accepted write is lost".
+    #[inline]
+    pub(super) fn queue(shard: &crate::shard::Shard<K, V>, ring_key: Option<K>) -> Queued<K> {
+        let Some(key) = ring_key else {
+            return Queued::Conflated;
+        };
+        match shard.ring.push(key) {
+            Ok(len) => Queued::Pushed(len),
+            Err(key) => {
+                // The entry is dirty in the table: the flusher finds it by scanning. (Read
+                // first: while the ring stays full every push lands here, and a swap would
+                // write the flag's line each time.)
+                let raised = !shard.overflow.load(Ordering::SeqCst)
+                    && !shard.overflow.swap(true, Ordering::SeqCst);
+                Queued::Overflowed { key, raised }
+            }
+        }
+    }
+
+    /// What follows a write-behind once the shard lock is released: drop the old value, wake
+    /// the flusher if the push calls for it, and ask for an early flush if pinned dirty
+    /// entries hold the shard over its capacity.
+    #[inline]
+    pub(super) fn after_write(
+        &self,
+        s: usize,
+        outcome: crate::shard::WriteOutcome<K, V>,
+        queued: Queued<K>,
+    ) -> u64 {
+        // Queued and armed first: a panic in the old value's `Drop` (user code) must not keep
+        // the flusher from learning of the write.
+        self.after_push(s, queued);
+        drop(outcome.old);
+        if outcome.over_capacity {
+            let shard = &self.shards[s];
+            if !shard.triggered.swap(true, Ordering::SeqCst) {
+                self.flusher_of(s).wake();
+            }
+        }
+        outcome.version
+    }
+
+    /// A write that would add a dirty entry to a shard at its `max_dirty` share.
+    #[cold]
+    pub(super) fn write_under_pressure(
+        &self,
+        s: usize,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        weight: u32,
+        policy: Backpressure,
+    ) -> Result<u64, Error> {
+        let inner = self;
+        let shard = &inner.shards[s];
+        let (high, low, _) = inner.backpressure.unwrap_or((usize::MAX, 0, policy));
+        let refused = || {
+            inner.bp_rejections.fetch_add(1, Ordering::Relaxed);
+            Err(Error::Backpressure { shard_limit: high })
+        };
+        match policy {
+            Backpressure::Reject => refused(),
+            Backpressure::Block { timeout } => {
+                inner.bp_waits.fetch_add(1, Ordering::Relaxed);
+                // No deadline when the timeout is beyond what an `Instant` can hold.
+                let deadline = std::time::Instant::now().checked_add(timeout);
+                loop {
+                    // Ask the flusher to write this shard now rather than at its delay.
+                    if !shard.triggered.swap(true, Ordering::SeqCst) {
+                        inner.flusher_of(s).wake();
+                    }
+                    let left = match deadline {
+                        Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                        None => Duration::MAX,
+                    };
+                    if left.is_zero() {
+                        return refused();
+                    }
+                    inner.wait_progress(left.min(Duration::from_millis(10)));
+                    // The mode may have switched meanwhile, and a write-through of the key
+                    // gone to the store: `lock_behind` waits for it.
+                    let mut table = Self::lock_behind(shard, hash, &key)?;
+                    if inner.closed.load(Ordering::Acquire) {
+                        return Err(Error::Closed);
+                    }
+                    if table.admits(high, low, hash, &key) {
+                        let now = inner.coarse_now();
+                        return Ok(self.write_locked(s, table, hash, key, value, now, weight));
+                    }
+                }
+            }
+            Backpressure::WriteThrough => {
+                if in_engine() {
+                    // A store callback (on a flusher thread, or a writer's write-through)
+                    // may run under a flusher's core: taking one here could wait for itself.
+                    return Err(Error::Reentrant);
+                }
+                inner.through_fallbacks.fetch_add(1, Ordering::Relaxed);
+                // Holding the owning flusher's core keeps its batches out while this writer
+                // writes the key, so the key's versions reach the store in order.
+                let _core = inner.flusher_of(s).core.lock();
+                // A write-through of the key in flight does not need the core (it would hold
+                // it), so waiting for it here cannot wait for this thread.
+                let mut table = Self::lock_behind(shard, hash, &key)?;
+                if table.admits(high, low, hash, &key) {
+                    // Room appeared meanwhile: an ordinary write-behind.
+                    let now = inner.coarse_now();
+                    return Ok(self.write_locked(s, table, hash, key, value, now, weight));
+                }
+                drop(table);
+                self.write_through_at(s, hash, key, value, true)
+            }
+        }
+    }
+
+    /// After a push under the lock ([`Cache::queue`]): arms the shard and wakes the flusher
+    /// when its delay starts, the count trigger fires, or the ring overflowed.
+    #[inline]
+    pub(super) fn after_push(&self, s: usize, queued: Queued<K>) {
+        if matches!(queued, Queued::Conflated) {
+            return;
+        }
+        let inner = self;
+        let shard = &inner.shards[s];
+        // Arm the shard first: a count-triggered step drains the armed shards, and this key
+        // must be in that batch. The arming write's time goes first: the shard's delay, and
+        // the age of its oldest write, count from it (one clock read per shard and window).
+        if !shard.armed.load(Ordering::SeqCst) {
+            shard.armed_at.store(inner.clock_nanos(), Ordering::SeqCst);
+            if !shard.armed.swap(true, Ordering::SeqCst) {
+                inner.flusher_of(s).wake();
+            }
+        }
+        match queued {
+            Queued::Conflated => {}
+            Queued::Pushed(len) => {
+                // The count trigger: `max_batch` keys queued in this flusher's shards. Each
+                // ring adds its keys to the flusher's count in steps of `count_chunk`, so the
+                // shared counter is written by few pushes; a push adds its own ring's part
+                // step to the count it reads. Exact with one shard per flusher; otherwise the
+                // other rings' part steps may make it fire up to
+                // `(shards per flusher − 1) × (count_chunk − 1)` keys late.
+                let chunk = inner.count_chunk;
+                let flusher = inner.flusher_of(s);
+                let part = len & (chunk - 1);
+                let queued = if part == 0 {
+                    flusher.count(chunk)
+                } else {
+                    flusher.counted() + part
+                };
+                if queued >= inner.config.max_batch {
+                    flusher.fire_count_trigger();
+                }
+            }
+            Queued::Overflowed { key, raised } => {
+                drop(key);
+                if raised {
+                    inner.flusher_of(s).wake();
+                }
+            }
+        }
+    }
+
+    /// Waits, without the table lock, until a write-through of the shard ends (the caller
+    /// found its key's in flight with [`Table::through_in_flight`], which asked for the
+    /// wake-up), then holds the lock again; the caller asks again. From inside a store call
+    /// it returns `Error::Reentrant` instead: the write-through in flight may be this
+    /// thread's own, further up the stack (a store that writes the key it is writing).
+    pub(super) fn wait_through(
+        shard: &Shard<K, V>,
+        table: &mut MutexGuard<'_, Table<K, V>>,
+    ) -> Result<(), Error> {
+        if in_engine() {
+            return Err(Error::Reentrant);
+        }
+        // The timeout only bounds a lost wake-up; the caller's loop asks again either way.
+        let _ = shard
+            .through_done
+            .wait_for(table, Duration::from_millis(100));
+        Ok(())
+    }
+
+    pub(super) fn write_through(&self, key: K, value: Option<V>) -> Result<u64, Error> {
+        let inner = self;
+        let hash = inner.hash(&key);
+        let s = inner.shard_of(hash);
+        self.write_through_at(s, hash, key, value, false)
+    }
+
+    /// Writes one key to the store on the caller's thread, then caches it as clean (unless
+    /// something newer arrived meanwhile).
+    pub(super) fn write_through_at(
+        &self,
+        s: usize,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        core_held: bool,
+    ) -> Result<u64, Error> {
+        let inner = self;
+        let _use = inner.enter_store()?;
+        let shard = &inner.shards[s];
+        let mut core = None;
+        // One write-through of a key at a time (`Table::begin_through`): a second one waits
+        // here, without the table lock, until the first has been to the store and back.
+        let mut table = shard.table.lock();
+        let version = loop {
+            if table.through_in_flight(hash, &key) {
+                Self::wait_through(shard, &mut table)?;
+                continue;
+            }
+            // A key written behind (before a switch to `Through`) may still be waiting for
+            // the store, or be in a batch at the store right now. Its write-through then
+            // holds the owning flusher's core, as a write-through under backpressure does, so
+            // that no batch with the key's older version overlaps it; the flusher later sends
+            // the key's latest version, which this write makes its own. Decided on its turn,
+            // under the lock that marks it: the core is taken without the table lock, and the
+            // turn asked for again.
+            if !core_held && core.is_none() && table.has_behind_work(hash, &key) {
+                if in_engine() {
+                    // The core may be held by this thread's caller (a flusher's store call).
+                    return Err(Error::Reentrant);
+                }
+                drop(table);
+                core = Some(inner.flusher_of(s).core.lock());
+                table = shard.table.lock();
+                continue;
+            }
+            if let Some(version) = table.begin_through(hash, &key) {
+                break version;
+            }
+        };
+        drop(table);
+        // The weigher (user code) runs before the store call: once the store holds the write,
+        // nothing may keep it out of the cache.
+        let weight = inner.weight(&key, value.as_ref());
+        let mark = ThroughMark {
+            shard,
+            hash,
+            key: Some(key.clone()),
+        };
+        let write = match value {
+            Some(value) => Write::Put {
+                key,
+                value,
+                version,
+            },
+            None => Write::Delete { key, version },
+        };
+        let result = call_store(|| inner.store.write_all(std::slice::from_ref(&write)));
+        if let Some((_, e)) = crate::flusher::failures(result, 1).pop() {
+            drop(mark); // ends the write-through: the key's next one may go
+            return Err(Error::Store(e));
+        }
+        let mut t = shard.table.lock();
+        t.count_write_through(write.is_delete());
+        match write {
+            Write::Put {
+                key,
+                value,
+                version,
+            } => {
+                t.fill_clean(hash, key, value, version, inner.coarse_now(), weight);
+            }
+            Write::Delete { key, version } => {
+                drop(t.remove_clean(hash, &key, version, weight));
+            }
+        }
+        // Cached before the mark goes: the key's next write-through applies after this one.
+        let waited = mark.end(&mut t);
+        drop(t);
+        if waited {
+            shard.through_done.notify_all();
+        }
+        Ok(version)
+    }
+
+    pub(super) fn write_local(&self, key: K, value: Option<V>) -> Result<u64, Error> {
+        let inner = self;
+        let hash = inner.hash(&key);
+        let shard = &inner.shards[inner.shard_of(hash)];
+        let weight = inner.weight(&key, value.as_ref());
+        let mut t = shard.table.lock();
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let (version, old) = t.set_local(hash, key, value, inner.coarse_now(), weight);
+        drop(t);
+        drop(old);
+        Ok(version)
+    }
+}
