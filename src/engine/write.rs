@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use super::Inner;
 use crate::error::Error;
+use crate::flusher::FlusherCore;
 use crate::guard::{call_store, in_engine};
 use crate::settings::{Backpressure, WriteMode};
-use crate::shard::{Shard, Table};
+use crate::shard::{Queued, Shard, Table};
 use crate::store::Write;
 use crate::sync::atomic::Ordering;
 use crate::sync::MutexGuard;
@@ -45,16 +46,8 @@ impl<K: Eq + Clone + Hash, V: Clone> Drop for ThroughMark<'_, K, V> {
     }
 }
 
-/// How a write-behind queued its key ([`Cache::queue`], under the shard lock).
-pub(super) enum Queued<K> {
-    /// The key was already queued in the open epoch: nothing to push.
-    Conflated,
-    /// Pushed; the ring's length just after the push (for the count trigger).
-    Pushed(usize),
-    /// The ring was full: the key is given back (to drop after the unlock), and `raised` says
-    /// whether this write set the shard's overflow flag (then it wakes the flusher).
-    Overflowed { key: K, raised: bool },
-}
+/// A flusher's core, held.
+type CoreGuard<'a, K> = MutexGuard<'a, FlusherCore<K>>;
 
 impl<K, V> Inner<K, V>
 where
@@ -123,37 +116,9 @@ where
         weight: u32,
     ) -> u64 {
         let mut outcome = table.write(hash, key, value, now, weight);
-        let queued = Self::queue(&self.shards[s], outcome.ring_key.take());
+        let queued = self.shards[s].enqueue(outcome.ring_key.take());
         drop(table);
         self.after_write(s, outcome, queued)
-    }
-
-    /// Puts the key of a write that was not queued in the open epoch on its shard's ring, or
-    /// raises the shard's overflow flag if the ring is full. Called **with the shard's table
-    /// lock held**: a later write of the key in the same epoch conflates (it finds the
-    /// entry's tag equal to the open epoch and does not push), and returns as soon as it
-    /// unlocks. If this push came after the unlock, that write could return while the key was
-    /// on no ring and behind no flag; a `flush()` begun then would close the epoch, drain
-    /// the ring without it and return with the write unsent. Under the lock the push (or the
-    /// flag) happens before any write that can conflate into it, so a flush that a write
-    /// returned before finds the key drained or scanned. docs/ARCHITECTURE.md, "Why no
-    /// accepted write is lost".
-    #[inline]
-    pub(super) fn queue(shard: &crate::shard::Shard<K, V>, ring_key: Option<K>) -> Queued<K> {
-        let Some(key) = ring_key else {
-            return Queued::Conflated;
-        };
-        match shard.ring.push(key) {
-            Ok(len) => Queued::Pushed(len),
-            Err(key) => {
-                // The entry is dirty in the table: the flusher finds it by scanning. (Read
-                // first: while the ring stays full every push lands here, and a swap would
-                // write the flag's line each time.)
-                let raised = !shard.overflow.load(Ordering::SeqCst)
-                    && !shard.overflow.swap(true, Ordering::SeqCst);
-                Queued::Overflowed { key, raised }
-            }
-        }
     }
 
     /// What follows a write-behind once the shard lock is released: drop the old value, wake
@@ -172,7 +137,7 @@ where
         drop(outcome.old);
         if outcome.over_capacity {
             let shard = &self.shards[s];
-            if !shard.triggered.swap(true, Ordering::SeqCst) {
+            if shard.trigger() {
                 self.flusher_of(s).wake();
             }
         }
@@ -205,7 +170,7 @@ where
                 let deadline = std::time::Instant::now().checked_add(timeout);
                 loop {
                     // Ask the flusher to write this shard now rather than at its delay.
-                    if !shard.triggered.swap(true, Ordering::SeqCst) {
+                    if shard.trigger() {
                         inner.flusher_of(s).wake();
                     }
                     let left = match deadline {
@@ -252,7 +217,7 @@ where
         }
     }
 
-    /// After a push under the lock ([`Cache::queue`]): arms the shard and wakes the flusher
+    /// After a push under the lock ([`Shard::enqueue`]): arms the shard and wakes the flusher
     /// when its delay starts, the count trigger fires, or the ring overflowed.
     #[inline]
     pub(super) fn after_push(&self, s: usize, queued: Queued<K>) {
@@ -262,13 +227,10 @@ where
         let inner = self;
         let shard = &inner.shards[s];
         // Arm the shard first: a count-triggered step drains the armed shards, and this key
-        // must be in that batch. The arming write's time goes first: the shard's delay, and
-        // the age of its oldest write, count from it (one clock read per shard and window).
-        if !shard.armed.load(Ordering::SeqCst) {
-            shard.armed_at.store(inner.clock_nanos(), Ordering::SeqCst);
-            if !shard.armed.swap(true, Ordering::SeqCst) {
-                inner.flusher_of(s).wake();
-            }
+        // must be in that batch. The shard's delay, and the age of its oldest write, count
+        // from the arming write's time.
+        if shard.arm(|| inner.clock_nanos()) {
+            inner.flusher_of(s).wake();
         }
         match queued {
             Queued::Conflated => {}
@@ -339,37 +301,8 @@ where
         let inner = self;
         let _use = inner.enter_store()?;
         let shard = &inner.shards[s];
-        let mut core = None;
-        // One write-through of a key at a time (`Table::begin_through`): a second one waits
-        // here, without the table lock, until the first has been to the store and back.
-        let mut table = shard.table.lock();
-        let version = loop {
-            if table.through_in_flight(hash, &key) {
-                Self::wait_through(shard, &mut table)?;
-                continue;
-            }
-            // A key written behind (before a switch to `Through`) may still be waiting for
-            // the store, or be in a batch at the store right now. Its write-through then
-            // holds the owning flusher's core, as a write-through under backpressure does, so
-            // that no batch with the key's older version overlaps it; the flusher later sends
-            // the key's latest version, which this write makes its own. Decided on its turn,
-            // under the lock that marks it: the core is taken without the table lock, and the
-            // turn asked for again.
-            if !core_held && core.is_none() && table.has_behind_work(hash, &key) {
-                if in_engine() {
-                    // The core may be held by this thread's caller (a flusher's store call).
-                    return Err(Error::Reentrant);
-                }
-                drop(table);
-                core = Some(inner.flusher_of(s).core.lock());
-                table = shard.table.lock();
-                continue;
-            }
-            if let Some(version) = table.begin_through(hash, &key) {
-                break version;
-            }
-        };
-        drop(table);
+        // Held until the write-through is done, when the key has write-behind work pending.
+        let (version, _core) = self.through_turn(s, hash, &key, core_held)?;
         // The weigher (user code) runs before the store call: once the store holds the write,
         // nothing may keep it out of the cache.
         let weight = inner.weight(&key, value.as_ref());
@@ -412,6 +345,49 @@ where
             shard.through_done.notify_all();
         }
         Ok(version)
+    }
+
+    /// Waits for `key`'s turn to be written through and takes its version. One write-through
+    /// of a key at a time (`Table::begin_through`): a second one waits here, without the table
+    /// lock, until the first has been to the store and back. A key with write-behind work
+    /// pending also holds the owning flusher's core (unless `core_held`), returned with the
+    /// version, for the whole write-through.
+    fn through_turn(
+        &self,
+        s: usize,
+        hash: u64,
+        key: &K,
+        core_held: bool,
+    ) -> Result<(u64, Option<CoreGuard<'_, K>>), Error> {
+        let shard = &self.shards[s];
+        let mut core = None;
+        let mut table = shard.table.lock();
+        loop {
+            if table.through_in_flight(hash, key) {
+                Self::wait_through(shard, &mut table)?;
+                continue;
+            }
+            // A key written behind (before a switch to `Through`) may still be waiting for
+            // the store, or be in a batch at the store right now. Its write-through then
+            // holds the owning flusher's core, as a write-through under backpressure does, so
+            // that no batch with the key's older version overlaps it; the flusher later sends
+            // the key's latest version, which this write makes its own. Decided on its turn,
+            // under the lock that marks it: the core is taken without the table lock, and the
+            // turn asked for again.
+            if !core_held && core.is_none() && table.has_behind_work(hash, key) {
+                if in_engine() {
+                    // The core may be held by this thread's caller (a flusher's store call).
+                    return Err(Error::Reentrant);
+                }
+                drop(table);
+                core = Some(self.flusher_of(s).core.lock());
+                table = shard.table.lock();
+                continue;
+            }
+            if let Some(version) = table.begin_through(hash, key) {
+                return Ok((version, core));
+            }
+        }
     }
 
     pub(super) fn write_local(&self, key: K, value: Option<V>) -> Result<u64, Error> {

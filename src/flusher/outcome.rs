@@ -11,7 +11,6 @@ use crate::metrics::FlusherStats;
 use crate::shard::Table;
 use crate::store::FailedWrite;
 use crate::store::Write;
-use crate::sync::atomic::Ordering;
 
 impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
     /// Calls the store with `batch` and applies the outcome. Leaves both vectors empty.
@@ -41,46 +40,10 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         }
         let failed = failures(outcome, batch.len());
 
-        let any_unavailable = failed.iter().any(|(_, e)| e.is_unavailable());
-        if any_unavailable {
-            FlusherStats::add(&stats.store_unavailable, 1);
-            if stats.mark_degraded(now) {
-                tracing::warn!("store unavailable: health is now degraded");
-            }
-            let jittered = self.jitter(self.backoff_next);
-            self.backoff_until = Some(now.saturating_add(jittered));
-            self.backoff_next = self.backoff_next.saturating_mul(2).min(cx.config.retry_max);
-            tracing::debug!(failed = failed.len(), batch = batch.len(), backoff = ?jittered, "store unavailable; writes stay queued");
-        } else {
-            self.backoff_until = None;
-            self.backoff_next = cx.config.retry_base;
-            if stats.mark_healthy() {
-                tracing::info!("store healthy again");
-            }
-        }
+        self.note_health(cx, &failed, batch.len(), now);
 
         if failed.is_empty() {
-            // The common case, everything applied: mark the records persisted taking each
-            // shard's lock once per run of its records (the batch is in shard order), at most
-            // SNAPSHOT_CHUNK records per acquisition so writers wait no longer than they do
-            // for a snapshot chunk. Never two shard locks at once.
-            let mut i = 0;
-            while i < batch.len() {
-                let s = meta[i].shard;
-                let mut end = i;
-                while end < batch.len() && meta[end].shard == s && end - i < SNAPSHOT_CHUNK {
-                    end += 1;
-                }
-                let mut table = cx.shards[s].table.lock();
-                // Prefetch first, as for the snapshots (`write_out`).
-                for m in &meta[i..end] {
-                    table.prefetch(m.hash);
-                }
-                for k in i..end {
-                    table.persisted(meta[k].hash, batch[k].key(), batch[k].version(), coarse);
-                }
-                i = end;
-            }
+            Self::mark_persisted(cx, batch, meta, coarse);
             FlusherStats::add(&stats.records_written, batch.len() as u64);
             crate::guard::clear_quietly(batch);
             meta.clear();
@@ -104,6 +67,63 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         }
         FlusherStats::add(&stats.records_written, written);
         cx.notify_progress();
+    }
+
+    /// The store's health after a batch: any unavailable record starts (or lengthens) the
+    /// store backoff and marks health degraded; a batch without one ends the backoff.
+    fn note_health<V>(
+        &mut self,
+        cx: &Ctx<'_, K, V>,
+        failed: &[(usize, StoreError)],
+        records: usize,
+        now: Duration,
+    ) where
+        V: Clone + Send + Sync + 'static,
+    {
+        let stats = &cx.me.stats;
+        if failed.iter().any(|(_, e)| e.is_unavailable()) {
+            FlusherStats::add(&stats.store_unavailable, 1);
+            if stats.mark_degraded(now) {
+                tracing::warn!("store unavailable: health is now degraded");
+            }
+            let jittered = self.jitter(self.backoff_next);
+            self.backoff_until = Some(now.saturating_add(jittered));
+            self.backoff_next = self.backoff_next.saturating_mul(2).min(cx.config.retry_max);
+            tracing::debug!(failed = failed.len(), batch = records, backoff = ?jittered, "store unavailable; writes stay queued");
+        } else {
+            self.backoff_until = None;
+            self.backoff_next = cx.config.retry_base;
+            if stats.mark_healthy() {
+                tracing::info!("store healthy again");
+            }
+        }
+    }
+
+    /// The common case, everything applied: marks the records persisted, taking each shard's
+    /// lock once per run of its records (the batch is in shard order), at most
+    /// [`SNAPSHOT_CHUNK`] records per acquisition so writers wait no longer than they do for a
+    /// snapshot chunk. Never two shard locks at once.
+    fn mark_persisted<V>(cx: &Ctx<'_, K, V>, batch: &[Write<K, V>], meta: &[Meta], coarse: u64)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        let mut i = 0;
+        while i < batch.len() {
+            let s = meta[i].shard;
+            let mut end = i;
+            while end < batch.len() && meta[end].shard == s && end - i < SNAPSHOT_CHUNK {
+                end += 1;
+            }
+            let mut table = cx.shards[s].table.lock();
+            // Prefetch first, as for the snapshots (`write_out`).
+            for m in &meta[i..end] {
+                table.prefetch(m.hash);
+            }
+            for k in i..end {
+                table.persisted(meta[k].hash, batch[k].key(), batch[k].version(), coarse);
+            }
+            i = end;
+        }
     }
 
     /// A record of a batch failed with `error`: it goes on the retry list (unavailable, or
@@ -203,7 +223,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             Err(msg) => {
                 cx.user_panicked("a key's Clone", &msg);
                 table.release(hash, key);
-                cx.shards[shard].overflow.store(true, Ordering::SeqCst);
+                cx.shards[shard].mark_overflowed();
             }
         }
     }

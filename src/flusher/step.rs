@@ -10,7 +10,7 @@ use super::{
     Ctx, FlusherCore, Meta, StepMode, Work, HANDOFF_GRACE, HANDOFF_RESERVE, SNAPSHOT_CHUNK,
 };
 use crate::guard::catch;
-use crate::shard::{Shard, NONE};
+use crate::shard::NONE;
 use crate::store::Write;
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
@@ -51,30 +51,19 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         for slot in 0..self.owned.len() {
             let s = self.owned[slot];
             let shard = &cx.shards[s];
-            let selected = mode.full
-                || (counted && shard.armed.load(Ordering::SeqCst))
-                || shard.triggered.load(Ordering::SeqCst)
-                || shard.overflow.load(Ordering::SeqCst)
-                || self.due[slot].is_some_and(|d| d <= now);
-            if !selected {
+            let due = self.due[slot].is_some_and(|d| d <= now);
+            if !(mode.full || due || shard.wants_flush(counted)) {
                 continue;
             }
             // When the shard's delay started: the oldest write drained now is no older.
             let since = match self.due[slot] {
                 Some(d) => d.saturating_sub(delay),
-                None => Self::armed_since(shard, now).unwrap_or(now),
+                None => shard.armed_since(now).unwrap_or(now),
             };
             self.due[slot] = None;
-            shard.armed.store(false, Ordering::SeqCst);
-            shard.triggered.store(false, Ordering::SeqCst);
-            shard.table.lock().close_epoch();
-            let overflow = shard.overflow.swap(false, Ordering::SeqCst);
             self.scratch.clear();
-            shard.ring.drain_into(&mut self.scratch, mode.full);
-            flusher.uncount(self.scratch.len());
-            if overflow {
-                shard.table.lock().scan_dirty(&mut self.scratch);
-            }
+            let drained = shard.select_for_flush(&mut self.scratch, mode.full);
+            flusher.uncount(drained);
             work.extend(self.scratch.drain(..).map(|key| Work {
                 shard: s,
                 key,
@@ -156,7 +145,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         for &s in &self.owned {
             let shard = &cx.shards[s];
             shard.table.lock().release_all_in_flight();
-            shard.overflow.store(true, Ordering::SeqCst);
+            shard.mark_overflowed();
         }
         for r in retry {
             crate::guard::drop_quietly(r.key);
@@ -177,21 +166,11 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let delay = cx.config.write_delay;
         for (slot, &s) in self.owned.iter().enumerate() {
             if self.due[slot].is_none() {
-                if let Some(at) = Self::armed_since(&cx.shards[s], now) {
+                if let Some(at) = cx.shards[s].armed_since(now) {
                     self.due[slot] = Some(at.saturating_add(delay));
                 }
             }
         }
-    }
-
-    /// When `shard` was armed, if it is: the arming writer's clock reading (see
-    /// `Shard::armed_at`), never later than `now`.
-    pub(super) fn armed_since<V>(shard: &Shard<K, V>, now: Duration) -> Option<Duration> {
-        if !shard.armed.load(Ordering::SeqCst) {
-            return None;
-        }
-        let at = Duration::from_nanos(shard.armed_at.load(Ordering::SeqCst));
-        Some(at.min(now))
     }
 
     /// When the worker is overdue with a step it has not started (see [`KEEPER_WATCH`]),
@@ -214,7 +193,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let armed = self
             .owned
             .iter()
-            .map(|&s| Self::armed_since(&cx.shards[s], now).unwrap_or(now))
+            .map(|&s| cx.shards[s].armed_since(now).unwrap_or(now))
             .min()
             .unwrap_or(now)
             .saturating_add(late);
@@ -325,7 +304,6 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         }
         let mut batch: Vec<Write<K, V>> = Vec::with_capacity(work.len().min(max_batch));
         let mut meta: Vec<Meta> = Vec::with_capacity(batch.capacity());
-        let mut hashes = [0u64; SNAPSHOT_CHUNK];
         let mut i = 0;
         // When the batch being filled was started (timed only for a late check).
         let mut batch_started = None;
@@ -346,67 +324,12 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             // has room for.
             let s = work[i].shard;
             let room = (max_batch - batch.len()).min(SNAPSHOT_CHUNK);
-            let mut end = i;
-            while end < work.len() && work[end].shard == s && end - i < room {
-                hashes[end - i] = cx.hash(&work[end].key);
-                end += 1;
-            }
-            let mut table = cx.shards[s].table.lock();
-            // First prefetch every entry of the chunk, then take the snapshots: the entries
-            // were just written on the writers' cores, and the prefetches let their cache
-            // misses overlap instead of coming one by one.
-            for &hash in &hashes[..end - i] {
-                table.prefetch(hash);
-            }
-            let mut surrendered = Vec::new();
-            for (w, &hash) in work[i..end].iter().zip(&hashes) {
-                match table.take(hash, &w.key, w.retry.is_some()) {
-                    Ok(None) => {}
-                    Ok(Some(snap)) => {
-                        let attempts = match w.retry {
-                            Some((a, v)) if v == snap.write.version() => a,
-                            _ => 0,
-                        };
-                        batch.push(snap.write);
-                        meta.push(Meta {
-                            shard: s,
-                            hash,
-                            first: snap.first,
-                            attempts,
-                            since: w.since,
-                        });
-                    }
-                    Err((version, msg)) => {
-                        // The key's or value's `Clone` panicked: the key is in flight and
-                        // this flusher's to retry, like a rejected record.
-                        cx.user_panicked("a key's or value's Clone", &msg);
-                        let attempts = 1 + match w.retry {
-                            Some((a, v)) if v == version => a,
-                            _ => 0,
-                        };
-                        if attempts >= cx.config.max_attempts && cx.sink_has_room() {
-                            if let Some(given) = table.surrender(hash, &w.key) {
-                                surrendered.push((given, attempts, msg));
-                            }
-                        } else {
-                            let wait = self.rejected_backoff(cx, attempts);
-                            self.retry_key(
-                                cx,
-                                &mut table,
-                                (s, hash),
-                                &w.key,
-                                (attempts, version),
-                                w.since,
-                                wait,
-                            );
-                        }
-                    }
-                }
-            }
-            drop(table);
-            for ((write, first), attempts, msg) in surrendered {
-                self.surrender(cx, s, write, first, attempts, &msg);
-            }
+            let end = i + work[i..]
+                .iter()
+                .take(room)
+                .take_while(|w| w.shard == s)
+                .count();
+            self.snapshot_chunk(cx, s, &work[i..end], &mut batch, &mut meta);
             i = end;
             if batch.len() == max_batch {
                 self.send(cx, &mut batch, &mut meta);
@@ -417,6 +340,82 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         if !batch.is_empty() {
             self.send(cx, &mut batch, &mut meta);
             self.time_batch(cx, batch_started);
+        }
+    }
+
+    /// Takes the snapshots of `chunk` (keys of shard `s`, at most [`SNAPSHOT_CHUNK`]) under one
+    /// acquisition of the shard's lock, into `batch` and `meta`. A key whose `Clone` panics
+    /// goes on the retry list, or (after `max_attempts`) to the failed-writes sink by move.
+    fn snapshot_chunk<V>(
+        &mut self,
+        cx: &Ctx<'_, K, V>,
+        s: usize,
+        chunk: &[Work<K>],
+        batch: &mut Vec<Write<K, V>>,
+        meta: &mut Vec<Meta>,
+    ) where
+        V: Clone + Send + Sync + 'static,
+    {
+        let mut hashes = [0u64; SNAPSHOT_CHUNK];
+        for (h, w) in hashes.iter_mut().zip(chunk) {
+            *h = cx.hash(&w.key);
+        }
+        let mut table = cx.shards[s].table.lock();
+        // First prefetch every entry of the chunk, then take the snapshots: the entries were
+        // just written on the writers' cores, and the prefetches let their cache misses
+        // overlap instead of coming one by one.
+        for &hash in &hashes[..chunk.len()] {
+            table.prefetch(hash);
+        }
+        let mut surrendered = Vec::new();
+        for (w, &hash) in chunk.iter().zip(&hashes) {
+            match table.take(hash, &w.key, w.retry.is_some()) {
+                Ok(None) => {}
+                Ok(Some(snap)) => {
+                    let attempts = match w.retry {
+                        Some((a, v)) if v == snap.write.version() => a,
+                        _ => 0,
+                    };
+                    batch.push(snap.write);
+                    meta.push(Meta {
+                        shard: s,
+                        hash,
+                        first: snap.first,
+                        attempts,
+                        since: w.since,
+                    });
+                }
+                Err((version, msg)) => {
+                    // The key's or value's `Clone` panicked: the key is in flight and this
+                    // flusher's to retry, like a rejected record.
+                    cx.user_panicked("a key's or value's Clone", &msg);
+                    let attempts = 1 + match w.retry {
+                        Some((a, v)) if v == version => a,
+                        _ => 0,
+                    };
+                    if attempts >= cx.config.max_attempts && cx.sink_has_room() {
+                        if let Some(given) = table.surrender(hash, &w.key) {
+                            surrendered.push((given, attempts, msg));
+                        }
+                    } else {
+                        let wait = self.rejected_backoff(cx, attempts);
+                        let at = (s, hash);
+                        self.retry_key(
+                            cx,
+                            &mut table,
+                            at,
+                            &w.key,
+                            (attempts, version),
+                            w.since,
+                            wait,
+                        );
+                    }
+                }
+            }
+        }
+        drop(table);
+        for ((write, first), attempts, msg) in surrendered {
+            self.surrender(cx, s, write, first, attempts, &msg);
         }
     }
 

@@ -58,31 +58,7 @@ where
         Role::Keeper => me.handed_off.load(Ordering::SeqCst),
     };
     if !turn && me.mailbox.lock().close_deadline.is_none() {
-        // The coarse clock must not stop while a starved worker is the one to tick it.
-        cx.tick_clock();
-        if role == Role::Keeper {
-            // A worker that holds the core is running; one that owes a step and has not
-            // started it may be starved: the keeper takes the turn, steps and hands back.
-            // Otherwise it sleeps until the worker could next be overdue (an idle
-            // flusher's keeper so wakes once per delay, or per longest park), or, while
-            // the worker is stepping, for the watch.
-            let now = cx.now();
-            let overdue_at = me
-                .core
-                .try_lock()
-                .map(|core| core.worker_overdue_at(cx, now, watch));
-            match overdue_at {
-                Some(at) if at <= now => {
-                    FlusherStats::add(&me.stats.takeovers, 1);
-                    me.handed_off.store(true, Ordering::SeqCst);
-                    return false;
-                }
-                Some(at) => crate::sync::thread::park_timeout((at - now).min(max_park)),
-                None => crate::sync::thread::park_timeout(watch),
-            }
-        } else {
-            crate::sync::thread::park_timeout(max_park);
-        }
+        wait_for_turn(cx, role, max_park, watch);
         return false;
     }
     let (new_tickets, close_deadline) = {
@@ -123,17 +99,7 @@ where
         };
         if hand_over {
             drop(core);
-            // The flag first, then the unpark: the other thread's next look at the flag
-            // finds its turn, and a wake routed to this thread meanwhile is covered by
-            // the other's step.
-            if role == Role::Worker {
-                FlusherStats::add(&me.stats.handoffs, 1);
-                me.handed_off.store(true, Ordering::SeqCst);
-                me.keeper.unpark();
-            } else {
-                me.handed_off.store(false, Ordering::SeqCst);
-                me.unparker.unpark();
-            }
+            pass_turn(me, role);
             return false;
         }
     }
@@ -151,4 +117,53 @@ where
     }
 
     false
+}
+
+/// A thread whose turn it is not (a worker whose work the keeper has, or a keeper with
+/// nothing handed over) parks. The keeper first looks whether the worker owes a step it has
+/// not started (a niced worker the CPU never gets to): then it takes the turn.
+fn wait_for_turn<K, V>(cx: &Ctx<'_, K, V>, role: Role, max_park: Duration, watch: Duration)
+where
+    K: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let me = cx.me;
+    // The coarse clock must not stop while a starved worker is the one to tick it.
+    cx.tick_clock();
+    if role != Role::Keeper {
+        crate::sync::thread::park_timeout(max_park);
+        return;
+    }
+    // A worker that holds the core is running; one that owes a step and has not started it
+    // may be starved: the keeper takes the turn, steps and hands back. Otherwise it sleeps
+    // until the worker could next be overdue (an idle flusher's keeper so wakes once per
+    // delay, or per longest park), or, while the worker is stepping, for the watch.
+    let now = cx.now();
+    let overdue_at = me
+        .core
+        .try_lock()
+        .map(|core| core.worker_overdue_at(cx, now, watch));
+    match overdue_at {
+        Some(at) if at <= now => {
+            FlusherStats::add(&me.stats.takeovers, 1);
+            me.handed_off.store(true, Ordering::SeqCst);
+        }
+        Some(at) => crate::sync::thread::park_timeout((at - now).min(max_park)),
+        None => crate::sync::thread::park_timeout(watch),
+    }
+}
+
+/// Hands the flusher to the other thread: the worker to its keeper when its step stopped
+/// late, the keeper back to the worker once it caught up.
+fn pass_turn<K>(me: &Flusher<K>, role: Role) {
+    // The flag first, then the unpark: the other thread's next look at the flag finds its
+    // turn, and a wake routed to this thread meanwhile is covered by the other's step.
+    if role == Role::Worker {
+        FlusherStats::add(&me.stats.handoffs, 1);
+        me.handed_off.store(true, Ordering::SeqCst);
+        me.keeper.unpark();
+    } else {
+        me.handed_off.store(false, Ordering::SeqCst);
+        me.unparker.unpark();
+    }
 }
