@@ -19,7 +19,7 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// Default number of flusher threads.
 pub const DEFAULT_FLUSHERS: usize = 1;
 /// Default number of nice levels the flusher threads run below the thread that builds the
-/// cache (Linux; see [`Builder::flusher_nice`]).
+/// cache (Linux; see [`Builder::flusher_nice`](crate::Builder::flusher_nice)).
 pub const DEFAULT_FLUSHER_NICE: u8 = 0;
 /// Default number of attempts for a record the store rejects before it goes to the
 /// failed-writes sink.
@@ -47,8 +47,8 @@ pub const MAX_FLUSHERS: usize = 256;
 pub const MAX_BATCH: usize = 1 << 20;
 /// Largest dirty ring per shard.
 pub const MAX_RING_CAPACITY: usize = 1 << 20;
-/// Most dirty-ring slots over all shards (what [`Builder::dirty_ring_capacity`] times
-/// [`Builder::shards`] may come to; the rings are allocated when the cache is built).
+/// Most dirty-ring slots over all shards (what [`Builder::dirty_ring_capacity`](crate::Builder::dirty_ring_capacity) times
+/// [`Builder::shards`](crate::Builder::shards) may come to; the rings are allocated when the cache is built).
 pub const MAX_RING_SLOTS: usize = 1 << 22;
 
 /// How writes reach the store.
@@ -88,10 +88,10 @@ pub enum Backpressure {
     WriteThrough,
 }
 
-/// Gives an entry's weight (e.g. its size in bytes) for [`Builder::weigher`].
+/// Gives an entry's weight (e.g. its size in bytes) for [`Builder::weigher`](crate::Builder::weigher).
 pub(crate) type Weigher<K, V> = std::sync::Arc<dyn Fn(&K, &V) -> u32 + Send + Sync>;
 
-/// Orders keys for [`Builder::flush_order`].
+/// Orders keys for [`Builder::flush_order`](crate::Builder::flush_order).
 pub(crate) type KeyOrder<K> = std::sync::Arc<dyn Fn(&K, &K) -> std::cmp::Ordering + Send + Sync>;
 
 /// A callback that sees every write the cache gave up on.
