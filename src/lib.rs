@@ -54,6 +54,7 @@ mod dirty_ring;
 mod error;
 mod flusher;
 mod guard;
+pub mod journal;
 mod loader;
 mod metrics;
 mod shard;
