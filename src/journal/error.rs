@@ -102,7 +102,10 @@ impl fmt::Display for JournalError {
             JournalError::Io { op, path, source } => {
                 write!(f, "journal: {op} {} failed: {source}", path.display())?;
                 if self.is_disk_full() {
-                    write!(f, "; free space on that file system, writes resume when it has room")?;
+                    write!(
+                        f,
+                        "; free space on that file system, writes resume when it has room"
+                    )?;
                 }
                 Ok(())
             }

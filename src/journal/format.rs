@@ -319,7 +319,8 @@ mod tests {
             (d.shard, d.seq, d.kind, d.shards, d.watermark),
             (7, 42, SegmentKind::Checkpoint, 64, HEADER_LEN as u64)
         );
-        h[WATERMARK_AT..WATERMARK_AT + 8].copy_from_slice(&encode_watermark(42, 4096).to_le_bytes());
+        h[WATERMARK_AT..WATERMARK_AT + 8]
+            .copy_from_slice(&encode_watermark(42, 4096).to_le_bytes());
         assert_eq!(decode_header(&h).unwrap().watermark, 4096);
         // A watermark word copied from another segment does not check.
         let mut other = h;
@@ -355,7 +356,10 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 3);
-        assert_eq!(seen[0], (Kind::Put, 5, b"k1".to_vec(), b"value one".to_vec()));
+        assert_eq!(
+            seen[0],
+            (Kind::Put, 5, b"k1".to_vec(), b"value one".to_vec())
+        );
         assert_eq!(seen[1], (Kind::Delete, 6, b"k2".to_vec(), vec![]));
         assert_eq!(seen[2].1, u64::MAX);
     }

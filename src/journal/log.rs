@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 
 use super::error::JournalError;
 use super::format::{self, Kind, SegmentKind, HEADER_LEN};
+use super::pool::{SyncPool, SYNC_HELPERS};
 use super::replay::{self, ReplayStats, Replayed};
 use super::segment::Segment;
 use super::stats::{Counters, JournalStats};
@@ -27,7 +28,7 @@ pub(crate) const LOCK_FILE: &str = "LOCK";
 
 /// How long a waiter or the idle journal thread sleeps before looking again (a guard
 /// against a lost wake-up; wake-ups are notified).
-const POLL: Duration = Duration::from_millis(100);
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 
 /// A position in the journal to wait on with [`JournalLog::wait_synced`]: the end of one
 /// appended record in its segment.
@@ -124,6 +125,7 @@ pub(crate) struct Core {
     sync_micros: Mutex<Histogram<u64>>,
     group_sizes: Mutex<Histogram<u64>>,
     replay: ReplayStats,
+    pool: SyncPool,
 }
 
 /// An open journal: holds the directory lock and the journal thread.
@@ -157,7 +159,11 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 /// Runs a codec's `encode`, turning an error or a panic into [`JournalError::Codec`].
-fn encode<T: 'static>(codec: &dyn Codec<T>, value: &T, what: &'static str) -> Result<Vec<u8>, JournalError> {
+fn encode<T: 'static>(
+    codec: &dyn Codec<T>,
+    value: &T,
+    what: &'static str,
+) -> Result<Vec<u8>, JournalError> {
     let message = match guard::catch(|| codec.encode(value)) {
         Ok(Ok(bytes)) => return Ok(bytes),
         Ok(Err(e)) => e.to_string(),
@@ -284,10 +290,18 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             sync_micros: Mutex::new(new_histogram()),
             group_sizes: Mutex::new(new_histogram()),
             replay: replayed.stats,
+            pool: SyncPool::new(if mode == JournalSync::Os {
+                0
+            } else {
+                SYNC_HELPERS
+            }),
         });
         let for_thread = Arc::clone(&core);
         let handle = thread::spawn_named("writebehind-journal".into(), move || for_thread.run())
-            .map_err(|e| JournalError::io("start the journal thread for", &core.dir, e))?;
+            .map_err(|e| {
+                core.pool.stop();
+                JournalError::io("start the journal thread for", &core.dir, e)
+            })?;
         Ok((
             JournalLog {
                 core,
@@ -316,13 +330,23 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
     ///
     /// # Panics
     /// If `shard` is not below the shard count given to [`open`](Self::open).
-    pub fn append(&self, shard: usize, key: &K, value: Option<&V>, version: u64) -> Result<Lsn, JournalError> {
+    pub fn append(
+        &self,
+        shard: usize,
+        key: &K,
+        value: Option<&V>,
+        version: u64,
+    ) -> Result<Lsn, JournalError> {
         let key = encode(&*self.key_codec, key, "encoding a key")?;
         let value = match value {
             Some(v) => Some(encode(&*self.value_codec, v, "encoding a value")?),
             None => None,
         };
-        let kind = if value.is_some() { Kind::Put } else { Kind::Delete };
+        let kind = if value.is_some() {
+            Kind::Put
+        } else {
+            Kind::Delete
+        };
         self.core
             .append(shard, kind, version, &key, value.as_deref().unwrap_or(&[]))
     }
@@ -399,7 +423,11 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
                     Some(v) => Some(encode(&*self.value_codec, v, "encoding a value")?),
                     None => None,
                 };
-                let kind = if value.is_some() { Kind::Put } else { Kind::Delete };
+                let kind = if value.is_some() {
+                    Kind::Put
+                } else {
+                    Kind::Delete
+                };
                 writer.push(kind, version, &key, value.as_deref().unwrap_or(&[]))?;
             }
             writer.sync()
@@ -490,6 +518,7 @@ impl<K, V> JournalLog<K, V> {
             self.core.to_thread.notify_all();
         }
         let joined = handle.join();
+        self.core.pool.stop();
         let mut result = Ok(());
         if how == Stop::Sync {
             result = self.core.finish();
@@ -536,7 +565,11 @@ impl Drop for CheckpointTicket {
     fn drop(&mut self) {
         if !self.old.is_empty() {
             let old = std::mem::take(&mut self.old);
-            self.core.shards[self.shard].log.lock().files.splice(0..0, old);
+            self.core.shards[self.shard]
+                .log
+                .lock()
+                .files
+                .splice(0..0, old);
         }
     }
 }
@@ -549,14 +582,28 @@ struct CheckpointWriter<'a> {
 }
 
 impl CheckpointWriter<'_> {
-    fn push(&mut self, kind: Kind, version: u64, key: &[u8], value: &[u8]) -> Result<(), JournalError> {
+    fn push(
+        &mut self,
+        kind: Kind,
+        version: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), JournalError> {
         let size = self.core.record_size(key, value)?;
-        let fits = self.segments.last().is_some_and(|s| s.room() >= size as u64);
+        let fits = self
+            .segments
+            .last()
+            .is_some_and(|s| s.room() >= size as u64);
         if !fits {
-            let seg = self.core.create_segment(self.shard, SegmentKind::Checkpoint, size)?;
+            let seg = self
+                .core
+                .create_segment(self.shard, SegmentKind::Checkpoint, size)?;
             self.segments.push(seg);
         }
-        let seg = self.segments.last().unwrap_or_else(|| unreachable!("pushed above"));
+        let seg = self
+            .segments
+            .last()
+            .unwrap_or_else(|| unreachable!("pushed above"));
         // SAFETY: this writer owns the segment (no other thread has it) and `room()` was
         // checked against `size`, which `record_size` computed for these lengths.
         unsafe { seg.append(size, kind, version, key, value) };
@@ -584,7 +631,9 @@ impl CheckpointWriter<'_> {
     fn discard(&mut self) {
         for seg in self.segments.drain(..) {
             let _ = fs::remove_file(&seg.path);
-            self.core.allocated.fetch_sub(seg.capacity(), Ordering::Relaxed);
+            self.core
+                .allocated
+                .fetch_sub(seg.capacity(), Ordering::Relaxed);
         }
     }
 }
@@ -609,17 +658,31 @@ impl Core {
     }
 
     /// A new segment for `shard` with room for a record of `size` bytes.
-    fn create_segment(&self, shard: usize, kind: SegmentKind, size: usize) -> Result<Segment, JournalError> {
+    fn create_segment(
+        &self,
+        shard: usize,
+        kind: SegmentKind,
+        size: usize,
+    ) -> Result<Segment, JournalError> {
         let need = (HEADER_LEN + size) as u64;
         let bytes = self.segment_bytes.max(need.div_ceil(4096) * 4096);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let seg = Segment::create(&self.dir, shard as u32, seq, kind, self.shard_count, bytes)?;
         self.allocated.fetch_add(seg.capacity(), Ordering::Relaxed);
-        self.counters.segments_created.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .segments_created
+            .fetch_add(1, Ordering::Relaxed);
         Ok(seg)
     }
 
-    fn append(&self, shard: usize, kind: Kind, version: u64, key: &[u8], value: &[u8]) -> Result<Lsn, JournalError> {
+    fn append(
+        &self,
+        shard: usize,
+        kind: Kind,
+        version: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Lsn, JournalError> {
         let size = self.record_size(key, value)?;
         let slot = &self.shards[shard];
         let mut log = slot.log.lock();
@@ -630,7 +693,10 @@ impl Core {
         if !usable {
             self.rotate(&mut log, shard, size)?;
         }
-        let seg = log.active.as_ref().unwrap_or_else(|| unreachable!("rotated above"));
+        let seg = log
+            .active
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("rotated above"));
         // SAFETY: the shard's log lock is held, which makes this the segment's only
         // appender (an active segment is appended to only under it), and `room()` was
         // checked against `size` above or by `rotate`.
@@ -660,7 +726,8 @@ impl Core {
             other => {
                 if let Some(unfit) = other {
                     let _ = fs::remove_file(&unfit.path);
-                    self.allocated.fetch_sub(unfit.capacity(), Ordering::Relaxed);
+                    self.allocated
+                        .fetch_sub(unfit.capacity(), Ordering::Relaxed);
                 }
                 self.create_segment(shard, SegmentKind::Log, size)?
             }
@@ -689,7 +756,9 @@ impl Core {
 
     /// Accounts for a deleted segment of `shard`.
     fn forget(&self, shard: usize, f: &SegmentFile) {
-        self.shards[shard].bytes.fetch_sub(f.used, Ordering::Relaxed);
+        self.shards[shard]
+            .bytes
+            .fetch_sub(f.used, Ordering::Relaxed);
         self.allocated.fetch_sub(f.allocated, Ordering::Relaxed);
     }
 
@@ -820,13 +889,16 @@ impl Core {
 
     /// Syncs every segment with new records, then wakes the waiters.
     fn sync_round(&self) {
-        let segs: Vec<Arc<Segment>> = self.unsynced.lock().clone();
+        let segs: Vec<Arc<Segment>> = self
+            .unsynced
+            .lock()
+            .iter()
+            .filter(|s| !s.has_failed() && s.written() > s.synced())
+            .cloned()
+            .collect();
         let mut covered = 0;
-        for seg in &segs {
-            if seg.has_failed() {
-                continue;
-            }
-            match seg.sync() {
+        for (seg, result) in self.pool.sync_all(segs) {
+            match result {
                 Ok(Some(s)) => {
                     covered += s.records;
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
@@ -867,7 +939,8 @@ impl Core {
             let spare = slot.log.lock().spare.take();
             if let Some(spare) = spare {
                 let _ = fs::remove_file(&spare.path);
-                self.allocated.fetch_sub(spare.capacity(), Ordering::Relaxed);
+                self.allocated
+                    .fetch_sub(spare.capacity(), Ordering::Relaxed);
             }
         }
         result

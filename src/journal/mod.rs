@@ -151,6 +151,7 @@ use crate::stores::Codec;
 mod error;
 mod format;
 mod log;
+mod pool;
 mod replay;
 mod segment;
 mod stats;
@@ -307,4 +308,3 @@ impl<K, V> fmt::Debug for Journal<K, V> {
             .finish_non_exhaustive()
     }
 }
-

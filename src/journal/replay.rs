@@ -376,13 +376,16 @@ mod tests {
 
     fn scan(seg: &[u8], salvage: bool) -> Result<(Vec<u64>, SegmentScan), JournalError> {
         let mut versions = Vec::new();
-        let s = scan_segment(seg, Path::new("x.log"), salvage, |_, r| versions.push(r.version))?;
+        let s = scan_segment(seg, Path::new("x.log"), salvage, |_, r| {
+            versions.push(r.version)
+        })?;
         Ok((versions, s))
     }
 
     #[test]
     fn torn_tail_is_dropped_and_mid_file_damage_is_an_error() {
-        let recs: Vec<(u64, &[u8], &[u8])> = vec![(1, b"a", b"1"), (2, b"b", b"2"), (3, b"c", b"3")];
+        let recs: Vec<(u64, &[u8], &[u8])> =
+            vec![(1, b"a", b"1"), (2, b"b", b"2"), (3, b"c", b"3")];
         let seg = segment(&recs, 16384);
         let (v, s) = scan(&seg, false).unwrap();
         assert_eq!((v, s.torn), (vec![1, 2, 3], false));
@@ -396,7 +399,9 @@ mod tests {
         let mut m = seg.clone();
         m[HEADER_LEN + size + 10] ^= 1;
         match scan(&m, false) {
-            Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, (HEADER_LEN + size) as u64),
+            Err(JournalError::Corrupt { offset, .. }) => {
+                assert_eq!(offset, (HEADER_LEN + size) as u64)
+            }
             other => panic!("{other:?}"),
         }
         let (v, s) = scan(&m, true).unwrap();
@@ -408,7 +413,8 @@ mod tests {
     fn a_page_hole_past_the_watermark_is_skipped() {
         // Records fill three pages; the second page never reached the disk.
         let value = vec![7u8; 1000];
-        let recs: Vec<(u64, &[u8], &[u8])> = (0..12u64).map(|v| (v, &b"k"[..], &value[..])).collect();
+        let recs: Vec<(u64, &[u8], &[u8])> =
+            (0..12u64).map(|v| (v, &b"k"[..], &value[..])).collect();
         let mut seg = segment(&recs, 16384);
         seg[4096..8192].fill(0);
         let (v, s) = scan(&seg, false).unwrap();
@@ -418,14 +424,20 @@ mod tests {
         // Below a watermark the same hole is corruption.
         seg[format::WATERMARK_AT..format::WATERMARK_AT + 8]
             .copy_from_slice(&format::encode_watermark(1, 12000).to_le_bytes());
-        assert!(matches!(scan(&seg, false), Err(JournalError::Corrupt { .. })));
+        assert!(matches!(
+            scan(&seg, false),
+            Err(JournalError::Corrupt { .. })
+        ));
     }
 
     #[test]
     fn damaged_header_is_corrupt_unless_salvaging() {
         let mut seg = segment(&[(1, b"a", b"1")], 4096);
         seg[3] ^= 1;
-        assert!(matches!(scan(&seg, false), Err(JournalError::Corrupt { offset: 0, .. })));
+        assert!(matches!(
+            scan(&seg, false),
+            Err(JournalError::Corrupt { offset: 0, .. })
+        ));
         let (v, s) = scan(&seg, true).unwrap();
         assert!(v.is_empty() && s.skipped_file);
     }

@@ -40,7 +40,11 @@ pub(crate) fn parse_file_name(name: &str) -> Option<(u32, u64, SegmentKind)> {
     if shard.is_empty() || !shard.bytes().all(|b| b.is_ascii_digit()) || seq.len() != 16 {
         return None;
     }
-    Some((shard.parse().ok()?, u64::from_str_radix(seq, 16).ok()?, kind))
+    Some((
+        shard.parse().ok()?,
+        u64::from_str_radix(seq, 16).ok()?,
+        kind,
+    ))
 }
 
 /// Prefix of the temporary files a segment is built in before it is renamed into place.
@@ -239,9 +243,8 @@ impl Segment {
         // never reads record bytes, and replay maps its own read-only views before any
         // appender exists. (3) The directory lock keeps other processes from the file, so
         // it is not truncated under the mapping.
-        let out = unsafe {
-            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at as usize), size)
-        };
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at as usize), size) };
         format::encode_record(out, kind, self.shard, version, key, value);
         let end = at + size as u64;
         self.records.fetch_add(1, Ordering::Relaxed);
@@ -330,7 +333,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seg = Segment::create(dir.path(), 2, 7, SegmentKind::Log, 4, 8192).unwrap();
         assert_eq!(seg.capacity(), 8192);
-        assert!(!dir.path().join(format!("{TMP_PREFIX}{}", file_name(2, 7, SegmentKind::Log))).exists());
+        assert!(!dir
+            .path()
+            .join(format!("{TMP_PREFIX}{}", file_name(2, 7, SegmentKind::Log)))
+            .exists());
         let size = format::record_size(1, 2);
         // SAFETY: this test is the only appender and the record fits.
         let end = unsafe { seg.append(size, format::Kind::Put, 1, b"k", b"vv") };
@@ -344,7 +350,9 @@ mod tests {
         let h = format::decode_header(&bytes).unwrap();
         assert_eq!((h.shard, h.seq, h.watermark), (2, 7, end));
         match format::read_record(&bytes, HEADER_LEN, 2) {
-            format::Read::Record(r) => assert_eq!((r.key, r.value, r.version), (&b"k"[..], &b"vv"[..], 1)),
+            format::Read::Record(r) => {
+                assert_eq!((r.key, r.value, r.version), (&b"k"[..], &b"vv"[..], 1))
+            }
             other => panic!("{other:?}"),
         }
     }
