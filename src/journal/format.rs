@@ -127,6 +127,9 @@ pub(crate) fn decode_header(b: &[u8]) -> Result<Header, String> {
     if crc32fast::hash(&b[0..32]) != u32_at(b, 32) {
         return Err("segment header checksum mismatch".into());
     }
+    if !is_zero(&b[36..WATERMARK_AT]) || !is_zero(&b[WATERMARK_AT + 8..HEADER_LEN]) {
+        return Err("reserved segment header bytes are not zero".into());
+    }
     let version = u32_at(b, 8);
     if version != FORMAT_VERSION {
         return Err(format!(
@@ -327,7 +330,7 @@ mod tests {
         other[WATERMARK_AT..WATERMARK_AT + 8]
             .copy_from_slice(&encode_watermark(41, 4096).to_le_bytes());
         assert!(decode_header(&other).is_err());
-        for i in 0..36 {
+        for i in 0..HEADER_LEN {
             let mut bad = h;
             bad[i] ^= 0x10;
             assert!(decode_header(&bad).is_err(), "flip at {i} accepted");
