@@ -13,6 +13,8 @@ use writebehind::stores::{Codec, CodecError, Raw};
 
 type Log = JournalLog<u64, Vec<u8>>;
 type Model = HashMap<u64, (Option<Vec<u8>>, u64)>;
+/// A shard's dirty set: key -> (value, version).
+type Dirty = HashMap<u64, (Vec<u8>, u64)>;
 
 fn journal(dir: &Path, mode: JournalSync, segment: u64) -> Journal<u64, Vec<u8>> {
     Journal::new(dir, Raw, Raw)
@@ -262,7 +264,7 @@ fn appends_racing_a_checkpoint_are_all_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = open(dir.path(), JournalSync::Os, 4096, 1);
     let log = Arc::new(log);
-    let shard: Arc<Mutex<HashMap<u64, (Vec<u8>, u64)>>> = Arc::default();
+    let shard: Arc<Mutex<Dirty>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (log, shard) = (Arc::clone(&log), Arc::clone(&shard));
@@ -675,4 +677,135 @@ fn a_full_disk_refuses_appends_without_sigbus_and_recovers() {
     let (log, replayed) = open(&dir, JournalSync::Os, 128 << 10, 1);
     assert_eq!(replayed, acked);
     log.close().unwrap();
+}
+
+/// What an append costs with the memory map, next to `write(2)` per record and `write(2)`
+/// batched in user space (which a process crash loses until the batch is written), and a
+/// durable append next to a bare `fdatasync` loop on the same file system. A measurement,
+/// not a check:
+/// `cargo test --release --test journal_format append_cost -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement; run it in release mode with --nocapture"]
+fn append_cost() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    // Fits one 64 MiB segment, created before the clock starts.
+    const N: u64 = 400_000;
+    const ROUNDS: usize = 3;
+    let val = vec![0x5au8; 100];
+    let record_len = (8 + 17 + 8 + val.len()).div_ceil(8) * 8;
+    let dir = tempfile::tempdir().unwrap();
+    // Nanoseconds per operation, the best of a few rounds (the machine is shared).
+    let best = |f: &mut dyn FnMut(usize) -> (Instant, u64)| {
+        (0..ROUNDS)
+            .map(|r| {
+                let (t, n) = f(r);
+                t.elapsed().as_nanos() as f64 / n as f64
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let mmap = |segment: u64| {
+        let (dir, val) = (&dir, &val);
+        move |r: usize| {
+            let (log, _) = open(
+                &dir.path().join(format!("mmap-{segment}-{r}")),
+                JournalSync::Os,
+                segment,
+                1,
+            );
+            log.append(0, &0, Some(val), 0).unwrap();
+            let t = Instant::now();
+            for v in 1..=N {
+                log.append(0, &(v % 1000), Some(val), v).unwrap();
+            }
+            let t = (t, N);
+            log.close().unwrap();
+            t
+        }
+    };
+    let fresh = best(&mut mmap(64 << 20));
+    // Default 4 MiB segments: after the first, the journal thread prepares each next one
+    // (prefaulted) while the current one fills.
+    let spares = best(&mut mmap(4 << 20));
+
+    // The same bytes through write(2), one call per record, and batched in user space.
+    let encode = |buf: &mut Vec<u8>, v: u64| {
+        buf.clear();
+        buf.extend_from_slice(&[0; 8]);
+        buf.push(1);
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        buf.extend_from_slice(&v.to_le_bytes());
+        buf.extend_from_slice(&8u32.to_le_bytes());
+        buf.extend_from_slice(&(v % 1000).to_be_bytes());
+        buf.extend_from_slice(&val);
+        let crc = crc32fast::hash(&buf[8..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        buf.resize(record_len, 0);
+    };
+    let write = best(&mut |r| {
+        let path = dir.path().join(format!("write-{r}"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        for v in 1..=N {
+            encode(&mut buf, v);
+            (&f).write_all(&buf).unwrap();
+        }
+        (t, N)
+    });
+    let buffered = best(&mut |r| {
+        let f = std::fs::File::create(dir.path().join(format!("buffered-{r}"))).unwrap();
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        for v in 1..=N {
+            encode(&mut buf, v);
+            w.write_all(&buf).unwrap();
+        }
+        w.flush().unwrap();
+        (t, N)
+    });
+
+    // Durable: one writer, EveryWrite, against a bare pwrite + fdatasync loop.
+    const D: u64 = 200;
+    let every = best(&mut |r| {
+        let (log, _) = open(
+            &dir.path().join(format!("every-{r}")),
+            JournalSync::EveryWrite,
+            4 << 20,
+            1,
+        );
+        log.append(0, &0, Some(&val), 0).unwrap();
+        let t = Instant::now();
+        for v in 1..=D {
+            let lsn = log.append(0, &v, Some(&val), v).unwrap();
+            log.wait_synced(&lsn).unwrap();
+        }
+        let t = (t, D);
+        log.close().unwrap();
+        t
+    }) / 1000.0;
+    let floor = best(&mut |r| {
+        let f = std::fs::File::create(dir.path().join(format!("floor-{r}"))).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.sync_all().unwrap();
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        for v in 0..D {
+            encode(&mut buf, v);
+            f.write_all_at(&buf, v * record_len as u64).unwrap();
+            f.sync_data().unwrap();
+        }
+        (t, D)
+    }) / 1000.0;
+    println!(
+        "append of a {record_len}-byte record, best of {ROUNDS}: mmap {spares:.0} ns (4 MiB \
+         segments, prefaulted spares), {fresh:.0} ns (one fresh 64 MiB mapping), write(2) per \
+         record {write:.0} ns, write(2) batched 64 KiB {buffered:.0} ns; durable (1 writer): \
+         EveryWrite {every:.0} us, pwrite + fdatasync {floor:.0} us"
+    );
 }

@@ -597,7 +597,7 @@ impl CheckpointWriter<'_> {
         if !fits {
             let seg = self
                 .core
-                .create_segment(self.shard, SegmentKind::Checkpoint, size)?;
+                .create_segment(self.shard, SegmentKind::Checkpoint, size, false)?;
             self.segments.push(seg);
         }
         let seg = self
@@ -657,17 +657,27 @@ impl Core {
         Ok(format::record_size(key.len(), value.len()))
     }
 
-    /// A new segment for `shard` with room for a record of `size` bytes.
+    /// A new segment for `shard` with room for a record of `size` bytes (see
+    /// [`Segment::create`] for `prefault`).
     fn create_segment(
         &self,
         shard: usize,
         kind: SegmentKind,
         size: usize,
+        prefault: bool,
     ) -> Result<Segment, JournalError> {
         let need = (HEADER_LEN + size) as u64;
         let bytes = self.segment_bytes.max(need.div_ceil(4096) * 4096);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let seg = Segment::create(&self.dir, shard as u32, seq, kind, self.shard_count, bytes)?;
+        let seg = Segment::create(
+            &self.dir,
+            shard as u32,
+            seq,
+            kind,
+            self.shard_count,
+            bytes,
+            prefault,
+        )?;
         self.allocated.fetch_add(seg.capacity(), Ordering::Relaxed);
         self.counters
             .segments_created
@@ -729,7 +739,7 @@ impl Core {
                     self.allocated
                         .fetch_sub(unfit.capacity(), Ordering::Relaxed);
                 }
-                self.create_segment(shard, SegmentKind::Log, size)?
+                self.create_segment(shard, SegmentKind::Log, size, false)?
             }
         };
         self.shards[shard]
@@ -868,7 +878,7 @@ impl Core {
     }
 
     fn make_spare(&self, shard: usize) {
-        match self.create_segment(shard, SegmentKind::Log, 0) {
+        match self.create_segment(shard, SegmentKind::Log, 0, true) {
             Ok(seg) => {
                 let mut log = self.shards[shard].log.lock();
                 if log.spare.is_none() {

@@ -98,7 +98,11 @@ pub(crate) struct Synced {
 }
 
 impl Segment {
-    /// Creates, allocates, syncs and maps a new segment of `bytes` bytes.
+    /// Creates, allocates, syncs and maps a new segment of `bytes` bytes. With `prefault`
+    /// (spares, made by the journal thread ahead of need) every page of the mapping is
+    /// faulted in for writing now, so appends into it take no page fault: about half the
+    /// cost of an append into a fresh mapping. The pages are then dirty zeros that the OS
+    /// writes back in the background.
     ///
     /// # Errors
     /// [`JournalError::Io`] when the file cannot be created or allocated (a full disk shows
@@ -110,6 +114,7 @@ impl Segment {
         kind: SegmentKind,
         shards: u32,
         bytes: u64,
+        prefault: bool,
     ) -> Result<Segment, JournalError> {
         let bytes = bytes.clamp(HEADER_LEN as u64, MAX_SEGMENT_BYTES);
         let len = usize::try_from(bytes).map_err(|_| {
@@ -157,6 +162,12 @@ impl Segment {
             .len(len)
             .map_raw(&file)
             .map_err(|e| undo(JournalError::io("map", &path, e)))?;
+        if prefault {
+            // Best effort: kernels before 5.14 do not know the advice; appends then fault
+            // pages in as they reach them.
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::PopulateWrite);
+        }
         Ok(Segment {
             path,
             shard,
@@ -331,7 +342,7 @@ mod tests {
     #[test]
     fn create_append_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = Segment::create(dir.path(), 2, 7, SegmentKind::Log, 4, 8192).unwrap();
+        let seg = Segment::create(dir.path(), 2, 7, SegmentKind::Log, 4, 8192, true).unwrap();
         assert_eq!(seg.capacity(), 8192);
         assert!(!dir
             .path()
