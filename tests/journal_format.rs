@@ -1,6 +1,8 @@
 //! The journal on its own: round trips, reopen, shards, checkpoints, the directory lock,
 //! group commit, process crashes and a full disk.
 
+#![cfg(unix)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

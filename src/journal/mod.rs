@@ -94,7 +94,7 @@
 //! | mode | a write returns once its record is | survives a process crash | survives a power loss |
 //! |---|---|---|---|
 //! | [`JournalSync::EveryWrite`] | synced (`msync`, which on Linux is `fdatasync` of the range) | yes | yes |
-//! | [`JournalSync::Interval`]`(d)` | in the OS's page cache | yes | all but the last `d` (plus one sync's duration) of writes |
+//! | [`JournalSync::Interval`]`(d)` | in the OS's page cache | yes | all but the last `d` (plus one sync round's duration) of writes |
 //! | [`JournalSync::Os`] | in the OS's page cache | yes | what the OS happened to write back |
 //!
 //! A record copied into a shared file mapping is in the page cache at once: if the process
@@ -104,12 +104,25 @@
 //! that arrive together share one sync (group commit).
 //!
 //! # Why a memory map
-//! A `write(2)` per record costs a system call on every put, under the shard's lock, and
-//! batching writes in user space leaves the batch in the process until it is written, so a
-//! process crash loses it unless each put waits for the batch. A shared mapping gives the
-//! page cache the record with a `memcpy` and no system call; the price is that the file
-//! must be allocated up front (done at segment creation) and that the mapping must not be
-//! truncated under the process (the directory lock keeps cooperating processes away).
+//! A record must reach the OS before its write returns, or a process crash loses it. With
+//! `write(2)` that is a system call per record, made under the shard's lock; batching the
+//! calls in user space leaves the batch in the process until it is written, so a crash
+//! loses it unless every put waits for its batch. A shared mapping hands the page cache the
+//! record with a `memcpy` and no system call. Measured on a shared 2-core virtual machine
+//! (ext4, 136-byte records, the ignored test `append_cost` in `tests/journal_format.rs`):
+//! about 0.2–0.7 µs per append through the map against 1.1–1.4 µs with a `write(2)` per
+//! record (0.13 µs for `write(2)` batched 64 KiB at a time, which a crash can lose). About
+//! half of an append into a fresh mapping is the page fault of its first write to each
+//! page, so spare segments are prefaulted by the journal thread before a shard needs them.
+//!
+//! The price: a file must be allocated up front (done when a segment is created, so a full
+//! disk is an error and never a `SIGBUS`), and it must not be truncated while mapped (the
+//! directory lock keeps cooperating processes away).
+//!
+//! Each shard appends to its own file, so appends of different shards share nothing, but a
+//! sync round syncs one file per shard with new records. The journal thread issues those
+//! syncs together on a few helper threads, which lets the file system commit them as one
+//! (8 files: 21.7 ms one after another, 3.7 ms together, 2.5 ms for a single file).
 //!
 //! # Ordering argument
 //! A write is journaled (its record copied into the shard's segment, under the shard's
@@ -129,7 +142,10 @@
 //! Space is reclaimed by checkpoints, one shard at a time: the shard's appends move to a new
 //! segment, the engine passes the shard's dirty set (every write the store has not
 //! acknowledged), the journal writes it into checkpoint segments, syncs them, and deletes
-//! the shard's older segments. A journal's size is thus bounded by the dirty set plus what
+//! the shard's older segments. The engine's side: under the shard's lock, call
+//! `JournalLog::begin_checkpoint` and take a snapshot of the dirty set; release the lock;
+//! call `JournalLog::finish_checkpoint` with the snapshot (writing and syncing it takes no
+//! lock of the engine's). `JournalLog::bytes` tells when a checkpoint is worth it. A journal's size is thus bounded by the dirty set plus what
 //! was appended since the last checkpoint of each shard plus one preallocated segment per
 //! shard that has written (and a spare when one is half full). Segments found when the
 //! journal is opened are deleted once every shard has completed a checkpoint. A clean close
