@@ -43,6 +43,8 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("log" | "ckpt")))
+        // (A spare being prepared is a temporary file until it is renamed into place.)
+        .filter(|p| !p.file_name().unwrap().to_str().unwrap().starts_with('.'))
         .collect();
     v.sort();
     v
@@ -226,6 +228,51 @@ fn checkpoint_keeps_exactly_the_live_set_and_deletes_old_segments() {
     log.close().unwrap();
     let (log, replayed) = open(dir.path(), JournalSync::Os, 4096, 2);
     assert!(replayed.is_empty());
+    log.close().unwrap();
+}
+
+#[test]
+fn a_checkpoint_abandoned_midway_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(dir.path(), JournalSync::Os, 4096, 1);
+    let mut model = Model::new();
+    let mut version = 0;
+    write_random(&log, &mut model, &mut Rng(21), 300, 40, 1, &mut version);
+    let files = segment_files(dir.path());
+    // The engine's iterator panics after a few records (a value's Clone, say).
+    let live = model.clone().into_iter().map(|(k, (v, ver))| (k, v, ver));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        log.checkpoint(
+            0,
+            live.enumerate()
+                .map(|(i, x)| if i == 5 { panic!("clone failed") } else { x }),
+        )
+    }));
+    assert!(panicked.is_err());
+    let after: Vec<_> = segment_files(dir.path())
+        .into_iter()
+        .filter(|p| p.extension().unwrap() == "ckpt")
+        .collect();
+    assert!(
+        after.is_empty(),
+        "partial checkpoint left behind: {after:?}"
+    );
+    assert!(
+        files.iter().all(|f| f.exists()),
+        "a failed checkpoint deleted segments"
+    );
+    // A later checkpoint reclaims them all.
+    log.checkpoint(
+        0,
+        model.clone().into_iter().map(|(k, (v, ver))| (k, v, ver)),
+    )
+    .unwrap();
+    assert!(files
+        .iter()
+        .all(|f| !f.exists() || std::fs::read(f).unwrap()[64..72] == [0; 8]));
+    log.close().unwrap();
+    let (log, replayed) = open(dir.path(), JournalSync::Os, 4096, 1);
+    assert_eq!(replayed, model);
     log.close().unwrap();
 }
 

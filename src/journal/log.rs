@@ -530,7 +530,11 @@ impl<K, V> JournalLog<K, V> {
                 io::Error::other("the journal thread panicked"),
             ));
         }
-        self.lock.take();
+        if let Some(lock) = self.lock.take() {
+            // Explicitly: a child forked by another thread may hold a copy of the descriptor
+            // until it execs, and closing ours would not release the lock until then.
+            let _ = fs4::FileExt::unlock(&lock);
+        }
         result
     }
 }
@@ -628,6 +632,7 @@ impl CheckpointWriter<'_> {
             .collect())
     }
 
+    /// Removes the segments written so far (the checkpoint failed).
     fn discard(&mut self) {
         for seg in self.segments.drain(..) {
             let _ = fs::remove_file(&seg.path);
@@ -635,6 +640,14 @@ impl CheckpointWriter<'_> {
                 .allocated
                 .fetch_sub(seg.capacity(), Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for CheckpointWriter<'_> {
+    /// A checkpoint abandoned midway (its `live` iterator panicked) leaves no file behind;
+    /// after `sync` there is nothing left to remove.
+    fn drop(&mut self) {
+        self.discard();
     }
 }
 
@@ -856,9 +869,7 @@ impl Core {
             if stop == Some(Stop::Abandon) {
                 break;
             }
-            for shard in spares {
-                self.make_spare(shard);
-            }
+            // Syncs first: a writer may be waiting for one; a spare is needed later.
             let due = interval.is_some_and(|d| last_round.elapsed() >= d);
             if requested || due || stop.is_some() {
                 last_round = Instant::now();
@@ -870,6 +881,9 @@ impl Core {
             }
             if stop.is_some() {
                 break;
+            }
+            for shard in spares {
+                self.make_spare(shard);
             }
         }
         let mut st = self.state.lock();
