@@ -858,3 +858,13 @@ fn append_cost() {
          EveryWrite {every:.0} us, pwrite + fdatasync {floor:.0} us"
     );
 }
+
+#[test]
+fn the_engine_can_share_a_journal_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<JournalLog<String, Vec<u8>>>();
+    shared::<writebehind::journal::Lsn>();
+    shared::<Journal<String, Vec<u8>>>();
+    let j = Journal::<u64, Vec<u8>>::new("/nonexistent", Raw, Raw).segment_bytes(1);
+    assert!(format!("{j:?}").contains("segment_bytes: 4096"), "{j:?}");
+}
