@@ -55,6 +55,7 @@ mod engine;
 mod error;
 mod flusher;
 mod guard;
+pub mod journal;
 mod loader;
 mod metrics;
 mod settings;

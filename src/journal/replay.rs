@@ -1,0 +1,444 @@
+//! Replay: one streaming pass over every segment, keeping the highest version per key.
+//!
+//! Each segment is read front to back. Where a record does not check, the rest of the
+//! segment decides what it is (see "Torn tails and corruption" in the [module
+//! docs](super)):
+//!
+//! * below the header's watermark (synced data): corruption;
+//! * no valid record after it: a torn tail, dropped;
+//! * a valid record after it, with an all-zero 4 KiB block in between: a page the OS had not
+//!   written back when the power went (only possible past the watermark): skipped, and the
+//!   records after it are kept;
+//! * a valid record after it and no such block: corruption.
+//!
+//! Corruption is [`JournalError::Corrupt`], or with salvage, skipped up to the next valid
+//! record and counted.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use memmap2::Mmap;
+
+use super::error::JournalError;
+use super::format::{self, Kind, Read, ALIGN, HEADER_LEN};
+use super::segment::{parse_file_name, TMP_PREFIX};
+use crate::guard;
+use crate::stores::Codec;
+
+/// What replay did, reported by [`JournalStats::replay`](super::JournalStats::replay).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplayStats {
+    /// Segment files read.
+    pub segments: u64,
+    /// Valid records read (every version of every key).
+    pub records: u64,
+    /// Bytes of segments read, up to the end of their records.
+    pub bytes: u64,
+    /// Keys replayed (the highest version of each).
+    pub keys: u64,
+    /// The highest version of any record read: new versions must start above it.
+    pub max_version: u64,
+    /// Torn last records dropped (a crash hit while one was being written).
+    pub torn_records: u64,
+    /// Bytes of unsynced regions skipped because the OS had not written them back before a
+    /// power loss, with readable records after them.
+    pub hole_bytes: u64,
+    /// Bytes skipped over damaged records (`salvage(true)` only).
+    pub salvaged_bytes: u64,
+    /// Segment files skipped whole for a damaged header (`salvage(true)` only).
+    pub salvaged_files: u64,
+    /// Keys dropped because their latest record would not decode (`salvage(true)` only).
+    pub undecodable_keys: u64,
+    /// How long replay took.
+    pub duration: Duration,
+}
+
+/// One key as replayed: its latest journaled write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayedEntry<K, V> {
+    /// The key.
+    pub key: K,
+    /// The value of its latest write, `None` if that was a delete.
+    pub value: Option<V>,
+    /// The version of that write.
+    pub version: u64,
+    /// The shard that wrote it (from the record; shard counts may differ between runs).
+    pub shard: usize,
+}
+
+/// What [`JournalLog::open`](super::JournalLog::open) found.
+#[derive(Debug)]
+pub struct Replayed<K, V> {
+    /// One entry per key.
+    pub entries: Vec<ReplayedEntry<K, V>>,
+    /// Counts, bytes and time.
+    pub stats: ReplayStats,
+}
+
+/// A segment file found in the journal directory.
+#[derive(Clone, Debug)]
+pub(crate) struct Found {
+    pub(crate) path: PathBuf,
+    pub(crate) seq: u64,
+    pub(crate) len: u64,
+    /// Set by the scan: no record in it.
+    pub(crate) empty: bool,
+    /// Set by the scan: end of its records.
+    pub(crate) used: u64,
+}
+
+/// Lists the segment files of `dir` by sequence number, deleting leftover temporary files
+/// (segments whose creation did not finish; they were never renamed into place).
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<Found>, JournalError> {
+    let mut found = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| JournalError::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| JournalError::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let path = entry.path();
+        if name.starts_with(TMP_PREFIX) {
+            fs::remove_file(&path).map_err(|e| JournalError::io("remove", &path, e))?;
+            continue;
+        }
+        let Some((_, seq, _)) = parse_file_name(name) else {
+            continue;
+        };
+        let len = entry
+            .metadata()
+            .map_err(|e| JournalError::io("stat", &path, e))?
+            .len();
+        found.push(Found {
+            path,
+            seq,
+            len,
+            empty: false,
+            used: 0,
+        });
+    }
+    found.sort_by(|a, b| a.seq.cmp(&b.seq).then_with(|| a.path.cmp(&b.path)));
+    Ok(found)
+}
+
+/// How one segment read.
+#[derive(Default, Debug)]
+struct SegmentScan {
+    records: u64,
+    end: u64,
+    torn: bool,
+    hole_bytes: u64,
+    salvaged_bytes: u64,
+    skipped_file: bool,
+}
+
+/// Offset of the first valid record at or after `from` (8-aligned), before `limit`.
+fn resync(seg: &[u8], from: usize, limit: usize, shard: u32) -> Option<usize> {
+    let mut q = format::align_up(from);
+    while q < limit {
+        if matches!(format::read_record(seg, q, shard), Read::Record(_)) {
+            return Some(q);
+        }
+        q += ALIGN;
+    }
+    None
+}
+
+/// End of the last non-zero byte of `seg` (0 if all zero).
+fn last_nonzero_end(seg: &[u8]) -> usize {
+    seg.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
+/// `true` if a 4 KiB-aligned, all-zero 4 KiB block overlaps `from..to`.
+fn zero_block_between(seg: &[u8], from: usize, to: usize) -> bool {
+    const BLOCK: usize = 4096;
+    let mut b = from / BLOCK * BLOCK;
+    while b < to && b + BLOCK <= seg.len() {
+        if format::is_zero(&seg[b..b + BLOCK]) {
+            return true;
+        }
+        b += BLOCK;
+    }
+    false
+}
+
+/// Reads one segment, calling `emit(offset, record)` for each valid record.
+fn scan_segment<'a>(
+    seg: &'a [u8],
+    file: &Path,
+    salvage: bool,
+    mut emit: impl FnMut(usize, format::RecordRef<'a>),
+) -> Result<SegmentScan, JournalError> {
+    let corrupt = |offset: usize, reason: String| JournalError::Corrupt {
+        file: file.to_path_buf(),
+        offset: offset as u64,
+        reason,
+    };
+    let header = match format::decode_header(seg) {
+        Ok(h) => h,
+        Err(reason) if salvage => {
+            tracing::warn!(file = %file.display(), %reason, "journal: skipping a segment whose header is damaged");
+            return Ok(SegmentScan {
+                skipped_file: true,
+                ..SegmentScan::default()
+            });
+        }
+        Err(reason) => return Err(corrupt(0, reason)),
+    };
+    let watermark = usize::try_from(header.watermark).unwrap_or(usize::MAX);
+    let mut out = SegmentScan::default();
+    let mut limit = None;
+    let mut p = HEADER_LEN;
+    loop {
+        match format::read_record(seg, p, header.shard) {
+            Read::Record(r) => {
+                emit(p, r);
+                out.records += 1;
+                p += r.size;
+            }
+            Read::End if p >= watermark => break,
+            Read::End => {
+                let reason = format!(
+                    "the records end before the synced watermark (byte {watermark}): the file \
+                     was truncated or zeroed"
+                );
+                if salvage {
+                    tracing::warn!(file = %file.display(), offset = p, %reason, "journal: salvaging");
+                    break;
+                }
+                return Err(corrupt(p, reason));
+            }
+            Read::Bad(reason) => {
+                let limit = *limit.get_or_insert_with(|| last_nonzero_end(seg));
+                let next = resync(seg, p + ALIGN, limit, header.shard);
+                let synced = p < watermark;
+                match next {
+                    None if !synced => {
+                        // The crash hit while this record was being written: drop it.
+                        out.torn = true;
+                        tracing::info!(file = %file.display(), offset = p, reason, "journal: dropping a torn last record");
+                        break;
+                    }
+                    Some(q) if !synced && zero_block_between(seg, p, q) => {
+                        out.hole_bytes += (q - p) as u64;
+                        tracing::warn!(file = %file.display(), offset = p, resumes_at = q, "journal: skipping unsynced bytes the OS never wrote back (power loss)");
+                        p = q;
+                    }
+                    _ => {
+                        let reason = if synced {
+                            format!("{reason}, below the synced watermark (byte {watermark})")
+                        } else {
+                            format!("{reason}, and valid records follow it")
+                        };
+                        if !salvage {
+                            return Err(corrupt(p, reason));
+                        }
+                        let resume = next.unwrap_or(limit.max(p));
+                        tracing::warn!(file = %file.display(), offset = p, resumes_at = resume, %reason, "journal: salvaging past a damaged record");
+                        out.salvaged_bytes += (resume - p) as u64;
+                        match next {
+                            Some(q) => p = q,
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.end = p as u64;
+    Ok(out)
+}
+
+/// The latest record of a key seen so far.
+struct Winner<'a> {
+    version: u64,
+    kind: Kind,
+    value: &'a [u8],
+    shard: u32,
+    file: usize,
+    offset: usize,
+}
+
+/// Reads every segment in `found` (filling in `empty` and `used`) and returns the latest
+/// write of each key.
+pub(crate) fn replay<K: 'static, V: 'static>(
+    found: &mut [Found],
+    key_codec: &dyn Codec<K>,
+    value_codec: &dyn Codec<V>,
+    salvage: bool,
+) -> Result<Replayed<K, V>, JournalError> {
+    let start = Instant::now();
+    let mut stats = ReplayStats::default();
+    let mut maps: Vec<Option<Mmap>> = Vec::with_capacity(found.len());
+    for f in found.iter() {
+        if f.len == 0 {
+            maps.push(None);
+            continue;
+        }
+        let file = File::open(&f.path).map_err(|e| JournalError::io("open", &f.path, e))?;
+        // SAFETY: the journal directory is locked, so no cooperating process writes or
+        // truncates the file while it is mapped; this process has no writer yet either. The
+        // map is read-only and dropped before this function returns.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| JournalError::io("map", &f.path, e))?;
+        maps.push(Some(map));
+    }
+    let mut winners: HashMap<&[u8], Winner<'_>, ahash::RandomState> = HashMap::default();
+    for (i, (f, map)) in found.iter_mut().zip(&maps).enumerate() {
+        let seg: &[u8] = map.as_deref().unwrap_or(&[]);
+        let scan = scan_segment(seg, &f.path, salvage, |offset, r| {
+            stats.max_version = stats.max_version.max(r.version);
+            let newer = winners.get(r.key).is_none_or(|w| r.version > w.version);
+            if newer {
+                winners.insert(
+                    r.key,
+                    Winner {
+                        version: r.version,
+                        kind: r.kind,
+                        value: r.value,
+                        shard: r.shard,
+                        file: i,
+                        offset,
+                    },
+                );
+            }
+        })?;
+        stats.segments += 1;
+        stats.records += scan.records;
+        stats.bytes += scan.end;
+        stats.torn_records += u64::from(scan.torn);
+        stats.hole_bytes += scan.hole_bytes;
+        stats.salvaged_bytes += scan.salvaged_bytes;
+        stats.salvaged_files += u64::from(scan.skipped_file);
+        f.empty = scan.records == 0 && !scan.skipped_file;
+        f.used = scan.end;
+    }
+    let mut entries = Vec::with_capacity(winners.len());
+    for (key, w) in winners {
+        let at = |what: &'static str, message: String| JournalError::Codec {
+            what,
+            file: Some(found[w.file].path.clone()),
+            offset: Some(w.offset as u64),
+            message,
+        };
+        let decoded = decode(key_codec, key)
+            .map_err(|m| at("decoding a key", m))
+            .and_then(|k| match w.kind {
+                Kind::Delete => Ok((k, None)),
+                Kind::Put => decode(value_codec, w.value)
+                    .map(|v| (k, Some(v)))
+                    .map_err(|m| at("decoding a value", m)),
+            });
+        match decoded {
+            Ok((key, value)) => entries.push(ReplayedEntry {
+                key,
+                value,
+                version: w.version,
+                shard: w.shard as usize,
+            }),
+            Err(e) if salvage => {
+                tracing::warn!(error = %e, "journal: dropping a key whose latest record does not decode");
+                stats.undecodable_keys += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    stats.keys = entries.len() as u64;
+    stats.duration = start.elapsed();
+    Ok(Replayed { entries, stats })
+}
+
+/// Runs a codec's `decode`, turning an error or a panic into its message.
+fn decode<T: 'static>(codec: &dyn Codec<T>, bytes: &[u8]) -> Result<T, String> {
+    match guard::catch(|| codec.decode(bytes)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("the codec panicked: {panic}")),
+    }
+}
+
+#[cfg(all(test, not(writebehind_loom)))]
+mod tests {
+    use super::*;
+    use format::{encode_header, encode_record, record_size, SegmentKind};
+
+    fn segment(records: &[(u64, &[u8], &[u8])], len: usize) -> Vec<u8> {
+        let mut seg = encode_header(0, 1, SegmentKind::Log, 1).to_vec();
+        for &(version, key, value) in records {
+            let at = seg.len();
+            seg.resize(at + record_size(key.len(), value.len()), 0);
+            encode_record(&mut seg[at..], Kind::Put, 0, version, key, value);
+        }
+        seg.resize(len, 0);
+        seg
+    }
+
+    fn scan(seg: &[u8], salvage: bool) -> Result<(Vec<u64>, SegmentScan), JournalError> {
+        let mut versions = Vec::new();
+        let s = scan_segment(seg, Path::new("x.log"), salvage, |_, r| {
+            versions.push(r.version)
+        })?;
+        Ok((versions, s))
+    }
+
+    #[test]
+    fn torn_tail_is_dropped_and_mid_file_damage_is_an_error() {
+        let recs: Vec<(u64, &[u8], &[u8])> =
+            vec![(1, b"a", b"1"), (2, b"b", b"2"), (3, b"c", b"3")];
+        let seg = segment(&recs, 16384);
+        let (v, s) = scan(&seg, false).unwrap();
+        assert_eq!((v, s.torn), (vec![1, 2, 3], false));
+        let size = record_size(1, 1);
+        // Damage in the last record: torn.
+        let mut t = seg.clone();
+        t[HEADER_LEN + 2 * size + 10] ^= 1;
+        let (v, s) = scan(&t, false).unwrap();
+        assert_eq!((v, s.torn), (vec![1, 2], true));
+        // Damage in the middle one: corrupt, naming its offset.
+        let mut m = seg.clone();
+        m[HEADER_LEN + size + 10] ^= 1;
+        match scan(&m, false) {
+            Err(JournalError::Corrupt { offset, .. }) => {
+                assert_eq!(offset, (HEADER_LEN + size) as u64)
+            }
+            other => panic!("{other:?}"),
+        }
+        let (v, s) = scan(&m, true).unwrap();
+        assert_eq!(v, vec![1, 3]);
+        assert_eq!(s.salvaged_bytes, size as u64);
+    }
+
+    #[test]
+    fn a_page_hole_past_the_watermark_is_skipped() {
+        // Records fill three pages; the second page never reached the disk.
+        let value = vec![7u8; 1000];
+        let recs: Vec<(u64, &[u8], &[u8])> =
+            (0..12u64).map(|v| (v, &b"k"[..], &value[..])).collect();
+        let mut seg = segment(&recs, 16384);
+        seg[4096..8192].fill(0);
+        let (v, s) = scan(&seg, false).unwrap();
+        assert!(s.hole_bytes > 0);
+        assert!(v.len() < 12 && v.len() > 4, "{v:?}");
+        assert!(v.windows(2).all(|w| w[0] < w[1]));
+        // Below a watermark the same hole is corruption.
+        seg[format::WATERMARK_AT..format::WATERMARK_AT + 8]
+            .copy_from_slice(&format::encode_watermark(1, 12000).to_le_bytes());
+        assert!(matches!(
+            scan(&seg, false),
+            Err(JournalError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn damaged_header_is_corrupt_unless_salvaging() {
+        let mut seg = segment(&[(1, b"a", b"1")], 4096);
+        seg[3] ^= 1;
+        assert!(matches!(
+            scan(&seg, false),
+            Err(JournalError::Corrupt { offset: 0, .. })
+        ));
+        let (v, s) = scan(&seg, true).unwrap();
+        assert!(v.is_empty() && s.skipped_file);
+    }
+}
