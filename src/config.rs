@@ -310,6 +310,35 @@ impl<K, V> Builder<K, V> {
         self
     }
 
+    /// Records every accepted write in a crash-safe journal before `put`/`remove` return, so
+    /// that the writes the store does not hold yet survive the death of the process (and,
+    /// with [`JournalSync::EveryWrite`](crate::journal::JournalSync::EveryWrite), a power
+    /// loss). `build` replays what the journal holds that the store may not: those writes
+    /// are dirty again, with their journaled versions, and are written as any other.
+    /// Off by default: without a journal, a crash loses every write not yet in the store.
+    ///
+    /// What each sync mode promises is in [`JournalSync`](crate::journal::JournalSync); the
+    /// format and the space reclamation are in [`crate::journal`].
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::journal::{Journal, JournalSync};
+    /// use writebehind::stores::Raw;
+    /// use writebehind::{Cache, MemoryStore};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let cache: Cache<String, Vec<u8>> = Cache::builder(MemoryStore::new())
+    ///     .journal(Journal::new(dir.path(), Raw, Raw).sync(JournalSync::EveryWrite))
+    ///     .build()?;
+    /// cache.put("k".to_string(), b"v".to_vec())?; // on stable storage when it returns
+    /// assert!(cache.close(std::time::Duration::from_secs(5)).is_clean());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn journal(mut self, journal: crate::journal::Journal<K, V>) -> Self {
+        self.s.journal = Some(journal);
+        self
+    }
+
     /// A callback called (on the flusher thread) for every write the cache gives up on, in
     /// addition to the queue that [`Cache::failed_writes`](crate::Cache::failed_writes) drains.
     pub fn on_failed_write(

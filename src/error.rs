@@ -170,6 +170,12 @@ pub enum Error {
     },
     /// A background flusher thread could not be started.
     Spawn(Source),
+    /// The journal ([`Builder::journal`](crate::Builder::journal)) could not take the write
+    /// (a full disk, an I/O error, a codec that failed), or could not be opened at `build`
+    /// (locked by another cache, corrupt). A refused write was not made: nothing of it is in
+    /// memory or on disk. From an `EveryWrite` sync that failed, the write is in memory and
+    /// reaches the store, but may not survive a power loss.
+    Journal(std::sync::Arc<crate::journal::JournalError>),
 }
 
 impl fmt::Display for Error {
@@ -194,6 +200,7 @@ impl fmt::Display for Error {
                 write!(f, "invalid cache configuration: {setting}: {reason}")
             }
             Error::Spawn(e) => write!(f, "could not start a flusher thread: {e}"),
+            Error::Journal(e) => write!(f, "journal: {e}"),
         }
     }
 }
@@ -203,7 +210,14 @@ impl std::error::Error for Error {
         match self {
             Error::Load(e) | Error::Store(e) => Some(e),
             Error::Spawn(e) => Some(&**e),
+            Error::Journal(e) => Some(&**e),
             _ => None,
         }
+    }
+}
+
+impl From<crate::journal::JournalError> for Error {
+    fn from(e: crate::journal::JournalError) -> Self {
+        Error::Journal(std::sync::Arc::new(e))
     }
 }

@@ -102,6 +102,9 @@ pub struct Metrics {
     pub store_latency_us: Distribution,
     /// The store's health as the flushers see it.
     pub health: Health,
+    /// The journal's counters, latencies and replay, with a journal
+    /// ([`Builder::journal`](crate::Builder::journal)).
+    pub journal: Option<crate::journal::JournalStats>,
 }
 
 /// A summary of a histogram (hdrhistogram, 3 significant digits).
@@ -287,6 +290,7 @@ impl Metrics {
             batch_size: Distribution::default(),
             store_latency_us: Distribution::default(),
             health: Health::Healthy,
+            journal: None,
         }
     }
 

@@ -128,6 +128,7 @@ pub(crate) struct Settings<K, V> {
     pub(crate) negative_ttl: Option<Duration>,
     pub(crate) loaders: usize,
     pub(crate) flush_order: Option<KeyOrder<K>>,
+    pub(crate) journal: Option<crate::journal::Journal<K, V>>,
 }
 
 impl<K, V> Settings<K, V> {
@@ -162,6 +163,7 @@ impl<K, V> Settings<K, V> {
             negative_ttl: None,
             loaders: 1,
             flush_order: None,
+            journal: None,
         }
     }
 

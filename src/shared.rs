@@ -52,6 +52,8 @@ pub(crate) struct Shared<K, V> {
     /// [`crate::Builder::flush_order`]: how a flusher orders a backlog of more than one
     /// batch.
     pub(crate) flush_order: Option<KeyOrder<K>>,
+    /// The crash-safe journal, if the builder set one.
+    pub(crate) journal: Option<crate::journal::JournalLog<K, V>>,
 }
 
 /// The settings the engine reads after build.
@@ -214,6 +216,26 @@ where
             return Err(Error::Closed);
         }
         Ok(StoreUse(&self.store_users))
+    }
+
+    /// Reclaims the journal's space for shard `s` (if there is a journal): its segments are
+    /// replaced by a checkpoint of the writes the store may not hold. The journal moves the
+    /// shard's appends to a new segment and the snapshot is taken under the same hold of the
+    /// table lock, so a write is either in the snapshot or appended after the switch.
+    pub(crate) fn checkpoint_shard(&self, s: usize) {
+        let Some(j) = &self.journal else { return };
+        let table = self.shards[s].table.lock();
+        let ticket = j.begin_checkpoint(s);
+        let live = table.journal_snapshot();
+        drop(table);
+        match live {
+            Ok(live) => {
+                if let Err(e) = j.finish_checkpoint(ticket, live.into_iter()) {
+                    tracing::warn!(shard = s, error = %e, "journal: a checkpoint failed; its space is reclaimed by a later one");
+                }
+            }
+            Err(msg) => self.user_panicked("a key's or value's Clone (journal checkpoint)", &msg),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::Inner;
 use crate::error::Error;
 use crate::flusher::{self, Flusher};
+use crate::journal::{JournalLog, ReplayedEntry};
 use crate::loader::Loader;
 use crate::settings::{Backpressure, Settings};
 use crate::shard::{Limits, Shard};
@@ -33,8 +34,21 @@ where
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the setting at fault.
-    pub(crate) fn new(s: Settings<K, V>) -> Result<(Self, Threads), Error> {
+    ///
+    /// With a journal, it is opened (locked, replayed) first: its writes become dirty entries
+    /// at their journaled versions, and new versions start above all of them.
+    pub(crate) fn new(mut s: Settings<K, V>) -> Result<(Self, Threads), Error> {
         s.validate()?;
+        let (journal, replayed) = match s.journal.take() {
+            Some(j) => {
+                let (log, replayed) = JournalLog::open(j, s.shards)?;
+                (Some(log), Some(replayed))
+            }
+            None => (None, None),
+        };
+        let min_version = replayed
+            .as_ref()
+            .map_or(0, |r| r.stats.max_version.saturating_add(1));
         let nshards = s.shards;
         let nflushers = s.flushers;
         let owned_per_flusher = nshards / nflushers + usize::from(nshards % nflushers != 0);
@@ -67,7 +81,7 @@ where
         };
         let (mode, loader) = (s.write_mode, s.refresh_ahead.map(|_| Loader::new()));
         let inner = Inner {
-            shared: shared(s, limits, ring_capacity),
+            shared: shared(s, limits, ring_capacity, journal, min_version),
             flushers,
             count_chunk,
             load_errors: AtomicU64::new(0),
@@ -85,7 +99,36 @@ where
             threads: Mutex::new(Some(Vec::new())),
         };
         inner.tick_clock();
+        if let Some(replayed) = replayed {
+            inner.restore(replayed.entries);
+        }
         Ok((inner, threads))
+    }
+
+    /// Makes the journaled writes dirty again, at their journaled versions, queued for the
+    /// flushers (which write them as any other: the store's version guard ignores the ones it
+    /// already holds).
+    fn restore(&self, entries: Vec<ReplayedEntry<K, V>>) {
+        let n = entries.len();
+        for e in entries {
+            let hash = self.hash(&e.key);
+            let s = self.shard_of(hash);
+            let shard = &self.shards[s];
+            let weight = self.weight(&e.key, e.value.as_ref());
+            let mut table = shard.table.lock();
+            let ring_key =
+                table.restore(hash, e.key, e.value, e.version, self.coarse_now(), weight);
+            let queued = shard.enqueue(ring_key);
+            drop(table);
+            drop(queued);
+            shard.arm(|| self.clock_nanos());
+        }
+        if n > 0 {
+            tracing::info!(
+                writes = n,
+                "journal: replayed writes are queued for the store"
+            );
+        }
     }
 
     /// Starts the flusher threads (unless flushing is manual) and the refresh-ahead loaders.
@@ -184,13 +227,19 @@ fn limits<K, V>(s: &Settings<K, V>) -> Limits {
 
 /// The state every thread shares, with `nshards` shards of `limits` and rings of
 /// `ring_capacity`.
-fn shared<K, V>(s: Settings<K, V>, limits: Limits, ring_capacity: usize) -> Shared<K, V>
+fn shared<K, V>(
+    s: Settings<K, V>,
+    limits: Limits,
+    ring_capacity: usize,
+    journal: Option<JournalLog<K, V>>,
+    min_version: u64,
+) -> Shared<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
     let nshards = s.shards;
-    let first_version = first_version();
+    let first_version = first_version().max(min_version);
     // Under loom the seeds are fixed: a model must run the same operations for the same
     // schedule, and the seeds decide the order a full ring's table scan lists keys in.
     let hasher = if cfg!(writebehind_loom) {
@@ -241,6 +290,7 @@ where
         sweep_every: (shortest / 2).clamp(tick, Duration::from_secs(10)),
         weigher: s.weigher,
         flush_order: s.flush_order,
+        journal,
     }
 }
 

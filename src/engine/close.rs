@@ -99,6 +99,7 @@ where
             f.shut();
         }
         inner.wait_store_users(wall_until);
+        self.close_journal();
         let mut unwritten = Vec::new();
         for s in inner.shards.iter() {
             s.table.lock().unwritten(&mut unwritten);
@@ -109,6 +110,20 @@ where
             deadline_reached,
             already_closed: false,
             in_progress: false,
+        }
+    }
+
+    /// With a journal: every shard's segments are replaced by a checkpoint of what the store
+    /// does not hold (nothing, after a close that wrote everything; else exactly the writes
+    /// this close hands back, which the next start replays too), then the journal is synced
+    /// and its directory unlocked.
+    fn close_journal(&self) {
+        let Some(j) = &self.journal else { return };
+        for s in 0..self.shards.len() {
+            self.checkpoint_shard(s);
+        }
+        if let Err(e) = j.close_shared() {
+            tracing::error!(error = %e, "journal: the final sync failed; the OS writes back what it holds");
         }
     }
 

@@ -108,6 +108,7 @@ where
             f.stats.add_into(&mut m, now, &mut hists);
         }
         m.set_distributions(&hists);
+        m.journal = self.journal.as_ref().map(|j| j.stats());
         if m.dirty == 0 {
             m.oldest_unflushed_age = Duration::ZERO;
         }

@@ -81,7 +81,7 @@ where
                 return self.write_under_pressure(s, hash, key, value, weight, policy);
             }
         }
-        Ok(self.write_locked(s, table, hash, key, value, now, weight))
+        self.write_locked(s, table, hash, key, value, now, weight)
     }
 
     /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is
@@ -114,11 +114,23 @@ where
         value: Option<V>,
         now: u64,
         weight: u32,
-    ) -> u64 {
+    ) -> Result<u64, Error> {
+        // With a journal, the write is recorded first, at the version it is about to take,
+        // while the shard lock orders it with the shard's other writes: a write the journal
+        // refuses is not made at all.
+        let lsn = match &self.journal {
+            None => None,
+            Some(j) => Some(j.append(s, &key, value.as_ref(), table.next_version)?),
+        };
         let mut outcome = table.write(hash, key, value, now, weight);
         let queued = self.shards[s].enqueue(outcome.ring_key.take());
         drop(table);
-        self.after_write(s, outcome, queued)
+        let version = self.after_write(s, outcome, queued);
+        if let (Some(j), Some(lsn)) = (&self.journal, lsn) {
+            // `EveryWrite`: returns once a sync (shared with concurrent writers) covers it.
+            j.wait_synced(&lsn)?;
+        }
+        Ok(version)
     }
 
     /// What follows a write-behind once the shard lock is released: drop the old value, wake
@@ -189,7 +201,7 @@ where
                     }
                     if table.admits(high, low, hash, &key) {
                         let now = inner.coarse_now();
-                        return Ok(self.write_locked(s, table, hash, key, value, now, weight));
+                        return self.write_locked(s, table, hash, key, value, now, weight);
                     }
                 }
             }
@@ -209,7 +221,7 @@ where
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();
-                    return Ok(self.write_locked(s, table, hash, key, value, now, weight));
+                    return self.write_locked(s, table, hash, key, value, now, weight);
                 }
                 drop(table);
                 self.write_through_at(s, hash, key, value, true)

@@ -137,9 +137,9 @@ pub struct JournalLog<K, V> {
     core: Arc<Core>,
     key_codec: std::sync::Arc<dyn Codec<K>>,
     value_codec: std::sync::Arc<dyn Codec<V>>,
-    thread: Option<thread::JoinHandle>,
+    thread: Mutex<Option<thread::JoinHandle>>,
     /// Holds the directory's `flock` while open; dropped last.
-    lock: Option<File>,
+    lock: Mutex<Option<File>>,
 }
 
 impl<K, V> std::fmt::Debug for JournalLog<K, V> {
@@ -307,8 +307,8 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
                 core,
                 key_codec,
                 value_codec,
-                thread: Some(handle),
-                lock: Some(lock),
+                thread: Mutex::new(Some(handle)),
+                lock: Mutex::new(Some(lock)),
             },
             replayed,
         ))
@@ -497,19 +497,28 @@ impl<K, V> JournalLog<K, V> {
     /// # Errors
     /// [`JournalError::Io`] if the final sync failed: what was not synced is in the OS's
     /// page cache and reaches the disk when the OS writes it back.
-    pub fn close(mut self) -> Result<(), JournalError> {
+    pub fn close(self) -> Result<(), JournalError> {
+        self.shutdown(Stop::Sync)
+    }
+
+    /// [`close`](Self::close) for a journal the engine shares: later calls do nothing, and
+    /// appends after it are refused by the engine (it is closed).
+    ///
+    /// # Errors
+    /// As [`close`](Self::close).
+    pub fn close_shared(&self) -> Result<(), JournalError> {
         self.shutdown(Stop::Sync)
     }
 
     /// Stops without syncing anything or removing anything, leaving the files as a process
     /// crash would (the page cache keeps every append). For crash tests.
     #[doc(hidden)]
-    pub fn abandon(mut self) {
+    pub fn abandon(self) {
         let _ = self.shutdown(Stop::Abandon);
     }
 
-    fn shutdown(&mut self, how: Stop) -> Result<(), JournalError> {
-        let Some(handle) = self.thread.take() else {
+    fn shutdown(&self, how: Stop) -> Result<(), JournalError> {
+        let Some(handle) = self.thread.lock().take() else {
             return Ok(());
         };
         {
@@ -530,7 +539,7 @@ impl<K, V> JournalLog<K, V> {
                 io::Error::other("the journal thread panicked"),
             ));
         }
-        if let Some(lock) = self.lock.take() {
+        if let Some(lock) = self.lock.lock().take() {
             // Explicitly: a child forked by another thread may hold a copy of the descriptor
             // until it execs, and closing ours would not release the lock until then.
             let _ = fs4::FileExt::unlock(&lock);

@@ -448,6 +448,29 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
+    /// A journaled write replayed at build, into a table that does not hold the key yet:
+    /// dirty at its journaled `version`. Returns the key to queue on the ring.
+    pub(crate) fn restore(
+        &mut self,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        version: u64,
+        now: u64,
+        weight: u32,
+    ) -> Option<K> {
+        if self.find(hash, &key).is_some() {
+            return None; // replay yields one write per key
+        }
+        let open_epoch = self.epoch;
+        let ring_key = key.clone();
+        let e = self.insert(hash, key, value, version, 0, now, weight);
+        e.queued_epoch = open_epoch;
+        e.unsent = version;
+        self.dirty += 1;
+        Some(ring_key)
+    }
+
     /// Stores a clean value (loaded, preloaded, or written through) unless the key holds
     /// something at least as new. Returns the value the cache now answers with.
     pub(crate) fn fill_clean(
@@ -845,6 +868,20 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let w = self.forget(e);
             out.push(w);
         }
+    }
+
+    /// Every write of the table the store may not hold, as the journal keeps it (key, value
+    /// or `None` for a delete, version): the dirty entries, in flight included, but no local
+    /// write of `ReadOnly` mode (never journaled, never sent). `Err` if a key's or value's
+    /// `Clone` panicked.
+    pub(crate) fn journal_snapshot(&self) -> Result<Vec<(K, Option<V>, u64)>, String> {
+        crate::guard::catch(|| {
+            self.map
+                .iter()
+                .filter(|e| e.is_dirty() && !(e.flag(LOCAL) && e.unsent == NONE))
+                .map(|e| (e.key.clone(), e.value().cloned(), e.version))
+                .collect()
+        })
     }
 
     /// Every live entry that has not expired at `now` (for `Cache::entries`); never loads.
