@@ -33,6 +33,12 @@
 //!   cache is built, so a restarted process writes above its predecessor, unless the clock
 //!   was set back by more than the time between the two runs.
 //!
+//! * **Crash safety is opt-in.** Without a journal, a process crash loses every write that
+//!   has not reached the store (while the store is down, that is everything since). With
+//!   [`Builder::journal`], a write whose `put` returned survives the death of the process,
+//!   and with [`journal::JournalSync::EveryWrite`] a power loss, and is written after the
+//!   restart.
+//!
 //! # `flush`, `close` and `Drop`
 //! `flush` waits until everything written before it is in the store (or the flush timeout).
 //! `close(deadline)` stops writes, drains until the deadline, joins the flusher threads and
