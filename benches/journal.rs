@@ -1,0 +1,248 @@
+//! What the journal costs a put, measured in one process.
+//!
+//! 1. Put throughput, 2 threads, Zipf 1.0 updates over 131,072 keys, the flusher writing to
+//!    an in-memory store: the engine without a journal, with `JournalSync::Interval(10ms)` and
+//!    with `JournalSync::Os`, in interleaved rounds (the order rotates); medians and the
+//!    ratio to the journal-less engine.
+//! 2. `JournalSync::EveryWrite` under 2, 8 and 64 writer threads: durable puts per second,
+//!    syncs per second, the group-commit factor (puts per sync) and the put latency
+//!    p50/p99/p99.9, next to a bare `fdatasync` loop on the same file system (the floor).
+//!
+//! `cargo bench --bench journal` (env: `JOURNAL_ROUNDS`, default 7; `JOURNAL_MS`, one run's
+//! length in milliseconds, default 300; `JOURNAL_DIR`, the directory to journal into, default
+//! a temporary directory under the target directory, which is on the disk the crate is on).
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use writebehind::journal::{Journal, JournalSync};
+use writebehind::stores::Raw;
+use writebehind::{Cache, MemoryStore};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const KEYS: u64 = 1 << 17;
+const THREADS: usize = 2;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Zipf(1.0) over `0..n` by inverse transform on a precomputed CDF; xorshift64 underneath.
+struct Zipf {
+    cdf: Vec<f64>,
+    state: u64,
+}
+
+impl Zipf {
+    fn new(n: u64, seed: u64) -> Self {
+        let mut cdf = Vec::with_capacity(n as usize);
+        let mut sum = 0.0;
+        for i in 1..=n {
+            sum += 1.0 / i as f64;
+            cdf.push(sum);
+        }
+        for c in &mut cdf {
+            *c /= sum;
+        }
+        Zipf {
+            cdf,
+            state: seed | 1,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let u = (self.state >> 11) as f64 / (1u64 << 53) as f64;
+        self.cdf.partition_point(|&c| c < u) as u64
+    }
+}
+
+fn base_dir() -> std::path::PathBuf {
+    std::env::var("JOURNAL_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|_| std::env::temp_dir())
+}
+
+fn build(mode: Option<JournalSync>, dir: &std::path::Path) -> Cache<u64, u64> {
+    let b = Cache::builder(MemoryStore::new());
+    let b = match mode {
+        Some(m) => b.journal(Journal::new(dir, Raw, Raw).sync(m)),
+        None => b,
+    };
+    b.build().expect("bench cache")
+}
+
+/// Puts per second of `THREADS` threads putting Zipf keys for `ms`, including the final
+/// flush (sustained throughput, not buffer filling).
+fn put_rate(cache: &Arc<Cache<u64, u64>>, ms: u64, seed: u64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(THREADS + 1));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (cache, stop, done, start) = (cache.clone(), stop.clone(), done.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut z = Zipf::new(KEYS, seed ^ (t as u64 + 1) * 0x9E37_79B9);
+                start.wait();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        cache.put(z.next(), n).expect("put");
+                        n += 1;
+                    }
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(ms));
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    cache.flush().expect("flush");
+    done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn throughput(rounds: u64, ms: u64) {
+    println!("## Put throughput, {THREADS} threads, Zipf 1.0 over {KEYS} keys ({rounds} rounds of {ms} ms)\n");
+    let modes: [(&str, Option<JournalSync>); 3] = [
+        ("no journal", None),
+        (
+            "Interval(10ms)",
+            Some(JournalSync::Interval(Duration::from_millis(10))),
+        ),
+        ("Os", Some(JournalSync::Os)),
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for i in 0..modes.len() {
+            let m = (i + round as usize) % modes.len();
+            let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
+            let cache = Arc::new(build(modes[m].1, dir.path()));
+            rates[m].push(put_rate(&cache, ms, round * 31 + m as u64));
+            let report = cache.close(Duration::from_secs(10));
+            assert!(report.is_clean());
+        }
+    }
+    let base = median(&mut rates[0].clone());
+    println!("| engine | puts/s (median) | / no journal |");
+    println!("|---|---:|---:|");
+    for (i, (name, _)) in modes.iter().enumerate() {
+        let m = median(&mut rates[i]);
+        println!("| {name} | {:.2} M | {:.2}x |", m / 1e6, m / base);
+    }
+    println!();
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+fn every_write(ms: u64) {
+    println!("## EveryWrite: durable puts, syncs and latency ({ms} ms per row)\n");
+    println!("| writers | durable puts/s | syncs/s | puts per sync | p50 | p99 | p99.9 |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for threads in [2usize, 8, 64] {
+        let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
+        let cache = Arc::new(build(Some(JournalSync::EveryWrite), dir.path()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Arc::new(Barrier::new(threads + 1));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (cache, stop, start) = (cache.clone(), stop.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let mut h = hist();
+                    let mut z = Zipf::new(KEYS, t as u64 + 7);
+                    start.wait();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        cache.put(z.next(), n).expect("put");
+                        h.record(t0.elapsed().as_nanos() as u64).ok();
+                        n += 1;
+                    }
+                    h
+                })
+            })
+            .collect();
+        let syncs0 = cache.metrics().journal.map_or(0, |j| j.syncs);
+        start.wait();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(ms));
+        stop.store(true, Ordering::Relaxed);
+        let mut all = hist();
+        for h in handles {
+            all.add(h.join().unwrap()).ok();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let syncs = cache.metrics().journal.map_or(0, |j| j.syncs) - syncs0;
+        let puts = all.len();
+        println!(
+            "| {threads} | {:.0} | {:.0} | {:.1} | {} | {} | {} |",
+            puts as f64 / secs,
+            syncs as f64 / secs,
+            puts as f64 / syncs.max(1) as f64,
+            us(all.value_at_quantile(0.5)),
+            us(all.value_at_quantile(0.99)),
+            us(all.value_at_quantile(0.999)),
+        );
+        let _ = cache.close(Duration::from_secs(10));
+    }
+    // The floor: one thread writing 64 bytes and fdatasync-ing, on the same file system.
+    let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
+    let mut f = std::fs::File::create(dir.path().join("floor")).expect("floor file");
+    let mut h = hist();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(ms) {
+        let t = Instant::now();
+        f.write_all(&[7u8; 64]).expect("write");
+        f.sync_data().expect("fdatasync");
+        h.record(t.elapsed().as_nanos() as u64).ok();
+    }
+    println!(
+        "| floor: write + fdatasync, 1 thread | {:.0} | {:.0} | 1.0 | {} | {} | {} |",
+        h.len() as f64 / t0.elapsed().as_secs_f64(),
+        h.len() as f64 / t0.elapsed().as_secs_f64(),
+        us(h.value_at_quantile(0.5)),
+        us(h.value_at_quantile(0.99)),
+        us(h.value_at_quantile(0.999)),
+    );
+    println!();
+}
+
+fn us(ns: u64) -> String {
+    if ns >= 1_000_000 {
+        format!("{:.2} ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.1} µs", ns as f64 / 1e3)
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this with `--bench` absent: nothing to measure then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let rounds = env_u64("JOURNAL_ROUNDS", 7);
+    let ms = env_u64("JOURNAL_MS", 300);
+    throughput(rounds, ms);
+    every_write(ms.max(1000));
+}
