@@ -327,10 +327,7 @@ fn wait_durable_times_out_on_a_dead_store() {
 #[test]
 fn flush_key_writes_one_key_now() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     cache.put(1, 1).unwrap();
     cache.put(2, 2).unwrap();
     cache.flush_key(&1).unwrap();

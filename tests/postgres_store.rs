@@ -6,10 +6,12 @@
 //! `WRITEBEHIND_PG_CTL` (a pg_ctl command prefix) to stop and start the server.
 #![cfg(feature = "postgres")]
 
-use std::process::{Command, Stdio};
+mod pg;
+
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use pg::{need, Outage};
 use postgres::{Client, NoTls};
 use writebehind::stores::{Codec, CodecError, PostgresStore, Raw};
 use writebehind::{BatchError, Store, StoreError, Write};
@@ -19,32 +21,6 @@ static SERVER: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERVER.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn env_or_skip(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{var} is not set but CI is: the PostgreSQL tests must run in CI. \
-                 Start a server first: `source .ci/pg.sh && pg_start`"
-            );
-            eprintln!(
-                "SKIPPED: {var} is not set; start a server with `source .ci/pg.sh && pg_start`"
-            );
-            None
-        }
-    }
-}
-
-macro_rules! need {
-    ($var:expr) => {
-        match env_or_skip($var) {
-            Some(v) => v,
-            None => return,
-        }
-    };
 }
 
 fn put(key: u64, value: &str, version: u64) -> Write<u64, String> {
@@ -290,44 +266,6 @@ fn codec_failures_and_oversized_versions_are_rejected_records() {
     .unwrap();
     assert!(matches!(store.load(&9), Err(StoreError::Rejected(_))));
     assert!(matches!(store.load_all(&[9]), Err(StoreError::Rejected(_))));
-}
-
-/// Stops the server on creation and makes sure it is started again, even if the test fails.
-struct Outage {
-    ctl: String,
-    down: bool,
-}
-
-impl Outage {
-    fn run(&self, action: &str) {
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{} {action}", self.ctl))
-            .stdout(Stdio::null())
-            .status()
-            .expect("run pg_ctl");
-        assert!(status.success(), "`{} {action}` failed", self.ctl);
-    }
-
-    fn begin(ctl: String) -> Self {
-        let mut o = Outage { ctl, down: false };
-        o.run("stop -m fast");
-        o.down = true;
-        o
-    }
-
-    fn end(&mut self) {
-        self.run("start");
-        self.down = false;
-    }
-}
-
-impl Drop for Outage {
-    fn drop(&mut self) {
-        if self.down {
-            self.end();
-        }
-    }
 }
 
 #[test]

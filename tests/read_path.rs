@@ -22,6 +22,24 @@ fn one_shard(
     manual_with(s, |b| f(b.shards(1)))
 }
 
+/// A hand-driven cache over `s`, whose key 1 (100 in the store) a reader on another thread is
+/// loading, held at the store's gate: the reader's `get` returns once `s.release()` lets the
+/// load go on.
+fn load_held_at_the_store(
+    s: &common::Store,
+) -> (Arc<Cache<u64, u64>>, std::thread::JoinHandle<Option<u64>>) {
+    s.memory().insert(1, 100);
+    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
+    s.hold();
+    let c2 = cache.clone();
+    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
+    assert!(
+        s.wait_until_held(Duration::from_secs(5)),
+        "the load is in the store"
+    );
+    (cache, reader)
+}
+
 #[test]
 fn eight_threads_missing_one_key_make_one_load() {
     let s = store();
@@ -79,15 +97,7 @@ fn followers_get_the_load_error_too() {
 #[test]
 fn a_put_during_a_slow_load_wins() {
     let s = store();
-    s.memory().insert(1, 100);
-    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
-    s.hold();
-    let c2 = cache.clone();
-    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
-    assert!(
-        s.wait_until_held(Duration::from_secs(5)),
-        "the load is in the store"
-    );
+    let (cache, reader) = load_held_at_the_store(&s);
     cache.put(1, 200).unwrap();
     s.release();
     assert_eq!(
@@ -105,12 +115,7 @@ fn a_put_during_a_slow_load_wins() {
 #[test]
 fn remove_during_a_slow_load_reads_none() {
     let s = store();
-    s.memory().insert(1, 100);
-    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
-    s.hold();
-    let c2 = cache.clone();
-    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
-    assert!(s.wait_until_held(Duration::from_secs(5)));
+    let (cache, reader) = load_held_at_the_store(&s);
     cache.remove(&1).unwrap();
     s.release();
     assert_eq!(reader.join().unwrap(), None);
@@ -126,12 +131,7 @@ fn remove_during_a_slow_load_reads_none() {
 #[test]
 fn a_load_racing_a_persisted_delete_is_not_cached() {
     let s = store();
-    s.memory().insert(1, 100);
-    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
-    s.hold();
-    let c2 = cache.clone();
-    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
-    assert!(s.wait_until_held(Duration::from_secs(5)));
+    let (cache, reader) = load_held_at_the_store(&s);
     cache.remove(&1).unwrap();
     // Persist the delete while the load still holds the old row (the gate lets the
     // flusher's write through only after release, so run the flush on another thread).
@@ -483,10 +483,7 @@ fn preload_writes_nothing_and_never_overwrites_a_pending_write() {
 #[test]
 fn switching_behind_to_read_only_flushes_then_sends_nothing() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     cache.put(1, 1).unwrap();
     cache.put(2, 2).unwrap();
     cache.set_write_mode(WriteMode::ReadOnly).unwrap();
@@ -520,10 +517,7 @@ fn switching_behind_to_read_only_flushes_then_sends_nothing() {
 #[test]
 fn switching_to_through_writes_synchronously() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     cache.put(1, 1).unwrap();
     cache.set_write_mode(WriteMode::Through).unwrap();
     assert_eq!(s.memory().get(&1), Some(1));

@@ -779,10 +779,7 @@ fn close_with_a_dead_store_hands_back_exactly_the_unwritten() {
 #[test]
 fn close_drains_a_healthy_store() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     for k in 0..1000 {
         cache.put(k, k).unwrap();
     }
@@ -795,10 +792,7 @@ fn close_drains_a_healthy_store() {
 fn drop_flushes_what_is_pending() {
     let s = store();
     {
-        let cache = Cache::builder(s.clone())
-            .write_delay(Duration::from_secs(3600))
-            .build()
-            .unwrap();
+        let cache = flushed_on_demand(&s);
         cache.put(1, 1).unwrap();
         cache.remove(&2).unwrap();
     }

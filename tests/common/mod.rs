@@ -29,6 +29,15 @@ pub fn manual_with(
     (f(b).build().expect("valid config"), clock)
 }
 
+/// A cache with its flusher running and a write delay of an hour: its writes reach the
+/// store only when the test flushes them (or something else does).
+pub fn flushed_on_demand(store: &Store) -> Cache<u64, u64> {
+    Cache::builder(store.clone())
+        .write_delay(Duration::from_secs(3600))
+        .build()
+        .expect("valid config")
+}
+
 /// A cache driven by hand with `delay`, fast retries and four shards.
 pub fn manual(store: &Store, delay: Duration) -> (Cache<u64, u64>, Arc<ManualClock>) {
     manual_with(store, |b| {

@@ -308,14 +308,7 @@ fn latency_panel(
     } else {
         (0.01, 1.0)
     };
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "write latency p99 per 250 ms (µs, log scale)",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
+    let mut chart = panel(area, "write latency p99 per 250 ms (µs, log scale)")
         .build_cartesian_2d(0.0..x_max, (lo..hi).log_scale())?;
     chart
         .configure_mesh()
@@ -345,11 +338,7 @@ fn rate_panel(
         })
         .collect();
     let top_rate = rate.iter().flatten().map(|p| p.1).fold(1.0_f64, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(area)
-        .caption("database rows written per second", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
+    let mut chart = panel(area, "database rows written per second")
         .build_cartesian_2d(0.0..x_max, 0.0..top_rate)?;
     chart
         .configure_mesh()
@@ -357,6 +346,20 @@ fn rate_panel(
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     draw_modes(&mut chart, results, &rate)
+}
+
+/// A panel of the chart on `area`, titled `caption`, before its axes are set.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60);
+    builder
 }
 
 /// One line per mode (`series[i]` is the points of `results[i]`), in the mode's colour, and
