@@ -10,7 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use writebehind::testing::Rng;
 use writebehind::{Cache, MemoryStore};
+
+mod diagnostic;
+use diagnostic::bench_args;
 
 /// The cache's name: its threads are `wakes-flusher-N` and `wakes-keeper-N`.
 const NAME: &str = "wakes";
@@ -39,17 +43,6 @@ fn counts() -> Option<(u64, u64)> {
         switches(&format!("{NAME}-flusher"))?,
         switches(&format!("{NAME}-keeper"))?,
     ))
-}
-
-/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
-/// runs under `cargo test` (no `--bench` flag), which only builds it.
-fn bench_args() -> Option<Vec<String>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("a diagnostic: run it with `cargo bench --bench <name>`");
-        return None;
-    }
-    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
 }
 
 fn main() {
@@ -86,14 +79,11 @@ fn main() {
             .map(|t| {
                 let cache = &cache;
                 s.spawn(move || {
-                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
+                    let mut rng = Rng::new(t + 1);
                     let mut n = 0u64;
                     while started.elapsed() < Duration::from_secs(2) {
                         for _ in 0..1000 {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            cache.put(x % 100_000, n).expect("open");
+                            cache.put(rng.below(100_000), n).expect("open");
                             n += 1;
                         }
                     }

@@ -2,7 +2,11 @@
 //! (CLOCK-Pro) on the same traces, same capacity, one shard-equivalent setup each.
 //!
 //! Run: `cargo bench --bench hit_ratio`
+use writebehind::testing::{scatter, Rng, Zipf};
 use writebehind::{BatchError, Cache, Store, StoreError, Write};
+
+mod diagnostic;
+use diagnostic::bench_args;
 
 /// A store that has every key (its value is the key): every miss is a read-through that
 /// inserts, as in a cache in front of a database that holds the whole key space.
@@ -16,60 +20,23 @@ impl Store<u64, u64> for EveryKey {
     }
 }
 
-/// A seeded xorshift generator (no dependency needed for a trace).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Zipf(s) over `n` keys by inverse CDF on a precomputed table; key ranks are scattered
-/// so that hot keys are not neighbours.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut cdf = Vec::with_capacity(n);
-        let mut sum = 0.0;
-        for i in 1..=n {
-            sum += 1.0 / (i as f64).powf(s);
-            cdf.push(sum);
-        }
-        for c in &mut cdf {
-            *c /= sum;
-        }
-        Zipf { cdf }
-    }
-    fn sample(&self, rng: &mut Rng) -> u64 {
-        let u = rng.unit();
-        let rank = self.cdf.partition_point(|c| *c < u) as u64;
-        rank.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20
-    }
-}
-
-fn zipf_trace(n: usize, s: f64, len: usize, seed: u64) -> Vec<u64> {
+/// `len` keys of Zipf(s) over `n` keys, ranks scattered so that hot keys are not
+/// neighbours.
+fn zipf_trace(n: u64, s: f64, len: usize, seed: u64) -> Vec<u64> {
     let z = Zipf::new(n, s);
-    let mut rng = Rng(seed);
-    (0..len).map(|_| z.sample(&mut rng)).collect()
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| scatter(z.sample(&mut rng), n)).collect()
 }
 
 /// A Zipf workload interrupted by one-pass scans over keys never seen otherwise.
-fn scan_trace(n: usize, len: usize, seed: u64) -> Vec<u64> {
+fn scan_trace(n: u64, len: usize, seed: u64) -> Vec<u64> {
     let z = Zipf::new(n, 1.0);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(len);
     let mut scan_key = 1u64 << 60;
     while out.len() < len {
         for _ in 0..20_000 {
-            out.push(z.sample(&mut rng));
+            out.push(scatter(z.sample(&mut rng), n));
         }
         for _ in 0..10_000 {
             out.push(scan_key);
@@ -94,41 +61,27 @@ fn writebehind_ratio(trace: &[u64], cap: usize) -> f64 {
     m.hits as f64 / trace.len() as f64
 }
 
-fn moka_ratio(trace: &[u64], cap: usize) -> f64 {
-    let cache = moka::sync::Cache::<u64, u64>::new(cap as u64);
+/// The hit ratio over `trace` of a cache that `hit` asks and `insert` fills on a miss.
+fn ratio_of(trace: &[u64], hit: impl Fn(u64) -> bool, insert: impl Fn(u64)) -> f64 {
     let mut hits = 0u64;
     for &k in trace {
-        if cache.get(&k).is_some() {
+        if hit(k) {
             hits += 1;
         } else {
-            cache.insert(k, k);
+            insert(k);
         }
     }
     hits as f64 / trace.len() as f64
+}
+
+fn moka_ratio(trace: &[u64], cap: usize) -> f64 {
+    let cache = moka::sync::Cache::<u64, u64>::new(cap as u64);
+    ratio_of(trace, |k| cache.get(&k).is_some(), |k| cache.insert(k, k))
 }
 
 fn quick_cache_ratio(trace: &[u64], cap: usize) -> f64 {
     let cache = quick_cache::sync::Cache::<u64, u64>::new(cap);
-    let mut hits = 0u64;
-    for &k in trace {
-        if cache.get(&k).is_some() {
-            hits += 1;
-        } else {
-            cache.insert(k, k);
-        }
-    }
-    hits as f64 / trace.len() as f64
-}
-
-/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
-/// runs under `cargo test` (no `--bench` flag), which only builds it.
-fn bench_args() -> Option<Vec<String>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("a diagnostic: run it with `cargo bench --bench <name>`");
-        return None;
-    }
-    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
+    ratio_of(trace, |k| cache.get(&k).is_some(), |k| cache.insert(k, k))
 }
 
 fn main() {

@@ -10,6 +10,9 @@ use std::sync::Arc;
 
 use writebehind::{Cache, MemoryStore};
 
+mod diagnostic;
+use diagnostic::bench_args;
+
 /// The resident set in bytes, from `/proc/self/status` (0 where it cannot be read).
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -21,17 +24,6 @@ fn rss() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
-/// runs under `cargo test` (no `--bench` flag), which only builds it.
-fn bench_args() -> Option<Vec<String>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("a diagnostic: run it with `cargo bench --bench <name>`");
-        return None;
-    }
-    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
 }
 
 fn main() {

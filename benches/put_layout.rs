@@ -21,11 +21,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use writebehind::testing::{scatter, Rng, Zipf};
 use writebehind::{Cache, MemoryStore, Store, Write};
 
 /// The benches' contenders: this diagnostic runs their hand-rolled write-behind ([`Hand`]).
 mod common;
 use common::{Hand, SyncCache};
+
+mod diagnostic;
+use diagnostic::bench_args;
 
 mod layout;
 use layout::Shards;
@@ -138,24 +142,12 @@ impl HandDense {
     }
 }
 
-/// Zipf(1.0) over `0..n` by inverting the CDF, ranks scattered over the key space.
+/// `count` keys of Zipf(1.0) over `0..n`, ranks scattered over the key space.
 fn zipf_keys(n: u64, count: usize, seed: u64) -> Vec<u64> {
-    let mut cdf = Vec::with_capacity(n as usize);
-    let mut sum = 0.0;
-    for k in 1..=n {
-        sum += 1.0 / k as f64;
-        cdf.push(sum);
-    }
-    let mut x = seed;
+    let zipf = Zipf::new(n, 1.0);
+    let mut rng = Rng::new(seed);
     (0..count)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = (x >> 11) as f64 / (1u64 << 53) as f64 * sum;
-            let r = cdf.partition_point(|&c| c < u) as u64;
-            (r.wrapping_mul(2_654_435_761) + 12_345) % n
-        })
+        .map(|_| scatter(zipf.sample(&mut rng), n))
         .collect()
 }
 
@@ -254,17 +246,6 @@ fn lower_thread_priority(name: &str, levels: u8) {
     }
     #[cfg(not(target_os = "linux"))]
     eprintln!("{name}: thread priorities are set on Linux only ({levels} levels asked)");
-}
-
-/// The positional arguments, without the flags `cargo bench` passes; `None` when the target
-/// runs under `cargo test` (no `--bench` flag), which only builds it.
-fn bench_args() -> Option<Vec<String>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("a diagnostic: run it with `cargo bench --bench <name>`");
-        return None;
-    }
-    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
 }
 
 fn main() {

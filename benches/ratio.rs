@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use writebehind::testing::{scatter, Rng, Zipf};
 use writebehind::{Cache, MemoryStore};
 
 #[global_allocator]

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use writebehind::stores::{PostgresStore, SqliteStore};
+use writebehind::testing::Rng;
 use writebehind::{Cache, Store, Write};
 
 #[global_allocator]
@@ -119,17 +120,14 @@ fn timed_puts(seconds: u64, put: impl Fn(u64, Vec<u8>) + Send + Sync + 'static) 
             let start = start.clone();
             std::thread::spawn(move || {
                 let mut h = Histogram::<u64>::new(3).expect("histogram");
-                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                let mut rng = Rng::new(t);
                 let mut i = 0u64;
                 start.wait();
                 while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
                     let key = if i % 8 == 0 {
-                        1_000_000 + (x % 1_000_000)
+                        1_000_000 + rng.below(1_000_000)
                     } else {
-                        x % 1000
+                        rng.below(1000)
                     };
                     let v = value(i);
                     let t0 = Instant::now();
@@ -168,15 +166,12 @@ fn floor_latency<S: Store<u64, Vec<u8>> + Send + Sync + 'static>(
         std::thread::spawn(move || {
             let mut version = 0u64;
             let mut batches = 0u64;
-            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            let mut rng = Rng::new(1);
             while !stop.load(Ordering::Relaxed) {
                 let batch: Vec<Write<u64, Vec<u8>>> = (0..1000)
                     .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
                         version += 1;
-                        let key = x % 1_001_000;
+                        let key = rng.below(1_001_000);
                         Write::Put {
                             key,
                             value: value(key),
@@ -236,12 +231,9 @@ fn flush_throughput<S: Store<u64, Vec<u8>> + Clone>(
             version: n + 1 + k,
         })
         .collect();
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = Rng::new(1);
     for i in (1..shuffled.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+        shuffled.swap(i, rng.below(i as u64 + 1) as usize);
     }
     before_phase();
     let t0 = Instant::now();

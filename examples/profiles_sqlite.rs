@@ -1,8 +1,8 @@
 //! A `Store` for an application's own typed schema, on SQLite.
 //!
 //! The generic adapters in `writebehind::stores` keep opaque bytes. An application that
-//! wants real columns (to query them, index them, join them) writes a small adapter like this
-//! one for its table:
+//! wants real columns (to query them, index them, join them) writes a small adapter like the
+//! one this example runs, for its table:
 //!
 //! ```sql
 //! profiles(user_id INTEGER PRIMARY KEY, name TEXT, theme TEXT, visits INTEGER,
@@ -11,34 +11,17 @@
 //!
 //! The `version` column and its guard make redelivered and reordered batches harmless; the
 //! `deleted` column keeps a tombstone so a late, older put cannot resurrect a deleted user.
-//! The adapter is in `src/bin/writebehind-demo/sqlite_profiles.rs`. See docs/ADAPTERS.md for the checklist every adapter follows.
+//! The adapter is `src/testing/profiles/sqlite.rs`, the one the load driver
+//! (`cargo run --release --features demo`) runs; see docs/ADAPTERS.md for the checklist
+//! every adapter follows. This example exercises it the way a cache's flusher would:
+//! version guard, rejected-record isolation, tombstones and `load_all`.
 //!
-//! Run: `cargo run --example profiles_sqlite --features sqlite`
+//! Run: `cargo run --example profiles_sqlite --features demo`
 
-// The adapter lives with the load driver (`cargo run --release`), which uses it; this example
-// includes the same files, so the code shown here is the code that runs there.
-#[allow(dead_code)] // the driver uses more of it than this example does
-#[path = "../src/bin/writebehind-demo/profile.rs"]
-mod profile;
-#[allow(dead_code)]
-#[path = "../src/bin/writebehind-demo/sqlite_profiles.rs"]
-mod sqlite_profiles;
+use writebehind::testing::profiles::{exercise, sqlite::ProfileStore};
 
-pub use profile::Profile;
-pub use sqlite_profiles::ProfileStore;
-#[path = "common/profile_checks.rs"]
-mod profile_checks;
-
-use std::path::Path;
-
-/// Exercises the adapter the way a cache's flusher would; `main` runs it.
-pub fn demo(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let store = ProfileStore::open(path)?;
-    profile_checks::exercise(&store)
-}
-
-#[allow(dead_code)] // also compiled into tests/typed_schema.rs, which calls `demo`
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    demo(&dir.path().join("profiles.db"))
+    let store = ProfileStore::open(&dir.path().join("profiles.db"))?;
+    exercise(&store)
 }

@@ -17,6 +17,14 @@
 //! assert_eq!(store.memory().get(&1), Some(10));
 //! assert_eq!(store.calls().len(), 2);
 //! ```
+//!
+//! Tests over a `FaultyStore` share two helpers: [`eventually`] (poll a condition until a
+//! deadline) and [`assert_versions_grow`] (per-key order of what the store received).
+//!
+//! The module also holds the support code of the crate's own benches, examples and load
+//! driver, hidden from the documentation and not part of the API: seeded key generators
+//! (`Rng`, `Zipf`, `scatter`) and, with the `demo` feature, the typed `profiles` schema and
+//! its adapters.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -25,6 +33,16 @@ use std::time::Duration;
 
 use crate::error::{BatchError, StoreError};
 use crate::store::{MemoryStore, Store, Write};
+
+mod checks;
+#[cfg(feature = "demo")]
+#[doc(hidden)]
+pub mod profiles;
+mod workload;
+
+pub use checks::{assert_versions_grow, eventually};
+#[doc(hidden)]
+pub use workload::{scatter, Rng, Zipf};
 
 type RejectFn<K, V> = Box<dyn Fn(&Write<K, V>) -> bool + Send + Sync>;
 type Hook = Box<dyn FnOnce() + Send>;

@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use writebehind::testing::FaultyStore;
+use writebehind::testing::{FaultyStore, Rng};
 use writebehind::{
     Backpressure, BatchError, Builder, Cache, Error, Store, StoreError, Write, WriteMode,
 };
@@ -198,18 +198,12 @@ fn run_threads(
             let (cache, clock, barrier) = (cache.clone(), clock.clone(), barrier.clone());
             let (store, switcher) = (store.clone(), switcher.clone());
             std::thread::spawn(move || {
-                let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1).wrapping_mul(0xA24B_AED4);
-                let mut next = || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
+                let mut rng = Rng::new(t + 1);
                 let mut log = Vec::new();
                 WORKER.with(|w| w.set(true));
                 barrier.wait();
                 for i in 0..ops_per_thread {
-                    let r = next();
+                    let r = rng.next_u64();
                     let key = r % KEYS;
                     // Unique across threads: thread in the high bits, sequence in the low.
                     let value = (t << 32) | i;

@@ -6,13 +6,15 @@
 //! Without them the test prints SKIPPED and passes, except under `CI`, where it fails.
 #![cfg(feature = "postgres")]
 
+mod pg;
+
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pg::{need, Outage};
 use postgres::{Client, NoTls};
 use writebehind::stores::PostgresStore;
 use writebehind::{Cache, Health, Store, WriteMode};
@@ -20,61 +22,6 @@ use writebehind::{Cache, Health, Store, WriteMode};
 const TABLE: &str = "wb_test_cache_outage";
 const THREADS: u64 = 2;
 const KEYS_PER_THREAD: u64 = 400;
-
-fn env_or_skip(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{var} is not set but CI is: the PostgreSQL tests must run in CI. \
-                 Start a server first: `source .ci/pg.sh && pg_start`"
-            );
-            eprintln!(
-                "SKIPPED: {var} is not set; start a server with `source .ci/pg.sh && pg_start`"
-            );
-            None
-        }
-    }
-}
-
-/// Stops the server on creation and makes sure it is started again, even if the test fails.
-struct Outage {
-    ctl: String,
-    down: bool,
-}
-
-impl Outage {
-    fn run(&self, action: &str) {
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{} {action}", self.ctl))
-            .stdout(Stdio::null())
-            .status()
-            .expect("run pg_ctl");
-        assert!(status.success(), "`{} {action}` failed", self.ctl);
-    }
-
-    fn begin(ctl: String) -> Self {
-        let mut o = Outage { ctl, down: false };
-        o.run("stop -m fast");
-        o.down = true;
-        o
-    }
-
-    fn end(&mut self) {
-        self.run("start");
-        self.down = false;
-    }
-}
-
-impl Drop for Outage {
-    fn drop(&mut self) {
-        if self.down {
-            self.end();
-        }
-    }
-}
 
 /// What a writer thread did: its keys' expected values, and how many operations it served
 /// while the server was down.
@@ -136,12 +83,8 @@ fn writer(
 
 #[test]
 fn write_behind_load_rides_out_a_postgres_restart() {
-    let Some(url) = env_or_skip("WRITEBEHIND_PG_URL") else {
-        return;
-    };
-    let Some(ctl) = env_or_skip("WRITEBEHIND_PG_CTL") else {
-        return;
-    };
+    let url = need!("WRITEBEHIND_PG_URL");
+    let ctl = need!("WRITEBEHIND_PG_CTL");
     Client::connect(&url, NoTls)
         .expect("connect for setup")
         .batch_execute(&format!("DROP TABLE IF EXISTS {TABLE}"))

@@ -6,12 +6,17 @@
 //! `WRITEBEHIND_PG_CTL` (a pg_ctl command prefix) to stop and start the server.
 #![cfg(feature = "postgres")]
 
-use std::process::{Command, Stdio};
+mod adapter;
+
+mod pg;
+
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use adapter::{del, failed_indices, put, Picky};
+use pg::{need, Outage};
 use postgres::{Client, NoTls};
-use writebehind::stores::{Codec, CodecError, PostgresStore, Raw};
+use writebehind::stores::{PostgresStore, Raw};
 use writebehind::{BatchError, Store, StoreError, Write};
 
 /// The tests share one server and one of them stops it: run them one at a time.
@@ -19,44 +24,6 @@ static SERVER: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERVER.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn env_or_skip(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{var} is not set but CI is: the PostgreSQL tests must run in CI. \
-                 Start a server first: `source .ci/pg.sh && pg_start`"
-            );
-            eprintln!(
-                "SKIPPED: {var} is not set; start a server with `source .ci/pg.sh && pg_start`"
-            );
-            None
-        }
-    }
-}
-
-macro_rules! need {
-    ($var:expr) => {
-        match env_or_skip($var) {
-            Some(v) => v,
-            None => return,
-        }
-    };
-}
-
-fn put(key: u64, value: &str, version: u64) -> Write<u64, String> {
-    Write::Put {
-        key,
-        value: value.to_string(),
-        version,
-    }
-}
-
-fn del(key: u64, version: u64) -> Write<u64, String> {
-    Write::Delete { key, version }
 }
 
 fn drop_table(url: &str, table: &str) {
@@ -79,19 +46,6 @@ fn raw_row(url: &str, table: &str, key: u64) -> Option<(Option<Vec<u8>>, i64, bo
     )
     .expect("select")
     .map(|r| (r.get(0), r.get(1), r.get(2)))
-}
-
-fn failed_indices(e: BatchError) -> Vec<usize> {
-    match e {
-        BatchError::Partial(f) => {
-            assert!(
-                f.iter().all(|(_, e)| matches!(e, StoreError::Rejected(_))),
-                "{f:?}"
-            );
-            f.into_iter().map(|(i, _)| i).collect()
-        }
-        other => panic!("expected Partial, got {other:?}"),
-    }
 }
 
 #[test]
@@ -125,11 +79,7 @@ fn version_guard_ignores_older_puts_and_deletes() {
     let _s = serial();
     let url = need!("WRITEBEHIND_PG_URL");
     let store = fresh(&url, "wb_test_guard");
-    store.write_all(&[put(1, "new", 10)]).unwrap();
-    store.write_all(&[put(1, "old", 9)]).unwrap();
-    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
-    store.write_all(&[del(1, 5)]).unwrap();
-    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
+    adapter::older_writes_are_ignored(&store);
     assert_eq!(raw_row(&url, "wb_test_guard", 1).map(|r| r.1), Some(10));
 }
 
@@ -160,15 +110,7 @@ fn delete_keeps_a_tombstone_that_blocks_older_puts() {
 fn redelivered_batches_are_idempotent() {
     let _s = serial();
     let url = need!("WRITEBEHIND_PG_URL");
-    let store = fresh(&url, "wb_test_redeliver");
-    let batch = vec![put(1, "a", 5), put(2, "b", 5), del(3, 5)];
-    store.write_all(&batch).unwrap();
-    store.write_all(&[put(2, "b2", 6)]).unwrap();
-    store.write_all(&batch).unwrap();
-    store.write_all(&batch).unwrap();
-    let mut all = store.load_all(&[1, 2, 3]).unwrap();
-    all.sort();
-    assert_eq!(all, vec![(1, "a".to_string()), (2, "b2".to_string())]);
+    adapter::redelivered_batches_change_nothing(&fresh(&url, "wb_test_redeliver"));
 }
 
 #[test]
@@ -253,19 +195,6 @@ fn class_22_and_23_errors_reject_only_their_rows() {
 }
 
 /// Fails to encode the value "poison".
-struct Picky;
-
-impl Codec<String> for Picky {
-    fn encode(&self, value: &String) -> Result<Vec<u8>, CodecError> {
-        if value == "poison" {
-            return Err("cannot encode poison".into());
-        }
-        Raw.encode(value)
-    }
-    fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
-        Raw.decode(bytes)
-    }
-}
 
 #[test]
 fn codec_failures_and_oversized_versions_are_rejected_records() {
@@ -275,11 +204,7 @@ fn codec_failures_and_oversized_versions_are_rejected_records() {
     let store = PostgresStore::<u64, String>::builder(&url, "wb_test_codec", Raw, Picky)
         .connect()
         .unwrap();
-    let err = store
-        .write_all(&[put(1, "poison", 1), put(2, "b", u64::MAX), put(3, "c", 1)])
-        .unwrap_err();
-    assert_eq!(failed_indices(err), vec![0, 1]);
-    assert_eq!(store.load(&3).unwrap().as_deref(), Some("c"));
+    adapter::unencodable_records_are_rejected(&store);
 
     // A stored value the codec cannot read is a rejected load.
     let mut c = Client::connect(&url, NoTls).unwrap();
@@ -290,44 +215,6 @@ fn codec_failures_and_oversized_versions_are_rejected_records() {
     .unwrap();
     assert!(matches!(store.load(&9), Err(StoreError::Rejected(_))));
     assert!(matches!(store.load_all(&[9]), Err(StoreError::Rejected(_))));
-}
-
-/// Stops the server on creation and makes sure it is started again, even if the test fails.
-struct Outage {
-    ctl: String,
-    down: bool,
-}
-
-impl Outage {
-    fn run(&self, action: &str) {
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{} {action}", self.ctl))
-            .stdout(Stdio::null())
-            .status()
-            .expect("run pg_ctl");
-        assert!(status.success(), "`{} {action}` failed", self.ctl);
-    }
-
-    fn begin(ctl: String) -> Self {
-        let mut o = Outage { ctl, down: false };
-        o.run("stop -m fast");
-        o.down = true;
-        o
-    }
-
-    fn end(&mut self) {
-        self.run("start");
-        self.down = false;
-    }
-}
-
-impl Drop for Outage {
-    fn drop(&mut self) {
-        if self.down {
-            self.end();
-        }
-    }
 }
 
 #[test]
@@ -378,14 +265,16 @@ fn bad_connection_strings_fail_clearly() {
     assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
 }
 
-#[path = "../examples/profiles_postgres.rs"]
-mod profiles;
-
+/// The typed `profiles` adapter on PostgreSQL, which the load driver runs and
+/// examples/profiles_postgres.rs shows, passes the example's checks in a fresh table.
+#[cfg(feature = "demo")]
 #[test]
 fn typed_profiles_adapter_example_holds() {
+    use writebehind::testing::profiles::{exercise, postgres::ProfileStore};
     let _s = serial();
     let url = need!("WRITEBEHIND_PG_URL");
-    profiles::demo(&url).unwrap();
+    drop_table(&url, "profiles");
+    exercise(&ProfileStore::connect(&url).unwrap()).unwrap();
 }
 
 /// The SQLSTATE of a rejected record's error, or "" if it carries none.
@@ -980,9 +869,6 @@ fn a_compatible_table_made_by_hand_is_accepted() {
     )
     .unwrap();
     let store = PostgresStore::<u64, String>::connect(&url, "wb_test_app.App KV").unwrap();
-    store.write_all(&[put(1, "a", 1), del(2, 1)]).unwrap();
-    store.write_all(&[put(1, "b", 2)]).unwrap();
-    assert_eq!(store.load(&1).unwrap().as_deref(), Some("b"));
-    assert_eq!(store.load(&2).unwrap(), None);
+    adapter::writes_and_reads_back(&store);
     c.batch_execute("DROP SCHEMA wb_test_app CASCADE").unwrap();
 }

@@ -13,16 +13,31 @@ use writebehind::{
     WriteMode,
 };
 
-fn manual_with(
+/// A cache driven by hand with one shard (capacity and eviction work per shard), configured
+/// further by `f`.
+fn one_shard(
     s: &common::Store,
     f: impl FnOnce(writebehind::Builder<u64, u64>) -> writebehind::Builder<u64, u64>,
 ) -> (Cache<u64, u64>, Arc<ManualClock>) {
-    let clock = Arc::new(ManualClock::new());
-    let b = Cache::builder(s.clone())
-        .manual_flushing()
-        .clock(clock.clone())
-        .shards(1);
-    (f(b).build().unwrap(), clock)
+    manual_with(s, |b| f(b.shards(1)))
+}
+
+/// A hand-driven cache over `s`, whose key 1 (100 in the store) a reader on another thread is
+/// loading, held at the store's gate: the reader's `get` returns once `s.release()` lets the
+/// load go on.
+fn load_held_at_the_store(
+    s: &common::Store,
+) -> (Arc<Cache<u64, u64>>, std::thread::JoinHandle<Option<u64>>) {
+    s.memory().insert(1, 100);
+    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
+    s.hold();
+    let c2 = cache.clone();
+    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
+    assert!(
+        s.wait_until_held(Duration::from_secs(5)),
+        "the load is in the store"
+    );
+    (cache, reader)
 }
 
 #[test]
@@ -82,15 +97,7 @@ fn followers_get_the_load_error_too() {
 #[test]
 fn a_put_during_a_slow_load_wins() {
     let s = store();
-    s.memory().insert(1, 100);
-    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
-    s.hold();
-    let c2 = cache.clone();
-    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
-    assert!(
-        s.wait_until_held(Duration::from_secs(5)),
-        "the load is in the store"
-    );
+    let (cache, reader) = load_held_at_the_store(&s);
     cache.put(1, 200).unwrap();
     s.release();
     assert_eq!(
@@ -108,12 +115,7 @@ fn a_put_during_a_slow_load_wins() {
 #[test]
 fn remove_during_a_slow_load_reads_none() {
     let s = store();
-    s.memory().insert(1, 100);
-    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
-    s.hold();
-    let c2 = cache.clone();
-    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
-    assert!(s.wait_until_held(Duration::from_secs(5)));
+    let (cache, reader) = load_held_at_the_store(&s);
     cache.remove(&1).unwrap();
     s.release();
     assert_eq!(reader.join().unwrap(), None);
@@ -129,12 +131,7 @@ fn remove_during_a_slow_load_reads_none() {
 #[test]
 fn a_load_racing_a_persisted_delete_is_not_cached() {
     let s = store();
-    s.memory().insert(1, 100);
-    let cache = Arc::new(Cache::builder(s.clone()).manual_flushing().build().unwrap());
-    s.hold();
-    let c2 = cache.clone();
-    let reader = std::thread::spawn(move || c2.get(&1).unwrap());
-    assert!(s.wait_until_held(Duration::from_secs(5)));
+    let (cache, reader) = load_held_at_the_store(&s);
     cache.remove(&1).unwrap();
     // Persist the delete while the load still holds the old row (the gate lets the
     // flusher's write through only after release, so run the flush on another thread).
@@ -200,13 +197,13 @@ fn get_all_reads_misses_through_one_load_all() {
 #[test]
 fn absent_keys_are_cached_only_when_asked() {
     let s = store();
-    let (plain, _) = manual_with(&s, |b| b);
+    let (plain, _) = one_shard(&s, |b| b);
     plain.get(&1).unwrap();
     plain.get(&1).unwrap();
     assert_eq!(s.load_calls(), 2, "default: absent keys are not cached");
 
     let s = store();
-    let (cache, clock) = manual_with(&s, |b| b.cache_absent_for(Duration::from_millis(100)));
+    let (cache, clock) = one_shard(&s, |b| b.cache_absent_for(Duration::from_millis(100)));
     assert_eq!(cache.get(&1).unwrap(), None);
     assert_eq!(cache.get(&1).unwrap(), None);
     assert_eq!(s.load_calls(), 1, "the absence was remembered");
@@ -226,7 +223,7 @@ fn absent_keys_are_cached_only_when_asked() {
 fn contains_key_and_entries_never_load() {
     let s = store();
     s.memory().insert(1, 1);
-    let (cache, _) = manual_with(&s, |b| b);
+    let (cache, _) = one_shard(&s, |b| b);
     assert!(!cache.contains_key(&1));
     assert!(cache.entries().is_empty());
     cache.put(2, 2).unwrap();
@@ -240,7 +237,7 @@ fn contains_key_and_entries_never_load() {
 #[test]
 fn capacity_evicts_clean_entries_and_pins_dirty_ones() {
     let s = store();
-    let (cache, _) = manual_with(&s, |b| b.capacity(100).max_dirty(100, Backpressure::Reject));
+    let (cache, _) = one_shard(&s, |b| b.capacity(100).max_dirty(100, Backpressure::Reject));
     assert_eq!(cache.preload((0..100).map(|k| (k, k))).unwrap(), 100);
     for k in 1000..1050 {
         cache.put(k, k).unwrap();
@@ -259,7 +256,7 @@ fn capacity_evicts_clean_entries_and_pins_dirty_ones() {
 fn a_full_cache_with_a_dead_store_loses_nothing() {
     let s = store();
     s.set_down(true);
-    let (cache, _) = manual_with(&s, |b| b.capacity(64).max_dirty(64, Backpressure::Reject));
+    let (cache, _) = one_shard(&s, |b| b.capacity(64).max_dirty(64, Backpressure::Reject));
     let mut accepted = Vec::new();
     for k in 0..200 {
         match cache.put(k, k + 1) {
@@ -290,7 +287,7 @@ fn s3_fifo_keeps_the_hot_keys_through_a_scan() {
     for k in 0..10_000 {
         s.memory().insert(k, k);
     }
-    let (cache, _) = manual_with(&s, |b| b.capacity(200));
+    let (cache, _) = one_shard(&s, |b| b.capacity(200));
     // A hot set of 50 keys, each read several times.
     for _ in 0..5 {
         for k in 0..50 {
@@ -312,7 +309,7 @@ fn s3_fifo_keeps_the_hot_keys_through_a_scan() {
 #[test]
 fn weigher_bounds_total_weight() {
     let s = store();
-    let (cache, _) = manual_with(&s, |b| b.weigher(|_, v: &u64| *v as u32).max_weight(1000));
+    let (cache, _) = one_shard(&s, |b| b.weigher(|_, v: &u64| *v as u32).max_weight(1000));
     cache.preload((0..100).map(|k| (k, 100))).unwrap(); // 100 entries of weight 100
     let m = cache.metrics();
     assert!(
@@ -327,7 +324,7 @@ fn weigher_bounds_total_weight() {
 #[test]
 fn an_update_reweighs_the_entry() {
     let s = store();
-    let (cache, _) = manual_with(&s, |b| b.weigher(|_, v: &u64| *v as u32).max_weight(1000));
+    let (cache, _) = one_shard(&s, |b| b.weigher(|_, v: &u64| *v as u32).max_weight(1000));
     cache.put(1, 900).unwrap();
     cache.flush().unwrap();
     cache.put(1, 10).unwrap(); // weight 900 -> 10
@@ -346,7 +343,7 @@ fn an_update_reweighs_the_entry() {
 #[test]
 fn an_expired_dirty_entry_is_written_before_it_disappears() {
     let s = store();
-    let (cache, clock) = manual_with(&s, |b| {
+    let (cache, clock) = one_shard(&s, |b| {
         b.time_to_live(Duration::from_millis(50))
             .write_delay(Duration::from_secs(10))
     });
@@ -371,7 +368,7 @@ fn clean_entries_expire_after_ttl_and_idle_time() {
     let s = store();
     s.memory().insert(1, 1);
     s.memory().insert(2, 2);
-    let (cache, clock) = manual_with(&s, |b| {
+    let (cache, clock) = one_shard(&s, |b| {
         b.time_to_live(Duration::from_secs(10))
             .time_to_idle(Duration::from_millis(100))
     });
@@ -395,7 +392,7 @@ fn clean_entries_expire_after_ttl_and_idle_time() {
 fn refresh_ahead_serves_the_old_value_and_reloads_once() {
     let s = store();
     s.memory().insert(1, 1);
-    let (cache, clock) = manual_with(&s, |b| {
+    let (cache, clock) = one_shard(&s, |b| {
         b.time_to_live(Duration::from_secs(1)).refresh_ahead(0.5)
     });
     assert_eq!(cache.get(&1).unwrap(), Some(1));
@@ -425,7 +422,7 @@ fn a_refresh_never_overwrites_a_write_and_a_failed_refresh_keeps_the_value() {
     let s = store();
     s.memory().insert(1, 1);
     s.memory().insert(2, 2);
-    let (cache, clock) = manual_with(&s, |b| {
+    let (cache, clock) = one_shard(&s, |b| {
         b.time_to_live(Duration::from_secs(1)).refresh_ahead(0.5)
     });
     cache.get(&1).unwrap();
@@ -463,7 +460,7 @@ fn preload_writes_nothing_and_never_overwrites_a_pending_write() {
     for k in 0..100 {
         s.memory().insert(k, k);
     }
-    let (cache, _) = manual_with(&s, |b| b);
+    let (cache, _) = one_shard(&s, |b| b);
     cache.put(5, 555).unwrap();
     let keys: Vec<u64> = (0..100).collect();
     assert_eq!(cache.preload_from_store(&keys).unwrap(), 99);
@@ -486,10 +483,7 @@ fn preload_writes_nothing_and_never_overwrites_a_pending_write() {
 #[test]
 fn switching_behind_to_read_only_flushes_then_sends_nothing() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     cache.put(1, 1).unwrap();
     cache.put(2, 2).unwrap();
     cache.set_write_mode(WriteMode::ReadOnly).unwrap();
@@ -523,10 +517,7 @@ fn switching_behind_to_read_only_flushes_then_sends_nothing() {
 #[test]
 fn switching_to_through_writes_synchronously() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     cache.put(1, 1).unwrap();
     cache.set_write_mode(WriteMode::Through).unwrap();
     assert_eq!(s.memory().get(&1), Some(1));

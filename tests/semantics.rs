@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use common::*;
-use writebehind::testing::Outcome;
+use writebehind::testing::{Outcome, Rng};
 use writebehind::{
     Backpressure, BatchError, Cache, Error, Health, MemoryStore, Store, StoreError, Write,
     WriteMode,
@@ -77,7 +77,7 @@ fn remove_while_store_is_slow_reads_none() {
     cache.flush().unwrap();
     assert_eq!(s.memory().get(&1), None);
     assert_eq!(cache.get(&1).unwrap(), None);
-    assert_monotonic(&s);
+    assert_versions_grow(&s);
 }
 
 // 2. Conflation ------------------------------------------------------------------------
@@ -374,7 +374,7 @@ fn versions_only_grow_in_the_store_under_failures() {
     s.panic_next(1);
     cache.put(0, 0).unwrap();
     cache.flush().unwrap();
-    assert_monotonic(&s);
+    assert_versions_grow(&s);
     assert_store_equals_cache(&s, &cache, 64);
     let m = cache.metrics();
     assert!(
@@ -779,10 +779,7 @@ fn close_with_a_dead_store_hands_back_exactly_the_unwritten() {
 #[test]
 fn close_drains_a_healthy_store() {
     let s = store();
-    let cache = Cache::builder(s.clone())
-        .write_delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let cache = flushed_on_demand(&s);
     for k in 0..1000 {
         cache.put(k, k).unwrap();
     }
@@ -795,10 +792,7 @@ fn close_drains_a_healthy_store() {
 fn drop_flushes_what_is_pending() {
     let s = store();
     {
-        let cache = Cache::builder(s.clone())
-            .write_delay(Duration::from_secs(3600))
-            .build()
-            .unwrap();
+        let cache = flushed_on_demand(&s);
         cache.put(1, 1).unwrap();
         cache.remove(&2).unwrap();
     }
@@ -995,7 +989,7 @@ fn a_late_niced_flusher_hands_the_rest_of_its_step_to_its_keeper() {
         300,
         "each key written once"
     );
-    assert_monotonic(&faulty);
+    assert_versions_grow(&faulty);
     let report = cache.close(Duration::from_secs(5));
     assert!(report.unwritten.is_empty());
 }
@@ -1301,10 +1295,7 @@ fn a_write_behind_after_a_switch_back_does_not_overtake_the_keys_write_through()
     });
     // Let the put and its flush finish if nothing holds them back (as now); a put that waits
     // for the write-through in flight is let go by the release after the deadline.
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while !behind.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    eventually(Duration::from_millis(500), || behind.is_finished());
     store.release(10);
     let through = through.join().unwrap().unwrap();
     let behind = behind.join().unwrap().unwrap();
@@ -1431,12 +1422,7 @@ fn a_write_through_that_waited_for_its_turn_does_not_overtake_a_batch_of_its_key
     });
     // Each wait below ends at once on the code as it is; the deadlines let a cache that holds
     // the put or the second write-through back finish anyway.
-    let wait = |done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while !done() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
+    let wait = |done: &dyn Fn() -> bool| eventually(Duration::from_millis(500), done);
     wait(&|| store.is_held(11)); // the batch with key 1 is at the store
     store.release(10);
     wait(&|| second.is_finished());
@@ -1600,11 +1586,9 @@ fn four_threads_converge_with_a_store_failing_a_fifth_of_batches() {
             let start = start.clone();
             std::thread::spawn(move || {
                 start.wait();
-                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut rng = Rng::new(t);
                 for i in 0..ops {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x = rng.next_u64();
                     let k = x % 10_000;
                     if x % 5 == 0 {
                         cache.remove(&k).unwrap();
@@ -1620,7 +1604,7 @@ fn four_threads_converge_with_a_store_failing_a_fifth_of_batches() {
     }
     cache.flush().unwrap();
     assert_store_equals_cache(&s, &cache, 10_000);
-    assert_monotonic(&s);
+    assert_versions_grow(&s);
     let m = cache.metrics();
     assert_eq!(m.dirty, 0);
     assert_eq!(m.puts + m.removes, 4 * ops);
@@ -1682,12 +1666,7 @@ fn a_backpressured_write_waits_for_the_keys_write_through(policy: Backpressure) 
         let c = cache.clone();
         std::thread::spawn(move || c.flush())
     };
-    let wait_for = |done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while !done() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
+    let wait_for = |done: &dyn Fn() -> bool| eventually(Duration::from_millis(500), done);
     cache.put(2, 30).unwrap(); // the shard is at its dirty limit
     let first_flush = spawn_flush(&cache);
     store.wait_until_held(30); // key 2 is at the store, still dirty

@@ -1,24 +1,15 @@
 //! `SqliteStore` against real SQLite database files.
 #![cfg(feature = "sqlite")]
 
+mod adapter;
+
 use std::path::Path;
 use std::time::Duration;
 
+use adapter::{del, failed_indices, put, Picky};
 use rusqlite::Connection;
-use writebehind::stores::{Codec, CodecError, Raw, SqliteStore};
+use writebehind::stores::{Raw, SqliteStore};
 use writebehind::{BatchError, Store, StoreError, Write};
-
-fn put(key: u64, value: &str, version: u64) -> Write<u64, String> {
-    Write::Put {
-        key,
-        value: value.to_string(),
-        version,
-    }
-}
-
-fn del(key: u64, version: u64) -> Write<u64, String> {
-    Write::Delete { key, version }
-}
 
 fn open(dir: &Path) -> SqliteStore<u64, String> {
     SqliteStore::open(dir.join("t.db"), "kv").expect("open store")
@@ -33,19 +24,6 @@ fn raw_row(path: &Path, table: &str, key: u64) -> Option<(Option<Vec<u8>>, i64, 
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
     .ok()
-}
-
-fn failed_indices(e: BatchError) -> Vec<usize> {
-    match e {
-        BatchError::Partial(f) => {
-            assert!(
-                f.iter().all(|(_, e)| matches!(e, StoreError::Rejected(_))),
-                "{f:?}"
-            );
-            f.into_iter().map(|(i, _)| i).collect()
-        }
-        other => panic!("expected Partial, got {other:?}"),
-    }
 }
 
 #[test]
@@ -77,11 +55,7 @@ fn upserts_load_and_survive_reopen_in_wal_mode() {
 fn version_guard_ignores_older_puts_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    store.write_all(&[put(1, "new", 10)]).unwrap();
-    store.write_all(&[put(1, "old", 9)]).unwrap();
-    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
-    store.write_all(&[del(1, 5)]).unwrap();
-    assert_eq!(store.load(&1).unwrap().as_deref(), Some("new"));
+    adapter::older_writes_are_ignored(&store);
     assert_eq!(raw_row(store.path(), "kv", 1).map(|r| r.1), Some(10));
 }
 
@@ -115,16 +89,7 @@ fn delete_keeps_a_tombstone_that_blocks_older_puts() {
 #[test]
 fn redelivered_batches_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let batch = vec![put(1, "a", 5), put(2, "b", 5), del(3, 5)];
-    store.write_all(&batch).unwrap();
-    store.write_all(&[put(2, "b2", 6)]).unwrap();
-    // The first batch again (a retry after an unknown outcome): nothing changes.
-    store.write_all(&batch).unwrap();
-    store.write_all(&batch).unwrap();
-    let mut all = store.load_all(&[1, 2, 3]).unwrap();
-    all.sort();
-    assert_eq!(all, vec![(1, "a".to_string()), (2, "b2".to_string())]);
+    adapter::redelivered_batches_change_nothing(&open(dir.path()));
 }
 
 #[test]
@@ -225,19 +190,6 @@ fn a_deferred_constraint_failing_at_commit_is_isolated() {
 }
 
 /// Fails to encode the value "poison".
-struct Picky;
-
-impl Codec<String> for Picky {
-    fn encode(&self, value: &String) -> Result<Vec<u8>, CodecError> {
-        if value == "poison" {
-            return Err("cannot encode poison".into());
-        }
-        Raw.encode(value)
-    }
-    fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
-        Raw.decode(bytes)
-    }
-}
 
 #[test]
 fn codec_failures_and_oversized_versions_are_rejected_records() {
@@ -245,12 +197,7 @@ fn codec_failures_and_oversized_versions_are_rejected_records() {
     let store = SqliteStore::<u64, String>::builder(dir.path().join("t.db"), "kv", Raw, Picky)
         .open()
         .unwrap();
-    let err = store
-        .write_all(&[put(1, "poison", 1), put(2, "b", u64::MAX), put(3, "c", 1)])
-        .unwrap_err();
-    assert_eq!(failed_indices(err), vec![0, 1]);
-    assert_eq!(store.load(&3).unwrap().as_deref(), Some("c"));
-    assert_eq!(store.load(&1).unwrap(), None);
+    adapter::unencodable_records_are_rejected(&store);
 }
 
 #[test]
@@ -431,8 +378,5 @@ fn a_compatible_table_made_by_hand_is_accepted() {
         )
         .unwrap();
     let store = SqliteStore::<u64, String>::open(&path, "main.app_kv").unwrap();
-    store.write_all(&[put(1, "a", 1), del(2, 1)]).unwrap();
-    store.write_all(&[put(1, "b", 2)]).unwrap();
-    assert_eq!(store.load(&1).unwrap().as_deref(), Some("b"));
-    assert_eq!(store.load(&2).unwrap(), None);
+    adapter::writes_and_reads_back(&store);
 }

@@ -1,12 +1,12 @@
-//! The typed-schema adapter example (examples/profiles_sqlite.rs) runs its checks against a
-//! real SQLite file, so the documentation example cannot rot.
-#![cfg(feature = "sqlite")]
+//! The typed `profiles` adapter on SQLite, which the load driver runs and
+//! examples/profiles_sqlite.rs shows, passes the example's checks against a real SQLite file.
+#![cfg(feature = "demo")]
 
-#[path = "../examples/profiles_sqlite.rs"]
-mod profiles;
+use writebehind::testing::profiles::{exercise, sqlite::ProfileStore};
 
 #[test]
 fn typed_profiles_adapter_example_holds() {
     let dir = tempfile::tempdir().unwrap();
-    profiles::demo(&dir.path().join("profiles.db")).unwrap();
+    let store = ProfileStore::open(&dir.path().join("profiles.db")).unwrap();
+    exercise(&store).unwrap();
 }

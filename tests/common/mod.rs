@@ -1,55 +1,50 @@
+//! What the integration tests over a `FaultyStore` share: the store, a cache driven by hand,
+//! and (from `writebehind::testing`) the wait and the per-key order check.
 #![allow(dead_code)]
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use writebehind::testing::FaultyStore;
-use writebehind::{Cache, ManualClock};
+#[allow(unused_imports)] // not every test file uses both
+pub use writebehind::testing::{assert_versions_grow, eventually};
+use writebehind::{Builder, Cache, ManualClock};
 
 pub type Store = Arc<FaultyStore<u64, u64>>;
-
-/// A cache driven by hand: no threads, a clock that moves only when told.
-pub fn manual(store: &Store, delay: Duration) -> (Cache<u64, u64>, Arc<ManualClock>) {
-    let clock = Arc::new(ManualClock::new());
-    let cache = Cache::builder(store.clone())
-        .manual_flushing()
-        .clock(clock.clone())
-        .write_delay(delay)
-        .retry_backoff(Duration::from_millis(1), Duration::from_millis(8))
-        .shards(4)
-        .build()
-        .expect("valid config");
-    (cache, clock)
-}
 
 pub fn store() -> Store {
     Arc::new(FaultyStore::new())
 }
 
-/// Polls `cond` every millisecond until it holds or `timeout` passes.
-pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
+/// A cache driven by hand (no threads, a clock that moves only when told), configured
+/// further by `f`.
+pub fn manual_with(
+    store: &Store,
+    f: impl FnOnce(Builder<u64, u64>) -> Builder<u64, u64>,
+) -> (Cache<u64, u64>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let b = Cache::builder(store.clone())
+        .manual_flushing()
+        .clock(clock.clone());
+    (f(b).build().expect("valid config"), clock)
 }
 
-/// Asserts that the store received every key's versions in non-decreasing order.
-pub fn assert_monotonic(store: &Store) {
-    for (k, versions) in store.received_versions() {
-        for w in versions.windows(2) {
-            assert!(
-                w[0] <= w[1],
-                "key {k}: version {} received after {}",
-                w[1],
-                w[0]
-            );
-        }
-    }
+/// A cache with its flusher running and a write delay of an hour: its writes reach the
+/// store only when the test flushes them (or something else does).
+pub fn flushed_on_demand(store: &Store) -> Cache<u64, u64> {
+    Cache::builder(store.clone())
+        .write_delay(Duration::from_secs(3600))
+        .build()
+        .expect("valid config")
+}
+
+/// A cache driven by hand with `delay`, fast retries and four shards.
+pub fn manual(store: &Store, delay: Duration) -> (Cache<u64, u64>, Arc<ManualClock>) {
+    manual_with(store, |b| {
+        b.write_delay(delay)
+            .retry_backoff(Duration::from_millis(1), Duration::from_millis(8))
+            .shards(4)
+    })
 }
 
 /// Store contents must equal what the cache answers, exactly, for keys `0..n`.

@@ -6,30 +6,26 @@
 //! reads and updates over Zipf-distributed (hot-user) keys, once in write-through mode and
 //! once in write-behind mode. It prints one side-by-side table and, with `--plot`, an SVG.
 
-mod pg_profiles;
+mod load;
 mod probe;
-mod profile;
 mod redact;
 mod report;
-mod sqlite_profiles;
-mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
+use writebehind::testing::profiles::{self, Profile};
+use writebehind::testing::{Rng, Zipf};
 use writebehind::{
     Cache, Store, Write, WriteMode, DEFAULT_FLUSHER_NICE, DEFAULT_MAX_BATCH, DEFAULT_SHARDS,
 };
 
-use probe::{new_histogram, Db, Probe, Probed, BUCKET};
-pub use profile::Profile;
-use workload::{Rng, Zipf};
+use probe::{Db, Probe, Probed};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -200,7 +196,7 @@ fn open_target(args: &Args) -> Result<Target, BoxError> {
         config
             .connect(postgres::NoTls)
             .map_err(|e| format!("cannot reach PostgreSQL at {shown:?}: {}", chain(&e)))?;
-        let store = pg_profiles::ProfileStore::connect(url)
+        let store = profiles::postgres::ProfileStore::connect(url)
             .map_err(|e| format!("cannot use PostgreSQL at {shown:?}: {e}"))?;
         return Ok(Target {
             db: Arc::new(Db::Postgres(Box::new(store))),
@@ -216,7 +212,7 @@ fn open_target(args: &Args) -> Result<Target, BoxError> {
             (p.clone(), Some(p))
         }
     };
-    let store = sqlite_profiles::ProfileStore::open(&path).map_err(|e| {
+    let store = profiles::sqlite::ProfileStore::open(&path).map_err(|e| {
         format!(
             "cannot open the SQLite database {}: {e} (is its directory there and writable?)",
             path.display()
@@ -302,13 +298,6 @@ fn args_summary(args: &Args, target: &Target, zipf: &Zipf) -> String {
     )
 }
 
-/// What one client thread measured.
-struct ThreadResult {
-    reads: Histogram<u64>,
-    writes: Histogram<u64>,
-    writes_over_time: Vec<Histogram<u64>>,
-}
-
 fn profile_for(key: u64, r: u64) -> Profile {
     Profile {
         name: format!("user-{key}"),
@@ -317,6 +306,8 @@ fn profile_for(key: u64, r: u64) -> Profile {
     }
 }
 
+/// One mode's run, in its four steps: a fresh table, a preloaded cache, the load, and the
+/// final flush with its consistency check.
 fn run_mode(
     args: &Args,
     db: &Arc<Db>,
@@ -324,11 +315,45 @@ fn run_mode(
     zipf: &Arc<Zipf>,
 ) -> Result<ModeResult, BoxError> {
     let name = report::mode_name(mode);
-    // 1. A fresh table with n profiles (version 1: below every version a cache hands out).
+    let keys: Vec<u64> = (0..args.n).collect();
+    fill_table(args, db, &keys)?;
+    let probe = Arc::new(Probe::new(args.n));
+    let cache = Arc::new(preloaded_cache(args, db, mode, &probe, &keys)?);
+    let label = format!("{name} {}", target_short(db));
+    let load = load::run(args, &cache, &probe, zipf, name, &label)?;
+    let check = flush_and_compare(name, &cache, db, &keys)?;
+    let (handoffs, takeovers) = {
+        let m = cache.metrics();
+        (m.flusher_handoffs, m.flusher_takeovers)
+    };
+    let report = cache.close(Duration::from_secs(10));
+    Ok(ModeResult {
+        mode,
+        seconds: load.seconds,
+        reads: load.reads,
+        writes: load.writes,
+        writes_over_time: load.writes_over_time,
+        rows_over_time: probe.rows_per_bucket(probe.nanos_at(load.started)),
+        transactions: probe.transactions.load(Ordering::Relaxed),
+        failed_transactions: probe.failed_transactions.load(Ordering::Relaxed),
+        rows: probe.rows.load(Ordering::Relaxed),
+        ages: probe.ages(),
+        unstamped: probe.unstamped.load(Ordering::Relaxed),
+        flush_time: check.flush_time,
+        compared: check.compared,
+        mismatched: check.mismatched,
+        unwritten_at_close: report.unwritten.len(),
+        handoffs,
+        takeovers,
+    })
+}
+
+/// Step 1: a fresh table with `keys` profiles (version 1: below every version a cache hands
+/// out).
+fn fill_table(args: &Args, db: &Db, keys: &[u64]) -> Result<(), BoxError> {
     db.reset()
         .map_err(|e| format!("cannot create the profiles table: {e}"))?;
     let mut rng = Rng::new(args.seed);
-    let keys: Vec<u64> = (0..args.n).collect();
     for chunk in keys.chunks(CHUNK) {
         let batch: Vec<Write<u64, Profile>> = chunk
             .iter()
@@ -341,14 +366,22 @@ fn run_mode(
         db.write_all(&batch)
             .map_err(|e| format!("cannot fill the profiles table: {e}"))?;
     }
+    Ok(())
+}
 
-    // 2. The cache, preloaded from the table without writing back.
-    let probe = Arc::new(Probe::new(args.n));
+/// Step 2: the cache in `mode`, preloaded from the table without writing back.
+fn preloaded_cache(
+    args: &Args,
+    db: &Arc<Db>,
+    mode: WriteMode,
+    probe: &Arc<Probe>,
+    keys: &[u64],
+) -> Result<Cache<u64, Profile>, BoxError> {
     let cache = Cache::builder(Probed {
         db: db.clone(),
         probe: probe.clone(),
     })
-    .name(format!("demo-{name}"))
+    .name(format!("demo-{}", report::mode_name(mode)))
     .write_mode(mode)
     .write_delay(Duration::from_millis(args.write_delay_ms))
     .max_batch(args.max_batch)
@@ -357,7 +390,6 @@ fn run_mode(
     // ids, which the B-tree takes in a few pages per batch.
     .flush_order(|a: &u64, b: &u64| a.cmp(b))
     .build()?;
-    let cache = Arc::new(cache);
     let mut preloaded = 0usize;
     for chunk in keys.chunks(CHUNK) {
         let rows = db
@@ -369,106 +401,23 @@ fn run_mode(
     if preloaded as u64 != args.n {
         return Err(format!("preloaded {preloaded} profiles, expected {}", args.n).into());
     }
+    Ok(cache)
+}
 
-    // 3. The load.
-    let duration = Duration::from_secs_f64(args.duration);
-    let stop = Arc::new(AtomicBool::new(false));
-    let ops = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let load_start = probe.nanos_at(started);
-    let buckets = (duration.as_nanos() / BUCKET.as_nanos()) as usize + 2;
-    let mut handles = Vec::new();
-    for t in 0..args.threads {
-        let (cache, probe, zipf) = (cache.clone(), probe.clone(), zipf.clone());
-        let (stop, ops) = (stop.clone(), ops.clone());
-        let read_ratio = args.read_ratio;
-        let seed = args.seed.wrapping_mul(1000).wrapping_add(u64::from(t) + 1);
-        let h = std::thread::Builder::new()
-            .name(format!("client-{t}"))
-            .spawn(move || -> Result<ThreadResult, String> {
-                let mut rng = Rng::new(seed);
-                let mut out = ThreadResult {
-                    reads: new_histogram(),
-                    writes: new_histogram(),
-                    writes_over_time: (0..buckets).map(|_| new_histogram()).collect(),
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..256 {
-                        let key = zipf.sample(&mut rng);
-                        if rng.next_f64() < read_ratio {
-                            let t0 = Instant::now();
-                            let got = cache.get(&key).map_err(|e| format!("get: {e}"))?;
-                            let dt = t0.elapsed().as_nanos() as u64;
-                            out.reads.saturating_record(dt.max(1));
-                            if got.is_none() {
-                                return Err(format!("profile {key} vanished from the cache"));
-                            }
-                        } else {
-                            let value = profile_for(key, rng.next_u64());
-                            let t0 = Instant::now();
-                            probe.stamp(key, t0);
-                            cache.put(key, value).map_err(|e| format!("put: {e}"))?;
-                            let dt = t0.elapsed().as_nanos() as u64;
-                            out.writes.saturating_record(dt.max(1));
-                            let b = (t0.duration_since(started).as_nanos() / BUCKET.as_nanos())
-                                as usize;
-                            if let Some(h) = out.writes_over_time.get_mut(b) {
-                                h.saturating_record(dt.max(1));
-                            }
-                        }
-                    }
-                    ops.fetch_add(256, Ordering::Relaxed);
-                }
-                Ok(out)
-            })?;
-        handles.push(h);
-    }
-    let bar = ProgressBar::new(duration.as_millis() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>14} [{bar:40}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{name} {}", target_short(db)));
-    while started.elapsed() < duration {
-        std::thread::sleep(Duration::from_millis(100));
-        let el = started.elapsed();
-        bar.set_position(el.as_millis() as u64);
-        bar.set_message(format!(
-            "{:>5.1} s  {:>12} ops/s  {} rows written",
-            el.as_secs_f64(),
-            group(ops.load(Ordering::Relaxed) as f64 / el.as_secs_f64()),
-            group(probe.rows.load(Ordering::Relaxed) as f64),
-        ));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    let mut reads = new_histogram();
-    let mut writes = new_histogram();
-    let mut writes_over_time: Vec<Histogram<u64>> = (0..buckets).map(|_| new_histogram()).collect();
-    let mut failure = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(r)) => {
-                reads.add(&r.reads)?;
-                writes.add(&r.writes)?;
-                for (all, one) in writes_over_time.iter_mut().zip(&r.writes_over_time) {
-                    all.add(one)?;
-                }
-            }
-            Ok(Err(e)) => failure = Some(e),
-            Err(_) => failure = Some("a client thread panicked".to_string()),
-        }
-    }
-    if let Some(e) = failure {
-        return Err(format!("{name}: {e}").into());
-    }
-    while writes_over_time.last().is_some_and(|h| h.is_empty()) && writes_over_time.len() > 1 {
-        writes_over_time.pop();
-    }
+/// What step 4 found.
+struct Check {
+    flush_time: Duration,
+    compared: u64,
+    mismatched: u64,
+}
 
-    // 4. Everything into the database, then compare it with the cache.
+/// Step 4: everything into the database, then the database compared with the cache.
+fn flush_and_compare(
+    name: &str,
+    cache: &Cache<u64, Profile>,
+    db: &Db,
+    keys: &[u64],
+) -> Result<Check, BoxError> {
     let t = Instant::now();
     cache
         .flush()
@@ -487,29 +436,10 @@ fn run_mode(
             }
         }
     }
-    let (handoffs, takeovers) = {
-        let m = cache.metrics();
-        (m.flusher_handoffs, m.flusher_takeovers)
-    };
-    let report = cache.close(Duration::from_secs(10));
-    Ok(ModeResult {
-        mode,
-        seconds,
-        reads,
-        writes,
-        writes_over_time,
-        rows_over_time: probe.rows_per_bucket(load_start),
-        transactions: probe.transactions.load(Ordering::Relaxed),
-        failed_transactions: probe.failed_transactions.load(Ordering::Relaxed),
-        rows: probe.rows.load(Ordering::Relaxed),
-        ages: probe.ages(),
-        unstamped: probe.unstamped.load(Ordering::Relaxed),
+    Ok(Check {
         flush_time,
         compared,
         mismatched,
-        unwritten_at_close: report.unwritten.len(),
-        handoffs,
-        takeovers,
     })
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use writebehind::{BatchError, Store, StoreError, Write};
 
-use crate::{pg_profiles, sqlite_profiles, Profile};
+use writebehind::testing::profiles::{self, Profile};
 
 /// Width of one time bucket of the over-time series (plot and rates).
 pub const BUCKET: Duration = Duration::from_millis(250);
@@ -26,9 +26,9 @@ pub const BUCKET: Duration = Duration::from_millis(250);
 /// The database: one of the two typed `profiles` adapters.
 pub enum Db {
     /// Embedded SQLite file.
-    Sqlite(sqlite_profiles::ProfileStore),
+    Sqlite(profiles::sqlite::ProfileStore),
     /// PostgreSQL server (boxed: its client is several times larger than SQLite's).
-    Postgres(Box<pg_profiles::ProfileStore>),
+    Postgres(Box<profiles::postgres::ProfileStore>),
 }
 
 impl Db {

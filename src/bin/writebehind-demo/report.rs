@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use writebehind::WriteMode;
 
@@ -60,77 +62,127 @@ fn quantiles(h: &Histogram<u64>) -> String {
     )
 }
 
+/// A labelled row of the table: one cell per mode.
+type Row = (&'static str, Vec<String>);
+
+/// The cells of one row: `f` of each mode's result.
+fn cells(results: &[ModeResult], f: impl Fn(&ModeResult) -> String) -> Vec<String> {
+    results.iter().map(f).collect()
+}
+
 /// The side-by-side table, after a header of settings.
 pub fn table(header: String, results: &[ModeResult]) -> String {
-    let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
-    let col = |f: &dyn Fn(&ModeResult) -> String| results.iter().map(f).collect::<Vec<_>>();
-    rows.push(("", col(&|r| mode_name(r.mode).to_string())));
-    rows.push((
-        "throughput (ops/s)",
-        col(&|r| group((r.reads.len() + r.writes.len()) as f64 / r.seconds)),
-    ));
-    rows.push((
-        "  reads / updates",
-        col(&|r| {
-            format!(
-                "{} / {}",
-                group(r.reads.len() as f64),
-                group(r.writes.len() as f64)
-            )
-        }),
-    ));
-    rows.push(("read latency p50/p99/p99.9", col(&|r| quantiles(&r.reads))));
-    rows.push((
-        "write latency p50/p99/p99.9",
-        col(&|r| quantiles(&r.writes)),
-    ));
-    rows.push((
-        "DB transactions",
-        col(&|r| {
-            if r.failed_transactions == 0 {
-                group(r.transactions as f64)
-            } else {
+    let mut rows: Vec<Row> = vec![("", cells(results, |r| mode_name(r.mode).to_string()))];
+    rows.extend(client_rows(results));
+    rows.extend(database_rows(results));
+    rows.extend(flusher_rows(results));
+    let mut out = header;
+    out.push('\n');
+    out.push_str(&render(&rows, results.len()));
+    out.push_str(&notes(results));
+    out
+}
+
+/// What the clients saw: throughput and latencies.
+fn client_rows(results: &[ModeResult]) -> Vec<Row> {
+    vec![
+        (
+            "throughput (ops/s)",
+            cells(results, |r| {
+                group((r.reads.len() + r.writes.len()) as f64 / r.seconds)
+            }),
+        ),
+        (
+            "  reads / updates",
+            cells(results, |r| {
                 format!(
-                    "{} (+{} failed)",
-                    group(r.transactions as f64),
-                    group(r.failed_transactions as f64)
+                    "{} / {}",
+                    group(r.reads.len() as f64),
+                    group(r.writes.len() as f64)
                 )
-            }
-        }),
-    ));
-    rows.push(("DB rows written", col(&|r| group(r.rows as f64))));
-    rows.push((
-        "rows per transaction",
-        col(&|r| format!("{:.1}", r.rows as f64 / r.transactions.max(1) as f64)),
-    ));
-    rows.push((
-        "conflation (updates/row)",
-        col(&|r| format!("{:.2}", r.writes.len() as f64 / r.rows.max(1) as f64)),
-    ));
-    rows.push((
-        "oldest unflushed write",
-        col(&|r| {
-            if r.ages.is_empty() {
-                "-".to_string()
-            } else {
-                format!(
-                    "{} (p99 {})",
-                    dur(r.ages.max()),
-                    dur(r.ages.value_at_quantile(0.99))
-                )
-            }
-        }),
-    ));
+            }),
+        ),
+        (
+            "read latency p50/p99/p99.9",
+            cells(results, |r| quantiles(&r.reads)),
+        ),
+        (
+            "write latency p50/p99/p99.9",
+            cells(results, |r| quantiles(&r.writes)),
+        ),
+    ]
+}
+
+/// What the database saw: transactions, rows, and how long writes waited for it.
+fn database_rows(results: &[ModeResult]) -> Vec<Row> {
+    vec![
+        (
+            "DB transactions",
+            cells(results, |r| {
+                if r.failed_transactions == 0 {
+                    group(r.transactions as f64)
+                } else {
+                    format!(
+                        "{} (+{} failed)",
+                        group(r.transactions as f64),
+                        group(r.failed_transactions as f64)
+                    )
+                }
+            }),
+        ),
+        ("DB rows written", cells(results, |r| group(r.rows as f64))),
+        (
+            "rows per transaction",
+            cells(results, |r| {
+                format!("{:.1}", r.rows as f64 / r.transactions.max(1) as f64)
+            }),
+        ),
+        (
+            "conflation (updates/row)",
+            cells(results, |r| {
+                format!("{:.2}", r.writes.len() as f64 / r.rows.max(1) as f64)
+            }),
+        ),
+        (
+            "oldest unflushed write",
+            cells(results, |r| {
+                if r.ages.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{} (p99 {})",
+                        dur(r.ages.max()),
+                        dur(r.ages.value_at_quantile(0.99))
+                    )
+                }
+            }),
+        ),
+    ]
+}
+
+/// The flusher's handoffs and takeovers (only where there were any), the final flush and
+/// the consistency check.
+fn flusher_rows(results: &[ModeResult]) -> Vec<Row> {
+    let mut rows = Vec::new();
     if results.iter().any(|r| r.handoffs > 0) {
-        rows.push(("flusher handoffs", col(&|r| group(r.handoffs as f64))));
+        rows.push((
+            "flusher handoffs",
+            cells(results, |r| group(r.handoffs as f64)),
+        ));
     }
     if results.iter().any(|r| r.takeovers > 0) {
-        rows.push(("keeper takeovers", col(&|r| group(r.takeovers as f64))));
+        rows.push((
+            "keeper takeovers",
+            cells(results, |r| group(r.takeovers as f64)),
+        ));
     }
-    rows.push(("final flush", col(&|r| dur(r.flush_time.as_nanos() as u64))));
+    rows.push((
+        "final flush",
+        cells(results, |r| dur(r.flush_time.as_nanos() as u64)),
+    ));
     rows.push((
         "consistency (DB = cache)",
-        col(&|r| {
+        cells(results, |r| {
             if r.mismatched == 0 {
                 format!("OK, {} compared", group(r.compared as f64))
             } else {
@@ -142,12 +194,18 @@ pub fn table(header: String, results: &[ModeResult]) -> String {
             }
         }),
     ));
+    rows
+}
+
+/// The rows as aligned text: labels left, `columns` cells right-aligned, a rule under the
+/// first row.
+fn render(rows: &[Row], columns: usize) -> String {
     let w0 = rows
         .iter()
         .map(|(l, _)| l.chars().count())
         .max()
         .unwrap_or(0);
-    let widths: Vec<usize> = (0..results.len())
+    let widths: Vec<usize> = (0..columns)
         .map(|i| {
             rows.iter()
                 .map(|(_, c)| c[i].chars().count())
@@ -155,8 +213,7 @@ pub fn table(header: String, results: &[ModeResult]) -> String {
                 .unwrap_or(0)
         })
         .collect();
-    let mut out = header;
-    out.push('\n');
+    let mut out = String::new();
     for (i, (label, cells)) in rows.iter().enumerate() {
         let _ = write!(out, "{label:<w0$}");
         for (c, w) in cells.iter().zip(&widths) {
@@ -170,6 +227,13 @@ pub fn table(header: String, results: &[ModeResult]) -> String {
             out.push('\n');
         }
     }
+    out
+}
+
+/// The notes under the table: what "oldest unflushed write" means, and any write left
+/// unwritten at close.
+fn notes(results: &[ModeResult]) -> String {
+    let mut out = String::new();
     let unstamped: u64 = results.iter().map(|r| r.unstamped).sum();
     let unwritten: usize = results.iter().map(|r| r.unwritten_at_close).sum();
     let _ = writeln!(
@@ -190,10 +254,12 @@ pub fn table(header: String, results: &[ModeResult]) -> String {
 
 const COLORS: [RGBColor; 2] = [RGBColor(200, 60, 40), RGBColor(30, 110, 200)];
 
+/// What drawing the chart can fail with.
+type PlotError = Box<dyn std::error::Error>;
+
 /// Two panels, both modes in each: p99 write latency per time bucket (log scale) and
 /// database rows written per second.
-pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::error::Error>> {
-    let secs = BUCKET.as_secs_f64();
+pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), PlotError> {
     let x_max = results
         .iter()
         .map(|r| r.seconds)
@@ -202,7 +268,19 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
     let root = SVGBackend::new(path, (1000, 760)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(380);
+    latency_panel(&top, results, x_max)?;
+    rate_panel(&bottom, results, x_max)?;
+    root.present()?;
+    Ok(())
+}
 
+/// The top panel: write latency p99 per time bucket, in µs on a log scale.
+fn latency_panel(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    results: &[ModeResult],
+    x_max: f64,
+) -> Result<(), PlotError> {
+    let secs = BUCKET.as_secs_f64();
     let lat: Vec<Vec<(f64, f64)>> = results
         .iter()
         .map(|r| {
@@ -230,33 +308,23 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
     } else {
         (0.01, 1.0)
     };
-    let mut chart = ChartBuilder::on(&top)
-        .caption(
-            "write latency p99 per 250 ms (µs, log scale)",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
+    let mut chart = panel(area, "write latency p99 per 250 ms (µs, log scale)")
         .build_cartesian_2d(0.0..x_max, (lo..hi).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("seconds into the run")
         .y_label_formatter(&|v| format!("{v}"))
         .draw()?;
-    for (i, (r, pts)) in results.iter().zip(&lat).enumerate() {
-        let c = COLORS[i % 2];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
-            .label(mode_name(r.mode))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_modes(&mut chart, results, &lat)
+}
 
+/// The bottom panel: database rows written per second, per time bucket.
+fn rate_panel(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    results: &[ModeResult],
+    x_max: f64,
+) -> Result<(), PlotError> {
+    let secs = BUCKET.as_secs_f64();
     let rate: Vec<Vec<(f64, f64)>> = results
         .iter()
         .map(|r| {
@@ -270,18 +338,38 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
         })
         .collect();
     let top_rate = rate.iter().flatten().map(|p| p.1).fold(1.0_f64, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("database rows written per second", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
+    let mut chart = panel(area, "database rows written per second")
         .build_cartesian_2d(0.0..x_max, 0.0..top_rate)?;
     chart
         .configure_mesh()
         .x_desc("seconds into the run (the last point includes the final flush)")
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
-    for (i, (r, pts)) in results.iter().zip(&rate).enumerate() {
+    draw_modes(&mut chart, results, &rate)
+}
+
+/// A panel of the chart on `area`, titled `caption`, before its axes are set.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60);
+    builder
+}
+
+/// One line per mode (`series[i]` is the points of `results[i]`), in the mode's colour, and
+/// the legend that names them.
+fn draw_modes<'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    results: &[ModeResult],
+    series: &[Vec<(f64, f64)>],
+) -> Result<(), PlotError> {
+    for (i, (r, pts)) in results.iter().zip(series).enumerate() {
         let c = COLORS[i % 2];
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
@@ -293,7 +381,6 @@ pub fn plot(path: &Path, results: &[ModeResult]) -> Result<(), Box<dyn std::erro
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 

@@ -1,14 +1,10 @@
 //! The typed `profiles` adapter on SQLite: a version-guarded [`Store`] over real columns.
-//!
-//! The load driver uses it, and `examples/profiles_sqlite.rs` (which documents it and
-//! exercises it) includes this very file, so there is one copy. It names the profile type
-//! as `super::Profile`: whoever includes it brings `Profile` into scope next to it.
 
 use std::path::Path;
 use std::sync::Mutex;
 
+use crate::{BatchError, Store, StoreError, Write};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
-use writebehind::{BatchError, Store, StoreError, Write};
 
 use super::Profile;
 

@@ -1,14 +1,15 @@
 //! The typed `profiles` adapter on PostgreSQL: a version-guarded [`Store`] over real columns.
 //!
-//! The load driver uses it, and `examples/profiles_postgres.rs` (which documents it and
-//! exercises it) includes this very file, so there is one copy. It names the profile type
-//! as `super::Profile`: whoever includes it brings `Profile` into scope next to it.
+//! A batch is one statement over typed arrays (`unnest`), so it costs one round trip
+//! whatever its size. If PostgreSQL rejects a row (SQLSTATE class 22 or 23) the batch is
+//! replayed one row per savepoint to isolate it. A lost connection is `Unavailable` and the
+//! next call reconnects.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::{BatchError, Store, StoreError, Write};
 use postgres::{Client, Config, NoTls};
-use writebehind::{BatchError, Store, StoreError, Write};
 
 use super::Profile;
 
