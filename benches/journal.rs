@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use writebehind::journal::{Journal, JournalSync};
 use writebehind::stores::Raw;
+use writebehind::testing::{scatter, Rng, Zipf};
 use writebehind::{Cache, MemoryStore};
 
 #[global_allocator]
@@ -35,35 +36,22 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Zipf(1.0) over `0..n` by inverse transform on a precomputed CDF; xorshift64 underneath.
-struct Zipf {
-    cdf: Vec<f64>,
-    state: u64,
+/// Zipf(1.0) keys over `0..n` from a seeded generator.
+struct Keys {
+    zipf: Arc<Zipf>,
+    rng: Rng,
 }
 
-impl Zipf {
-    fn new(n: u64, seed: u64) -> Self {
-        let mut cdf = Vec::with_capacity(n as usize);
-        let mut sum = 0.0;
-        for i in 1..=n {
-            sum += 1.0 / i as f64;
-            cdf.push(sum);
-        }
-        for c in &mut cdf {
-            *c /= sum;
-        }
-        Zipf {
-            cdf,
-            state: seed | 1,
+impl Keys {
+    fn new(zipf: &Arc<Zipf>, seed: u64) -> Self {
+        Keys {
+            zipf: zipf.clone(),
+            rng: Rng::new(seed),
         }
     }
 
     fn next(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        let u = (self.state >> 11) as f64 / (1u64 << 53) as f64;
-        self.cdf.partition_point(|&c| c < u) as u64
+        scatter(self.zipf.sample(&mut self.rng), KEYS)
     }
 }
 
@@ -84,15 +72,16 @@ fn build(mode: Option<JournalSync>, dir: &std::path::Path) -> Cache<u64, u64> {
 
 /// Puts per second of `THREADS` threads putting Zipf keys for `ms`, including the final
 /// flush (sustained throughput, not buffer filling).
-fn put_rate(cache: &Arc<Cache<u64, u64>>, ms: u64, seed: u64) -> f64 {
+fn put_rate(cache: &Arc<Cache<u64, u64>>, zipf: &Arc<Zipf>, ms: u64, seed: u64) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Arc::new(Barrier::new(THREADS + 1));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let (cache, stop, done, start) = (cache.clone(), stop.clone(), done.clone(), start.clone());
+            let (cache, stop, done, start) =
+                (cache.clone(), stop.clone(), done.clone(), start.clone());
+            let mut z = Keys::new(zipf, seed ^ ((t as u64 + 1) * 0x9E37_79B9));
             std::thread::spawn(move || {
-                let mut z = Zipf::new(KEYS, seed ^ (t as u64 + 1) * 0x9E37_79B9);
                 start.wait();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -131,13 +120,14 @@ fn throughput(rounds: u64, ms: u64) {
         ),
         ("Os", Some(JournalSync::Os)),
     ];
+    let zipf = Arc::new(Zipf::new(KEYS, 1.0));
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
         for i in 0..modes.len() {
             let m = (i + round as usize) % modes.len();
             let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
             let cache = Arc::new(build(modes[m].1, dir.path()));
-            rates[m].push(put_rate(&cache, ms, round * 31 + m as u64));
+            rates[m].push(put_rate(&cache, &zipf, ms, round * 31 + m as u64));
             let report = cache.close(Duration::from_secs(10));
             assert!(report.is_clean());
         }
@@ -160,6 +150,7 @@ fn every_write(ms: u64) {
     println!("## EveryWrite: durable puts, syncs and latency ({ms} ms per row)\n");
     println!("| writers | durable puts/s | syncs/s | puts per sync | p50 | p99 | p99.9 |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let zipf = Arc::new(Zipf::new(KEYS, 1.0));
     for threads in [2usize, 8, 64] {
         let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
         let cache = Arc::new(build(Some(JournalSync::EveryWrite), dir.path()));
@@ -168,9 +159,9 @@ fn every_write(ms: u64) {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (cache, stop, start) = (cache.clone(), stop.clone(), start.clone());
+                let mut z = Keys::new(&zipf, t as u64 + 7);
                 std::thread::spawn(move || {
                     let mut h = hist();
-                    let mut z = Zipf::new(KEYS, t as u64 + 7);
                     start.wait();
                     let mut n = 0;
                     while !stop.load(Ordering::Relaxed) {
