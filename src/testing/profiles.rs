@@ -26,6 +26,36 @@ pub struct Profile {
     pub visits: i64,
 }
 
+/// A [`Codec`](crate::stores::Codec) for [`Profile`], for the load driver's journal: the
+/// visits (8 bytes, big-endian), the name's length (4 bytes) and the name, then the theme.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProfileCodec;
+
+impl crate::stores::Codec<Profile> for ProfileCodec {
+    fn encode(&self, p: &Profile) -> Result<Vec<u8>, crate::stores::CodecError> {
+        let name_len = u32::try_from(p.name.len()).map_err(|_| "a name of 4 GiB or more")?;
+        let mut out = Vec::with_capacity(12 + p.name.len() + p.theme.len());
+        out.extend_from_slice(&p.visits.to_be_bytes());
+        out.extend_from_slice(&name_len.to_be_bytes());
+        out.extend_from_slice(p.name.as_bytes());
+        out.extend_from_slice(p.theme.as_bytes());
+        Ok(out)
+    }
+
+    fn decode(&self, b: &[u8]) -> Result<Profile, crate::stores::CodecError> {
+        let short = || "a profile record shorter than its header".to_string();
+        let visits = i64::from_be_bytes(b.get(..8).ok_or_else(short)?.try_into()?);
+        let name_len = u32::from_be_bytes(b.get(8..12).ok_or_else(short)?.try_into()?) as usize;
+        let name = b.get(12..12 + name_len).ok_or_else(short)?;
+        let theme = &b[12 + name_len..];
+        Ok(Profile {
+            name: String::from_utf8(name.to_vec())?,
+            theme: String::from_utf8(theme.to_vec())?,
+            visits,
+        })
+    }
+}
+
 /// What [`exercise`] can fail with.
 type CheckError = Box<dyn std::error::Error>;
 

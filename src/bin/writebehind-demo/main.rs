@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use writebehind::testing::profiles::{self, Profile};
+use writebehind::journal::{Journal, JournalSync};
+use writebehind::stores::Raw;
+use writebehind::testing::profiles::{self, Profile, ProfileCodec};
 use writebehind::testing::{Rng, Zipf};
 use writebehind::{
     Cache, Store, Write, WriteMode, DEFAULT_FLUSHER_NICE, DEFAULT_MAX_BATCH, DEFAULT_SHARDS,
@@ -93,6 +95,23 @@ struct Args {
     /// Seed of the key and value generators.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+
+    /// Journal the write-behind run's writes in DIR (crash safety; see the README). Off by
+    /// default.
+    #[arg(long, value_name = "DIR")]
+    journal: Option<PathBuf>,
+
+    /// How the journal syncs: `every` (each write on stable storage before it returns,
+    /// concurrent writers sharing a sync), `interval` (every 10 ms) or `os` (never).
+    #[arg(long, value_enum, default_value_t = SyncArg::Interval, requires = "journal")]
+    journal_sync: SyncArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SyncArg {
+    Every,
+    Interval,
+    Os,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -283,7 +302,7 @@ fn args_summary(args: &Args, target: &Target, zipf: &Zipf) -> String {
     format!(
         "store: {}\nprofiles: {}, threads: {}, {} s per mode, read ratio {}, zipf {} \
          (the hottest 1% of users get {:.0}% of the operations)\n\
-         cache: write_delay {} ms, max_batch {}, {} shards, 1 flusher\nmachine: {}\n",
+         cache: write_delay {} ms, max_batch {}, {} shards, 1 flusher{}\nmachine: {}\n",
         target.label,
         args.n,
         args.threads,
@@ -294,6 +313,14 @@ fn args_summary(args: &Args, target: &Target, zipf: &Zipf) -> String {
         args.write_delay_ms,
         args.max_batch,
         DEFAULT_SHARDS,
+        match &args.journal {
+            Some(dir) => format!(
+                "; write-behind journaled in {} (sync: {:?})",
+                dir.display(),
+                args.journal_sync
+            ),
+            None => String::new(),
+        },
         report::machine(),
     )
 }
@@ -388,7 +415,18 @@ fn preloaded_cache(
     .flusher_nice(args.flusher_nice)
     // The profiles table is keyed by user id: a backlog reaches it in runs of neighbouring
     // ids, which the B-tree takes in a few pages per batch.
-    .flush_order(|a: &u64, b: &u64| a.cmp(b))
+    .flush_order(|a: &u64, b: &u64| a.cmp(b));
+    let cache = match (&args.journal, mode) {
+        (Some(dir), WriteMode::Behind) => {
+            let sync = match args.journal_sync {
+                SyncArg::Every => JournalSync::EveryWrite,
+                SyncArg::Interval => JournalSync::Interval(Duration::from_millis(10)),
+                SyncArg::Os => JournalSync::Os,
+            };
+            cache.journal(Journal::new(dir, Raw, ProfileCodec).sync(sync))
+        }
+        _ => cache,
+    }
     .build()?;
     let mut preloaded = 0usize;
     for chunk in keys.chunks(CHUNK) {
