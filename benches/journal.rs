@@ -132,6 +132,21 @@ fn throughput(rounds: u64, ms: u64) {
             assert!(report.is_clean());
         }
     }
+    // The floor: the journal alone, the same appends without a cache (one shard per thread).
+    let mut floors: Vec<(&str, Vec<f64>)> =
+        vec![("Interval(10ms)", Vec::new()), ("Os", Vec::new())];
+    for _ in 0..rounds {
+        for (i, mode) in [
+            JournalSync::Interval(Duration::from_millis(10)),
+            JournalSync::Os,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
+            floors[i].1.push(append_rate(dir.path(), mode, &zipf, ms));
+        }
+    }
     let base = median(&mut rates[0].clone());
     println!("| engine | puts/s (median) | / no journal |");
     println!("|---|---:|---:|");
@@ -139,7 +154,53 @@ fn throughput(rounds: u64, ms: u64) {
         let m = median(&mut rates[i]);
         println!("| {name} | {:.2} M | {:.2}x |", m / 1e6, m / base);
     }
+    for (name, r) in &mut floors {
+        let m = median(r);
+        println!(
+            "| floor: journal appends alone, {name} | {:.2} M | {:.2}x |",
+            m / 1e6,
+            m / base
+        );
+    }
     println!();
+}
+
+/// Appends per second of `THREADS` threads appending put records (8-byte key and value)
+/// straight to a journal, each to a shard of its own: what journaling a put costs without
+/// the cache around it.
+fn append_rate(dir: &std::path::Path, mode: JournalSync, zipf: &Arc<Zipf>, ms: u64) -> f64 {
+    use writebehind::journal::JournalLog;
+    let (log, _) = JournalLog::<u64, u64>::open(Journal::new(dir, Raw, Raw).sync(mode), THREADS)
+        .expect("journal");
+    let log = Arc::new(log);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(THREADS + 1));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (log, stop, done, start) = (log.clone(), stop.clone(), done.clone(), start.clone());
+            let mut z = Keys::new(zipf, t as u64 + 3);
+            std::thread::spawn(move || {
+                start.wait();
+                let mut n = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        log.append(t, &z.next(), Some(&n), n).expect("append");
+                        n += 1;
+                    }
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(ms));
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }
 
 fn hist() -> Histogram<u64> {

@@ -37,10 +37,6 @@ use crate::sync::thread::Unparker;
 use crate::sync::{Arc, CachePadded, Mutex};
 
 /// How many keys a flusher snapshots per acquisition of a shard lock, to keep writers'
-/// A flusher checkpoints its shards' journal segments once the journal holds this many bytes
-/// and twice what it held after the last checkpoint: the journal stays within about twice
-/// the writes the store does not hold, plus this.
-pub(super) const JOURNAL_CHECKPOINT_BYTES: u64 = 16 << 20;
 /// waits short.
 pub(super) const SNAPSHOT_CHUNK: usize = 32;
 /// The longest a flusher parks without a reason to wake (a safety net, not a poll).
@@ -284,7 +280,8 @@ pub(crate) struct FlusherCore<K> {
     pub(super) batch_wall: Duration,
     /// When the next sweep of expired entries is due.
     pub(super) next_sweep: Duration,
-    /// Journal bytes at which this flusher next checkpoints its shards.
+    /// Journal bytes at which this flusher next checkpoints its shards (0: at the journal's
+    /// `checkpoint_bytes`).
     pub(super) checkpoint_at: u64,
 }
 
@@ -303,7 +300,7 @@ impl<K> FlusherCore<K> {
             work: Vec::new(),
             batch_wall: Duration::ZERO,
             next_sweep: Duration::ZERO,
-            checkpoint_at: JOURNAL_CHECKPOINT_BYTES,
+            checkpoint_at: 0,
         }
     }
 }

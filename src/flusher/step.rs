@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use super::ticket::Ticket;
 use super::{
-    Ctx, FlusherCore, Meta, StepMode, Work, HANDOFF_GRACE, HANDOFF_RESERVE,
-    JOURNAL_CHECKPOINT_BYTES, SNAPSHOT_CHUNK,
+    Ctx, FlusherCore, Meta, StepMode, Work, HANDOFF_GRACE, HANDOFF_RESERVE, SNAPSHOT_CHUNK,
 };
 use crate::guard::catch;
 use crate::shard::NONE;
@@ -99,21 +98,21 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         true
     }
 
-    /// Reclaims journal space once the journal has grown past [`JOURNAL_CHECKPOINT_BYTES`]
-    /// and twice its size after this flusher's last checkpoint: each owned shard's segments
-    /// are replaced by a checkpoint of the writes the store may not hold.
+    /// Reclaims journal space once the journal has grown past its `checkpoint_bytes` and twice
+    /// its size after this flusher's last checkpoint: each owned shard's segments are replaced
+    /// by a checkpoint of the writes the store may not hold.
     fn maybe_checkpoint<V>(&mut self, cx: &Ctx<'_, K, V>)
     where
         V: Clone + Send + Sync + 'static,
     {
         let Some(j) = &cx.journal else { return };
-        if j.bytes() < self.checkpoint_at {
+        if j.bytes() < self.checkpoint_at.max(j.checkpoint_bytes()) {
             return;
         }
         for &s in &self.owned {
             cx.checkpoint_shard(s);
         }
-        self.checkpoint_at = JOURNAL_CHECKPOINT_BYTES.max(2 * j.bytes());
+        self.checkpoint_at = 2 * j.bytes();
     }
 
     /// [`FlusherCore::step`], surviving a panic in user code that escaped the finer guards

@@ -135,6 +135,7 @@ pub(crate) struct Core {
 /// reclaim space, [`close`](Self::close) at shutdown. Not part of the stable API.
 pub struct JournalLog<K, V> {
     core: Arc<Core>,
+    checkpoint_bytes: u64,
     key_codec: std::sync::Arc<dyn Codec<K>>,
     value_codec: std::sync::Arc<dyn Codec<V>>,
     thread: Mutex<Option<thread::JoinHandle>>,
@@ -226,6 +227,7 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             sync: mode,
             segment_bytes,
             salvage,
+            checkpoint_bytes,
         } = cfg;
         fs::create_dir_all(&dir).map_err(|e| JournalError::io("create", &dir, e))?;
         let lock = lock_dir(&dir)?;
@@ -305,6 +307,7 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
         Ok((
             JournalLog {
                 core,
+                checkpoint_bytes,
                 key_codec,
                 value_codec,
                 thread: Mutex::new(Some(handle)),
@@ -389,10 +392,22 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
         if let Some(active) = log.active.take() {
             self.core.seal(&mut log, &active);
         }
+        let old = std::mem::take(&mut log.files);
+        // The next append needs a new segment: a spare, if one is ready, is made the active
+        // segment now (no file creation on a writer's path); otherwise one is asked for.
+        if let Some(spare) = log.spare.take() {
+            self.core.activate(&mut log, shard, spare);
+        }
+        if !log.spare_requested && log.spare.is_none() {
+            log.spare_requested = true;
+            drop(log);
+            self.core.state.lock().spares.push(shard);
+            self.core.to_thread.notify_all();
+        }
         CheckpointTicket {
             core: Arc::clone(&self.core),
             shard,
-            old: std::mem::take(&mut log.files),
+            old,
         }
     }
 
@@ -479,6 +494,12 @@ impl<K, V> JournalLog<K, V> {
     /// not be on stable storage. Appends to that shard move to a new segment.
     pub fn wait_synced(&self, lsn: &Lsn) -> Result<(), JournalError> {
         self.core.wait_synced(lsn)
+    }
+
+    /// The journal size at which the engine reclaims space
+    /// ([`Journal::checkpoint_bytes`](super::Journal::checkpoint_bytes)).
+    pub fn checkpoint_bytes(&self) -> u64 {
+        self.checkpoint_bytes
     }
 
     /// Bytes the journal holds now: segment headers and records, reclaimable or not.
@@ -764,6 +785,12 @@ impl Core {
                 self.create_segment(shard, SegmentKind::Log, size, false)?
             }
         };
+        self.activate(log, shard, seg);
+        Ok(())
+    }
+
+    /// Makes `seg` the shard's active segment (the shard's log lock is held).
+    fn activate(&self, log: &mut ShardLog, shard: usize, seg: Segment) {
         self.shards[shard]
             .bytes
             .fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
@@ -773,7 +800,6 @@ impl Core {
         }
         log.active = Some(seg);
         log.spare_requested = false;
-        Ok(())
     }
 
     /// Moves a segment out of appending into the shard's sealed files.

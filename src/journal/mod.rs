@@ -183,6 +183,10 @@ pub use log::{CheckpointTicket, JournalLog, Lsn};
 #[doc(hidden)]
 pub use replay::{Replayed, ReplayedEntry};
 
+/// Journal bytes at which the flushers reclaim space unless
+/// [`Journal::checkpoint_bytes`] says otherwise: 64 MiB.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
+
 /// Bytes of one segment file unless [`Journal::segment_bytes`] says otherwise: 4 MiB.
 ///
 /// Each shard that has written holds one such preallocated file (plus a prepared spare when
@@ -248,6 +252,7 @@ pub struct Journal<K, V> {
     pub(crate) sync: JournalSync,
     pub(crate) segment_bytes: u64,
     pub(crate) salvage: bool,
+    pub(crate) checkpoint_bytes: u64,
 }
 
 impl<K, V> Journal<K, V> {
@@ -265,6 +270,7 @@ impl<K, V> Journal<K, V> {
             sync: JournalSync::default(),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             salvage: false,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
         }
     }
 
@@ -278,6 +284,15 @@ impl<K, V> Journal<K, V> {
     /// larger than a segment gets a segment of its own, as large as it needs.
     pub fn segment_bytes(mut self, n: u64) -> Self {
         self.segment_bytes = n.clamp(MIN_SEGMENT_BYTES, format::MAX_SEGMENT_BYTES);
+        self
+    }
+
+    /// Space reclamation: a cache's flushers checkpoint their shards once the journal holds
+    /// this many bytes and twice what it held after their last checkpoint, so it stays within
+    /// about twice the writes the store does not hold, plus this. Default
+    /// [`DEFAULT_CHECKPOINT_BYTES`]; at least one segment.
+    pub fn checkpoint_bytes(mut self, n: u64) -> Self {
+        self.checkpoint_bytes = n.max(MIN_SEGMENT_BYTES);
         self
     }
 
@@ -310,6 +325,7 @@ impl<K, V> Clone for Journal<K, V> {
             sync: self.sync,
             segment_bytes: self.segment_bytes,
             salvage: self.salvage,
+            checkpoint_bytes: self.checkpoint_bytes,
         }
     }
 }
