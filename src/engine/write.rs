@@ -9,6 +9,7 @@ use super::Inner;
 use crate::error::Error;
 use crate::flusher::FlusherCore;
 use crate::guard::{call_store, in_engine};
+use crate::journal::Encoded;
 use crate::settings::{Backpressure, WriteMode};
 use crate::shard::{Queued, Shard, Table};
 use crate::store::Write;
@@ -70,6 +71,11 @@ where
         let s = inner.shard_of(hash);
         let shard = &inner.shards[s];
         let weight = inner.weight(&key, value.as_ref());
+        // The journal's codecs run before the lock; the record is appended under it.
+        let rec = match &inner.journal {
+            Some(j) => Some(j.encode(&key, value.as_ref())?),
+            None => None,
+        };
         let now = inner.coarse_now();
         let mut table = Self::lock_behind(shard, hash, &key)?;
         if inner.closed.load(Ordering::Acquire) {
@@ -78,10 +84,10 @@ where
         if let Some((high, low, policy)) = inner.backpressure {
             if !table.admits(high, low, hash, &key) {
                 drop(table);
-                return self.write_under_pressure(s, hash, key, value, weight, policy);
+                return self.write_under_pressure(s, hash, key, value, weight, policy, rec);
             }
         }
-        self.write_locked(s, table, hash, key, value, now, weight)
+        self.write_locked(s, table, hash, key, value, now, weight, rec.as_ref())
     }
 
     /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is
@@ -114,13 +120,14 @@ where
         value: Option<V>,
         now: u64,
         weight: u32,
+        rec: Option<&Encoded>,
     ) -> Result<u64, Error> {
         // With a journal, the write is recorded first, at the version it is about to take,
         // while the shard lock orders it with the shard's other writes: a write the journal
         // refuses is not made at all.
-        let lsn = match &self.journal {
-            None => None,
-            Some(j) => Some(j.append(s, &key, value.as_ref(), table.next_version)?),
+        let lsn = match (&self.journal, rec) {
+            (Some(j), Some(rec)) => Some(j.append_encoded(s, rec, table.next_version)?),
+            _ => None,
         };
         let mut outcome = table.write(hash, key, value, now, weight);
         let queued = self.shards[s].enqueue(outcome.ring_key.take());
@@ -158,6 +165,7 @@ where
 
     /// A write that would add a dirty entry to a shard at its `max_dirty` share.
     #[cold]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn write_under_pressure(
         &self,
         s: usize,
@@ -166,6 +174,7 @@ where
         value: Option<V>,
         weight: u32,
         policy: Backpressure,
+        rec: Option<Encoded>,
     ) -> Result<u64, Error> {
         let inner = self;
         let shard = &inner.shards[s];
@@ -201,7 +210,16 @@ where
                     }
                     if table.admits(high, low, hash, &key) {
                         let now = inner.coarse_now();
-                        return self.write_locked(s, table, hash, key, value, now, weight);
+                        return self.write_locked(
+                            s,
+                            table,
+                            hash,
+                            key,
+                            value,
+                            now,
+                            weight,
+                            rec.as_ref(),
+                        );
                     }
                 }
             }
@@ -221,7 +239,16 @@ where
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();
-                    return self.write_locked(s, table, hash, key, value, now, weight);
+                    return self.write_locked(
+                        s,
+                        table,
+                        hash,
+                        key,
+                        value,
+                        now,
+                        weight,
+                        rec.as_ref(),
+                    );
                 }
                 drop(table);
                 self.write_through_at(s, hash, key, value, true)

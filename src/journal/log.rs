@@ -340,18 +340,40 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
         value: Option<&V>,
         version: u64,
     ) -> Result<Lsn, JournalError> {
+        let rec = self.encode(key, value)?;
+        self.append_encoded(shard, &rec, version)
+    }
+
+    /// The first half of [`append`](Self::append): runs the codecs, so that the engine can do
+    /// it before it takes the shard's lock.
+    ///
+    /// # Errors
+    /// [`JournalError::Codec`] if a codec fails or panics.
+    pub fn encode(&self, key: &K, value: Option<&V>) -> Result<Encoded, JournalError> {
         let key = encode(&*self.key_codec, key, "encoding a key")?;
-        let value = match value {
-            Some(v) => Some(encode(&*self.value_codec, v, "encoding a value")?),
-            None => None,
+        let (kind, value) = match value {
+            Some(v) => (
+                Kind::Put,
+                encode(&*self.value_codec, v, "encoding a value")?,
+            ),
+            None => (Kind::Delete, Vec::new()),
         };
-        let kind = if value.is_some() {
-            Kind::Put
-        } else {
-            Kind::Delete
-        };
+        Ok(Encoded { kind, key, value })
+    }
+
+    /// The second half of [`append`](Self::append): copies an encoded record, at `version`,
+    /// into `shard`'s segment.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append), but for the codecs.
+    pub fn append_encoded(
+        &self,
+        shard: usize,
+        rec: &Encoded,
+        version: u64,
+    ) -> Result<Lsn, JournalError> {
         self.core
-            .append(shard, kind, version, &key, value.as_deref().unwrap_or(&[]))
+            .append(shard, rec.kind, version, &rec.key, &rec.value)
     }
 
     /// Reclaims the space of `shard`'s records the store no longer needs.
@@ -575,6 +597,15 @@ impl<K, V> Drop for JournalLog<K, V> {
             tracing::error!(error = %e, "journal: closing on drop failed");
         }
     }
+}
+
+/// A record whose key and value went through the codecs, ready to append
+/// ([`JournalLog::encode`]).
+#[derive(Debug)]
+pub struct Encoded {
+    kind: Kind,
+    key: Vec<u8>,
+    value: Vec<u8>,
 }
 
 /// The first half of a checkpoint, from [`JournalLog::begin_checkpoint`]. Dropping it

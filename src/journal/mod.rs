@@ -179,7 +179,7 @@ pub use stats::JournalStats;
 // The engine's handle on an open journal. Public only so the crate's integration tests can
 // drive a journal without a cache; not part of the stable API.
 #[doc(hidden)]
-pub use log::{CheckpointTicket, JournalLog, Lsn};
+pub use log::{CheckpointTicket, Encoded, JournalLog, Lsn};
 #[doc(hidden)]
 pub use replay::{Replayed, ReplayedEntry};
 
