@@ -2,10 +2,11 @@
 //! process (a real SIGKILL of a child process), `build` replays it, a clean close leaves the
 //! journal empty, one cache per directory, and a full disk refuses writes with a clear error.
 
+mod process;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,20 +252,14 @@ fn journal_child_process() {
 }
 
 fn child(dir: &Path, mode: &str, start: u64) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "journal_child_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR, dir)
-        .env(CHILD_MODE, mode)
-        .env("WRITEBEHIND_CACHE_JOURNAL_START", start.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    process::respawn(
+        "journal_child_process",
+        &[
+            (CHILD_DIR, dir.display().to_string()),
+            (CHILD_MODE, mode.to_string()),
+            ("WRITEBEHIND_CACHE_JOURNAL_START", start.to_string()),
+        ],
+    )
 }
 
 fn parse_ack(line: &str) -> Option<(u64, u64)> {
@@ -350,38 +345,14 @@ fn acknowledged_puts_survive_sigkill() {
 // lost, and writes are accepted again once there is room.
 // ---------------------------------------------------------------------------------------
 
-/// A size-limited tmpfs mounted for one test, unmounted on drop. `None` where mounting is not
-/// allowed (not root).
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(Tmpfs(dir))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_full_disk_refuses_writes_and_recovers() {
-    let Some(fs) = Tmpfs::mount("2m") else {
+    let Some(fs) = process::Tmpfs::mount("2m") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let dir = fs.0.path().join("wb");
-    let ballast = fs.0.path().join("ballast");
+    let dir = fs.path().join("wb");
+    let ballast = fs.path().join("ballast");
     std::fs::write(&ballast, vec![1u8; 1200 << 10]).unwrap();
     let store: Store64 = Arc::new(FaultyStore::new());
     store.set_down(true); // everything stays in the journal

@@ -3,10 +3,11 @@
 
 #![cfg(unix)]
 
+mod process;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -433,19 +434,13 @@ fn child_process() {
 }
 
 fn child(dir: &Path, mode: &str) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR, dir)
-        .env(CHILD_MODE, mode)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    process::respawn(
+        "child_process",
+        &[
+            (CHILD_DIR, dir.display().to_string()),
+            (CHILD_MODE, mode.to_string()),
+        ],
+    )
 }
 
 #[test]
@@ -653,36 +648,9 @@ fn a_record_larger_than_a_segment_gets_its_own() {
     log.close().unwrap();
 }
 
-/// A size-limited tmpfs mounted for one test, unmounted on drop. `None` where mounting is
-/// not allowed (not root, no mount namespace rights).
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(Tmpfs(dir))
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_full_disk_refuses_appends_without_sigbus_and_recovers() {
-    let Some(fs) = Tmpfs::mount("1m") else {
+    let Some(fs) = process::Tmpfs::mount("1m") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
