@@ -70,23 +70,25 @@ fn build(mode: Option<JournalSync>, dir: &std::path::Path) -> Cache<u64, u64> {
     b.build().expect("bench cache")
 }
 
-/// Puts per second of `THREADS` threads putting Zipf keys for `ms`, including the final
-/// flush (sustained throughput, not buffer filling).
-fn put_rate(cache: &Arc<Cache<u64, u64>>, zipf: &Arc<Zipf>, ms: u64, seed: u64) -> f64 {
+/// Operations per second of `THREADS` threads, each running the operation `make(thread)`
+/// returns (given a running count) in a loop for `ms`.
+fn run_rate<F>(ms: u64, make: impl Fn(usize) -> F) -> f64
+where
+    F: FnMut(u64) + Send + 'static,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Arc::new(Barrier::new(THREADS + 1));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let (cache, stop, done, start) =
-                (cache.clone(), stop.clone(), done.clone(), start.clone());
-            let mut z = Keys::new(zipf, seed ^ ((t as u64 + 1) * 0x9E37_79B9));
+            let (stop, done, start) = (stop.clone(), done.clone(), start.clone());
+            let mut op = make(t);
             std::thread::spawn(move || {
                 start.wait();
-                let mut n = 0u64;
+                let mut n = 1u64;
                 while !stop.load(Ordering::Relaxed) {
                     for _ in 0..64 {
-                        cache.put(z.next(), n).expect("put");
+                        op(n);
                         n += 1;
                     }
                 }
@@ -101,8 +103,23 @@ fn put_rate(cache: &Arc<Cache<u64, u64>>, zipf: &Arc<Zipf>, ms: u64, seed: u64) 
     for h in handles {
         h.join().unwrap();
     }
-    cache.flush().expect("flush");
     done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Puts per second of `THREADS` threads putting Zipf keys for `ms`, the final flush included
+/// (sustained throughput, not buffer filling).
+fn put_rate(cache: &Arc<Cache<u64, u64>>, zipf: &Arc<Zipf>, ms: u64, seed: u64) -> f64 {
+    let t0 = Instant::now();
+    let rate = run_rate(ms, |t| {
+        let cache = cache.clone();
+        let mut z = Keys::new(zipf, seed ^ ((t as u64 + 1) * 0x9E37_79B9));
+        move |n| {
+            cache.put(z.next(), n).expect("put");
+        }
+    });
+    let ops = rate * ms as f64 / 1e3;
+    cache.flush().expect("flush");
+    ops / t0.elapsed().as_secs_f64()
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -173,34 +190,13 @@ fn append_rate(dir: &std::path::Path, mode: JournalSync, zipf: &Arc<Zipf>, ms: u
     let (log, _) = JournalLog::<u64, u64>::open(Journal::new(dir, Raw, Raw).sync(mode), THREADS)
         .expect("journal");
     let log = Arc::new(log);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Arc::new(Barrier::new(THREADS + 1));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (log, stop, done, start) = (log.clone(), stop.clone(), done.clone(), start.clone());
-            let mut z = Keys::new(zipf, t as u64 + 3);
-            std::thread::spawn(move || {
-                start.wait();
-                let mut n = 1u64;
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..64 {
-                        log.append(t, &z.next(), Some(&n), n).expect("append");
-                        n += 1;
-                    }
-                }
-                done.fetch_add(n, Ordering::Relaxed);
-            })
-        })
-        .collect();
-    start.wait();
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(ms));
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        h.join().unwrap();
-    }
-    done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
+    run_rate(ms, |t| {
+        let log = log.clone();
+        let mut z = Keys::new(zipf, t as u64 + 3);
+        move |n| {
+            log.append(t, &z.next(), Some(&n), n).expect("append");
+        }
+    })
 }
 
 fn hist() -> Histogram<u64> {
