@@ -186,42 +186,7 @@ where
         match policy {
             Backpressure::Reject => refused(),
             Backpressure::Block { timeout } => {
-                inner.bp_waits.fetch_add(1, Ordering::Relaxed);
-                // No deadline when the timeout is beyond what an `Instant` can hold.
-                let deadline = std::time::Instant::now().checked_add(timeout);
-                loop {
-                    // Ask the flusher to write this shard now rather than at its delay.
-                    if shard.trigger() {
-                        inner.flusher_of(s).wake();
-                    }
-                    let left = match deadline {
-                        Some(d) => d.saturating_duration_since(std::time::Instant::now()),
-                        None => Duration::MAX,
-                    };
-                    if left.is_zero() {
-                        return refused();
-                    }
-                    inner.wait_progress(left.min(Duration::from_millis(10)));
-                    // The mode may have switched meanwhile, and a write-through of the key
-                    // gone to the store: `lock_behind` waits for it.
-                    let mut table = Self::lock_behind(shard, hash, &key)?;
-                    if inner.closed.load(Ordering::Acquire) {
-                        return Err(Error::Closed);
-                    }
-                    if table.admits(high, low, hash, &key) {
-                        let now = inner.coarse_now();
-                        return self.write_locked(
-                            s,
-                            table,
-                            hash,
-                            key,
-                            value,
-                            now,
-                            weight,
-                            rec.as_ref(),
-                        );
-                    }
-                }
+                self.block_for_room(s, hash, key, value, weight, timeout, rec)
             }
             Backpressure::WriteThrough => {
                 if in_engine() {
@@ -252,6 +217,58 @@ where
                 }
                 drop(table);
                 self.write_through_at(s, hash, key, value, true)
+            }
+        }
+    }
+
+    /// `Backpressure::Block`: asks the flusher to write the shard now and waits for room (or
+    /// `timeout`), then writes.
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn block_for_room(
+        &self,
+        s: usize,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        weight: u32,
+        timeout: Duration,
+        rec: Option<Encoded>,
+    ) -> Result<u64, Error> {
+        let inner = self;
+        let shard = &inner.shards[s];
+        let (high, low, _) = inner
+            .backpressure
+            .unwrap_or((usize::MAX, 0, Backpressure::Reject));
+        let refused = || {
+            inner.bp_rejections.fetch_add(1, Ordering::Relaxed);
+            Err(Error::Backpressure { shard_limit: high })
+        };
+        inner.bp_waits.fetch_add(1, Ordering::Relaxed);
+        // No deadline when the timeout is beyond what an `Instant` can hold.
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        loop {
+            // Ask the flusher to write this shard now rather than at its delay.
+            if shard.trigger() {
+                inner.flusher_of(s).wake();
+            }
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                None => Duration::MAX,
+            };
+            if left.is_zero() {
+                return refused();
+            }
+            inner.wait_progress(left.min(Duration::from_millis(10)));
+            // The mode may have switched meanwhile, and a write-through of the key
+            // gone to the store: `lock_behind` waits for it.
+            let mut table = Self::lock_behind(shard, hash, &key)?;
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            if table.admits(high, low, hash, &key) {
+                let now = inner.coarse_now();
+                return self.write_locked(s, table, hash, key, value, now, weight, rec.as_ref());
             }
         }
     }

@@ -198,6 +198,25 @@ fn lock_dir(dir: &std::path::Path) -> Result<File, JournalError> {
     }
 }
 
+/// The segments found at open that hold records (kept until every shard has checkpointed);
+/// empty ones (spares, segments whose records were never written) are removed, which changes
+/// no replay.
+fn keep_nonempty(found: Vec<replay::Found>) -> Result<Vec<SegmentFile>, JournalError> {
+    let mut legacy_files = Vec::new();
+    for f in found {
+        if f.empty {
+            fs::remove_file(&f.path).map_err(|e| JournalError::io("remove", &f.path, e))?;
+        } else {
+            legacy_files.push(SegmentFile {
+                path: f.path,
+                used: f.used,
+                allocated: f.len,
+            });
+        }
+    }
+    Ok(legacy_files)
+}
+
 impl<K: 'static, V: 'static> JournalLog<K, V> {
     /// Locks the directory, replays every segment and starts the journal thread.
     ///
@@ -245,20 +264,7 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             "journal replayed"
         );
         let next_seq = found.iter().map(|f| f.seq + 1).max().unwrap_or(1);
-        let mut legacy_files = Vec::new();
-        for f in found {
-            if f.empty {
-                // Nothing to replay from it: a spare, or a segment whose records were never
-                // written. Removing it changes no replay.
-                fs::remove_file(&f.path).map_err(|e| JournalError::io("remove", &f.path, e))?;
-            } else {
-                legacy_files.push(SegmentFile {
-                    path: f.path,
-                    used: f.used,
-                    allocated: f.len,
-                });
-            }
-        }
+        let legacy_files = keep_nonempty(found)?;
         let legacy_bytes = legacy_files.iter().map(|f| f.used).sum();
         let allocated = legacy_files.iter().map(|f| f.allocated).sum();
         let remaining = if legacy_files.is_empty() { 0 } else { shards };
