@@ -218,23 +218,29 @@ where
         Ok(StoreUse(&self.store_users))
     }
 
-    /// Reclaims the journal's space for shard `s` (if there is a journal): its segments are
-    /// replaced by a checkpoint of the writes the store may not hold. The journal moves the
-    /// shard's appends to a new segment and the snapshot is taken under the same hold of the
-    /// table lock, so a write is either in the snapshot or appended after the switch.
-    pub(crate) fn checkpoint_shard(&self, s: usize) {
+    /// Reclaims the journal's space for the file set `part` (if there is a journal), whose
+    /// writers are the shards `owned` (a flusher's): its segments are replaced by a checkpoint
+    /// of the writes the store may not hold. The journal moves the set's appends to a new
+    /// segment first; then each shard's dirty set is taken under its lock. A writer appends
+    /// and writes its table under its shard's lock, so each write is either in a snapshot
+    /// (its append was before the switch, and the lock orders its table write before the
+    /// snapshot) or appended after the switch.
+    pub(crate) fn checkpoint_journal(&self, part: usize, owned: &[usize]) {
         let Some(j) = &self.journal else { return };
-        let table = self.shards[s].table.lock();
-        let ticket = j.begin_checkpoint(s);
-        let live = table.journal_snapshot();
-        drop(table);
-        match live {
-            Ok(live) => {
-                if let Err(e) = j.finish_checkpoint(ticket, live.into_iter()) {
-                    tracing::warn!(shard = s, error = %e, "journal: a checkpoint failed; its space is reclaimed by a later one");
+        let ticket = j.begin_checkpoint(part);
+        let mut live = Vec::new();
+        for &s in owned {
+            match self.shards[s].table.lock().journal_snapshot() {
+                Ok(mut snap) => live.append(&mut snap),
+                Err(msg) => {
+                    // The checkpoint is dropped: nothing is reclaimed, nothing lost.
+                    self.user_panicked("a key's or value's Clone (journal checkpoint)", &msg);
+                    return;
                 }
             }
-            Err(msg) => self.user_panicked("a key's or value's Clone (journal checkpoint)", &msg),
+        }
+        if let Err(e) = j.finish_checkpoint(ticket, live.into_iter()) {
+            tracing::warn!(part, error = %e, "journal: a checkpoint failed; its space is reclaimed by a later one");
         }
     }
 }

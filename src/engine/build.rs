@@ -41,7 +41,9 @@ where
         s.validate()?;
         let (journal, replayed) = match s.journal.take() {
             Some(j) => {
-                let (log, replayed) = JournalLog::open(j, s.shards)?;
+                // One journal file set per flusher: flusher k's shards (s % flushers == k)
+                // append to file set k, so a checkpoint of a flusher's shards seals one.
+                let (log, replayed) = JournalLog::open(j, s.flushers)?;
                 (Some(log), Some(replayed))
             }
             None => (None, None),

@@ -119,8 +119,11 @@ where
     /// and its directory unlocked.
     fn close_journal(&self) {
         let Some(j) = &self.journal else { return };
-        for s in 0..self.shards.len() {
-            self.checkpoint_shard(s);
+        for f in self.flushers.iter() {
+            let owned = f.core.lock().owned().to_vec();
+            if let Some(&first) = owned.first() {
+                self.checkpoint_journal(first, &owned);
+            }
         }
         if let Err(e) = j.close_shared() {
             tracing::error!(error = %e, "journal: the final sync failed; the OS writes back what it holds");

@@ -126,7 +126,9 @@ where
         // while the shard lock orders it with the shard's other writes: a write the journal
         // refuses is not made at all.
         let lsn = match (&self.journal, rec) {
-            (Some(j), Some(rec)) => Some(j.append_encoded(s, rec, table.next_version)?),
+            (Some(j), Some(rec)) => {
+                Some(j.append_encoded(s % self.flushers.len(), rec, table.next_version)?)
+            }
             _ => None,
         };
         let mut outcome = table.write(hash, key, value, now, weight);

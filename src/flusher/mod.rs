@@ -286,6 +286,11 @@ pub(crate) struct FlusherCore<K> {
 }
 
 impl<K> FlusherCore<K> {
+    /// The shards this flusher owns (`s % flushers == self's index`).
+    pub(crate) fn owned(&self) -> &[usize] {
+        &self.owned
+    }
+
     pub(super) fn new(index: usize, owned: Vec<usize>, retry_base: Duration) -> Self {
         let n = owned.len();
         FlusherCore {

@@ -109,8 +109,9 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         if j.bytes() < self.checkpoint_at.max(j.checkpoint_bytes()) {
             return;
         }
-        for &s in &self.owned {
-            cx.checkpoint_shard(s);
+        if let Some(&first) = self.owned.first() {
+            // This flusher's shards are those `s` with `s % flushers == first`.
+            cx.checkpoint_journal(first, &self.owned);
         }
         self.checkpoint_at = 2 * j.bytes();
     }

@@ -421,11 +421,8 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             self.core.seal(&mut log, &active);
         }
         let old = std::mem::take(&mut log.files);
-        // The next append needs a new segment: a spare, if one is ready, is made the active
-        // segment now (no file creation on a writer's path); otherwise one is asked for.
-        if let Some(spare) = log.spare.take() {
-            self.core.activate(&mut log, shard, spare);
-        }
+        // The next append needs a new segment: the journal thread prepares a spare now, so
+        // that the append takes it rather than create a file on a writer's path.
         if !log.spare_requested && log.spare.is_none() {
             log.spare_requested = true;
             drop(log);
