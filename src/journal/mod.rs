@@ -20,8 +20,9 @@
 //! ```
 //!
 //! # Layout
-//! The directory holds a `LOCK` file and segment files. Each shard of the cache appends to
-//! a segment of its own (no tail shared between shards), named
+//! The directory holds a `LOCK` file and segment files. The journal's appends are split into
+//! "shards" (the cache uses one per flusher, for the cache's shards that flusher owns); each
+//! appends to a segment of its own (no tail shared between them), named
 //! `<shard>-<sequence>.log`; a checkpoint writes `<shard>-<sequence>.ckpt` files. The
 //! directory is locked with `flock` on `LOCK` while a journal is open: a second opener, in
 //! this process or another, gets [`JournalError::Locked`].
