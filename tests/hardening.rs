@@ -954,3 +954,60 @@ fn expired_entries_are_invisible_and_swept() {
         "expired entries are reclaimed by the sweep, without a read"
     );
 }
+
+/// A key whose `Hash` panics while its bombs last (each panic takes one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BombKey(u64, Arc<Bombs>);
+
+impl Hash for BombKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        if Bombs::take(&self.1.clone_bombs) {
+            panic!("BombKey::hash: injected panic");
+        }
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for Bombs {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Bombs {}
+
+/// A panic that no finer guard catches (here the key's `Hash`, as the flusher hashes the keys
+/// of a chunk) ends the flusher's turn; the flusher recovers (its in-flight marks released,
+/// its shards rescanned), goes on, and nothing is lost.
+#[test]
+fn a_panic_the_flusher_did_not_expect_is_recovered_from() {
+    let bombs = Arc::new(Bombs::default());
+    let store = Arc::new(FaultyStore::<BombKey, u64>::new());
+    let cache = Arc::new(
+        Cache::builder(store.clone())
+            .write_delay(Duration::from_millis(2))
+            .flush_timeout(Duration::from_secs(20))
+            .shards(2)
+            .build()
+            .unwrap(),
+    );
+    for k in 0..20 {
+        cache.put(BombKey(k, bombs.clone()), k).unwrap();
+    }
+    // From now on the next hashes panic: the flusher's, and any other's.
+    bombs.clone_bombs.store(3, Ordering::SeqCst);
+    assert!(eventually(Duration::from_secs(10), || bombs
+        .clone_bombs
+        .load(Ordering::SeqCst)
+        == 0));
+    let c = cache.clone();
+    within(Duration::from_secs(30), "flush", move || c.flush()).unwrap();
+    for k in 0..20 {
+        assert_eq!(
+            store.memory().get(&BombKey(k, bombs.clone())),
+            Some(k),
+            "key {k}"
+        );
+    }
+    assert!(cache.metrics().user_panics >= 1);
+}
