@@ -38,7 +38,7 @@ where
         let cache = Cache {
             inner: Arc::new(inner),
         };
-        cache.inner.start_threads(&threads)?;
+        Inner::start_threads(&cache.inner, &threads)?;
         Ok(cache)
     }
 

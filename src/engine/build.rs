@@ -30,7 +30,7 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// The engine for `s`, with no thread started yet ([`Inner::start_threads`]).
+    /// The engine for `s`, with no thread started yet ([`Inner::start_threads`], which takes the engine in its `Arc`).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the setting at fault.
@@ -138,7 +138,7 @@ where
     /// # Errors
     /// [`Error::Spawn`] if a thread could not be started; the caller then drops the cache,
     /// whose close stops the threads already started.
-    pub(crate) fn start_threads(self: &Arc<Self>, t: &Threads) -> Result<(), Error> {
+    pub(crate) fn start_threads(this: &Arc<Self>, t: &Threads) -> Result<(), Error> {
         if !t.manual {
             // A niced worker gets a keeper at the builder's priority (`flusher::Role`), where
             // the nice takes effect.
@@ -148,8 +148,8 @@ where
             } else {
                 flusher::Role::Sole
             };
-            for k in 0..self.flushers.len() {
-                let (inner, nice) = (self.clone(), t.nice);
+            for k in 0..this.flushers.len() {
+                let (inner, nice) = (this.clone(), t.nice);
                 let spawned = crate::sync::thread::spawn_named(
                     format!("{}-flusher-{k}", t.name),
                     move || {
@@ -160,9 +160,9 @@ where
                         flusher::run(&inner.shared, &inner.flushers[k], role);
                     },
                 );
-                self.adopt(spawned, |h| self.flushers[k].unparker.set(h))?;
+                this.adopt(spawned, |h| this.flushers[k].unparker.set(h))?;
                 if keepers {
-                    let inner = self.clone();
+                    let inner = this.clone();
                     let spawned = crate::sync::thread::spawn_named(
                         format!("{}-keeper-{k}", t.name),
                         move || {
@@ -171,20 +171,20 @@ where
                             flusher::run(&inner.shared, me, flusher::Role::Keeper);
                         },
                     );
-                    self.adopt(spawned, |h| self.flushers[k].keeper.set(h))?;
+                    this.adopt(spawned, |h| this.flushers[k].keeper.set(h))?;
                 }
             }
         }
-        if self.loader.is_some() {
+        if this.loader.is_some() {
             for k in 0..t.loaders {
-                let inner = self.clone();
+                let inner = this.clone();
                 let spawned =
                     crate::sync::thread::spawn_named(format!("{}-loader-{k}", t.name), move || {
                         if let Some(loader) = &inner.loader {
                             loader.run(&inner.shared);
                         }
                     });
-                self.adopt(spawned, |_| {})?;
+                this.adopt(spawned, |_| {})?;
             }
         }
         Ok(())
