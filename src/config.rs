@@ -173,7 +173,7 @@ impl<K, V> Builder<K, V> {
     /// is background work: at a lower priority the application's threads run first and the
     /// flusher takes the gaps, so its flush windows grow, more writes to a key conflate into
     /// one record, and the machine does less work per put. On two cores with two threads
-    /// putting Zipf-chosen keys, 10 levels take the put rate from about 2.15x to about 3x
+    /// putting Zipf-chosen keys, 10 levels take the put rate from 3.3x to 4.4x
     /// the hand-rolled write-behind's (`cargo bench --bench ratio`; docs/BENCHMARKS.md,
     /// "Targets"). With a core to spare it changes nothing.
     ///
