@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fails when a tracked file describes how the code came to be rather than what it is:
-# development sessions, issue numbers, dates of past work, "tried and not kept", or a
-# history file. Prints every offending line as path:line:text.
+# development sessions, issue numbers, dates of past work, notes of what was tried and
+# dropped, or a history file. Prints every offending line as path:line:text.
 #
 #   bash .ci/history.sh
 #
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PATTERN='\bsessions?\b|\bissues? ?#?[0-9]+|tried and not kept|until the last change|BENCHMARKS-HISTORY|\b20[0-9]{2}-[01][0-9]-[0-3][0-9]\b'
+PATTERN='\bsessions?\b|\bissues? ?#?[0-9]+|tried and not kep[t]|until the last change|BENCHMARKS-HISTORY|\b20[0-9]{2}-[01][0-9]-[0-3][0-9]\b'
 
 ALLOW=(
     # This script names what it looks for.
