@@ -123,7 +123,7 @@ pub struct Distribution {
 }
 
 impl Distribution {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
         if h.is_empty() {
             return Distribution::default();
         }
@@ -137,7 +137,7 @@ impl Distribution {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // Auto-resizing, 3 significant digits: never fails to record.
     let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
     h.auto(true);

@@ -180,13 +180,9 @@ where
     ) -> Result<u64, Error> {
         let inner = self;
         let shard = &inner.shards[s];
-        let (high, low, _) = inner.backpressure.unwrap_or((usize::MAX, 0, policy));
-        let refused = || {
-            inner.bp_rejections.fetch_add(1, Ordering::Relaxed);
-            Err(Error::Backpressure { shard_limit: high })
-        };
+        let (high, low) = inner.watermarks();
         match policy {
-            Backpressure::Reject => refused(),
+            Backpressure::Reject => self.refuse(high),
             Backpressure::Block { timeout } => {
                 self.block_for_room(s, hash, key, value, weight, timeout, rec)
             }
@@ -223,6 +219,18 @@ where
         }
     }
 
+    /// Each shard's backpressure watermarks (high, low); none without `max_dirty`.
+    fn watermarks(&self) -> (usize, usize) {
+        self.backpressure
+            .map_or((usize::MAX, 0), |(high, low, _)| (high, low))
+    }
+
+    /// Refuses a write under backpressure (counted).
+    fn refuse(&self, high: usize) -> Result<u64, Error> {
+        self.bp_rejections.fetch_add(1, Ordering::Relaxed);
+        Err(Error::Backpressure { shard_limit: high })
+    }
+
     /// `Backpressure::Block`: asks the flusher to write the shard now and waits for room (or
     /// `timeout`), then writes.
     #[cold]
@@ -239,13 +247,7 @@ where
     ) -> Result<u64, Error> {
         let inner = self;
         let shard = &inner.shards[s];
-        let (high, low, _) = inner
-            .backpressure
-            .unwrap_or((usize::MAX, 0, Backpressure::Reject));
-        let refused = || {
-            inner.bp_rejections.fetch_add(1, Ordering::Relaxed);
-            Err(Error::Backpressure { shard_limit: high })
-        };
+        let (high, low) = inner.watermarks();
         inner.bp_waits.fetch_add(1, Ordering::Relaxed);
         // No deadline when the timeout is beyond what an `Instant` can hold.
         let deadline = std::time::Instant::now().checked_add(timeout);
@@ -259,7 +261,7 @@ where
                 None => Duration::MAX,
             };
             if left.is_zero() {
-                return refused();
+                return self.refuse(high);
             }
             inner.wait_progress(left.min(Duration::from_millis(10)));
             // The mode may have switched meanwhile, and a write-through of the key

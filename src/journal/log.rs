@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::metrics::new_histogram;
+
 use super::error::JournalError;
 use super::format::{self, Kind, SegmentKind, HEADER_LEN};
 use super::pool::{SyncPool, SYNC_HELPERS};
@@ -151,12 +153,6 @@ impl<K, V> std::fmt::Debug for JournalLog<K, V> {
             .field("bytes", &self.bytes())
             .finish_non_exhaustive()
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
-    h.auto(true);
-    h
 }
 
 /// Runs a codec's `encode`, turning an error or a panic into [`JournalError::Codec`].
@@ -1048,8 +1044,8 @@ impl Core {
             .iter()
             .map(|x| x.records.load(Ordering::Relaxed))
             .sum();
-        s.sync_micros = super::stats::distribution(&self.sync_micros.lock());
-        s.group_commit = super::stats::distribution(&self.group_sizes.lock());
+        s.sync_micros = crate::Distribution::of(&self.sync_micros.lock());
+        s.group_commit = crate::Distribution::of(&self.group_sizes.lock());
         s.replay = self.replay;
         s
     }

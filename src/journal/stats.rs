@@ -1,7 +1,5 @@
 //! [`JournalStats`]: what the journal has done since it was opened.
 
-use hdrhistogram::Histogram;
-
 use super::replay::ReplayStats;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::Distribution;
@@ -55,19 +53,5 @@ impl Counters {
             segments_created: self.segments_created.load(Ordering::Relaxed),
             ..JournalStats::default()
         }
-    }
-}
-
-/// The summary of a histogram.
-pub(crate) fn distribution(h: &Histogram<u64>) -> Distribution {
-    if h.is_empty() {
-        return Distribution::default();
-    }
-    Distribution {
-        count: h.len(),
-        p50: h.value_at_quantile(0.5),
-        p99: h.value_at_quantile(0.99),
-        p999: h.value_at_quantile(0.999),
-        max: h.max(),
     }
 }
