@@ -122,13 +122,7 @@ where
             Lookup::Hit(found) => return Ok(found),
             Lookup::HitRefresh(v, version) => {
                 drop(table);
-                if let Some(loader) = &inner.loader {
-                    loader.submit(RefreshJob {
-                        shard: s,
-                        key: key.clone(),
-                        version,
-                    });
-                }
+                inner.refresh(s, key, version);
                 return Ok(Some(v));
             }
             Lookup::Miss => table.join_load(hash, key),
@@ -213,13 +207,7 @@ where
                 Lookup::Hit(v) => out.push(v),
                 Lookup::HitRefresh(v, version) => {
                     drop(table);
-                    if let Some(loader) = &inner.loader {
-                        loader.submit(RefreshJob {
-                            shard: s,
-                            key: key.clone(),
-                            version,
-                        });
-                    }
+                    inner.refresh(s, key, version);
                     out.push(Some(v));
                 }
                 Lookup::Miss => {
@@ -381,5 +369,17 @@ where
     pub(crate) fn len(&self) -> usize {
         let now = self.coarse_now();
         self.shards.iter().map(|s| s.table.lock().len(now)).sum()
+    }
+
+    /// Schedules a refresh-ahead reload of `key` (shard `s`), which must still hold `version`
+    /// when it lands.
+    fn refresh(&self, s: usize, key: &K, version: u64) {
+        if let Some(loader) = &self.loader {
+            loader.submit(RefreshJob {
+                shard: s,
+                key: key.clone(),
+                version,
+            });
+        }
     }
 }
