@@ -88,6 +88,39 @@ fn one_mode_only() {
     assert_eq!(stdout.matches("OK, 500 compared").count(), 1, "{stdout}");
 }
 
+#[test]
+fn the_write_behind_run_can_be_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let journal = dir.path().join("journal");
+    let out = demo(&[
+        "-n",
+        "500",
+        "--duration",
+        "0.3",
+        "--mode",
+        "behind",
+        "--db",
+        db.to_str().unwrap(),
+        "--journal",
+        journal.to_str().unwrap(),
+        "--journal-sync",
+        "every",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "{stdout}
+{stderr}"
+    );
+    assert!(stdout.contains("journaled in"), "{stdout}");
+    assert_eq!(stdout.matches("OK, 500 compared").count(), 1, "{stdout}");
+    // The journal was used and locked while the cache ran.
+    assert!(journal.join("LOCK").exists(), "no journal in {journal:?}");
+    // A sync mode needs a journal.
+    assert_fails(&["--journal-sync", "os"], "--journal");
+}
+
 fn assert_fails(args: &[&str], message: &str) {
     let out = demo(args);
     let (stdout, stderr) = text(&out);
