@@ -11,16 +11,30 @@
 //! slower than a round. The targets table gives both, and in how many rounds the paired
 //! ratio reached the target.
 //!
-//! The get workload also times two floors (`common::LockFloor`): a get under the design's
+//! The workloads (2 threads, `u64` keys and values), by their `RATIO_WORKLOADS` names:
+//!
+//! | name | what every thread does |
+//! | --- | --- |
+//! | `get` | gets of prefilled keys, uniform over the key space |
+//! | `get_hot1` | gets of one prefilled key, the same every time |
+//! | `get_hot16` | gets of 16 prefilled keys, uniform over them |
+//! | `get_zipf` | gets of prefilled keys, Zipf 1.0 over the key space |
+//! | `put_zipf` | puts of prefilled keys, Zipf 1.0, the flusher writing to the in-memory store |
+//! | `put_distinct` | puts of keys never seen before |
+//! | `mixed` | 90 % gets, 10 % puts, Zipf 1.0 |
+//!
+//! The get workloads also time two floors (`common::LockFloor`): a get under the design's
 //! shard lock with nothing of writebehind's own, over a bare 16-byte entry (the key and the
 //! value) and over the least entry the design allows (32 bytes: the key, the value, a
 //! version, a word of epoch tag and flags, the tombstone flag read on a hit). The report
-//! sets the get targets against them: what the design allows next to what writebehind does.
+//! sets the uniform get's targets against them: what the design allows next to what
+//! writebehind does.
 //!
 //! `cargo bench --bench ratio` (env: `RATIO_ROUNDS`, default 7; `RATIO_MS`, the aimed length
 //! of one contender's run in milliseconds, default 150; `RATIO_ONLY`, a comma-separated list
 //! of contenders, e.g. `writebehind,dashmap`; `RATIO_WORKLOADS`, a comma-separated subset of
-//! `get,put_zipf,put_distinct,mixed`, for profiling one of them).
+//! `get,get_hot1,get_hot16,get_zipf,put_zipf,put_distinct,mixed`, for profiling some of them;
+//! with either of the two set, the report stops before the targets).
 
 // wb-cache's futures are deep.
 #![recursion_limit = "512"]
@@ -78,7 +92,7 @@ struct Row {
 fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     let plan = Arc::new(Plan::new(w, THREADS, SEED));
     let only = std::env::var("RATIO_ONLY").ok();
-    // The get workload also times the two shard-lock floors (`LockFloor`): what a get under
+    // The get workloads also time the two shard-lock floors (`LockFloor`): what a get under
     // the design's shard lock costs with nothing of writebehind's own.
     let floors = if w.mix == Mix::GetHit {
         &Kind::FLOORS[..]
@@ -272,6 +286,11 @@ fn main() {
         }
     };
     let get = run("get", "get hit (uniform)", on(Mix::GetHit, Dist::Uniform));
+    let hot = |n| on(Mix::GetHit, Dist::Hot(n));
+    let hot1 = run("get_hot1", "get hit (one hot key)", hot(1));
+    run("get_hot16", "get hit (16 hot keys, uniform)", hot(16));
+    let zipf = on(Mix::GetHit, Dist::Zipf);
+    run("get_zipf", "get hit (Zipf 1.0)", zipf);
     let put = run(
         "put_zipf",
         "put update (Zipf 1.0), flusher running against the in-memory store",
@@ -338,6 +357,8 @@ fn main() {
     target("get hit vs dashmap", &get, wb, Kind::Dashmap, 0.9);
     target("get hit vs quick_cache", &get, wb, Kind::QuickCache, 1.5);
     target("get hit vs moka", &get, wb, Kind::Moka, 10.0);
+    target("get hot1 vs dashmap", &hot1, wb, Kind::Dashmap, 3.0);
+    target("get hot1 vs quick_cache", &hot1, wb, Kind::QuickCache, 3.0);
     target("put Zipf vs dashmap insert", &put, wb, Kind::Dashmap, 0.7);
     target("put Zipf vs hand-rolled", &put, wb, Kind::HandRolled, 2.0);
     // The same two with the flusher below the benchmark threads (`Builder::flusher_nice`).

@@ -7,6 +7,9 @@ use writebehind::testing::{scatter, Rng, Zipf};
 pub enum Dist {
     Uniform,
     Zipf,
+    /// Uniform over the `n` hottest keys: Zipf's ranks `0..n`, scattered over the key space
+    /// as the Zipf draws are (`Hot(1)`: the Zipf draws' hottest key, every time).
+    Hot(u64),
     /// Every operation a key never seen before (a disjoint range per thread).
     Distinct,
 }
@@ -29,7 +32,7 @@ pub enum Mix {
 pub struct Workload {
     pub mix: Mix,
     pub dist: Dist,
-    /// Keys `0..keyspace` are prefilled (and the Uniform / Zipf draws come from there).
+    /// Keys `0..keyspace` are prefilled (and the Uniform / Zipf / Hot draws come from there).
     pub keyspace: u64,
 }
 
@@ -56,6 +59,7 @@ impl Plan {
                 let k = match w.dist {
                     Dist::Uniform => rng.below(w.keyspace),
                     Dist::Zipf => scatter(zipf.as_ref().unwrap().sample(&mut rng), w.keyspace),
+                    Dist::Hot(n) => scatter(rng.below(n), w.keyspace),
                     Dist::Distinct => 0,
                 };
                 ks.push(k);
