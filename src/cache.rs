@@ -193,6 +193,45 @@ where
         self.inner.flush_key(key)
     }
 
+    /// Drops `key` from memory without deleting it in the store (unlike
+    /// [`Cache::remove`]): the next `get` reads it through the store again. A pending write
+    /// of the key is written first, on the caller's thread ([`Cache::flush_key`]), so nothing
+    /// unwritten is dropped. A read-through of the key in flight does not cache what it read.
+    ///
+    /// Returns `Ok(true)` when the key is no longer in memory (or was not), `Ok(false)` when
+    /// it stays because another write of it arrived while its older write was being written.
+    ///
+    /// # Errors
+    /// As [`Cache::flush_key`]: the pending write could not be written, and the key stays.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let store = Arc::new(MemoryStore::new());
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// cache.put(1u64, "v1".to_string())?;
+    /// assert!(cache.invalidate(&1)?);            // written first, then dropped from memory
+    /// assert!(!cache.contains_key(&1));
+    /// assert_eq!(store.get(&1).as_deref(), Some("v1"));
+    /// assert_eq!(cache.get(&1)?.as_deref(), Some("v1")); // read through again
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn invalidate(&self, key: &K) -> Result<bool, Error> {
+        self.inner.invalidate(key)
+    }
+
+    /// Drops every key from memory without deleting anything in the store. Pending writes are
+    /// written first ([`Cache::flush`]); a key written again after that barrier stays.
+    /// Returns how many entries left memory.
+    ///
+    /// # Errors
+    /// As [`Cache::flush`], when there were pending writes: nothing that waits for the store
+    /// is dropped.
+    pub fn invalidate_all(&self) -> Result<usize, Error> {
+        self.inner.invalidate_all()
+    }
+
     /// Blocks until the store holds the write that returned `version` for `key` (or a newer
     /// write of the key), or `timeout` passes. Use it to tell a client "saved" without
     /// writing through on every request; [`Cache::flush_key`] makes it quick.

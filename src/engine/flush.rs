@@ -90,6 +90,46 @@ where
         Some(ticket.outcome())
     }
 
+    /// Drops `key` from memory without deleting it in the store; a pending write of the key
+    /// is written first ([`Inner::flush_key`]). `Ok(false)`: the key stays, because another
+    /// write of it came in while its older write was being written.
+    pub(crate) fn invalidate(&self, key: &K) -> Result<bool, Error> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let hash = self.hash(key);
+        let shard = &self.shards[self.shard_of(hash)];
+        if shard.table.lock().invalidate(hash, key) {
+            return Ok(true);
+        }
+        self.flush_key(key)?;
+        Ok(shard.table.lock().invalidate(hash, key))
+    }
+
+    /// Drops every key from memory without deleting anything in the store, after a
+    /// [`Inner::flush`] barrier. Returns how many entries left memory; a key written again
+    /// after the barrier stays.
+    pub(crate) fn invalidate_all(&self) -> Result<usize, Error> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let mut gone = 0;
+        let mut kept = 0;
+        for s in self.shards.iter() {
+            let (g, k) = s.table.lock().invalidate_all();
+            gone += g;
+            kept += k;
+        }
+        if kept == 0 {
+            return Ok(gone);
+        }
+        self.flush()?;
+        for s in self.shards.iter() {
+            gone += s.table.lock().invalidate_all().0;
+        }
+        Ok(gone)
+    }
+
     /// Writes `key`'s pending write (if any) to the store now, on the caller's thread,
     /// without waiting for its delay, and returns once the store holds it.
     pub(crate) fn flush_key(&self, key: &K) -> Result<(), Error> {

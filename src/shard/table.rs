@@ -246,6 +246,49 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         Lookup::Hit(e.value().cloned())
     }
 
+    /// Drops the key's entry from memory if nothing of it waits for the store (a clean
+    /// value, a cached absence, or a local write of `ReadOnly` mode); the store is not told.
+    /// A load of the key in flight is taken out of the single-flight table, so it does not
+    /// cache what it read. `false`: the entry holds a write the store may not have yet (it
+    /// stays).
+    pub(crate) fn invalidate(&mut self, hash: u64, key: &K) -> bool {
+        match self.find(hash, key) {
+            None => {
+                self.touch_loading(hash, key);
+                true
+            }
+            Some(e) if e.is_dirty() && !(e.flag(LOCAL) && e.unsent == NONE) => false,
+            Some(_) => {
+                // As an eviction: a local write that leaves is remembered as never written.
+                self.remove_entry(hash, key);
+                true
+            }
+        }
+    }
+
+    /// [`Table::invalidate`] for every key of the table. Returns how many entries left, and
+    /// how many stayed because they hold a write the store may not have yet.
+    pub(crate) fn invalidate_all(&mut self) -> (usize, usize) {
+        let mut gone = Vec::new();
+        let mut kept = 0;
+        for e in self.map.iter() {
+            if e.is_dirty() && !(e.flag(LOCAL) && e.unsent == NONE) {
+                kept += 1;
+            } else if let Ok(k) = crate::guard::catch(|| e.key.clone()) {
+                gone.push(k);
+            }
+        }
+        let hasher = self.hasher.clone();
+        let mut n = 0;
+        for k in gone {
+            if let Ok(hash) = crate::guard::catch(|| hasher.hash_one(&k)) {
+                n += usize::from(self.invalidate(hash, &k));
+            }
+            crate::guard::drop_quietly(k);
+        }
+        (n, kept)
+    }
+
     /// `true` if the key has any entry (a value, a pending delete, or a cached absence).
     pub(crate) fn contains_any(&self, hash: u64, key: &K) -> bool {
         self.find(hash, key).is_some()
