@@ -726,3 +726,114 @@ fn a_local_write_against_a_failing_batch_of_its_key() {
         assert_versions_grow(&store);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Lock-free reads: a hit on a key in its shard's read slot takes no lock; it copies the slot
+// under its sequence count (docs/ARCHITECTURE.md, "Lock-free reads"). A slot is written only
+// under the shard lock: a locked hit installs its entry, every change or removal of the key
+// clears it first. Under the model a slot's key and value are each two atomic half-words,
+// stored and loaded one after the other, so a torn copy is visible. Each model first reads
+// the key once under the lock, which installs it in its slot.
+// ---------------------------------------------------------------------------------------
+
+/// The position of `seen` in the order the model wrote the key's values.
+fn position(order: &[Option<u64>], seen: Option<u64>) -> usize {
+    order
+        .iter()
+        .position(|v| *v == seen)
+        .unwrap_or_else(|| panic!("get returned {seen:?}, which no write stored: {order:?}"))
+}
+
+/// Two gets racing an update and a remove of their key: each answers a value some write
+/// stored, the second never an older one than the first, and afterwards `None`.
+#[test]
+fn lock_free_get_vs_put_and_remove() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(1, 10).unwrap();
+        assert_eq!(cache.get(&1).unwrap(), Some(10));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || (c1.get(&1).unwrap(), c1.get(&1).unwrap()));
+        cache.put(1, 20).unwrap();
+        cache.remove(&1).unwrap();
+        let (first, second) = reader.join().unwrap();
+        let order = [Some(10), Some(20), None];
+        assert!(
+            position(&order, first) <= position(&order, second),
+            "went back: {first:?} then {second:?}"
+        );
+        assert_eq!(cache.get(&1).unwrap(), None, "read your writes");
+    });
+}
+
+/// A get racing updates of its key, each read back under the lock (which installs it in the
+/// slot while the racing get may be copying the slot), with values whose halves are equal: a
+/// get that the count let through mid-install would return unequal halves.
+#[test]
+fn lock_free_get_never_tears_a_value() {
+    fn value(n: u64) -> u64 {
+        n | (n << 32)
+    }
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(1, value(1)).unwrap();
+        assert_eq!(cache.get(&1).unwrap(), Some(value(1)));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&1).unwrap());
+        cache.put(1, value(2)).unwrap();
+        assert_eq!(cache.get(&1).unwrap(), Some(value(2)));
+        let seen = reader.join().unwrap().expect("key 1 holds a value");
+        assert_eq!(seen as u32, (seen >> 32) as u32, "a torn value: {seen:#x}");
+    });
+}
+
+/// A get racing the eviction of its clean key by the insert of another (capacity 1): the
+/// value comes from the slot, the table or, once the entry left, the store; never `None`.
+#[test]
+fn lock_free_get_vs_eviction() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(
+            Cache::builder(store.clone())
+                .shards(1)
+                .flushers(1)
+                .capacity(1)
+                .write_delay(Duration::ZERO)
+                .clock(std::sync::Arc::new(ManualClock::new()))
+                .manual_flushing()
+                .build()
+                .expect("valid model configuration"),
+        );
+        cache.put(1, 10).unwrap();
+        cache.flush().unwrap();
+        assert_eq!(cache.get(&1).unwrap(), Some(10));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&1).unwrap());
+        cache.put(2, 20).unwrap();
+        assert_eq!(reader.join().unwrap(), Some(10));
+    });
+}
+
+/// A get racing an insert that grows the shard's slot array, then an update of the key it
+/// reads: it answers the old or the new value, whichever array it read.
+#[test]
+fn lock_free_get_vs_slot_array_growth() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        // Sixteen keys fill the first array: the seventeenth grows it.
+        for k in 0..16 {
+            cache.put(k, k).unwrap();
+        }
+        assert_eq!(cache.get(&3).unwrap(), Some(3));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&3).unwrap());
+        cache.put(16, 16).unwrap();
+        cache.put(3, 30).unwrap();
+        let seen = reader.join().unwrap();
+        assert!(matches!(seen, Some(3) | Some(30)), "get saw {seen:?}");
+        assert_eq!(cache.get(&3).unwrap(), Some(30));
+    });
+}

@@ -44,6 +44,9 @@ pub(crate) struct Shared<K, V> {
     pub(crate) timed: bool,
     /// A capacity or weight bound is set: the tables evict.
     pub(crate) bounded: bool,
+    /// Hits answered from the shards' read slots, without the lock (the locked ones count in
+    /// the tables).
+    pub(crate) lock_free_hits: crate::metrics::Striped,
     /// How often flushers advance the coarse clock when `timed`.
     pub(crate) tick: Duration,
     /// How often a flusher sweeps its shards for expired entries when `timed`.

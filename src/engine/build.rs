@@ -288,6 +288,7 @@ where
         coarse: AtomicU64::new(0),
         timed: limits.timed(),
         bounded: limits.bounded(),
+        lock_free_hits: crate::metrics::Striped::new(),
         tick,
         sweep_every: (shortest / 2).clamp(tick, Duration::from_secs(10)),
         weigher: s.weigher,

@@ -96,6 +96,9 @@ where
             m.entries += t.len(now) as u64;
             m.dirty += t.dirty as u64;
         }
+        let lock_free_hits = self.lock_free_hits.sum();
+        m.gets += lock_free_hits;
+        m.hits += lock_free_hits;
         let inner = self;
         m.load_errors = inner.load_errors.load(Ordering::Relaxed);
         m.user_panics = inner.user_panics.load(Ordering::Relaxed);

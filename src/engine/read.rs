@@ -13,6 +13,24 @@ use std::collections::HashMap;
 use crate::loader::RefreshJob;
 use crate::shard::{LoadRole, LoadSlot, Lookup, Shard};
 
+/// One lock-free hit in this many of a bounded cache takes the locked path instead, so that
+/// a key read mostly from its slot still counts as accessed for the S3-FIFO policy.
+const HOT_SAMPLE: u32 = 32;
+
+/// `true` once every [`HOT_SAMPLE`] calls on this thread.
+#[inline(always)]
+#[allow(clippy::missing_const_for_thread_local)] // loom's macro takes no `const` initializer
+fn sampled() -> bool {
+    crate::sync::thread_local! {
+        static HOT_HITS: std::cell::Cell<u32> = std::cell::Cell::new(0);
+    }
+    HOT_HITS.with(|n| {
+        let v = n.get().wrapping_add(1);
+        n.set(v);
+        v % HOT_SAMPLE == 0
+    })
+}
+
 /// The loads a `get` leads (single-flight): if the leader unwinds before it publishes (a
 /// panic in the store's `load`, the weigher, the value's `Clone`), the guard publishes an
 /// error to the followers and takes the loads out of the table, so the key's next miss loads
@@ -100,6 +118,15 @@ where
         let s = inner.shard_of(hash);
         if inner.timed {
             return self.get_timed(s, hash, key);
+        }
+        // A key in its read slot is answered without the lock (plain keys and values only;
+        // the slot array stays empty otherwise). A bounded cache sends one such hit in
+        // [`HOT_SAMPLE`] to the lock, where it counts for the eviction policy.
+        if let Some(found) = inner.shards[s].hot.get(hash, key) {
+            if !inner.bounded || !sampled() {
+                inner.lock_free_hits.add_one();
+                return Ok(found);
+            }
         }
         // The common case, inlined: no time-based rule, so a hit reads the shard's first
         // line and the entry, and nothing else.

@@ -4,11 +4,13 @@
 
 mod durability;
 mod entry;
+mod hot;
 mod inflight;
 mod policy;
 mod table;
 
 pub(crate) use durability::Durability;
+pub(crate) use hot::HotReads;
 pub(crate) use inflight::{LoadRole, LoadSlot};
 pub(crate) use policy::Limits;
 pub(crate) use table::{Lookup, Table, WriteOutcome};
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use crate::dirty_ring::DirtyRing;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use crate::sync::{CachePadded, Condvar, Mutex};
+use crate::sync::{Arc, CachePadded, Condvar, Mutex};
 
 /// `Entry::unsent` when every write of the entry has been handed to the store.
 pub(crate) const NONE: u64 = u64::MAX;
@@ -32,6 +34,8 @@ const STRIDE_PAD: usize = 0;
 /// One shard: the locked table plus the lock-free parts writers and the flusher share.
 pub(crate) struct Shard<K, V> {
     pub(crate) table: CachePadded<Mutex<Table<K, V>>>,
+    /// The read slots a hit uses without the lock (the table's, shared): see [`HotReads`].
+    pub(crate) hot: Arc<HotReads<K, V>>,
     /// Keys that became dirty in an epoch, for the flusher.
     ring: DirtyRing<K>,
     /// A key was pushed since the flusher last closed this shard's epoch: its delay runs.
@@ -64,8 +68,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Shard<K, V> {
         limits: Limits,
         hasher: ahash::RandomState,
     ) -> Self {
+        let table = Table::new(first_version, limits, hasher);
         Shard {
-            table: CachePadded::new(Mutex::new(Table::new(first_version, limits, hasher))),
+            hot: Arc::clone(&table.hot),
+            table: CachePadded::new(Mutex::new(table)),
             ring: DirtyRing::new(ring_capacity),
             armed: AtomicBool::new(false),
             armed_at: AtomicU64::new(0),

@@ -6,10 +6,12 @@ use hashbrown::HashTable;
 
 use super::durability::Undurable;
 use super::entry::{prefetch_for_write, Entry, Side, IN_MAIN, LOCAL, REFRESHING};
+use super::hot::{plain, HotReads};
 use super::inflight::{Loading, Through};
 use super::policy::{Limits, Queues};
 use super::{NONE, NOT_QUEUED};
 use crate::store::Write;
+use crate::sync::Arc;
 
 /// Per-shard counters, bumped under the shard lock (so they cost no atomic operation).
 /// `gets` is not counted: it is `hits + misses`.
@@ -112,6 +114,14 @@ pub(crate) struct Table<K, V> {
     /// Versions at or below this may belong to a record that [`UNDURABLE_MAX`] pushed out:
     /// an absent key's write at or below it is never acknowledged.
     pub(super) undurable_floor: u64,
+    /// The read slots that lock-free hits use ([`HotReads`]; the shard holds the same).
+    /// Every slot write happens here, under the lock: a locked hit installs its entry, and
+    /// every change or removal of an entry first clears the key's slot.
+    pub(crate) hot: Arc<HotReads<K, V>>,
+    /// Keys and values are plain and no time-based rule is on: the slots are in use.
+    pub(crate) hot_on: bool,
+    /// Slots in the current array (grown with the table).
+    hot_len: usize,
 }
 
 /// What a write under the lock decided.
@@ -158,6 +168,18 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             hasher,
             undurable: HashTable::new(),
             undurable_floor: 0,
+            hot: Arc::new(HotReads::default()),
+            hot_on: plain::<K>() && plain::<V>() && !limits.timed(),
+            hot_len: 0,
+        }
+    }
+
+    /// Empties `key`'s read slot if it holds the key: before any change or removal of the
+    /// key's entry (see [`HotReads`]).
+    #[inline(always)]
+    fn unhot(&self, hash: u64, key: &K) {
+        if self.hot_on {
+            self.hot.clear(hash, key);
         }
     }
 
@@ -204,6 +226,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         self.hits += 1;
         if bounded {
             e.bump_freq();
+        }
+        if self.hot_on {
+            // The entry as it is now, under the lock: lock-free hits of the key read it.
+            self.hot.install(hash, key, e.value());
         }
         Some(e.value().cloned())
     }
@@ -414,6 +440,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 q.small_live += 1;
             }
         }
+        if self.hot_on && self.map.len() >= self.hot_len {
+            self.hot_len = (self.map.len() + 1).next_power_of_two().max(16);
+            self.hot.reserve(self.hot_len);
+        }
         let hasher = &self.hasher;
         self.map
             .insert_unique(hash, e, |e| hasher.hash_one(&e.key))
@@ -430,6 +460,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> WriteOutcome<K, V> {
+        self.unhot(hash, &key);
         let open_epoch = self.epoch;
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
@@ -525,6 +556,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> Option<V> {
+        self.unhot(hash, &key);
         self.touch_loading(hash, &key);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             if e.version >= version || (version == 0 && e.is_dirty()) {
@@ -574,6 +606,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         version: u64,
         weight: u32,
     ) -> Option<V> {
+        self.unhot(hash, key);
         self.touch_loading(hash, key);
         let e = self.map.find_mut(hash, |e| e.key == *key)?;
         if e.version >= version {
@@ -608,6 +641,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> (u64, Option<V>) {
+        self.unhot(hash, &key);
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
@@ -701,6 +735,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// owns (in flight) whose latest write is unsent; `None` otherwise.
     /// Returns the write and its oldest unsent version.
     pub(crate) fn surrender(&mut self, hash: u64, key: &K) -> Option<(Write<K, V>, u64)> {
+        self.unhot(hash, key);
         let e = self.map.find(hash, |e| e.key == *key)?;
         if !e.in_flight || e.unsent == NONE {
             return None;
@@ -905,6 +940,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         if stuck.is_empty() {
             return;
         }
+        if self.hot_on {
+            // Their hashes are not at hand (the key's `Hash` is user code): empty every slot.
+            self.hot.clear_all();
+        }
         let taken: Vec<Entry<K, V>> = self.map.extract_if(|e| stuck.contains(&e.slot)).collect();
         for e in taken {
             self.dirty -= 1;
@@ -942,6 +981,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// A local write (`WriteMode::ReadOnly`) that leaves is remembered, so that it is never
     /// acknowledged ([`Table::durable`]). A panic in the key's or value's `Drop` is caught.
     pub(super) fn remove_entry(&mut self, hash: u64, key: &K) {
+        self.unhot(hash, key);
         if let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) {
             let (e, _) = occ.remove();
             let (persisted, version) = (e.persisted, e.version);
