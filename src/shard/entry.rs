@@ -89,6 +89,13 @@ pub(super) const REFRESHING: u8 = 0b0000_1000;
 /// `Entry::value` is uninitialised.
 pub(super) const TOMB: u8 = 0b0001_0000;
 
+/// `Entry::bits`: the entry was copied into its key's read slot ([`HotReads`]) and no change
+/// of it has emptied the slot since. Only an entry with the flag can be in a slot, so a write
+/// of any other entry does not touch the slots.
+///
+/// [`HotReads`]: super::HotReads
+pub(super) const HOT: u8 = 0b0100_0000;
+
 /// `Entry::bits`: the value was written in `WriteMode::ReadOnly` and must never be sent; a
 /// write-behind or write-through write of the key clears it. A batch of an older version that
 /// was in flight when the local write came does not bring the key back to the store when it

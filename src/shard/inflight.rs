@@ -206,9 +206,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         loaded: Result<Option<V>, ()>,
         now: u64,
     ) {
-        if self.hot_on {
-            self.hot.clear(hash, key);
-        }
         let Some(e) = self.map.find_mut(hash, |e| e.key == *key) else {
             return;
         };

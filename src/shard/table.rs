@@ -5,7 +5,7 @@
 use hashbrown::HashTable;
 
 use super::durability::Undurable;
-use super::entry::{prefetch_for_write, Entry, Side, IN_MAIN, LOCAL, REFRESHING};
+use super::entry::{prefetch_for_write, Entry, Side, HOT, IN_MAIN, LOCAL, REFRESHING};
 use super::hot::{plain, HotReads};
 use super::inflight::{Loading, Through};
 use super::policy::{Limits, Queues};
@@ -174,12 +174,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
     }
 
-    /// Empties `key`'s read slot if it holds the key: before any change or removal of the
-    /// key's entry (see [`HotReads`]).
+    /// Empties the read slot of an entry about to change or leave, if the entry was copied
+    /// there (its [`HOT`] flag; see [`HotReads`]).
     #[inline(always)]
-    fn unhot(&self, hash: u64, key: &K) {
-        if self.hot_on {
-            self.hot.clear(hash, key);
+    fn unhot(hot: &HotReads<K, V>, hash: u64, e: &mut Entry<K, V>) {
+        if e.flag(HOT) {
+            e.set_flag(HOT, false);
+            hot.clear(hash, &e.key);
         }
     }
 
@@ -230,6 +231,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         if self.hot_on {
             // The entry as it is now, under the lock: lock-free hits of the key read it.
             self.hot.install(hash, key, e.value());
+            e.set_flag(HOT, true);
         }
         Some(e.value().cloned())
     }
@@ -441,7 +443,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
         }
         if self.hot_on && self.map.len() >= self.hot_len {
-            self.hot_len = (self.map.len() + 1).next_power_of_two().max(16);
+            self.hot_len = (2 * (self.map.len() + 1)).next_power_of_two().max(16);
             self.hot.reserve(self.hot_len);
         }
         let hasher = &self.hasher;
@@ -460,11 +462,11 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> WriteOutcome<K, V> {
-        self.unhot(hash, &key);
         let open_epoch = self.epoch;
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
+            Self::unhot(&self.hot, hash, e);
             let was_dirty = e.is_dirty();
             let was_tombstone = e.is_tombstone();
             let old = e.replace_value(value);
@@ -556,12 +558,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> Option<V> {
-        self.unhot(hash, &key);
         self.touch_loading(hash, &key);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             if e.version >= version || (version == 0 && e.is_dirty()) {
                 return e.value().cloned();
             }
+            Self::unhot(&self.hot, hash, e);
             // A newer, stored version (write-through): it replaces even a dirty older value;
             // the flusher then sends this same version again, never an older one.
             let was_tombstone = e.is_tombstone();
@@ -606,12 +608,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         version: u64,
         weight: u32,
     ) -> Option<V> {
-        self.unhot(hash, key);
         self.touch_loading(hash, key);
         let e = self.map.find_mut(hash, |e| e.key == *key)?;
         if e.version >= version {
             return None;
         }
+        Self::unhot(&self.hot, hash, e);
         if !e.is_dirty() {
             self.remove_entry(hash, key);
             return None;
@@ -641,10 +643,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         now: u64,
         weight: u32,
     ) -> (u64, Option<V>) {
-        self.unhot(hash, &key);
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
+            Self::unhot(&self.hot, hash, e);
             let was_tombstone = e.is_tombstone();
             let was_dirty = e.is_dirty();
             let old = e.replace_value(value);
@@ -735,7 +737,6 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// owns (in flight) whose latest write is unsent; `None` otherwise.
     /// Returns the write and its oldest unsent version.
     pub(crate) fn surrender(&mut self, hash: u64, key: &K) -> Option<(Write<K, V>, u64)> {
-        self.unhot(hash, key);
         let e = self.map.find(hash, |e| e.key == *key)?;
         if !e.in_flight || e.unsent == NONE {
             return None;
@@ -743,7 +744,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) else {
             return None;
         };
-        let (e, _) = occ.remove();
+        let (mut e, _) = occ.remove();
+        Self::unhot(&self.hot, hash, &mut e);
         self.dirty -= 1;
         let (persisted, version, first) = (e.persisted, e.version, e.unsent);
         let write = self.forget(e);
@@ -981,9 +983,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// A local write (`WriteMode::ReadOnly`) that leaves is remembered, so that it is never
     /// acknowledged ([`Table::durable`]). A panic in the key's or value's `Drop` is caught.
     pub(super) fn remove_entry(&mut self, hash: u64, key: &K) {
-        self.unhot(hash, key);
         if let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) {
-            let (e, _) = occ.remove();
+            let (mut e, _) = occ.remove();
+            Self::unhot(&self.hot, hash, &mut e);
             let (persisted, version) = (e.persisted, e.version);
             let w = self.forget(e);
             self.touch_loading(hash, key);
