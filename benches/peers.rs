@@ -60,6 +60,8 @@ fn workloads(c: &mut Criterion) {
     for threads in [1, 2] {
         group::<u64>(c, "get_hit", on(Mix::GetHit, Dist::Uniform), threads);
         group::<V256>(c, "get_hit", on(Mix::GetHit, Dist::Uniform), threads);
+        group::<u64>(c, "get_hot1", on(Mix::GetHit, Dist::Hot(1)), threads);
+        group::<u64>(c, "get_zipf", on(Mix::GetHit, Dist::Zipf), threads);
         group::<u64>(c, "get_miss", on(Mix::GetMiss, Dist::Uniform), threads);
         group::<u64>(c, "put_uniform", on(Mix::Put, Dist::Uniform), threads);
         group::<V256>(c, "put_uniform", on(Mix::Put, Dist::Uniform), threads);
