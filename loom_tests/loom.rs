@@ -837,3 +837,20 @@ fn lock_free_get_vs_slot_array_growth() {
         assert_eq!(cache.get(&3).unwrap(), Some(30));
     });
 }
+
+/// A get of a key in its slot racing the flusher's snapshot, write and acknowledgement of
+/// the key: the value stays readable throughout, and the store ends with it.
+#[test]
+fn lock_free_get_vs_flush() {
+    loom::model(|| {
+        let store = store();
+        let cache = Arc::new(cache(&store));
+        cache.put(1, 10).unwrap();
+        assert_eq!(cache.get(&1).unwrap(), Some(10));
+        let c1 = cache.clone();
+        let reader = thread::spawn(move || c1.get(&1).unwrap());
+        cache.flush().unwrap();
+        assert_eq!(reader.join().unwrap(), Some(10));
+        assert_eq!(store.memory().get(&1), Some(10));
+    });
+}
