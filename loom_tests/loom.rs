@@ -41,16 +41,22 @@ fn small_ring_cache(store: &Store) -> Cache<u64, u64> {
 }
 
 fn model_cache(store: &Store, max_batch: usize, ring: usize) -> Cache<u64, u64> {
+    model_builder(store)
+        .max_batch(max_batch)
+        .dirty_ring_capacity(ring)
+        .build()
+        .expect("valid model configuration")
+}
+
+/// One shard, one flusher, manual flushing, a zero write delay and a clock that never moves
+/// unless a model moves it: what every model's cache starts from.
+fn model_builder(store: &Store) -> writebehind::Builder<u64, u64> {
     Cache::builder(store.clone())
         .shards(1)
         .flushers(1)
         .write_delay(Duration::ZERO)
-        .max_batch(max_batch)
-        .dirty_ring_capacity(ring)
         .clock(std::sync::Arc::new(ManualClock::new()))
         .manual_flushing()
-        .build()
-        .expect("valid model configuration")
 }
 
 fn store() -> Store {
@@ -642,12 +648,8 @@ fn two_write_throughs_of_one_key() {
     loom::model(|| {
         let store = store();
         let cache = Arc::new(
-            Cache::builder(store.clone())
-                .shards(1)
-                .flushers(1)
+            model_builder(&store)
                 .write_mode(WriteMode::Through)
-                .clock(std::sync::Arc::new(ManualClock::new()))
-                .manual_flushing()
                 .build()
                 .expect("valid model configuration"),
         );
@@ -796,13 +798,8 @@ fn lock_free_get_vs_eviction() {
     loom::model(|| {
         let store = store();
         let cache = Arc::new(
-            Cache::builder(store.clone())
-                .shards(1)
-                .flushers(1)
+            model_builder(&store)
                 .capacity(1)
-                .write_delay(Duration::ZERO)
-                .clock(std::sync::Arc::new(ManualClock::new()))
-                .manual_flushing()
                 .build()
                 .expect("valid model configuration"),
         );

@@ -18,6 +18,16 @@ fn cache(store: &Store) -> Cache<u64, u64> {
         .unwrap()
 }
 
+/// As [`cache`], with a flush that gives up on a down store after 200 ms.
+fn impatient_cache(store: &Store) -> Cache<u64, u64> {
+    Cache::builder(store.clone())
+        .write_delay(Duration::from_secs(3600))
+        .max_batch(10_000)
+        .flush_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn a_clean_key_leaves_memory_and_is_read_through_again() {
     let store: Store = Arc::new(FaultyStore::new());
@@ -68,11 +78,7 @@ fn a_pending_delete_is_written_before_the_key_leaves() {
 #[test]
 fn a_key_whose_write_cannot_be_written_stays() {
     let store: Store = Arc::new(FaultyStore::new());
-    let cache = Cache::builder(store.clone())
-        .write_delay(Duration::from_secs(3600))
-        .flush_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let cache = impatient_cache(&store);
     cache.put(1, 10).unwrap();
     store.set_down(true);
     assert!(cache.invalidate(&1).is_err());
@@ -126,11 +132,7 @@ fn invalidate_all_writes_what_is_pending_then_empties_memory() {
 #[test]
 fn invalidate_all_keeps_everything_pending_when_the_store_is_down() {
     let store: Store = Arc::new(FaultyStore::new());
-    let cache = Cache::builder(store.clone())
-        .write_delay(Duration::from_secs(3600))
-        .flush_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let cache = impatient_cache(&store);
     cache.put(1, 10).unwrap();
     cache.flush().unwrap();
     cache.put(2, 20).unwrap();
