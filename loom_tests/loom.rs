@@ -738,6 +738,14 @@ fn a_local_write_against_a_failing_batch_of_its_key() {
 // the key once under the lock, which installs it in its slot.
 // ---------------------------------------------------------------------------------------
 
+/// A model cache whose key 1 holds `value`, copied into its read slot by a locked get.
+fn slotted(store: &Store, value: u64) -> Arc<Cache<u64, u64>> {
+    let cache = Arc::new(cache(store));
+    cache.put(1, value).unwrap();
+    assert_eq!(cache.get(&1).unwrap(), Some(value));
+    cache
+}
+
 /// The position of `seen` in the order the model wrote the key's values.
 fn position(order: &[Option<u64>], seen: Option<u64>) -> usize {
     order
@@ -752,9 +760,7 @@ fn position(order: &[Option<u64>], seen: Option<u64>) -> usize {
 fn lock_free_get_vs_put_and_remove() {
     loom::model(|| {
         let store = store();
-        let cache = Arc::new(cache(&store));
-        cache.put(1, 10).unwrap();
-        assert_eq!(cache.get(&1).unwrap(), Some(10));
+        let cache = slotted(&store, 10);
         let c1 = cache.clone();
         let reader = thread::spawn(move || (c1.get(&1).unwrap(), c1.get(&1).unwrap()));
         cache.put(1, 20).unwrap();
@@ -779,9 +785,7 @@ fn lock_free_get_never_tears_a_value() {
     }
     loom::model(|| {
         let store = store();
-        let cache = Arc::new(cache(&store));
-        cache.put(1, value(1)).unwrap();
-        assert_eq!(cache.get(&1).unwrap(), Some(value(1)));
+        let cache = slotted(&store, value(1));
         let c1 = cache.clone();
         let reader = thread::spawn(move || c1.get(&1).unwrap());
         cache.put(1, value(2)).unwrap();
@@ -841,9 +845,7 @@ fn lock_free_get_vs_slot_array_growth() {
 fn lock_free_get_vs_flush() {
     loom::model(|| {
         let store = store();
-        let cache = Arc::new(cache(&store));
-        cache.put(1, 10).unwrap();
-        assert_eq!(cache.get(&1).unwrap(), Some(10));
+        let cache = slotted(&store, 10);
         let c1 = cache.clone();
         let reader = thread::spawn(move || c1.get(&1).unwrap());
         cache.flush().unwrap();

@@ -11,7 +11,7 @@ use crate::sync::Arc;
 use std::collections::HashMap;
 
 use crate::loader::RefreshJob;
-use crate::shard::{LoadRole, LoadSlot, Lookup, Shard};
+use crate::shard::{plain, LoadRole, LoadSlot, Lookup, Shard};
 
 /// One lock-free hit in this many of a bounded cache takes the locked path instead, so that
 /// a key read mostly from its slot still counts as accessed for the S3-FIFO policy.
@@ -119,13 +119,15 @@ where
         if inner.timed {
             return self.get_timed(s, hash, key);
         }
-        // A key in its read slot is answered without the lock (plain keys and values only;
-        // the slot array stays empty otherwise). A bounded cache sends one such hit in
-        // [`HOT_SAMPLE`] to the lock, where it counts for the eviction policy.
-        if let Some(found) = inner.shards[s].hot.get(hash, key) {
-            if !inner.bounded || !sampled() {
-                inner.lock_free_hits.add_one();
-                return Ok(found);
+        // A key in its read slot is answered without the lock (plain keys and values only,
+        // decided at compile time: other types do not even look). A bounded cache sends one
+        // such hit in [`HOT_SAMPLE`] to the lock, where it counts for the eviction policy.
+        if plain::<K>() && plain::<V>() {
+            if let Some(found) = inner.shards[s].hot.get(hash, key) {
+                if !inner.bounded || !sampled() {
+                    inner.lock_free_hits.add_one();
+                    return Ok(found);
+                }
             }
         }
         // The common case, inlined: no time-based rule, so a hit reads the shard's first

@@ -10,7 +10,7 @@ mod policy;
 mod table;
 
 pub(crate) use durability::Durability;
-pub(crate) use hot::HotReads;
+pub(crate) use hot::{plain, HotReads};
 pub(crate) use inflight::{LoadRole, LoadSlot};
 pub(crate) use policy::Limits;
 pub(crate) use table::{Lookup, Table, WriteOutcome};
