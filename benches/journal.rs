@@ -9,7 +9,8 @@
 //!    p50/p99/p99.9, next to a bare `fdatasync` loop on the same file system (the floor).
 //!
 //! `cargo bench --bench journal` (env: `JOURNAL_ROUNDS`, default 7; `JOURNAL_MS`, one run's
-//! length in milliseconds, default 300; `JOURNAL_DIR`, the directory to journal into, default
+//! length in milliseconds, default 300; `JOURNAL_PART`, `throughput` or `every` for one
+//! part only; `JOURNAL_DIR`, the directory to journal into, default
 //! a temporary directory under the target directory, which is on the disk the crate is on).
 
 use std::io::Write as _;
@@ -291,6 +292,11 @@ fn main() {
     }
     let rounds = env_u64("JOURNAL_ROUNDS", 7);
     let ms = env_u64("JOURNAL_MS", 300);
-    throughput(rounds, ms);
-    every_write(ms.max(1000));
+    let part = std::env::var("JOURNAL_PART").unwrap_or_default();
+    if part != "every" {
+        throughput(rounds, ms);
+    }
+    if part != "throughput" {
+        every_write(ms.max(1000));
+    }
 }

@@ -23,10 +23,21 @@ use super::{Journal, JournalSync};
 use crate::guard;
 use crate::stores::Codec;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{thread, Arc, CachePadded, Condvar, Mutex};
+use crate::sync::{thread, Arc, CachePadded, Condvar, Mutex, MutexGuard};
 
 /// Name of the lock file in the journal directory.
 pub(crate) const LOCK_FILE: &str = "LOCK";
+
+/// The most file sets per shard outside `EveryWrite` mode (one per CPU up to this).
+const MAX_LANES: usize = 8;
+
+/// Where each appending thread's lanes come from.
+static NEXT_LANE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+std::thread_local! {
+    /// This thread's lane, the same in every journal.
+    static LANE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
 
 /// How long a waiter or the idle journal thread sleeps before looking again (a guard
 /// against a lost wake-up; wake-ups are notified).
@@ -48,17 +59,19 @@ impl Lsn {
     }
 }
 
-/// A sealed segment of a shard, kept until a checkpoint reclaims it.
+/// A sealed segment of a file set, kept until a checkpoint reclaims it.
 #[derive(Debug)]
 pub(crate) struct SegmentFile {
     pub(crate) path: PathBuf,
+    /// The file set whose bytes count it (`usize::MAX` for a segment found at open).
+    pub(crate) set: usize,
     /// Bytes of header and records (its share of [`JournalLog::bytes`]).
     pub(crate) used: u64,
     /// Bytes allocated on disk.
     pub(crate) allocated: u64,
 }
 
-/// One shard's appending state, under its lock.
+/// One file set's appending state, under its lock.
 #[derive(Default)]
 struct ShardLog {
     /// The segment appends go to; `None` until the first append after open or a checkpoint.
@@ -70,12 +83,31 @@ struct ShardLog {
     files: Vec<SegmentFile>,
 }
 
+/// A file set: a sequence of segments with one appender at a time.
 struct ShardSlot {
     log: Mutex<ShardLog>,
-    /// Bytes of this shard's segments (headers and records).
+    /// Bytes of this set's segments (headers and records).
     bytes: AtomicU64,
     /// Records appended since open.
     records: AtomicU64,
+}
+
+impl ShardSlot {
+    /// Counts `bytes` and `records` more. The set's log lock is held: its holder is the
+    /// only writer of both counters, so a load and a store (no atomic add) suffice, and
+    /// readers see each store whole.
+    fn add(&self, bytes: u64, records: u64) {
+        self.bytes.store(
+            self.bytes.load(Ordering::Relaxed) + bytes,
+            Ordering::Relaxed,
+        );
+        if records > 0 {
+            self.records.store(
+                self.records.load(Ordering::Relaxed) + records,
+                Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 /// Why the journal thread should stop.
@@ -112,7 +144,12 @@ pub(crate) struct Core {
     dir: PathBuf,
     mode: JournalSync,
     segment_bytes: u64,
+    /// File sets: `lanes` per shard, set `shard * lanes + lane`.
     shard_count: u32,
+    /// File sets per shard: appenders on different threads take different lanes, so they
+    /// share no lock and no cache line (1 in `EveryWrite` mode, where one sync per set
+    /// is what a writer waits for, and fewer sets mean larger groups).
+    lanes: usize,
     shards: Box<[CachePadded<ShardSlot>]>,
     next_seq: AtomicU64,
     /// Log segments that may hold records not yet synced (never used in `Os` mode).
@@ -153,6 +190,29 @@ impl<K, V> std::fmt::Debug for JournalLog<K, V> {
             .field("bytes", &self.bytes())
             .finish_non_exhaustive()
     }
+}
+
+/// Runs a codec's `encode_into`, turning an error or a panic into [`JournalError::Codec`]
+/// (and leaving `out` as it was).
+fn encode_into<T: 'static>(
+    codec: &dyn Codec<T>,
+    value: &T,
+    out: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<(), JournalError> {
+    let len = out.len();
+    let message = match guard::catch(|| codec.encode_into(value, out)) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => format!("the codec panicked: {panic}"),
+    };
+    out.truncate(len);
+    Err(JournalError::Codec {
+        what,
+        file: None,
+        offset: None,
+        message,
+    })
 }
 
 /// Runs a codec's `encode`, turning an error or a panic into [`JournalError::Codec`].
@@ -205,6 +265,7 @@ fn keep_nonempty(found: Vec<replay::Found>) -> Result<Vec<SegmentFile>, JournalE
         } else {
             legacy_files.push(SegmentFile {
                 path: f.path,
+                set: usize::MAX,
                 used: f.used,
                 allocated: f.len,
             });
@@ -231,10 +292,6 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
     /// # Panics
     /// If `shards` is 0 or above `u32::MAX`.
     pub fn open(cfg: Journal<K, V>, shards: usize) -> Result<(Self, Replayed<K, V>), JournalError> {
-        let shard_count = u32::try_from(shards)
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| panic!("a journal needs 1 to {} shards, got {shards}", u32::MAX));
         let Journal {
             dir,
             key_codec,
@@ -244,6 +301,21 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             salvage,
             checkpoint_bytes,
         } = cfg;
+        let lanes = if mode == JournalSync::EveryWrite {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_LANES))
+        };
+        let shard_count = shards
+            .checked_mul(lanes)
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|_| shards > 0)
+            .unwrap_or_else(|| {
+                panic!(
+                    "a journal needs 1 to {} shards, got {shards}",
+                    u32::MAX as usize / lanes
+                )
+            });
         fs::create_dir_all(&dir).map_err(|e| JournalError::io("create", &dir, e))?;
         let lock = lock_dir(&dir)?;
         let mut found = replay::list_segments(&dir)?;
@@ -269,7 +341,8 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             mode,
             segment_bytes,
             shard_count,
-            shards: (0..shards)
+            lanes,
+            shards: (0..shard_count as usize)
                 .map(|_| {
                     CachePadded::new(ShardSlot {
                         log: Mutex::new(ShardLog::default()),
@@ -352,15 +425,20 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
     /// # Errors
     /// [`JournalError::Codec`] if a codec fails or panics.
     pub fn encode(&self, key: &K, value: Option<&V>) -> Result<Encoded, JournalError> {
-        let key = encode(&*self.key_codec, key, "encoding a key")?;
-        let (kind, value) = match value {
-            Some(v) => (
-                Kind::Put,
-                encode(&*self.value_codec, v, "encoding a value")?,
-            ),
-            None => (Kind::Delete, Vec::new()),
+        // The buffer is this thread's, reused: no allocation per write once it has grown.
+        let mut rec = Encoded {
+            kind: Kind::Delete,
+            buf: ENCODE_BUF.with(std::cell::Cell::take),
+            key_len: 0,
         };
-        Ok(Encoded { kind, key, value })
+        rec.buf.clear();
+        encode_into(&*self.key_codec, key, &mut rec.buf, "encoding a key")?;
+        rec.key_len = rec.buf.len();
+        if let Some(v) = value {
+            rec.kind = Kind::Put;
+            encode_into(&*self.value_codec, v, &mut rec.buf, "encoding a value")?;
+        }
+        Ok(rec)
     }
 
     /// The second half of [`append`](Self::append): copies an encoded record, at `version`,
@@ -374,8 +452,8 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
         rec: &Encoded,
         version: u64,
     ) -> Result<Lsn, JournalError> {
-        self.core
-            .append(shard, rec.kind, version, &rec.key, &rec.value)
+        let (key, value) = rec.buf.split_at(rec.key_len);
+        self.core.append(shard, rec.kind, version, key, value)
     }
 
     /// Reclaims the space of `shard`'s records the store no longer needs.
@@ -411,19 +489,23 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
     /// # Panics
     /// If `shard` is not below the shard count given to [`open`](Self::open).
     pub fn begin_checkpoint(&self, shard: usize) -> CheckpointTicket {
-        let slot = &self.core.shards[shard];
-        let mut log = slot.log.lock();
-        if let Some(active) = log.active.take() {
-            self.core.seal(&mut log, &active);
-        }
-        let old = std::mem::take(&mut log.files);
-        // The next append needs a new segment: the journal thread prepares a spare now, so
-        // that the append takes it rather than create a file on a writer's path.
-        if !log.spare_requested && log.spare.is_none() {
-            log.spare_requested = true;
-            drop(log);
-            self.core.state.lock().spares.push(shard);
-            self.core.to_thread.notify_all();
+        let mut old = Vec::new();
+        for set in self.core.sets_of(shard) {
+            let mut log = self.core.shards[set].log.lock();
+            let Some(active) = log.active.take() else {
+                old.append(&mut log.files);
+                continue;
+            };
+            self.core.seal(&mut log, set, &active);
+            old.append(&mut log.files);
+            // The next append needs a new segment: the journal thread prepares a spare now,
+            // so that the append takes it rather than create a file on a writer's path.
+            if !log.spare_requested && log.spare.is_none() {
+                log.spare_requested = true;
+                drop(log);
+                self.core.state.lock().spares.push(set);
+                self.core.to_thread.notify_all();
+            }
         }
         CheckpointTicket {
             core: Arc::clone(&self.core),
@@ -447,9 +529,11 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
     ) -> Result<(), JournalError> {
         let core = &*self.core;
         let shard = ticket.shard;
+        // The checkpoint's segments belong to the shard's first file set.
+        let set = shard * core.lanes;
         let mut writer = CheckpointWriter {
             core,
-            shard,
+            set,
             segments: Vec::new(),
         };
         let written = (|| {
@@ -478,17 +562,17 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
         let old = std::mem::take(&mut ticket.old);
         let mut kept = Vec::new();
         {
-            let slot = &core.shards[shard];
+            let slot = &core.shards[set];
             let mut log = slot.log.lock();
             for f in &files {
-                slot.bytes.fetch_add(f.used, Ordering::Relaxed);
+                slot.add(f.used, 0);
             }
             log.files.splice(0..0, files);
         }
         for f in old {
             match fs::remove_file(&f.path) {
-                Ok(()) => core.forget(shard, &f),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => core.forget(shard, &f),
+                Ok(()) => core.forget(&f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => core.forget(&f),
                 Err(e) => {
                     tracing::warn!(file = %f.path.display(), error = %e, "journal: could not delete a reclaimed segment; a later checkpoint retries");
                     kept.push(f);
@@ -496,7 +580,7 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             }
         }
         if !kept.is_empty() {
-            core.shards[shard].log.lock().files.splice(0..0, kept);
+            core.shards[set].log.lock().files.splice(0..0, kept);
         }
         core.checkpointed(shard);
         core.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -603,8 +687,28 @@ impl<K, V> Drop for JournalLog<K, V> {
 #[derive(Debug)]
 pub struct Encoded {
     kind: Kind,
-    key: Vec<u8>,
-    value: Vec<u8>,
+    /// The key's bytes, then the value's.
+    buf: Vec<u8>,
+    key_len: usize,
+}
+
+/// Buffers above this many bytes are not kept for reuse.
+const KEEP_BUF: usize = 64 << 10;
+
+std::thread_local! {
+    /// A buffer [`JournalLog::encode`] reuses: taken while a record is encoded, given back
+    /// when the record drops.
+    static ENCODE_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Drop for Encoded {
+    fn drop(&mut self) {
+        if self.buf.capacity() <= KEEP_BUF {
+            let buf = std::mem::take(&mut self.buf);
+            // `try_with`: a record dropped during the thread's exit has nowhere to go.
+            let _ = ENCODE_BUF.try_with(|b| b.set(buf));
+        }
+    }
 }
 
 /// The first half of a checkpoint, from [`JournalLog::begin_checkpoint`]. Dropping it
@@ -629,7 +733,7 @@ impl Drop for CheckpointTicket {
     fn drop(&mut self) {
         if !self.old.is_empty() {
             let old = std::mem::take(&mut self.old);
-            self.core.shards[self.shard]
+            self.core.shards[self.shard * self.core.lanes]
                 .log
                 .lock()
                 .files
@@ -641,7 +745,7 @@ impl Drop for CheckpointTicket {
 /// Writes one checkpoint's records into segments of its own.
 struct CheckpointWriter<'a> {
     core: &'a Core,
-    shard: usize,
+    set: usize,
     segments: Vec<Segment>,
 }
 
@@ -661,7 +765,7 @@ impl CheckpointWriter<'_> {
         if !fits {
             let seg = self
                 .core
-                .create_segment(self.shard, SegmentKind::Checkpoint, size, false)?;
+                .create_segment(self.set, SegmentKind::Checkpoint, size, false)?;
             self.segments.push(seg);
         }
         let seg = self
@@ -685,6 +789,7 @@ impl CheckpointWriter<'_> {
             .segments
             .drain(..)
             .map(|seg| SegmentFile {
+                set: self.set,
                 used: seg.written(),
                 allocated: seg.capacity(),
                 path: seg.path.clone(),
@@ -767,14 +872,14 @@ impl Core {
         value: &[u8],
     ) -> Result<Lsn, JournalError> {
         let size = self.record_size(key, value)?;
-        let slot = &self.shards[shard];
-        let mut log = slot.log.lock();
+        let (set, mut log) = self.lane(shard);
+        let slot = &self.shards[set];
         let usable = log
             .active
             .as_ref()
             .is_some_and(|s| s.room() >= size as u64 && !s.has_failed());
         if !usable {
-            self.rotate(&mut log, shard, size)?;
+            self.rotate(&mut log, set, size)?;
         }
         let seg = log
             .active
@@ -784,8 +889,7 @@ impl Core {
         // appender (an active segment is appended to only under it), and `room()` was
         // checked against `size` above or by `rotate`.
         let end = unsafe { seg.append(size, kind, version, key, value) };
-        slot.bytes.fetch_add(size as u64, Ordering::Relaxed);
-        slot.records.fetch_add(1, Ordering::Relaxed);
+        slot.add(size as u64, 1);
         let lsn = Lsn {
             seg: (self.mode == JournalSync::EveryWrite).then(|| Arc::clone(seg)),
             end,
@@ -793,16 +897,47 @@ impl Core {
         if !log.spare_requested && log.spare.is_none() && end * 2 > seg.capacity() {
             log.spare_requested = true;
             drop(log);
-            self.state.lock().spares.push(shard);
+            self.state.lock().spares.push(set);
             self.to_thread.notify_all();
         }
         Ok(lsn)
     }
 
+    /// A file set of `shard` for this thread to append to, locked: the thread's own lane if
+    /// free, else the first free one, else its own once free. A thread keeps its lane, so
+    /// as long as there are no more appending threads than lanes, no two share one.
+    fn lane(&self, shard: usize) -> (usize, MutexGuard<'_, ShardLog>) {
+        let base = shard * self.lanes;
+        if self.lanes == 1 {
+            return (base, self.shards[base].log.lock());
+        }
+        let home = LANE.with(|l| match l.get() {
+            Some(n) => n,
+            None => {
+                let n = NEXT_LANE.fetch_add(1, Ordering::Relaxed);
+                l.set(Some(n));
+                n
+            }
+        });
+        for i in 0..self.lanes {
+            let set = base + (home + i) % self.lanes;
+            if let Some(log) = self.shards[set].log.try_lock() {
+                return (set, log);
+            }
+        }
+        let set = base + home % self.lanes;
+        (set, self.shards[set].log.lock())
+    }
+
+    /// The file sets of `shard`.
+    fn sets_of(&self, shard: usize) -> std::ops::Range<usize> {
+        shard * self.lanes..(shard + 1) * self.lanes
+    }
+
     /// Seals the active segment (if any) and makes a new one active.
     fn rotate(&self, log: &mut ShardLog, shard: usize, size: usize) -> Result<(), JournalError> {
         if let Some(old) = log.active.take() {
-            self.seal(log, &old);
+            self.seal(log, shard, &old);
         }
         let seg = match log.spare.take() {
             Some(spare) if spare.room() >= size as u64 => spare,
@@ -821,9 +956,7 @@ impl Core {
 
     /// Makes `seg` the shard's active segment (the shard's log lock is held).
     fn activate(&self, log: &mut ShardLog, shard: usize, seg: Segment) {
-        self.shards[shard]
-            .bytes
-            .fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
+        self.shards[shard].add(HEADER_LEN as u64, 0);
         let seg = Arc::new(seg);
         if self.mode != JournalSync::Os {
             self.unsynced.lock().push(Arc::clone(&seg));
@@ -833,20 +966,24 @@ impl Core {
     }
 
     /// Moves a segment out of appending into the shard's sealed files.
-    fn seal(&self, log: &mut ShardLog, seg: &Arc<Segment>) {
+    fn seal(&self, log: &mut ShardLog, set: usize, seg: &Arc<Segment>) {
         seg.seal();
         log.files.push(SegmentFile {
             path: seg.path.clone(),
+            set,
             used: seg.written(),
             allocated: seg.capacity(),
         });
     }
 
-    /// Accounts for a deleted segment of `shard`.
-    fn forget(&self, shard: usize, f: &SegmentFile) {
-        self.shards[shard]
-            .bytes
-            .fetch_sub(f.used, Ordering::Relaxed);
+    /// Accounts for a deleted segment.
+    fn forget(&self, f: &SegmentFile) {
+        let slot = &self.shards[f.set];
+        let _log = slot.log.lock();
+        slot.bytes.store(
+            slot.bytes.load(Ordering::Relaxed) - f.used,
+            Ordering::Relaxed,
+        );
         self.allocated.fetch_sub(f.allocated, Ordering::Relaxed);
     }
 

@@ -50,6 +50,17 @@ pub trait Codec<T>: Send + Sync + 'static {
     /// When `value` cannot be represented; the adapter rejects that record.
     fn encode(&self, value: &T) -> Result<Vec<u8>, CodecError>;
 
+    /// Appends the bytes of `value` to `out` (what [`encode`](Self::encode) returns). The
+    /// journal encodes every write into a reused buffer through this; override it to skip
+    /// `encode`'s allocation. On an error, what was appended is discarded.
+    ///
+    /// # Errors
+    /// As [`encode`](Self::encode).
+    fn encode_into(&self, value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(&self.encode(value)?);
+        Ok(())
+    }
+
     /// The value stored as `bytes`.
     ///
     /// # Errors
@@ -68,6 +79,11 @@ impl Codec<Vec<u8>> for Raw {
         Ok(value.clone())
     }
 
+    fn encode_into(&self, value: &Vec<u8>, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(value);
+        Ok(())
+    }
+
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
         Ok(bytes.to_vec())
     }
@@ -76,6 +92,11 @@ impl Codec<Vec<u8>> for Raw {
 impl Codec<String> for Raw {
     fn encode(&self, value: &String) -> Result<Vec<u8>, CodecError> {
         Ok(value.as_bytes().to_vec())
+    }
+
+    fn encode_into(&self, value: &String, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(value.as_bytes());
+        Ok(())
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
@@ -94,6 +115,11 @@ impl Codec<u64> for Raw {
         Ok(value.to_be_bytes().to_vec())
     }
 
+    fn encode_into(&self, value: &u64, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(&value.to_be_bytes());
+        Ok(())
+    }
+
     fn decode(&self, bytes: &[u8]) -> Result<u64, CodecError> {
         Ok(u64::from_be_bytes(eight_bytes(bytes)?))
     }
@@ -105,6 +131,11 @@ const SIGN: u64 = 1 << 63;
 impl Codec<i64> for Raw {
     fn encode(&self, value: &i64) -> Result<Vec<u8>, CodecError> {
         Ok(((*value as u64) ^ SIGN).to_be_bytes().to_vec())
+    }
+
+    fn encode_into(&self, value: &i64, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(&((*value as u64) ^ SIGN).to_be_bytes());
+        Ok(())
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<i64, CodecError> {
@@ -140,6 +171,10 @@ where
         Ok(serde_json::to_vec(value)?)
     }
 
+    fn encode_into(&self, value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        Ok(serde_json::to_writer(out, value)?)
+    }
+
     fn decode(&self, bytes: &[u8]) -> Result<T, CodecError> {
         Ok(serde_json::from_slice(bytes)?)
     }
@@ -173,6 +208,35 @@ mod tests {
             Codec::<Vec<u8>>::decode(&Raw, &Raw.encode(&b).unwrap()).unwrap(),
             b
         );
+    }
+
+    /// `encode_into` appends exactly what `encode` returns.
+    fn appends_like_encode<T: 'static>(c: &dyn Codec<T>, v: &T) {
+        let mut out = b"prefix".to_vec();
+        c.encode_into(v, &mut out).unwrap();
+        assert_eq!(&out[..6], b"prefix");
+        assert_eq!(out[6..], c.encode(v).unwrap()[..]);
+    }
+
+    #[test]
+    fn encode_into_appends_what_encode_returns() {
+        appends_like_encode::<u64>(&Raw, &0x0102_0304_0506_0708);
+        appends_like_encode::<i64>(&Raw, &-5);
+        appends_like_encode::<String>(&Raw, &"grüße".to_string());
+        appends_like_encode::<Vec<u8>>(&Raw, &vec![0, 1, 255]);
+        #[cfg(feature = "serde")]
+        appends_like_encode::<Vec<(u32, String)>>(&SerdeJson, &vec![(1, "a".into())]);
+        // A codec with only `encode` gets the default.
+        struct Be;
+        impl Codec<u32> for Be {
+            fn encode(&self, v: &u32) -> Result<Vec<u8>, CodecError> {
+                Ok(v.to_be_bytes().to_vec())
+            }
+            fn decode(&self, _: &[u8]) -> Result<u32, CodecError> {
+                Err("unused".into())
+            }
+        }
+        appends_like_encode::<u32>(&Be, &7);
     }
 
     #[test]
