@@ -221,10 +221,11 @@ where
         Ok(StoreUse(&self.store_users))
     }
 
-    /// Reclaims the journal's space for the file set `part` (if there is a journal), whose
-    /// writers are the shards `owned` (a flusher's): its segments are replaced by a checkpoint
-    /// of the writes the store may not hold. The journal moves the set's appends to a new
-    /// segment first; then each shard's dirty set is taken under its lock. A writer appends
+    /// Reclaims the journal's space for the journal shard `part` (if there is a journal),
+    /// whose writers are the shards `owned` (a flusher's): its segments are replaced by a
+    /// checkpoint of the writes the store may not hold. The journal moves every lane of the
+    /// part to a new segment first; then each shard's dirty set is taken under its lock. A
+    /// writer appends
     /// and writes its table under its shard's lock, so each write is either in a snapshot
     /// (its append was before the switch, and the lock orders its table write before the
     /// snapshot) or appended after the switch.

@@ -41,8 +41,8 @@ where
         s.validate()?;
         let (journal, replayed) = match s.journal.take() {
             Some(j) => {
-                // One journal file set per flusher: flusher k's shards (s % flushers == k)
-                // append to file set k, so a checkpoint of a flusher's shards seals one.
+                // One journal shard per flusher: flusher k's shards (s % flushers == k)
+                // append to journal shard k, so a checkpoint of a flusher's shards seals it.
                 let (log, replayed) = JournalLog::open(j, s.flushers)?;
                 (Some(log), Some(replayed))
             }
