@@ -5,7 +5,7 @@
 use std::hash::Hash;
 use std::time::Duration;
 
-use crate::engine::{CloseReport, Inner};
+use crate::engine::{CloseReport, Computed, Inner};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::settings::{Settings, WriteMode};
@@ -191,6 +191,151 @@ where
     /// ```
     pub fn flush_key(&self, key: &K) -> Result<(), Error> {
         self.inner.flush_key(key)
+    }
+
+    /// Atomically replaces `key`'s value with what `f` makes of the current one, and returns
+    /// the new value and the version of its write.
+    ///
+    /// `f` runs once, on the latest value: a pending write if there is one, else the cached
+    /// value, else the store's (read through, single-flight). Until the result is written,
+    /// every other write of the key waits (on any thread), so no update is lost: two threads
+    /// that each add 1 add 2. `Some(v)` writes `v` (behind, through or locally, per the
+    /// write mode); `None` removes the key, or writes nothing if it was absent
+    /// ([`Computed::version`] is then `None`).
+    ///
+    /// `f` runs without any lock: other keys, and reads of this key, go on meanwhile. It must
+    /// not write `key` itself (that would wait for this call): such a write returns
+    /// [`Error::Reentrant`]. If `f` panics, the panic reaches the caller, nothing is written,
+    /// and the key is free again.
+    ///
+    /// # Errors
+    /// [`Error::Load`] if the key had to be read from the store and the store failed (`f`
+    /// does not run); otherwise as for [`Cache::put`]; [`Error::Reentrant`] from inside `f`
+    /// for its own key.
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, MemoryStore};
+    /// let cache = Cache::builder(MemoryStore::new()).build()?;
+    /// let likes = "post:7".to_string();
+    /// let c = cache.compute(&likes, |n: Option<&u64>| Some(n.copied().unwrap_or(0) + 1))?;
+    /// assert_eq!(c.value, Some(1));
+    /// assert_eq!(cache.compute(&likes, |n| n.map(|n| n + 1))?.value, Some(2));
+    /// // `None` removes the key.
+    /// let gone = cache.compute(&likes, |_| None)?;
+    /// assert!(gone.value.is_none() && gone.version.is_some());
+    /// assert_eq!(cache.get(&likes)?, None);
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn compute<F>(&self, key: &K, f: F) -> Result<Computed<V>, Error>
+    where
+        F: FnOnce(Option<&V>) -> Option<V>,
+    {
+        self.inner.compute(key, f)
+    }
+
+    /// Atomically changes `key`'s value in place, if the key has one (in memory or in the
+    /// store); returns the version of the write, or `None` when the key is absent (nothing is
+    /// written). The value `f` gets is a copy of the latest one, changed and written as one
+    /// step, with the same guarantees as [`Cache::compute`]; unlike `compute`, the new value
+    /// is not cloned again to be returned.
+    ///
+    /// # Errors
+    /// As [`Cache::compute`].
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, MemoryStore};
+    /// let cache = Cache::builder(MemoryStore::new()).build()?;
+    /// cache.put("cart:1".to_string(), vec!["apple".to_string()])?;
+    /// let v = cache.update(&"cart:1".to_string(), |items| items.push("pear".into()))?;
+    /// assert!(v.is_some());
+    /// assert_eq!(cache.get(&"cart:1".to_string())?.unwrap(), ["apple", "pear"]);
+    /// assert_eq!(cache.update(&"cart:2".to_string(), |items| items.clear())?, None);
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn update<F>(&self, key: &K, f: F) -> Result<Option<u64>, Error>
+    where
+        F: FnOnce(&mut V),
+    {
+        self.inner.update(key, f)
+    }
+
+    /// Writes `value` only if `key` has no value, in memory or in the store (read through);
+    /// returns the existing value if there is one (and writes nothing), else `None`. Atomic
+    /// with respect to every other write of the key, as [`Cache::compute`].
+    ///
+    /// # Errors
+    /// As [`Cache::compute`].
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, MemoryStore};
+    /// let cache = Cache::builder(MemoryStore::new()).build()?;
+    /// assert_eq!(cache.put_if_absent("user:1".to_string(), "ada".to_string())?, None);
+    /// assert_eq!(
+    ///     cache.put_if_absent("user:1".to_string(), "bob".to_string())?.as_deref(),
+    ///     Some("ada")
+    /// );
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn put_if_absent(&self, key: K, value: V) -> Result<Option<V>, Error> {
+        self.inner.put_if_absent(key, value)
+    }
+
+    /// Returns `key`'s value (from memory, or read through the store); if it has none, makes
+    /// one with `init`, writes it (behind, per the write mode) and returns it. Concurrent
+    /// callers for one absent key run `init` once: the others wait for its value.
+    ///
+    /// `init` runs without any lock and must not write `key` itself ([`Error::Reentrant`]).
+    /// If it panics, the panic reaches the caller and the next caller runs its own `init`.
+    ///
+    /// # Errors
+    /// As [`Cache::compute`].
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, MemoryStore};
+    /// let cache = Cache::builder(MemoryStore::new()).build()?;
+    /// let v = cache.get_with(7u64, || "made once".to_string())?;
+    /// assert_eq!(v, "made once");
+    /// assert_eq!(cache.get_with(7, || unreachable!())?, "made once");
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn get_with<F>(&self, key: K, init: F) -> Result<V, Error>
+    where
+        F: FnOnce() -> V,
+    {
+        self.inner.try_get_with(key, || Ok::<V, Error>(init()))
+    }
+
+    /// [`Cache::get_with`] for an `init` that may fail: its error is returned and nothing is
+    /// written (the next caller tries again). The cache's own errors convert into `E`.
+    ///
+    /// # Errors
+    /// `init`'s error, or one of [`Cache::compute`]'s converted into `E`.
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, MemoryStore};
+    /// #[derive(Debug)]
+    /// enum AppError { NotFound, Cache(writebehind::Error) }
+    /// impl From<writebehind::Error> for AppError {
+    ///     fn from(e: writebehind::Error) -> Self { AppError::Cache(e) }
+    /// }
+    /// let cache = Cache::builder(MemoryStore::new()).build().unwrap();
+    /// let miss = cache.try_get_with(1u64, || Err::<String, _>(AppError::NotFound));
+    /// assert!(matches!(miss, Err(AppError::NotFound)));
+    /// assert!(!cache.contains_key(&1));
+    /// let hit = cache.try_get_with(1u64, || Ok::<_, AppError>("found".to_string()));
+    /// assert_eq!(hit.unwrap(), "found");
+    /// ```
+    pub fn try_get_with<F, E>(&self, key: K, init: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Result<V, E>,
+        E: From<Error>,
+    {
+        self.inner.try_get_with(key, init)
     }
 
     /// Drops `key` from memory without deleting it in the store (unlike

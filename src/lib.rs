@@ -83,7 +83,7 @@ pub mod __verify {
 pub use cache::Cache;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Builder;
-pub use engine::CloseReport;
+pub use engine::{CloseReport, Computed};
 pub use error::{BatchError, Error, Source, StoreError};
 pub use metrics::{Distribution, Health, Metrics};
 pub use settings::{

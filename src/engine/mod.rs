@@ -5,11 +5,13 @@
 
 mod build;
 mod close;
+mod compute;
 mod flush;
 mod read;
 mod write;
 
 pub use close::CloseReport;
+pub use compute::Computed;
 
 use std::hash::Hash;
 use std::time::Duration;

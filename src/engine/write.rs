@@ -101,6 +101,10 @@ where
     ) -> Result<MutexGuard<'a, Table<K, V>>, Error> {
         let mut table = shard.table.lock();
         while table.through_in_flight(hash, key) {
+            // This thread's own read-modify-write of the key writes its result.
+            if Self::my_turn(shard, &table, hash, key)? {
+                break;
+            }
             Self::wait_through(shard, &mut table)?;
         }
         Ok(table)
@@ -423,7 +427,11 @@ where
         let mut core = None;
         let mut table = shard.table.lock();
         loop {
-            if table.through_in_flight(hash, key) {
+            // This thread's own read-modify-write of the key, writing its result through:
+            // the key is already its turn.
+            let in_flight = table.through_in_flight(hash, key);
+            let mine = in_flight && Self::my_turn(shard, &table, hash, key)?;
+            if in_flight && !mine {
                 Self::wait_through(shard, &mut table)?;
                 continue;
             }
@@ -444,6 +452,9 @@ where
                 table = shard.table.lock();
                 continue;
             }
+            if mine {
+                return Ok((table.next_version(), core));
+            }
             if let Some(version) = table.begin_through(hash, key) {
                 return Ok((version, core));
             }
@@ -455,7 +466,7 @@ where
         let hash = inner.hash(&key);
         let shard = &inner.shards[inner.shard_of(hash)];
         let weight = inner.weight(&key, value.as_ref());
-        let mut t = shard.table.lock();
+        let mut t = Self::lock_behind(shard, hash, &key)?;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }

@@ -1,5 +1,6 @@
 //! Work in flight on a key outside the table lock: single-flight loads ([`Loading`], whose
-//! followers wait on a [`LoadSlot`]) and write-throughs ([`Through`]).
+//! followers wait on a [`LoadSlot`]) and a key's turns: write-throughs and atomic
+//! read-modify-writes ([`Through`]).
 
 use std::time::Duration;
 
@@ -14,14 +15,18 @@ pub(crate) enum LoadRole<V> {
     Follower(Arc<LoadSlot<V>>),
 }
 
-/// A key with a write-through in flight: its writer calls the store without the table lock,
-/// and a second write-through of the key waits until this one is done
-/// ([`Table::begin_through`]), so the key's versions reach the store in order.
+/// A key's turn in flight: a write-through (its writer calls the store without the table
+/// lock, and a second write-through of the key waits until this one is done,
+/// [`Table::begin_through`], so the key's versions reach the store in order), or an atomic
+/// read-modify-write ([`Table::reserve`]: every other write of the key waits until it has
+/// written).
 pub(super) struct Through<K> {
     pub(super) key: K,
     pub(super) hash: u64,
-    /// Another write-through of the key waits for this one.
+    /// Another write of the key waits for this one.
     pub(super) waited: bool,
+    /// The thread that reserved the key ([`Table::reserve`]); 0 for a write-through.
+    pub(super) owner: usize,
 }
 
 /// A load in flight for a key (single-flight). A miss of the key joins it while it is in
@@ -48,10 +53,42 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             key: key.clone(),
             hash,
             waited: false,
+            owner: 0,
         };
         self.through.insert_unique(hash, mark, |t| t.hash);
         self.throughs += 1;
         Some(self.next_version())
+    }
+
+    /// Reserves `key` for thread `owner` (non-zero): until [`Table::end_through`], every
+    /// other write of the key waits, and that thread's writes of it go ahead
+    /// ([`Table::turn_owner`]). `false` while another turn of the key is in flight (the
+    /// caller waits on [`Shard::through_done`] and asks again).
+    pub(crate) fn reserve(&mut self, hash: u64, key: &K, owner: usize) -> bool {
+        debug_assert_ne!(owner, 0);
+        if self.through_in_flight(hash, key) {
+            return false;
+        }
+        let mark = Through {
+            key: key.clone(),
+            hash,
+            waited: false,
+            owner,
+        };
+        self.through.insert_unique(hash, mark, |t| t.hash);
+        self.throughs += 1;
+        true
+    }
+
+    /// The thread that reserved `key` ([`Table::reserve`]), if a reservation is in flight.
+    pub(crate) fn turn_owner(&self, hash: u64, key: &K) -> Option<usize> {
+        if self.throughs == 0 {
+            return None;
+        }
+        self.through
+            .find(hash, |t| t.key == *key)
+            .map(|t| t.owner)
+            .filter(|&o| o != 0)
     }
 
     /// A write-through of `key` is in flight. If so, it is asked to notify
@@ -85,6 +122,22 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// [`Shard::through_done`] once it has released the lock).
     pub(crate) fn end_through(&mut self, hash: u64, key: &K) -> bool {
         match self.through.find_entry(hash, |t| t.key == *key) {
+            Ok(mark) => {
+                self.throughs -= 1;
+                mark.remove().0.waited
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Ends `owner`'s reservation of `key` ([`Table::reserve`]) if it is still in flight
+    /// (a write-through of the key ends it once cached). Returns `true` if a write waits
+    /// for it (the caller then notifies [`Shard::through_done`]).
+    pub(crate) fn end_reservation(&mut self, hash: u64, key: &K, owner: usize) -> bool {
+        match self
+            .through
+            .find_entry(hash, |t| t.key == *key && t.owner == owner)
+        {
             Ok(mark) => {
                 self.throughs -= 1;
                 mark.remove().0.waited
