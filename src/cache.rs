@@ -90,6 +90,26 @@ where
         self.inner.get(key)
     }
 
+    /// Returns `key`'s value if it is in memory (a pending write, or a cached value), and
+    /// `None` otherwise: unlike [`Cache::get`], never reads the store, so it never blocks on
+    /// it.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let store = Arc::new(MemoryStore::new());
+    /// store.insert(1u64, 10u64);
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// assert_eq!(cache.get_if_present(&1), None); // in the store only
+    /// assert_eq!(cache.get(&1)?, Some(10));      // read through, now cached
+    /// assert_eq!(cache.get_if_present(&1), Some(10));
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn get_if_present(&self, key: &K) -> Option<V> {
+        self.inner.get_if_present(key)
+    }
+
     /// Reads many keys: hits from memory, and every miss through one
     /// [`Store::load_all`] call (misses already being loaded by another caller wait for
     /// that load instead). The answer is in the order of `keys`.

@@ -141,6 +141,32 @@ where
         self.finish_miss(s, hash, key, role)
     }
 
+    /// The value of `key` in memory, if any: never reads the store (a miss is `None`, as is
+    /// a pending delete).
+    pub(crate) fn get_if_present(&self, key: &K) -> Option<V> {
+        let hash = self.hash(key);
+        let s = self.shard_of(hash);
+        if !self.timed && plain::<K>() && plain::<V>() {
+            if let Some(found) = self.shards[s].hot.get(hash, key) {
+                if !self.bounded || !sampled() {
+                    self.lock_free_hits.add_one();
+                    return found;
+                }
+            }
+        }
+        let now = self.coarse_now();
+        let mut table = self.shards[s].table.lock();
+        match table.get(hash, key, now) {
+            Lookup::Hit(found) => found,
+            Lookup::HitRefresh(v, version) => {
+                drop(table);
+                self.refresh(s, key, version);
+                Some(v)
+            }
+            Lookup::Miss => None,
+        }
+    }
+
     /// [`Cache::get`] when a time-based rule is on (expiry, refresh-ahead).
     #[inline(never)]
     pub(super) fn get_timed(&self, s: usize, hash: u64, key: &K) -> Result<Option<V>, Error> {
