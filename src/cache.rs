@@ -79,6 +79,45 @@ where
         self.inner.write(key.clone(), None)
     }
 
+    /// Writes many keys, as [`Cache::put`] each, and returns their versions in order. Written
+    /// behind, the keys that share a shard are written under one hold of its lock (a key
+    /// that must wait, for backpressure or for a write-through or read-modify-write of it in
+    /// flight, is written on its own meanwhile); in the other modes, one at a time.
+    ///
+    /// # Errors
+    /// As [`Cache::put`], for the first write that fails: the call stops there. Each write
+    /// is whole (made or not); writes of other keys may have been made, since the keys are
+    /// taken shard by shard, not in the order given. A journal codec that fails refuses the
+    /// whole call before anything is written.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, MemoryStore};
+    /// let store = Arc::new(MemoryStore::new());
+    /// let cache = Cache::builder(store.clone()).build()?;
+    /// let versions = cache.put_all((0..100u64).map(|k| (k, k * 10)))?;
+    /// assert_eq!(versions.len(), 100);
+    /// cache.remove_all(&[1, 2, 3])?;
+    /// cache.flush()?;
+    /// assert_eq!((store.get(&4), store.get(&2)), (Some(40), None));
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn put_all(&self, entries: impl IntoIterator<Item = (K, V)>) -> Result<Vec<u64>, Error> {
+        self.inner
+            .write_many(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
+    }
+
+    /// Removes many keys, as [`Cache::remove`] each, with the locking of
+    /// [`Cache::put_all`]; returns the versions of the deletes in order.
+    ///
+    /// # Errors
+    /// As [`Cache::put_all`].
+    pub fn remove_all(&self, keys: &[K]) -> Result<Vec<u64>, Error> {
+        self.inner
+            .write_many(keys.iter().map(|k| (k.clone(), None)).collect())
+    }
+
     /// Returns the latest value of `key`: a pending write or delete if there is one, else the
     /// cached value, else the store's (read through, then cached).
     ///

@@ -9,9 +9,9 @@ use super::Inner;
 use crate::error::Error;
 use crate::flusher::FlusherCore;
 use crate::guard::{call_store, in_engine};
-use crate::journal::Encoded;
+use crate::journal::{Encoded, Lsn};
 use crate::settings::{Backpressure, WriteMode};
-use crate::shard::{Queued, Shard, Table};
+use crate::shard::{Queued, Shard, Table, WriteOutcome};
 use crate::store::Write;
 use crate::sync::atomic::Ordering;
 use crate::sync::MutexGuard;
@@ -50,6 +50,21 @@ impl<K: Eq + Clone + Hash, V: Clone> Drop for ThroughMark<'_, K, V> {
 /// A flusher's core, held.
 type CoreGuard<'a, K> = MutexGuard<'a, FlusherCore<K>>;
 
+/// A write made under the table lock: what to do once it is released.
+type Made<K, V> = (WriteOutcome<K, V>, Queued<K>, Option<Lsn>);
+
+/// A write of [`Inner::write_many`], hashed, weighed and encoded before any lock.
+struct Prepared<K, V> {
+    /// Its position in the caller's items.
+    at: usize,
+    s: usize,
+    hash: u64,
+    key: K,
+    value: Option<V>,
+    weight: u32,
+    rec: Option<Encoded>,
+}
+
 impl<K, V> Inner<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -69,13 +84,34 @@ where
         let inner = self;
         let hash = inner.hash(&key);
         let s = inner.shard_of(hash);
-        let shard = &inner.shards[s];
         let weight = inner.weight(&key, value.as_ref());
         // The journal's codecs run before the lock; the record is appended under it.
-        let rec = match &inner.journal {
-            Some(j) => Some(j.encode(&key, value.as_ref())?),
-            None => None,
-        };
+        let rec = self.encode(&key, value.as_ref())?;
+        self.write_behind_prepared(s, hash, key, value, weight, rec)
+    }
+
+    /// The journal record of a write, if there is a journal.
+    #[inline]
+    fn encode(&self, key: &K, value: Option<&V>) -> Result<Option<Encoded>, Error> {
+        match &self.journal {
+            Some(j) => Ok(Some(j.encode(key, value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Inner::write_behind`] once the key is hashed, weighed and encoded.
+    #[inline]
+    fn write_behind_prepared(
+        &self,
+        s: usize,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        weight: u32,
+        rec: Option<Encoded>,
+    ) -> Result<u64, Error> {
+        let inner = self;
+        let shard = &inner.shards[s];
         let now = inner.coarse_now();
         let mut table = Self::lock_behind(shard, hash, &key)?;
         if inner.closed.load(Ordering::Acquire) {
@@ -126,9 +162,31 @@ where
         weight: u32,
         rec: Option<&Encoded>,
     ) -> Result<u64, Error> {
-        // With a journal, the write is recorded first, at the version it is about to take,
-        // while the shard lock orders it with the shard's other writes: a write the journal
-        // refuses is not made at all.
+        let (outcome, queued, lsn) =
+            self.write_in(s, &mut table, hash, key, value, now, weight, rec)?;
+        drop(table);
+        let version = self.after_write(s, outcome, queued);
+        self.wait_journaled(lsn)?;
+        Ok(version)
+    }
+
+    /// The part of a write-behind made under the table lock: journals the write (with a
+    /// journal, the write is recorded first, at the version it is about to take, while the
+    /// shard lock orders it with the shard's other writes: a write the journal refuses is not
+    /// made at all), records it in the table and queues its key.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn write_in(
+        &self,
+        s: usize,
+        table: &mut Table<K, V>,
+        hash: u64,
+        key: K,
+        value: Option<V>,
+        now: u64,
+        weight: u32,
+        rec: Option<&Encoded>,
+    ) -> Result<Made<K, V>, Error> {
         let lsn = match (&self.journal, rec) {
             (Some(j), Some(rec)) => {
                 Some(j.append_encoded(s % self.flushers.len(), rec, table.next_version)?)
@@ -137,13 +195,127 @@ where
         };
         let mut outcome = table.write(hash, key, value, now, weight);
         let queued = self.shards[s].enqueue(outcome.ring_key.take());
-        drop(table);
-        let version = self.after_write(s, outcome, queued);
+        Ok((outcome, queued, lsn))
+    }
+
+    /// `EveryWrite`: returns once a sync (shared with concurrent writers) covers the record.
+    #[inline]
+    fn wait_journaled(&self, lsn: Option<Lsn>) -> Result<(), Error> {
         if let (Some(j), Some(lsn)) = (&self.journal, lsn) {
-            // `EveryWrite`: returns once a sync (shared with concurrent writers) covers it.
             j.wait_synced(&lsn)?;
         }
-        Ok(version)
+        Ok(())
+    }
+
+    /// Writes many keys (`None`: a delete). Written behind, the keys of one shard are written
+    /// under one hold of its lock; a key that would wait (backpressure, or another thread's
+    /// turn of it) takes the one-key path in its place, without the lock. In the other
+    /// modes, one key at a time. Returns the versions in the order of `items`; on the first
+    /// error, returns it, and the writes made before it stand.
+    pub(crate) fn write_many(&self, items: Vec<(K, Option<V>)>) -> Result<Vec<u64>, Error> {
+        if self.write_mode() != WriteMode::Behind {
+            return items.into_iter().map(|(k, v)| self.write(k, v)).collect();
+        }
+        let n = items.len();
+        let mut prepared = Vec::with_capacity(n);
+        for (at, (key, value)) in items.into_iter().enumerate() {
+            let hash = self.hash(&key);
+            let weight = self.weight(&key, value.as_ref());
+            let rec = self.encode(&key, value.as_ref())?;
+            prepared.push(Prepared {
+                at,
+                s: self.shard_of(hash),
+                hash,
+                key,
+                value,
+                weight,
+                rec,
+            });
+        }
+        prepared.sort_by_key(|p| p.s);
+        let mut versions = vec![0; n];
+        let mut made = Vec::new();
+        let mut items = prepared.into_iter().peekable();
+        while let Some(first) = items.next() {
+            let s = first.s;
+            let shard = &self.shards[s];
+            let mut group = vec![first];
+            while let Some(p) = items.next_if(|p| p.s == s) {
+                group.push(p);
+            }
+            let mut table = shard.table.lock();
+            let mut result = Ok(());
+            for p in group {
+                if self.closed.load(Ordering::Acquire) {
+                    result = Err(Error::Closed);
+                    break;
+                }
+                let waits = match table.through_in_flight(p.hash, &p.key) {
+                    true => match Self::my_turn(shard, &table, p.hash, &p.key) {
+                        Ok(mine) => !mine,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    },
+                    false => false,
+                };
+                let pressed = self
+                    .backpressure
+                    .is_some_and(|(high, low, _)| !table.admits(high, low, p.hash, &p.key));
+                if waits || pressed {
+                    drop(table);
+                    self.finish_many(s, &mut made, &mut versions)?;
+                    let at = p.at;
+                    match self.write_behind_prepared(s, p.hash, p.key, p.value, p.weight, p.rec) {
+                        Ok(v) => versions[at] = v,
+                        Err(e) => return Err(e),
+                    }
+                    table = shard.table.lock();
+                    continue;
+                }
+                let now = self.coarse_now();
+                match self.write_in(
+                    s,
+                    &mut table,
+                    p.hash,
+                    p.key,
+                    p.value,
+                    now,
+                    p.weight,
+                    p.rec.as_ref(),
+                ) {
+                    Ok(m) => made.push((p.at, m)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            drop(table);
+            self.finish_many(s, &mut made, &mut versions)?;
+            result?;
+        }
+        Ok(versions)
+    }
+
+    /// What follows the writes [`Inner::write_many`] made under shard `s`'s lock, once it
+    /// is released: [`Inner::after_write`] for each, then the journal's syncs.
+    fn finish_many(
+        &self,
+        s: usize,
+        made: &mut Vec<(usize, Made<K, V>)>,
+        versions: &mut [u64],
+    ) -> Result<(), Error> {
+        let mut lsns = Vec::new();
+        for (at, (outcome, queued, lsn)) in made.drain(..) {
+            versions[at] = self.after_write(s, outcome, queued);
+            lsns.extend(lsn);
+        }
+        for lsn in lsns {
+            self.wait_journaled(Some(lsn))?;
+        }
+        Ok(())
     }
 
     /// What follows a write-behind once the shard lock is released: drop the old value, wake
@@ -153,7 +325,7 @@ where
     pub(super) fn after_write(
         &self,
         s: usize,
-        outcome: crate::shard::WriteOutcome<K, V>,
+        outcome: WriteOutcome<K, V>,
         queued: Queued<K>,
     ) -> u64 {
         // Queued and armed first: a panic in the old value's `Drop` (user code) must not keep
