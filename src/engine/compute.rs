@@ -15,7 +15,7 @@
 // loom's `thread_local!` takes no `const` initializer.
 #![allow(clippy::missing_const_for_thread_local)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::hash::Hash;
 
 use super::Inner;
@@ -48,14 +48,24 @@ pub struct Computed<V> {
 }
 
 /// A key reserved by this thread ([`Inner::reserve`]); the reservation ends on drop.
-pub(super) struct Reservation<'a, K: Eq + Clone + Hash, V: Clone> {
+pub(crate) struct Reservation<'a, K: Eq + Clone + Hash, V: Clone> {
     shard: &'a Shard<K, V>,
     hash: u64,
     key: &'a K,
     owner: usize,
+    /// Ended already, by [`Reservation::end_in`].
+    ended: Cell<bool>,
 }
 
 impl<K: Eq + Clone + Hash, V: Clone> Reservation<'_, K, V> {
+    /// Ends the reservation under the caller's hold of the shard's lock (its write was just
+    /// made there). Returns `true` if a write waits for it (the caller notifies once the
+    /// lock is released).
+    pub(super) fn end_in(&self, table: &mut Table<K, V>) -> bool {
+        self.ended.set(true);
+        table.end_reservation(self.hash, self.key, self.owner)
+    }
+
     /// Runs the caller's closure for the reserved key: a write of the key from inside it is
     /// refused ([`Inner::my_turn`]) instead of waiting for this reservation.
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
@@ -74,6 +84,9 @@ impl<K: Eq + Clone + Hash, V: Clone> Reservation<'_, K, V> {
 
 impl<K: Eq + Clone + Hash, V: Clone> Drop for Reservation<'_, K, V> {
     fn drop(&mut self) {
+        if self.ended.get() {
+            return;
+        }
         // Only this thread's reservation: a write-through of the key ends it when it is
         // cached, and another thread may hold the key's next one by now.
         // Guarded: this may run while a panic of the closure unwinds, and the key's `Eq`
@@ -93,8 +106,25 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// Reserves `key` for this thread, waiting while another thread's turn of it (a
-    /// write-through, a read-modify-write) is in flight.
-    pub(super) fn reserve<'a>(&'a self, key: &'a K) -> Result<Reservation<'a, K, V>, Error> {
+    /// write-through, a read-modify-write) is in flight; returns the reservation and the
+    /// key's current value.
+    fn reserve<'a>(&'a self, key: &'a K) -> Result<(Reservation<'a, K, V>, Option<V>), Error> {
+        let (turn, known) = self.reserve_in_memory(key)?;
+        let current = match known {
+            Some(found) => found,
+            // Not in memory (or a time-based rule is on): read through the store.
+            None => self.get(key)?,
+        };
+        Ok((turn, current))
+    }
+
+    /// [`Inner::reserve`]'s reservation, and the key's value if memory holds it (`None`:
+    /// unknown, read it).
+    #[allow(clippy::type_complexity)]
+    fn reserve_in_memory<'a>(
+        &'a self,
+        key: &'a K,
+    ) -> Result<(Reservation<'a, K, V>, Option<Option<V>>), Error> {
         let hash = self.hash(key);
         let shard = &self.shards[self.shard_of(hash)];
         let owner = me();
@@ -104,12 +134,20 @@ where
                 return Err(Error::Closed);
             }
             if table.reserve(hash, key, owner) {
-                return Ok(Reservation {
+                // The current value, when memory knows it: read under this hold of the lock.
+                let known = if self.timed {
+                    None
+                } else {
+                    table.get_untimed(hash, key, self.bounded)
+                };
+                let turn = Reservation {
                     shard,
                     hash,
                     key,
                     owner,
-                });
+                    ended: Cell::new(false),
+                };
+                return Ok((turn, known));
             }
             if table.turn_owner(hash, key) == Some(owner) {
                 // A closure of this thread's read-modify-write of the key, calling back.
@@ -138,12 +176,37 @@ where
         Ok(true)
     }
 
+    /// Writes the result of a read-modify-write of `turn`'s key. Written behind, the
+    /// reservation ends with the write, under one hold of the lock; otherwise the mode's
+    /// write path lets this thread's reservation through, and it ends on drop.
+    fn write_reserved(
+        &self,
+        turn: &Reservation<'_, K, V>,
+        key: K,
+        value: Option<V>,
+    ) -> Result<u64, Error> {
+        if self.write_mode() != crate::settings::WriteMode::Behind {
+            return self.write(key, value);
+        }
+        let hash = turn.hash;
+        let weight = self.weight(&key, value.as_ref());
+        let rec = self.encode(&key, value.as_ref())?;
+        self.write_behind_prepared(
+            self.shard_of(hash),
+            hash,
+            key,
+            value,
+            weight,
+            rec,
+            Some(turn),
+        )
+    }
+
     pub(crate) fn compute<F>(&self, key: &K, f: F) -> Result<Computed<V>, Error>
     where
         F: FnOnce(Option<&V>) -> Option<V>,
     {
-        let turn = self.reserve(key)?;
-        let current = self.get(key)?;
+        let (turn, current) = self.reserve(key)?;
         let value = turn.run(|| f(current.as_ref()));
         if value.is_none() && current.is_none() {
             return Ok(Computed {
@@ -151,8 +214,7 @@ where
                 version: None,
             });
         }
-        let version = self.write(key.clone(), value.clone())?;
-        drop(turn);
+        let version = self.write_reserved(&turn, key.clone(), value.clone())?;
         Ok(Computed {
             value,
             version: Some(version),
@@ -163,23 +225,21 @@ where
     where
         F: FnOnce(&mut V),
     {
-        let turn = self.reserve(key)?;
-        let Some(mut value) = self.get(key)? else {
+        let (turn, current) = self.reserve(key)?;
+        let Some(mut value) = current else {
             return Ok(None);
         };
         turn.run(|| f(&mut value));
-        let version = self.write(key.clone(), Some(value))?;
-        drop(turn);
+        let version = self.write_reserved(&turn, key.clone(), Some(value))?;
         Ok(Some(version))
     }
 
     pub(crate) fn put_if_absent(&self, key: K, value: V) -> Result<Option<V>, Error> {
-        let turn = self.reserve(&key)?;
-        if let Some(existing) = self.get(&key)? {
+        let (turn, current) = self.reserve(&key)?;
+        if let Some(existing) = current {
             return Ok(Some(existing));
         }
-        self.write(key.clone(), Some(value))?;
-        drop(turn);
+        self.write_reserved(&turn, key.clone(), Some(value))?;
         Ok(None)
     }
 
@@ -191,14 +251,13 @@ where
         if let Some(v) = self.get(&key)? {
             return Ok(v);
         }
-        let turn = self.reserve(&key)?;
         // Another caller may have written it while this one waited for its turn.
-        if let Some(v) = self.get(&key)? {
+        let (turn, current) = self.reserve(&key)?;
+        if let Some(v) = current {
             return Ok(v);
         }
         let value = turn.run(init)?;
-        self.write(key.clone(), Some(value.clone()))?;
-        drop(turn);
+        self.write_reserved(&turn, key.clone(), Some(value.clone()))?;
         Ok(value)
     }
 }

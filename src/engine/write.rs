@@ -5,6 +5,7 @@
 use std::hash::Hash;
 use std::time::Duration;
 
+use super::compute::Reservation;
 use super::Inner;
 use crate::error::Error;
 use crate::flusher::FlusherCore;
@@ -87,21 +88,24 @@ where
         let weight = inner.weight(&key, value.as_ref());
         // The journal's codecs run before the lock; the record is appended under it.
         let rec = self.encode(&key, value.as_ref())?;
-        self.write_behind_prepared(s, hash, key, value, weight, rec)
+        self.write_behind_prepared(s, hash, key, value, weight, rec, None)
     }
 
     /// The journal record of a write, if there is a journal.
     #[inline]
-    fn encode(&self, key: &K, value: Option<&V>) -> Result<Option<Encoded>, Error> {
+    pub(super) fn encode(&self, key: &K, value: Option<&V>) -> Result<Option<Encoded>, Error> {
         match &self.journal {
             Some(j) => Ok(Some(j.encode(key, value)?)),
             None => Ok(None),
         }
     }
 
-    /// [`Inner::write_behind`] once the key is hashed, weighed and encoded.
+    /// [`Inner::write_behind`] once the key is hashed, weighed and encoded. With `turn` (the
+    /// key's reservation by this thread, for a read-modify-write), the reservation ends with
+    /// the write, under the same hold of the lock.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn write_behind_prepared(
+    pub(super) fn write_behind_prepared(
         &self,
         s: usize,
         hash: u64,
@@ -109,6 +113,7 @@ where
         value: Option<V>,
         weight: u32,
         rec: Option<Encoded>,
+        turn: Option<&Reservation<'_, K, V>>,
     ) -> Result<u64, Error> {
         let inner = self;
         let shard = &inner.shards[s];
@@ -123,7 +128,19 @@ where
                 return self.write_under_pressure(s, hash, key, value, weight, policy, rec);
             }
         }
-        self.write_locked(s, table, hash, key, value, now, weight, rec.as_ref())
+        let Some(turn) = turn else {
+            return self.write_locked(s, table, hash, key, value, now, weight, rec.as_ref());
+        };
+        let (outcome, queued, lsn) =
+            self.write_in(s, &mut table, hash, key, value, now, weight, rec.as_ref())?;
+        let waited = turn.end_in(&mut table);
+        drop(table);
+        if waited {
+            shard.through_done.notify_all();
+        }
+        let version = self.after_write(s, outcome, queued);
+        self.wait_journaled(lsn)?;
+        Ok(version)
     }
 
     /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is
@@ -267,7 +284,9 @@ where
                     drop(table);
                     self.finish_many(s, &mut made, &mut versions)?;
                     let at = p.at;
-                    match self.write_behind_prepared(s, p.hash, p.key, p.value, p.weight, p.rec) {
+                    match self
+                        .write_behind_prepared(s, p.hash, p.key, p.value, p.weight, p.rec, None)
+                    {
                         Ok(v) => versions[at] = v,
                         Err(e) => return Err(e),
                     }
