@@ -339,6 +339,48 @@ impl<K, V> Builder<K, V> {
         self
     }
 
+    /// A listener called for every clean value that leaves memory, with its key and the
+    /// [`RemovalCause`](crate::RemovalCause): evicted, expired, invalidated, replaced by a
+    /// newer value, or removed. A value whose write the store may not hold yet never leaves
+    /// memory, so it is never reported.
+    ///
+    /// It runs outside every lock of the cache, on the thread whose call made the value
+    /// leave (a `put` that replaced it, a `get` that found it expired, an `invalidate`) or
+    /// on a flusher thread (evictions and expiries the flushers make, and any value left
+    /// over from a call it was not delivered in), in no particular order between threads.
+    /// It must be quick; it may call the cache, but a write it makes of a key whose
+    /// read-modify-write it interrupted gets [`Error::Reentrant`](crate::Error::Reentrant).
+    /// A panic in it is caught and counted in `Metrics::user_panics`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use writebehind::{Cache, MemoryStore, RemovalCause};
+    ///
+    /// let heard = Arc::new(Mutex::new(Vec::new()));
+    /// let h = heard.clone();
+    /// let cache = Cache::builder(MemoryStore::new())
+    ///     .on_removal(move |k: u64, v: String, cause| h.lock().unwrap().push((k, v, cause)))
+    ///     .build()?;
+    /// cache.put(1, "a".to_string())?;
+    /// cache.flush()?;                      // now clean
+    /// cache.put(1, "b".to_string())?;      // replaces the clean "a"
+    /// cache.flush()?;
+    /// cache.invalidate(&1)?;
+    /// assert_eq!(
+    ///     *heard.lock().unwrap(),
+    ///     [(1, "a".to_string(), RemovalCause::Replaced), (1, "b".to_string(), RemovalCause::Invalidated)]
+    /// );
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn on_removal(
+        mut self,
+        listener: impl Fn(K, V, crate::RemovalCause) + Send + Sync + 'static,
+    ) -> Self {
+        self.s.on_removal = Some(std::sync::Arc::new(listener));
+        self
+    }
+
     /// A callback called (on the flusher thread) for every write the cache gives up on, in
     /// addition to the queue that [`Cache::failed_writes`](crate::Cache::failed_writes) drains.
     pub fn on_failed_write(

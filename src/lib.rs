@@ -87,7 +87,7 @@ pub use engine::{CloseReport, Computed};
 pub use error::{BatchError, Error, Source, StoreError};
 pub use metrics::{Distribution, Health, Metrics};
 pub use settings::{
-    Backpressure, WriteMode, DEFAULT_FAILED_WRITES_CAPACITY, DEFAULT_FLUSHERS,
+    Backpressure, RemovalCause, WriteMode, DEFAULT_FAILED_WRITES_CAPACITY, DEFAULT_FLUSHERS,
     DEFAULT_FLUSHER_NICE, DEFAULT_FLUSH_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BATCH,
     DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_STORE_TIMEOUT,
     DEFAULT_WRITE_DELAY, MAX_BATCH, MAX_RING_CAPACITY, MAX_RING_SLOTS,

@@ -66,6 +66,28 @@ pub enum WriteMode {
     ReadOnly,
 }
 
+/// Why a value left memory, as the removal listener ([`Builder::on_removal`](crate::Builder::on_removal))
+/// hears it. Only clean values are reported (the store holds them, or they were never to be
+/// written): a value whose write is still pending never leaves memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RemovalCause {
+    /// Evicted to keep the cache within its capacity or weight.
+    Evicted,
+    /// Its time to live or time to idle ran out.
+    Expired,
+    /// Dropped by [`Cache::invalidate`](crate::Cache::invalidate) or `invalidate_all`.
+    Invalidated,
+    /// Replaced by a newer value (a put, a write-through, a refresh).
+    Replaced,
+    /// Removed by a delete ([`Cache::remove`](crate::Cache::remove), or a refresh that found
+    /// the key gone from the store).
+    Removed,
+}
+
+/// The removal listener's type: called with the key, the value that left, and why.
+pub(crate) type RemovalListener<K, V> = std::sync::Arc<dyn Fn(K, V, RemovalCause) + Send + Sync>;
+
 /// What a write does when the cache already holds `max_dirty` entries waiting for the store.
 ///
 /// Only writes that would add a dirty entry are held back: a write to a key that already
@@ -116,6 +138,7 @@ pub(crate) struct Settings<K, V> {
     pub(crate) manual: bool,
     pub(crate) name: String,
     pub(crate) on_failed_write: Option<FailedWriteHook<K, V>>,
+    pub(crate) on_removal: Option<RemovalListener<K, V>>,
     pub(crate) store_timeout: Duration,
     pub(crate) max_dirty: Option<(usize, Backpressure)>,
     pub(crate) failed_writes_capacity: usize,
@@ -151,6 +174,7 @@ impl<K, V> Settings<K, V> {
             manual: false,
             name: "writebehind".to_string(),
             on_failed_write: None,
+            on_removal: None,
             store_timeout: DEFAULT_STORE_TIMEOUT,
             max_dirty: None,
             failed_writes_capacity: DEFAULT_FAILED_WRITES_CAPACITY,

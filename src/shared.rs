@@ -29,6 +29,8 @@ pub(crate) struct Shared<K, V> {
     pub(crate) store_users: AtomicUsize,
     pub(crate) failed: Mutex<VecDeque<FailedWrite<K, V>>>,
     pub(crate) on_failed_write: Option<FailedWriteHook<K, V>>,
+    /// The removal listener ([`Builder::on_removal`](crate::Builder::on_removal)).
+    pub(crate) on_removal: Option<crate::settings::RemovalListener<K, V>>,
     /// Panics caught in user code other than the store (see `Metrics::user_panics`).
     pub(crate) user_panics: AtomicU64,
     /// The last time the clock gave (ns), for [`Shared::now`] when it panics.
@@ -166,6 +168,28 @@ where
         self.progress_cv.wait_for(&mut g, slice);
         drop(g);
         self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Calls the removal listener for values that left memory, on the caller's thread,
+    /// which holds no lock. A panicking listener is caught and counted; the other values
+    /// are still reported.
+    pub(crate) fn deliver(&self, departed: Vec<(K, V, crate::settings::RemovalCause)>) {
+        let Some(listener) = &self.on_removal else {
+            return;
+        };
+        for (key, value, cause) in departed {
+            if let Err(msg) = crate::guard::catch(|| listener(key, value, cause)) {
+                self.user_panicked("the removal listener", &msg);
+            }
+        }
+    }
+
+    /// [`Shared::deliver`] for whatever shard `s` holds (a flusher's step, a bulk call).
+    pub(crate) fn deliver_pending(&self, s: usize) {
+        if self.on_removal.is_some() {
+            let departed = self.shards[s].table.lock().take_departed();
+            self.deliver(departed);
+        }
     }
 
     pub(crate) fn give_up(&self, fw: FailedWrite<K, V>) {

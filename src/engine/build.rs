@@ -249,9 +249,14 @@ where
     } else {
         ahash::RandomState::new()
     };
-    let shards = (0..nshards)
+    let shards: Box<[Shard<K, V>]> = (0..nshards)
         .map(|_| Shard::new(first_version, ring_capacity, limits, hasher.clone()))
         .collect();
+    if s.on_removal.is_some() {
+        for shard in shards.iter() {
+            shard.table.lock().listening = true;
+        }
+    }
     let shortest = [s.ttl, s.tti, s.negative_ttl]
         .into_iter()
         .flatten()
@@ -280,6 +285,7 @@ where
         store_users: AtomicUsize::new(0),
         failed: Mutex::new(VecDeque::new()),
         on_failed_write: s.on_failed_write,
+        on_removal: s.on_removal,
         user_panics: AtomicU64::new(0),
         last_clock: AtomicU64::new(0),
         progress: Mutex::new(0),

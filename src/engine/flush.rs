@@ -99,11 +99,19 @@ where
         }
         let hash = self.hash(key);
         let shard = &self.shards[self.shard_of(hash)];
-        if shard.table.lock().invalidate(hash, key) {
+        let invalidate = || {
+            let mut t = shard.table.lock();
+            let gone = t.invalidate(hash, key);
+            let departed = t.departures();
+            drop(t);
+            self.deliver(departed);
+            gone
+        };
+        if invalidate() {
             return Ok(true);
         }
         self.flush_key(key)?;
-        Ok(shard.table.lock().invalidate(hash, key))
+        Ok(invalidate())
     }
 
     /// Drops every key from memory without deleting anything in the store, after a
@@ -113,10 +121,18 @@ where
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
+        let invalidate_all = |s: usize| {
+            let mut t = self.shards[s].table.lock();
+            let counts = t.invalidate_all();
+            let departed = t.departures();
+            drop(t);
+            self.deliver(departed);
+            counts
+        };
         let mut gone = 0;
         let mut kept = 0;
-        for s in self.shards.iter() {
-            let (g, k) = s.table.lock().invalidate_all();
+        for s in 0..self.shards.len() {
+            let (g, k) = invalidate_all(s);
             gone += g;
             kept += k;
         }
@@ -124,8 +140,8 @@ where
             return Ok(gone);
         }
         self.flush()?;
-        for s in self.shards.iter() {
-            gone += s.table.lock().invalidate_all().0;
+        for s in 0..self.shards.len() {
+            gone += invalidate_all(s).0;
         }
         Ok(gone)
     }

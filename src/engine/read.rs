@@ -182,7 +182,10 @@ where
             }
             Lookup::Miss => table.join_load(hash, key),
         };
+        // A miss may be an entry that expired and left memory.
+        let departed = table.departures();
         drop(table);
+        inner.deliver(departed);
         self.finish_miss(s, hash, key, role)
     }
 
@@ -223,11 +226,11 @@ where
             Ok(v) => {
                 let weight = inner.weight(key, v.as_ref());
                 let now = inner.coarse_now();
-                let answer = shard
-                    .table
-                    .lock()
-                    .finish_load(hash, key, slot, v, now, weight)
-                    .0;
+                let mut table = shard.table.lock();
+                let answer = table.finish_load(hash, key, slot, v, now, weight).0;
+                let departed = table.departures();
+                drop(table);
+                inner.deliver(departed);
                 guard.leads.clear();
                 slot.publish(Ok(answer.clone()));
                 Ok(answer)

@@ -351,6 +351,9 @@ where
         // the flusher from learning of the write.
         self.after_push(s, queued);
         drop(outcome.old);
+        if !outcome.departed.is_empty() {
+            self.deliver(outcome.departed);
+        }
         if outcome.over_capacity {
             let shard = &self.shards[s];
             if shard.trigger() {
@@ -595,7 +598,9 @@ where
         }
         // Cached before the mark goes: the key's next write-through applies after this one.
         let waited = mark.end(&mut t);
+        let departed = t.departures();
         drop(t);
+        self.deliver(departed);
         if waited {
             shard.through_done.notify_all();
         }
@@ -662,8 +667,10 @@ where
             return Err(Error::Closed);
         }
         let (version, old) = t.set_local(hash, key, value, inner.coarse_now(), weight);
+        let departed = t.departures();
         drop(t);
         drop(old);
+        self.deliver(departed);
         Ok(version)
     }
 }

@@ -37,6 +37,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
                 cx.shards[s].table.lock().sweep_expired(coarse);
             }
         }
+        self.deliver_departed(cx);
         self.stamp_armed(cx, now);
         if !mode.ignore_backoff && self.backoff_until.is_some_and(|until| now < until) {
             self.publish_oldest(cx);
@@ -95,7 +96,21 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         self.work = work;
         self.publish_oldest(cx);
         self.maybe_checkpoint(cx);
+        self.deliver_departed(cx);
         true
+    }
+
+    /// Hands the removal listener (if any) what left this flusher's shards without a call
+    /// that delivered it: the sweep's expiries, the step's own, reads of many keys.
+    fn deliver_departed<V>(&self, cx: &Ctx<'_, K, V>)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        if cx.on_removal.is_some() {
+            for &s in &self.owned {
+                cx.deliver_pending(s);
+            }
+        }
     }
 
     /// Reclaims journal space once the journal has grown past its `checkpoint_bytes` and twice

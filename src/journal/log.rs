@@ -31,12 +31,9 @@ pub(crate) const LOCK_FILE: &str = "LOCK";
 /// The most file sets per shard outside `EveryWrite` mode (one per CPU up to this).
 const MAX_LANES: usize = 8;
 
-/// Where each appending thread's lanes come from.
-static NEXT_LANE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 std::thread_local! {
-    /// This thread's lane, the same in every journal.
-    static LANE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// The journal (its core's address) this thread last appended to, and its lane there.
+    static LANE: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 /// How long a waiter or the idle journal thread sleeps before looking again (a guard
@@ -150,6 +147,8 @@ pub(crate) struct Core {
     /// share no lock and no cache line (1 in `EveryWrite` mode, where one sync per set
     /// is what a writer waits for, and fewer sets mean larger groups).
     lanes: usize,
+    /// The lane the next thread to append takes (modulo `lanes`).
+    next_lane: std::sync::atomic::AtomicUsize,
     shards: Box<[CachePadded<ShardSlot>]>,
     next_seq: AtomicU64,
     /// Log segments that may hold records not yet synced (never used in `Os` mode).
@@ -342,6 +341,7 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             segment_bytes,
             shard_count,
             lanes,
+            next_lane: std::sync::atomic::AtomicUsize::new(0),
             shards: (0..shard_count as usize)
                 .map(|_| {
                     CachePadded::new(ShardSlot {
@@ -903,29 +903,24 @@ impl Core {
         Ok(lsn)
     }
 
-    /// A file set of `shard` for this thread to append to, locked: the thread's own lane if
-    /// free, else the first free one, else its own once free. A thread keeps its lane, so
-    /// as long as there are no more appending threads than lanes, no two share one.
+    /// The file set of `shard` this thread appends to, locked: its lane. Threads take lanes
+    /// in turn at their first append to this journal, so as long as there are no more
+    /// appending threads than lanes, no two share one.
     fn lane(&self, shard: usize) -> (usize, MutexGuard<'_, ShardLog>) {
         let base = shard * self.lanes;
         if self.lanes == 1 {
             return (base, self.shards[base].log.lock());
         }
-        let home = LANE.with(|l| match l.get() {
-            Some(n) => n,
-            None => {
-                let n = NEXT_LANE.fetch_add(1, Ordering::Relaxed);
-                l.set(Some(n));
-                n
+        let me = std::ptr::from_ref(self) as usize;
+        let lane = LANE.with(|l| match l.get() {
+            (journal, lane) if journal == me => lane,
+            _ => {
+                let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes;
+                l.set((me, lane));
+                lane
             }
         });
-        for i in 0..self.lanes {
-            let set = base + (home + i) % self.lanes;
-            if let Some(log) = self.shards[set].log.try_lock() {
-                return (set, log);
-            }
-        }
-        let set = base + home % self.lanes;
+        let set = base + lane;
         (set, self.shards[set].log.lock())
     }
 

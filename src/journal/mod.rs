@@ -23,8 +23,8 @@
 //! The directory holds a `LOCK` file and segment files. The journal's appends are split into
 //! "shards" (the cache uses one per flusher, for the cache's shards that flusher owns). A
 //! shard has one file set per CPU, up to 8 (one in `EveryWrite` mode, where fewer files
-//! make larger sync groups): each appending thread takes a set of its own, or any free one,
-//! so no tail, lock or counter is shared between writers on different cores. A set
+//! make larger sync groups): appending threads take sets in turn at their first append and
+//! keep them, so no tail, lock or counter is shared between writers on different cores. A set
 //! appends to a segment of its own, named `<set>-<sequence>.log` (set `shard × sets per
 //! shard + lane`); a checkpoint of a shard seals every set of it and writes
 //! `<set>-<sequence>.ckpt` files. The

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::entry::{Entry, REFRESHING};
 use super::table::Table;
 use crate::error::StoreError;
+use crate::settings::RemovalCause;
 use crate::sync::{Arc, Condvar, Mutex};
 
 /// Whether a miss leads a load or joins one in flight.
@@ -267,7 +268,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             Err(()) => self.rare.refresh_failures += 1,
             Ok(_) if e.version != version || e.is_dirty() => {}
             Ok(Some(v)) => {
-                if e.replace_value(Some(v)).is_none() {
+                let old = e.replace_value(Some(v));
+                if old.is_none() {
                     // A clean tombstone at version 0 is a cached absence; a refresh is only
                     // scheduled for an entry that held a value, but keep the count right.
                     self.tombstones -= 1;
@@ -276,11 +278,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 side.born = now;
                 side.accessed = now;
                 self.rare.refreshes += 1;
+                drop(self.replaced(key, old, RemovalCause::Replaced));
             }
             Ok(None) => {
                 // Deleted in the store by someone else: forget it.
                 self.rare.refreshes += 1;
-                self.remove_entry(hash, key);
+                self.remove_entry(hash, key, Some(RemovalCause::Removed));
             }
         }
     }

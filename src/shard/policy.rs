@@ -7,6 +7,8 @@ use hashbrown::HashTable;
 
 use super::entry::{Entry, Side, IN_MAIN};
 use super::table::Table;
+use crate::settings::RemovalCause;
+use crate::store::Write;
 
 /// Read-side settings of a table, all per shard; times in nanoseconds of the coarse clock,
 /// 0 for "off".
@@ -113,8 +115,14 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                     self.undurable_floor = self.undurable_floor.max(version);
                 }
             }
-            let w = self.forget(e);
-            crate::guard::drop_quietly(w);
+            match self.forget(e) {
+                Write::Put { key, value, .. } if self.listening => {
+                    self.departed.push((key, value, RemovalCause::Expired));
+                }
+                w => {
+                    crate::guard::drop_quietly(w);
+                }
+            }
         }
         n
     }
@@ -190,7 +198,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 continue;
             }
             self.rare.evictions += 1;
-            self.remove_entry(hash, &key);
+            self.remove_entry(hash, &key, Some(RemovalCause::Evicted));
         }
         self.over_capacity()
     }

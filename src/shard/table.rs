@@ -10,6 +10,7 @@ use super::hot::{plain, HotReads};
 use super::inflight::{Loading, Through};
 use super::policy::{Limits, Queues};
 use super::{NONE, NOT_QUEUED};
+use crate::settings::RemovalCause;
 use crate::store::Write;
 use crate::sync::Arc;
 
@@ -85,6 +86,9 @@ pub(crate) struct Table<K, V> {
     /// Keys in `through` (kept here so a write-behind put reads no cold line to learn that
     /// no write-through is in flight).
     pub(super) throughs: u32,
+    /// A removal listener is set: clean values that leave memory go to `departed` (kept
+    /// here so a write reads no cold line to learn that there is none).
+    pub(crate) listening: bool,
     /// Loads in flight (single-flight read-through).
     pub(super) loading: HashTable<Loading<K, V>>,
     // -- cold
@@ -122,6 +126,9 @@ pub(crate) struct Table<K, V> {
     pub(crate) hot_on: bool,
     /// Slots in the current array (grown with the table).
     hot_len: usize,
+    /// Clean values that left memory, for the removal listener; the engine takes them
+    /// under the lock and calls the listener after it ([`Table::take_departed`]).
+    pub(crate) departed: Vec<(K, V, RemovalCause)>,
 }
 
 /// What a write under the lock decided.
@@ -135,6 +142,8 @@ pub(crate) struct WriteOutcome<K, V> {
     /// The table is over its capacity because its dirty entries are pinned: the flusher
     /// should write early.
     pub(crate) over_capacity: bool,
+    /// Values that left memory, for the removal listener (empty without one).
+    pub(crate) departed: Vec<(K, V, RemovalCause)>,
 }
 
 /// A snapshot the flusher took: the write to send and the oldest version it covers.
@@ -155,6 +164,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             pressured: false,
             write_side: limits.timed() || limits.weighted,
             throughs: 0,
+            listening: false,
             loading: HashTable::new(),
             through: HashTable::new(),
             side: Vec::new(),
@@ -170,6 +180,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             undurable_floor: 0,
             hot: Arc::new(HotReads::default()),
             hot_on: plain::<K>() && plain::<V>() && !limits.timed(),
+            departed: Vec::new(),
             hot_len: 0,
         }
     }
@@ -250,7 +261,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         {
             self.rare.expirations += 1;
             self.rare.misses += 1;
-            self.remove_entry(hash, key);
+            self.remove_entry(hash, key, Some(RemovalCause::Expired));
             return Lookup::Miss;
         }
         self.hits += 1;
@@ -288,7 +299,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             Some(e) if e.is_dirty() && !(e.flag(LOCAL) && e.unsent == NONE) => false,
             Some(_) => {
                 // As an eviction: a local write that leaves is remembered as never written.
-                self.remove_entry(hash, key);
+                self.remove_entry(hash, key, Some(RemovalCause::Invalidated));
                 true
             }
         }
@@ -501,12 +512,23 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             if old_weight != weight {
                 self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             }
+            let old = if was_dirty {
+                old
+            } else {
+                let cause = if is_delete {
+                    RemovalCause::Removed
+                } else {
+                    RemovalCause::Replaced
+                };
+                self.replaced(&key, old, cause)
+            };
             // The caller's key goes on the ring; the table already holds one.
             WriteOutcome {
                 version,
                 old,
                 ring_key: push.then_some(key),
                 over_capacity: false,
+                departed: self.departures(),
             }
         } else {
             let ring_key = key.clone();
@@ -520,6 +542,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 old: None,
                 ring_key: Some(ring_key),
                 over_capacity,
+                departed: self.departures(),
             }
         }
     }
@@ -567,8 +590,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             // A newer, stored version (write-through): it replaces even a dirty older value;
             // the flusher then sends this same version again, never an older one.
             let was_tombstone = e.is_tombstone();
+            let was_dirty = e.is_dirty();
             // Dropped after the table is updated, still under the lock.
-            let _old = e.replace_value(Some(value.clone()));
+            let old = e.replace_value(Some(value.clone()));
             e.version = version;
             e.set_flag(LOCAL, false);
             e.persisted = e.persisted.max(version);
@@ -580,6 +604,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 self.tombstones -= 1;
             }
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
+            if !was_dirty {
+                drop(self.replaced(&key, old, RemovalCause::Replaced));
+            }
             return Some(value);
         }
         self.insert(
@@ -615,7 +642,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
         Self::unhot(&self.hot, hash, e);
         if !e.is_dirty() {
-            self.remove_entry(hash, key);
+            self.remove_entry(hash, key, Some(RemovalCause::Removed));
             return None;
         }
         let was_tombstone = e.is_tombstone();
@@ -667,6 +694,16 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 (true, false) => self.tombstones -= 1,
                 _ => {}
             }
+            let old = if was_dirty {
+                old
+            } else {
+                let cause = if is_delete {
+                    RemovalCause::Removed
+                } else {
+                    RemovalCause::Replaced
+                };
+                self.replaced(&key, old, cause)
+            };
             return (version, old);
         }
         self.insert(hash, key, value, version, 0, now, weight)
@@ -806,10 +843,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             && Self::expired(&limits, e, &self.side[e.slot as usize], now);
         self.dirty -= 1;
         if tombstone_done {
-            self.remove_entry(hash, key);
+            self.remove_entry(hash, key, None);
         } else if expired {
             self.rare.expirations += 1;
-            self.remove_entry(hash, key);
+            self.remove_entry(hash, key, Some(RemovalCause::Expired));
         }
         true
     }
@@ -858,7 +895,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
         let persisted = e.persisted;
         let k = crate::guard::catch(|| e.key.clone());
-        self.remove_entry(hash, key);
+        self.remove_entry(hash, key, None);
         if let Ok(k) = k {
             self.note_undurable(hash, k, persisted, version, true);
         } else {
@@ -982,7 +1019,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     /// table).
     /// A local write (`WriteMode::ReadOnly`) that leaves is remembered, so that it is never
     /// acknowledged ([`Table::durable`]). A panic in the key's or value's `Drop` is caught.
-    pub(super) fn remove_entry(&mut self, hash: u64, key: &K) {
+    /// With `cause`, a value that leaves goes to the removal listener ([`Table::departed`]).
+    pub(super) fn remove_entry(&mut self, hash: u64, key: &K, cause: Option<RemovalCause>) {
         if let Ok(occ) = self.map.find_entry(hash, |e| e.key == *key) {
             let (mut e, _) = occ.remove();
             Self::unhot(&self.hot, hash, &mut e);
@@ -996,7 +1034,51 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                     self.undurable_floor = self.undurable_floor.max(version);
                 }
             }
-            crate::guard::drop_quietly(w);
+            match (w, cause) {
+                (Write::Put { key, value, .. }, Some(cause)) if self.listening => {
+                    self.departed.push((key, value, cause));
+                }
+                (w, _) => {
+                    crate::guard::drop_quietly(w);
+                }
+            }
+        }
+    }
+
+    /// A clean value replaced in place by a write (`cause` `Replaced` or `Removed`): to the
+    /// removal listener when one is set (with a clone of the key: a key whose `Clone`
+    /// panics is not reported), else given back to drop after the lock.
+    pub(super) fn replaced(&mut self, key: &K, old: Option<V>, cause: RemovalCause) -> Option<V> {
+        let old = old?;
+        if !self.listening {
+            return Some(old);
+        }
+        match crate::guard::catch(|| key.clone()) {
+            Ok(k) => {
+                self.departed.push((k, old, cause));
+                None
+            }
+            Err(_) => Some(old),
+        }
+    }
+
+    /// The values that left memory since the last call, for the removal listener (empty
+    /// without one).
+    pub(crate) fn take_departed(&mut self) -> Vec<(K, V, RemovalCause)> {
+        if self.departed.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.departed)
+        }
+    }
+
+    /// [`Table::take_departed`] when a listener is set; reads no cold line otherwise.
+    #[inline]
+    pub(crate) fn departures(&mut self) -> Vec<(K, V, RemovalCause)> {
+        if self.listening {
+            self.take_departed()
+        } else {
+            Vec::new()
         }
     }
 }
