@@ -30,6 +30,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..4u32, 0..25u64).prop_map(|(n, ms)| Op::CloneBomb(n, ms)),
         1 => (key2(), 0..100u64).prop_map(|(k, v)| Op::ReadOnlyPut(k, v)),
         1 => (key2(), 0..100u64, 0..25u64).prop_map(|(k, v, ms)| Op::ReadOnlyDuringBatch(k, v, ms)),
+        2 => (key2(), 1..5u64).prop_map(|(k, d)| Op::Update(k, d)),
+        2 => key2().prop_map(Op::Compute),
+        1 => (key2(), 0..100u64).prop_map(|(k, v)| Op::PutIfAbsent(k, v)),
+        1 => key2().prop_map(Op::Invalidate),
+        1 => Just(Op::InvalidateAll),
+        1 => vec((key2(), 0..100u64), 1..5).prop_map(Op::PutAll),
     ]
 }
 
@@ -86,6 +92,26 @@ fn write_between_steps_reaches_the_store() {
         Op::Flush,
         Op::CloseReopen,
         Op::Get(1),
+    ] {
+        h.apply(&op);
+    }
+    h.finish();
+}
+
+/// A local write over a write still at the store: invalidating it must wait for the store
+/// (the entry is in flight), or the count of dirty entries goes wrong.
+#[test]
+fn a_local_write_over_a_write_in_flight_stays_until_the_store_answers() {
+    let mut h = Harness::new(&[]);
+    for op in [
+        Op::Down,
+        Op::Remove(1),
+        Op::ReadOnlyPut(1, 0),
+        Op::InvalidateAll,
+        Op::Invalidate(1),
+        Op::Heal,
+        Op::Flush,
+        Op::InvalidateAll,
     ] {
         h.apply(&op);
     }

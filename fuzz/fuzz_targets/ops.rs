@@ -27,6 +27,12 @@ enum FuzzOp {
     MalformedNext(u8),
     ReadOnlyPut(u8, u8),
     ReadOnlyDuringBatch(u8, u8, u8),
+    Update(u8, u8),
+    Compute(u8),
+    PutIfAbsent(u8, u8),
+    Invalidate(u8),
+    InvalidateAll,
+    PutAll(Vec<(u8, u8)>),
 }
 
 impl FuzzOp {
@@ -48,6 +54,18 @@ impl FuzzOp {
             FuzzOp::ReadOnlyDuringBatch(key, v, ms) => {
                 Op::ReadOnlyDuringBatch(k(key), u64::from(*v), u64::from(*ms % 32))
             }
+            FuzzOp::Update(key, d) => Op::Update(k(key), u64::from(*d % 8) + 1),
+            FuzzOp::Compute(key) => Op::Compute(k(key)),
+            FuzzOp::PutIfAbsent(key, v) => Op::PutIfAbsent(k(key), u64::from(*v)),
+            FuzzOp::Invalidate(key) => Op::Invalidate(k(key)),
+            FuzzOp::InvalidateAll => Op::InvalidateAll,
+            FuzzOp::PutAll(items) => Op::PutAll(
+                items
+                    .iter()
+                    .take(4)
+                    .map(|(key, v)| (k(key), u64::from(*v)))
+                    .collect(),
+            ),
         }
     }
 }

@@ -296,7 +296,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 self.touch_loading(hash, key);
                 true
             }
-            Some(e) if e.is_dirty() && !(e.flag(LOCAL) && e.unsent == NONE) => false,
+            // (A local write over an older write still at the store stays too: the entry
+            // is in flight until the store answers.)
+            Some(e) if e.is_dirty() => false,
             Some(_) => {
                 // As an eviction: a local write that leaves is remembered as never written.
                 self.remove_entry(hash, key, Some(RemovalCause::Invalidated));
@@ -311,7 +313,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let mut gone = Vec::new();
         let mut kept = 0;
         for e in self.map.iter() {
-            if e.is_dirty() && !(e.flag(LOCAL) && e.unsent == NONE) {
+            if e.is_dirty() {
                 kept += 1;
             } else if let Ok(k) = crate::guard::catch(|| e.key.clone()) {
                 gone.push(k);

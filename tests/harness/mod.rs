@@ -87,7 +87,33 @@ pub enum Op {
     Heal,
     /// `close`, then a new cache over the same store, replaying what close handed back.
     CloseReopen,
+    /// `cache.update(&key, |v| v += delta)`: changes the value if the key has one.
+    Update(u64, u64),
+    /// `cache.compute(&key, ..)`: absent becomes 1, a multiple of 3 is removed, anything
+    /// else grows by 1.
+    Compute(u64),
+    /// `cache.put_if_absent(key, value)`.
+    PutIfAbsent(u64, u64),
+    /// `cache.invalidate(&key)`.
+    Invalidate(u64),
+    /// `cache.invalidate_all()`.
+    InvalidateAll,
+    /// `cache.put_all(..)`.
+    PutAll(Vec<(u64, u64)>),
 }
+
+/// What [`Op::Compute`] does to a value.
+fn computed(v: Option<u64>) -> Option<u64> {
+    match v {
+        None => Some(1),
+        Some(x) if x % 3 == 0 => None,
+        Some(x) => Some(x + 1),
+    }
+}
+
+/// What the removal listener heard: key, value, and the store's row for the key when it
+/// heard it.
+type Heard = Arc<std::sync::Mutex<Vec<(u64, u64, Option<u64>)>>>;
 
 type Store = Arc<FaultyStore<u64, Val>>;
 
@@ -111,6 +137,11 @@ pub struct Harness {
     sink: Vec<Write<u64, Val>>,
     /// The store's rows before the first op (version 0: any cache write supersedes them).
     initial: HashMap<u64, u64>,
+    /// Values the removal listener heard leave memory, not yet checked.
+    heard: Heard,
+    /// Values written locally (`ReadOnly`): the store never holds them, yet they may leave
+    /// memory clean.
+    local_values: HashSet<(u64, u64)>,
     /// Faults that are armed: when none is, the store is healthy.
     down: bool,
     fail_pending: usize,
@@ -120,8 +151,18 @@ pub struct Harness {
     pub steps: usize,
 }
 
-fn build(store: &Store, clock: &Arc<ManualClock>, ordered: bool) -> Arc<Cache<u64, Val>> {
+fn build(
+    store: &Store,
+    clock: &Arc<ManualClock>,
+    ordered: bool,
+    heard: &Heard,
+) -> Arc<Cache<u64, Val>> {
+    let (h, s) = (heard.clone(), store.clone());
     let b = Cache::builder(store.clone())
+        .on_removal(move |k, v: Val, _| {
+            let stored = s.memory().get(&k).map(|v| v.0);
+            h.lock().unwrap().push((k, v.0, stored));
+        })
         .manual_flushing()
         .clock(clock.clone())
         .write_delay(Duration::from_millis(10))
@@ -154,7 +195,8 @@ impl Harness {
             store.memory().insert(k, Val(v));
         }
         let clock = Arc::new(ManualClock::new());
-        let cache = build(&store, &clock, ordered);
+        let heard = Heard::default();
+        let cache = build(&store, &clock, ordered, &heard);
         Harness {
             ordered,
             store,
@@ -165,6 +207,8 @@ impl Harness {
             local: HashSet::new(),
             local_versions: HashSet::new(),
             sink: Vec::new(),
+            heard,
+            local_values: HashSet::new(),
             initial: initial.iter().copied().collect(),
             down: false,
             fail_pending: 0,
@@ -296,6 +340,7 @@ impl Harness {
                 self.wrote(k, Some(v), version);
                 self.local.insert(k);
                 self.local_versions.insert((k, version));
+                self.local_values.insert((k, v));
             }
             Op::CloneBomb(n, ms) => {
                 let before = self.store.calls().len();
@@ -363,8 +408,108 @@ impl Harness {
                 self.partial_pending = 0;
             }
             Op::CloseReopen => self.close_and_reopen(),
+            Op::Update(k, d) => {
+                let before = self.expected(k);
+                match self.cache.update(&k, |v| v.0 += d) {
+                    Ok(Some(version)) => {
+                        let old = before.unwrap_or_else(|| {
+                            panic!("step {}: update({k}) changed an absent key", self.steps)
+                        });
+                        self.wrote(k, Some(old + d), version);
+                    }
+                    Ok(None) => assert_eq!(
+                        before, None,
+                        "step {}: update({k}) found no value",
+                        self.steps
+                    ),
+                    Err(Error::Load(_)) if self.down => {}
+                    Err(e) => panic!("step {}: update({k}) failed: {e}", self.steps),
+                }
+            }
+            Op::Compute(k) => {
+                let before = self.expected(k);
+                match self
+                    .cache
+                    .compute(&k, |v| computed(v.map(|v| v.0)).map(Val))
+                {
+                    Ok(c) => {
+                        let want = computed(before);
+                        assert_eq!(
+                            c.value.as_ref().map(|v| v.0),
+                            want,
+                            "step {}: compute({k}) from {before:?}",
+                            self.steps
+                        );
+                        match c.version {
+                            Some(version) => self.wrote(k, want, version),
+                            None => assert_eq!((before, want), (None, None)),
+                        }
+                    }
+                    Err(Error::Load(_)) if self.down => {}
+                    Err(e) => panic!("step {}: compute({k}) failed: {e}", self.steps),
+                }
+            }
+            Op::PutIfAbsent(k, v) => {
+                let before = self.expected(k);
+                match self.cache.put_if_absent(k, Val(v)) {
+                    Ok(Some(existing)) => assert_eq!(
+                        Some(existing.0),
+                        before,
+                        "step {}: put_if_absent({k}) saw another value",
+                        self.steps
+                    ),
+                    Ok(None) => {
+                        assert_eq!(
+                            before, None,
+                            "step {}: put_if_absent({k}) overwrote",
+                            self.steps
+                        );
+                        // Its version, for the model: an identity compute writes the same
+                        // value again and says which version it took.
+                        let c = self
+                            .cache
+                            .compute(&k, |v| v.cloned())
+                            .expect("the value is in memory");
+                        assert_eq!(c.value.map(|v| v.0), Some(v));
+                        self.wrote(k, Some(v), c.version.expect("a put"));
+                    }
+                    Err(Error::Load(_)) if self.down => {}
+                    Err(e) => panic!("step {}: put_if_absent({k}) failed: {e}", self.steps),
+                }
+            }
+            Op::Invalidate(k) => {
+                let healthy = self.healthy();
+                let before = self.store.calls().len();
+                let r = self.cache.invalidate(&k);
+                self.note_store_calls(before);
+                self.check_invalidation(healthy, r.map(|_| ()));
+            }
+            Op::InvalidateAll => {
+                let healthy = self.healthy();
+                let before = self.store.calls().len();
+                let r = self.cache.invalidate_all();
+                self.note_store_calls(before);
+                self.check_invalidation(healthy, r.map(|_| ()));
+            }
+            Op::PutAll(ref items) => {
+                let versions = self
+                    .cache
+                    .put_all(items.iter().map(|&(k, v)| (k, Val(v))))
+                    .expect("put_all on an open cache");
+                // The later of two items of one key is its latest write; reads are checked
+                // once all are recorded.
+                for (&(k, v), version) in items.iter().zip(versions) {
+                    self.written.insert(k, Some(v));
+                    self.latest.insert(k, version);
+                    self.local.remove(&k);
+                }
+                for &(k, _) in items {
+                    self.check_read(k, self.cache.get(&k));
+                }
+            }
         }
         self.drain_sink();
+        self.check_heard();
         // Read-your-writes holds for every key, not only the one touched (cheap: 8 keys).
         if matches!(
             op,
@@ -409,6 +554,45 @@ impl Harness {
             self.wrote(k, Some(v), version);
             self.local.insert(k);
             self.local_versions.insert((k, version));
+            self.local_values.insert((k, v));
+        }
+    }
+
+    /// After `invalidate`/`invalidate_all`: a failure only from an unhealthy store; a local
+    /// write that left memory is gone for good (the key reads the store again).
+    fn check_invalidation(&mut self, healthy: bool, r: Result<(), Error>) {
+        self.drain_sink();
+        match r {
+            Ok(()) => {}
+            Err(Error::Store(_) | Error::FlushTimeout { .. } | Error::Timeout) if !healthy => {}
+            Err(Error::Store(_)) if !self.sink.is_empty() => {}
+            Err(e) => panic!(
+                "step {}: invalidation failed (store healthy: {healthy}): {e}",
+                self.steps
+            ),
+        }
+        let stored = self.store_rows();
+        let gone: Vec<u64> = self
+            .local
+            .iter()
+            .copied()
+            .filter(|k| !self.cache.contains_key(k))
+            .collect();
+        for k in gone {
+            self.local.remove(&k);
+            self.written.insert(k, stored.get(&k).copied());
+        }
+    }
+
+    /// Every value the removal listener heard was clean when it left: the store held it,
+    /// or it was a local write.
+    fn check_heard(&mut self) {
+        for (k, v, stored) in std::mem::take(&mut *self.heard.lock().unwrap()) {
+            assert!(
+                stored == Some(v) || self.local_values.contains(&(k, v)),
+                "step {}: the listener heard key {k} leave with {v}, which the store did not hold ({stored:?})",
+                self.steps
+            );
         }
     }
 
@@ -478,7 +662,7 @@ impl Harness {
             self.steps
         );
         // The application replays what close handed back into a new cache.
-        self.cache = build(&self.store, &self.clock, self.ordered);
+        self.cache = build(&self.store, &self.clock, self.ordered, &self.heard);
         for w in report.unwritten {
             let (k, v) = (*w.key(), w.value().map(|v| v.0));
             let version = match w {
