@@ -70,6 +70,42 @@ where
         self.inner.write(key, Some(value))
     }
 
+    /// [`Cache::put`] with a time to live of the entry's own: it expires `ttl` after this
+    /// write, or earlier by the cache's own rules. A write still waiting for the store does
+    /// not expire: it is written first, and leaves memory then. A later write of the key
+    /// without a time to live clears it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless the cache was built with
+    /// [`Builder::per_entry_ttl`](crate::Builder::per_entry_ttl); otherwise as for
+    /// [`Cache::put`].
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use writebehind::{Cache, ManualClock, MemoryStore};
+    ///
+    /// let clock = Arc::new(ManualClock::new());
+    /// let store = Arc::new(MemoryStore::new());
+    /// let cache = Cache::builder(store.clone())
+    ///     .per_entry_ttl()
+    ///     .clock(clock.clone())
+    ///     .manual_flushing()
+    ///     .build()?;
+    /// cache.put_with_ttl("session:1".to_string(), 7u64, Duration::from_secs(30))?;
+    /// cache.put("user:1".to_string(), 8)?;
+    /// cache.flush()?;
+    /// clock.advance(Duration::from_secs(31));
+    /// cache.flush_step()?; // the flusher's sweep
+    /// assert!(!cache.contains_key(&"session:1".to_string()));
+    /// assert!(cache.contains_key(&"user:1".to_string()));
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn put_with_ttl(&self, key: K, value: V, ttl: Duration) -> Result<u64, Error> {
+        self.inner.put_with_ttl(key, value, ttl)
+    }
+
     /// Removes `key`: `get` answers `None` from now on, and a delete is queued for the store
     /// (even if the key was not cached: the store may hold it).
     ///

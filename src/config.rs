@@ -75,6 +75,16 @@ impl<K, V> Builder<K, V> {
         self
     }
 
+    /// Lets [`Cache::put_with_ttl`](crate::Cache::put_with_ttl) give entries times to live
+    /// of their own. An entry expires at the first of its own deadline and the cache's
+    /// rules ([`Builder::time_to_live`], [`Builder::time_to_idle`]); a write without a time
+    /// to live of its own clears the entry's. Like every time rule, it turns off the
+    /// lock-free reads.
+    pub fn per_entry_ttl(mut self) -> Self {
+        self.s.per_entry_ttl = true;
+        self
+    }
+
     /// An entry also expires this long after its last access (read or write).
     pub fn time_to_idle(mut self, tti: Duration) -> Self {
         self.s.tti = Some(tti);

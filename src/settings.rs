@@ -149,6 +149,8 @@ pub(crate) struct Settings<K, V> {
     pub(crate) tti: Option<Duration>,
     pub(crate) refresh_ahead: Option<f64>,
     pub(crate) negative_ttl: Option<Duration>,
+    /// Entries may have times to live of their own (`Cache::put_with_ttl`).
+    pub(crate) per_entry_ttl: bool,
     pub(crate) loaders: usize,
     pub(crate) flush_order: Option<KeyOrder<K>>,
     pub(crate) journal: Option<crate::journal::Journal<K, V>>,
@@ -185,6 +187,7 @@ impl<K, V> Settings<K, V> {
             tti: None,
             refresh_ahead: None,
             negative_ttl: None,
+            per_entry_ttl: false,
             loaders: 1,
             flush_order: None,
             journal: None,

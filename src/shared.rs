@@ -46,6 +46,8 @@ pub(crate) struct Shared<K, V> {
     pub(crate) timed: bool,
     /// A capacity or weight bound is set: the tables evict.
     pub(crate) bounded: bool,
+    /// Entries may have times to live of their own (`Builder::per_entry_ttl`).
+    pub(crate) per_entry: bool,
     /// Hits answered from the shards' read slots, without the lock (the locked ones count in
     /// the tables).
     pub(crate) lock_free_hits: crate::metrics::Striped,

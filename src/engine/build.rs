@@ -224,6 +224,7 @@ fn limits<K, V>(s: &Settings<K, V>) -> Limits {
             _ => 0,
         },
         weighted: s.weigher.is_some(),
+        per_entry: s.per_entry_ttl,
     }
 }
 
@@ -294,6 +295,7 @@ where
         coarse: AtomicU64::new(0),
         timed: limits.timed(),
         bounded: limits.bounded(),
+        per_entry: limits.per_entry,
         lock_free_hits: crate::metrics::Striped::new(),
         tick,
         sweep_every: (shortest / 2).clamp(tick, Duration::from_secs(10)),

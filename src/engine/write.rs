@@ -48,6 +48,13 @@ impl<K: Eq + Clone + Hash, V: Clone> Drop for ThroughMark<'_, K, V> {
     }
 }
 
+crate::sync::thread_local! {
+    /// The time to live of this thread's write in progress (`Cache::put_with_ttl`), in
+    /// coarse nanoseconds; 0: none.
+    #[allow(clippy::missing_const_for_thread_local)] // loom's macro takes no `const`
+    static WRITE_TTL: std::cell::Cell<u64> = std::cell::Cell::new(0);
+}
+
 /// A flusher's core, held.
 type CoreGuard<'a, K> = MutexGuard<'a, FlusherCore<K>>;
 
@@ -210,9 +217,42 @@ where
             }
             _ => None,
         };
+        self.apply_ttl(table);
         let mut outcome = table.write(hash, key, value, now, weight);
         let queued = self.shards[s].enqueue(outcome.ring_key.take());
         Ok((outcome, queued, lsn))
+    }
+
+    /// Passes this thread's [`Inner::put_with_ttl`] time to live (if any) to the table write
+    /// about to be made under `table`'s lock.
+    #[inline]
+    fn apply_ttl(&self, table: &mut Table<K, V>) {
+        if self.per_entry {
+            let ttl = WRITE_TTL.with(std::cell::Cell::get);
+            if ttl != 0 {
+                table.expire_next_write(ttl);
+            }
+        }
+    }
+
+    /// [`Cache::put_with_ttl`](crate::Cache::put_with_ttl).
+    pub(crate) fn put_with_ttl(&self, key: K, value: V, ttl: Duration) -> Result<u64, Error> {
+        if !self.per_entry {
+            return Err(Error::InvalidConfig {
+                setting: "put_with_ttl",
+                reason: "entries' own times to live need Builder::per_entry_ttl".into(),
+            });
+        }
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                WRITE_TTL.with(|t| t.set(0));
+            }
+        }
+        let ns = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX).max(1);
+        WRITE_TTL.with(|t| t.set(ns));
+        let _reset = Reset;
+        self.write(key, Some(value))
     }
 
     /// `EveryWrite`: returns once a sync (shared with concurrent writers) covers the record.
@@ -584,6 +624,7 @@ where
         }
         let mut t = shard.table.lock();
         t.count_write_through(write.is_delete());
+        self.apply_ttl(&mut t);
         match write {
             Write::Put {
                 key,
@@ -666,6 +707,7 @@ where
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
+        self.apply_ttl(&mut t);
         let (version, old) = t.set_local(hash, key, value, inner.coarse_now(), weight);
         let departed = t.departures();
         drop(t);

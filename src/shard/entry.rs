@@ -56,6 +56,22 @@ pub(super) struct Side {
     pub(super) stamp: u32,
 }
 
+/// Sets the deadline of `slot` in a table's `deadlines` (kept only with
+/// `Limits::per_entry`: a cache without entries' own times to live spends no memory on it).
+#[inline]
+pub(super) fn put_deadline(deadlines: &mut Vec<u64>, slot: usize, deadline: u64) {
+    if deadlines.len() <= slot {
+        deadlines.resize(slot + 1, 0);
+    }
+    deadlines[slot] = deadline;
+}
+
+/// The deadline of `slot` (0: none).
+#[inline]
+pub(super) fn deadline_of(deadlines: &[u64], slot: u32) -> u64 {
+    deadlines.get(slot as usize).copied().unwrap_or(0)
+}
+
 /// Hints the CPU to fetch the cache line holding `p` in a state that allows a write
 /// (`prefetchw` on x86-64, `prfm pstl1keep` on aarch64; nothing elsewhere or under Miri).
 #[inline(always)]

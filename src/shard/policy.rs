@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use hashbrown::HashTable;
 
-use super::entry::{Entry, Side, IN_MAIN};
+use super::entry::{deadline_of, Entry, Side, IN_MAIN};
 use super::table::Table;
 use crate::settings::RemovalCause;
 use crate::store::Write;
@@ -26,6 +26,8 @@ pub(crate) struct Limits {
     pub(crate) refresh_after: u64,
     /// A weigher is set: entries' weights differ from 1.
     pub(crate) weighted: bool,
+    /// Entries may have times to live of their own (`Table::deadlines`).
+    pub(crate) per_entry: bool,
 }
 
 impl Limits {
@@ -36,7 +38,7 @@ impl Limits {
 
     /// A time-based rule is on (TTL, TTI, negative caching, refresh-ahead).
     pub(crate) fn timed(&self) -> bool {
-        (self.ttl | self.tti | self.negative_ttl | self.refresh_after) != 0
+        (self.ttl | self.tti | self.negative_ttl | self.refresh_after) != 0 || self.per_entry
     }
 }
 
@@ -74,7 +76,13 @@ impl<K> Default for Queues<K> {
 }
 
 impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
-    pub(super) fn expired(limits: &Limits, e: &Entry<K, V>, side: &Side, now: u64) -> bool {
+    pub(super) fn expired(
+        limits: &Limits,
+        e: &Entry<K, V>,
+        side: &Side,
+        deadline: u64,
+        now: u64,
+    ) -> bool {
         if e.is_dirty() {
             return false; // written first, then it may go
         }
@@ -83,24 +91,37 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
         (limits.ttl != 0 && now >= side.born.saturating_add(limits.ttl))
             || (limits.tti != 0 && now >= side.accessed.saturating_add(limits.tti))
+            || (deadline != 0 && now >= deadline)
     }
 
     /// `true` if `e` has expired at `now` (never for a dirty entry).
     pub(super) fn expired_at(&self, e: &Entry<K, V>, now: u64) -> bool {
-        self.limits.timed() && Self::expired(&self.limits, e, &self.side[e.slot as usize], now)
+        self.limits.timed()
+            && Self::expired(
+                &self.limits,
+                e,
+                &self.side[e.slot as usize],
+                deadline_of(&self.deadlines, e.slot),
+                now,
+            )
     }
 
     /// Removes every clean entry that has expired at `now`, without a read touching it: the
     /// flushers call it periodically. Returns how many left.
     pub(crate) fn sweep_expired(&mut self, now: u64) -> usize {
-        if (self.limits.ttl | self.limits.tti | self.limits.negative_ttl) == 0 {
+        if (self.limits.ttl | self.limits.tti | self.limits.negative_ttl) == 0
+            && !self.limits.per_entry
+        {
             return 0;
         }
         let limits = self.limits;
-        let side = &self.side;
+        let (side, deadlines) = (&self.side, &self.deadlines);
         let gone: Vec<Entry<K, V>> = self
             .map
-            .extract_if(|e| Self::expired(&limits, e, &side[e.slot as usize], now))
+            .extract_if(|e| {
+                let deadline = deadline_of(deadlines, e.slot);
+                Self::expired(&limits, e, &side[e.slot as usize], deadline, now)
+            })
             .collect();
         let n = gone.len();
         for e in gone {

@@ -5,7 +5,9 @@
 use hashbrown::HashTable;
 
 use super::durability::Undurable;
-use super::entry::{prefetch_for_write, Entry, Side, HOT, IN_MAIN, LOCAL, REFRESHING};
+use super::entry::{
+    deadline_of, prefetch_for_write, put_deadline, Entry, Side, HOT, IN_MAIN, LOCAL, REFRESHING,
+};
 use super::hot::{plain, HotReads};
 use super::inflight::{Loading, Through};
 use super::policy::{Limits, Queues};
@@ -126,6 +128,12 @@ pub(crate) struct Table<K, V> {
     pub(crate) hot_on: bool,
     /// Slots in the current array (grown with the table).
     hot_len: usize,
+    /// Each slot's deadline by a time to live of its own (0: none); kept only with
+    /// `Limits::per_entry`, and only as long as the highest slot that had one.
+    pub(super) deadlines: Vec<u64>,
+    /// A time to live for the next write of this hold of the lock
+    /// ([`Table::expire_next_write`]); 0: none.
+    next_ttl: u64,
     /// Clean values that left memory, for the removal listener; the engine takes them
     /// under the lock and calls the listener after it ([`Table::take_departed`]).
     pub(crate) departed: Vec<(K, V, RemovalCause)>,
@@ -181,6 +189,8 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             hot: Arc::new(HotReads::default()),
             hot_on: plain::<K>() && plain::<V>() && !limits.timed(),
             departed: Vec::new(),
+            next_ttl: 0,
+            deadlines: Vec::new(),
             hot_len: 0,
         }
     }
@@ -257,7 +267,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         };
         let side = &mut self.side[e.slot as usize];
         if (limits.ttl | limits.tti | limits.negative_ttl) != 0
-            && Self::expired(&limits, e, side, now)
+            && Self::expired(&limits, e, side, deadline_of(&self.deadlines, e.slot), now)
         {
             self.rare.expirations += 1;
             self.rare.misses += 1;
@@ -411,6 +421,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         };
         if let Some(i) = self.free.pop() {
             self.side[i as usize] = side;
+            if self.limits.per_entry {
+                put_deadline(&mut self.deadlines, i as usize, 0);
+            }
             return i;
         }
         let i = u32::try_from(self.side.len())
@@ -478,6 +491,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         let open_epoch = self.epoch;
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
+        // (Time rules, a weigher or times to live of entries' own: the side state is kept.)
+        let deadline = if self.write_side {
+            self.take_deadline(now)
+        } else {
+            0
+        };
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             Self::unhot(&self.hot, hash, e);
             let was_dirty = e.is_dirty();
@@ -496,6 +515,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 side.born = now;
                 side.accessed = now;
                 old_weight = std::mem::replace(&mut side.weight, weight);
+                if self.limits.per_entry {
+                    put_deadline(&mut self.deadlines, e.slot as usize, deadline);
+                }
             }
             if e.unsent == NONE {
                 e.unsent = version;
@@ -537,6 +559,10 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             let e = self.insert(hash, key, value, version, 0, now, weight);
             e.queued_epoch = open_epoch;
             e.unsent = version;
+            let slot = e.slot as usize;
+            if self.limits.per_entry {
+                put_deadline(&mut self.deadlines, slot, deadline);
+            }
             self.dirty += 1;
             let over_capacity = self.enforce();
             WriteOutcome {
@@ -584,6 +610,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         weight: u32,
     ) -> Option<V> {
         self.touch_loading(hash, &key);
+        let deadline = self.take_deadline(now);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             if e.version >= version || (version == 0 && e.is_dirty()) {
                 return e.value().cloned();
@@ -602,6 +629,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             side.born = now;
             side.accessed = now;
             let old_weight = std::mem::replace(&mut side.weight, weight);
+            if self.limits.per_entry {
+                put_deadline(&mut self.deadlines, e.slot as usize, deadline);
+            }
             if was_tombstone {
                 self.tombstones -= 1;
             }
@@ -611,15 +641,20 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             }
             return Some(value);
         }
-        self.insert(
-            hash,
-            key,
-            Some(value.clone()),
-            version,
-            version,
-            now,
-            weight,
-        );
+        let slot = self
+            .insert(
+                hash,
+                key,
+                Some(value.clone()),
+                version,
+                version,
+                now,
+                weight,
+            )
+            .slot as usize;
+        if self.limits.per_entry {
+            put_deadline(&mut self.deadlines, slot, deadline);
+        }
         self.enforce();
         Some(value)
     }
@@ -674,6 +709,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
     ) -> (u64, Option<V>) {
         let is_delete = value.is_none();
         let version = self.begin_write(hash, &key, is_delete);
+        let deadline = self.take_deadline(now);
         if let Some(e) = self.map.find_mut(hash, |e| e.key == key) {
             Self::unhot(&self.hot, hash, e);
             let was_tombstone = e.is_tombstone();
@@ -685,6 +721,9 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             side.born = now;
             side.accessed = now;
             let old_weight = std::mem::replace(&mut side.weight, weight);
+            if self.limits.per_entry {
+                put_deadline(&mut self.deadlines, e.slot as usize, deadline);
+            }
             e.unsent = NONE;
             let clean_now = !e.is_dirty();
             self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
@@ -708,8 +747,12 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             };
             return (version, old);
         }
-        self.insert(hash, key, value, version, 0, now, weight)
-            .set_flag(LOCAL, true);
+        let e = self.insert(hash, key, value, version, 0, now, weight);
+        e.set_flag(LOCAL, true);
+        let slot = e.slot as usize;
+        if self.limits.per_entry {
+            put_deadline(&mut self.deadlines, slot, deadline);
+        }
         self.enforce();
         (version, None)
     }
@@ -842,7 +885,13 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         }
         let tombstone_done = e.is_tombstone() && e.version == version;
         let expired = (limits.ttl | limits.tti) != 0
-            && Self::expired(&limits, e, &self.side[e.slot as usize], now);
+            && Self::expired(
+                &limits,
+                e,
+                &self.side[e.slot as usize],
+                deadline_of(&self.deadlines, e.slot),
+                now,
+            );
         self.dirty -= 1;
         if tombstone_done {
             self.remove_entry(hash, key, None);
@@ -1061,6 +1110,22 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 None
             }
             Err(_) => Some(old),
+        }
+    }
+
+    /// Gives the next write under this hold of the lock (`write`, `fill_clean` or
+    /// `set_local`) a time to live of its own, `ttl` coarse nanoseconds from its time (the
+    /// table must allow it: `Limits::per_entry`). A write without one clears the entry's.
+    pub(crate) fn expire_next_write(&mut self, ttl: u64) {
+        debug_assert!(self.limits.per_entry);
+        self.next_ttl = ttl;
+    }
+
+    /// The deadline of a write at `now` ([`Table::expire_next_write`]), 0 for none.
+    fn take_deadline(&mut self, now: u64) -> u64 {
+        match std::mem::take(&mut self.next_ttl) {
+            0 => 0,
+            ttl => now.saturating_add(ttl).max(1),
         }
     }
 

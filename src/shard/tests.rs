@@ -29,6 +29,7 @@ const UNBOUNDED: Limits = Limits {
     negative_ttl: 0,
     refresh_after: 0,
     weighted: false,
+    per_entry: false,
 };
 
 fn table() -> Table<u64, u64> {
