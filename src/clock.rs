@@ -12,6 +12,15 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 pub trait Clock: Send + Sync + 'static {
     /// Time since the clock's origin. Must never go backwards.
     fn now(&self) -> Duration;
+
+    /// Wall-clock time since the Unix epoch. A cache over a store that hands out no
+    /// generation ([`Store::generation`](crate::Store::generation)) starts its versions
+    /// there; nothing else reads it. Default: the system's clock.
+    fn since_unix_epoch(&self) -> Duration {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    }
 }
 
 /// The real clock ([`Instant`]).

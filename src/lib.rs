@@ -71,6 +71,7 @@ mod store;
 pub mod stores;
 pub(crate) mod sync;
 pub mod testing;
+pub mod version;
 
 /// Internals for the loom models (`loom_tests/`) and the fuzz targets (`fuzz/`) only. Not part
 /// of the public API; compiled only under `cfg(writebehind_loom)` or `cfg(fuzzing)`.

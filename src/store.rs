@@ -149,6 +149,25 @@ pub trait Store<K, V>: Send + Sync + 'static {
     /// [`BatchError::Unavailable`] when nothing (or an unknown part) was applied;
     /// [`BatchError::Partial`] naming the indices that failed when all others were applied.
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError>;
+
+    /// A new generation for a cache being built over this store: a number the store hands
+    /// out once, each larger than every one it handed out before, durably (a database
+    /// sequence, or a row updated in one transaction). The cache's versions are then
+    /// *fenced* ([`crate::version`]): every version of a later generation is above every
+    /// version of an earlier one, so of two caches over one store the one built later wins
+    /// every key they both write, whatever their clocks say, and a restarted process never
+    /// writes below its predecessor.
+    ///
+    /// The default, `Ok(None)`, starts versions at the wall clock instead
+    /// ([`Clock::since_unix_epoch`](crate::Clock::since_unix_epoch)): right for one process
+    /// at a time on a host whose clock does not go back, wrong for two at once or across
+    /// hosts whose clocks disagree.
+    ///
+    /// # Errors
+    /// The store could not hand one out; `build` fails with it.
+    fn generation(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 impl<K, V, S> Store<K, V> for std::sync::Arc<S>
@@ -168,6 +187,10 @@ where
 
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
         (**self).write_all(batch)
+    }
+
+    fn generation(&self) -> Result<Option<u64>, StoreError> {
+        (**self).generation()
     }
 }
 
@@ -202,6 +225,8 @@ struct MemoryInner<K, V> {
     batches: u64,
     records: u64,
     stale_ignored: u64,
+    /// The last generation handed out ([`Store::generation`]).
+    generation: u64,
 }
 
 impl<K, V> Default for MemoryStore<K, V> {
@@ -213,6 +238,7 @@ impl<K, V> Default for MemoryStore<K, V> {
                 batches: 0,
                 records: 0,
                 stale_ignored: 0,
+                generation: 0,
             }),
         }
     }
@@ -340,5 +366,12 @@ where
             Self::apply_locked(&mut g, w);
         }
         Ok(())
+    }
+
+    /// 1, 2, 3, ...: each cache built over this store outranks the ones built before it.
+    fn generation(&self) -> Result<Option<u64>, StoreError> {
+        let mut g = self.lock();
+        g.generation += 1;
+        Ok(Some(g.generation))
     }
 }

@@ -872,3 +872,24 @@ fn a_compatible_table_made_by_hand_is_accepted() {
     adapter::writes_and_reads_back(&store);
     c.batch_execute("DROP SCHEMA wb_test_app CASCADE").unwrap();
 }
+
+#[test]
+fn generations_grow_per_table_and_fence_a_cache_built_later() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let a = fresh(&url, "wb_test_gen_a");
+    let b = fresh(&url, "wb_test_gen_b");
+    let first = a.generation().unwrap().unwrap();
+    assert_eq!(a.generation().unwrap(), Some(first + 1));
+    // Another connection to the same table continues the sequence; another table has its own.
+    let again = PostgresStore::<u64, String>::connect(&url, "wb_test_gen_a").unwrap();
+    assert_eq!(again.generation().unwrap(), Some(first + 2));
+    let other = b.generation().unwrap().unwrap();
+    assert_eq!(b.generation().unwrap(), Some(other + 1));
+    // A cache over the store writes versions of a newer generation than any before.
+    let cache = writebehind::Cache::builder(again).build().unwrap();
+    let v = cache.put(1, "x".to_string()).unwrap();
+    assert_eq!(writebehind::version::generation_of(v), Some(first + 3));
+    cache.flush().unwrap();
+    assert_eq!(raw_row(&url, "wb_test_gen_a", 1).unwrap().1, v as i64);
+}

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::hash::Hash;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::Inner;
 use crate::error::Error;
@@ -50,7 +50,8 @@ where
         };
         let min_version = replayed
             .as_ref()
-            .map_or(0, |r| r.stats.max_version.saturating_add(1));
+            .map_or(0, |r| r.stats.max_version.saturating_add(1))
+            .max(first_version(&s)?);
         let nshards = s.shards;
         let nflushers = s.flushers;
         let owned_per_flusher = nshards / nflushers + usize::from(nshards % nflushers != 0);
@@ -242,7 +243,7 @@ where
     V: Clone + Send + Sync + 'static,
 {
     let nshards = s.shards;
-    let first_version = first_version().max(min_version);
+    let first_version = min_version;
     // Under loom the seeds are fixed: a model must run the same operations for the same
     // schedule, and the seeds decide the order a full ring's table scan lists keys in.
     let hasher = if cfg!(writebehind_loom) {
@@ -311,15 +312,27 @@ fn prev_power_of_two(n: usize) -> usize {
     1 << (usize::BITS - 1 - n.leading_zeros())
 }
 
-/// The first version a new cache hands out: nanoseconds since the Unix epoch, so a restarted
-/// process writes versions above its predecessor's (unless the wall clock went back by more
-/// than the time between the two, or the predecessor wrote more than one version per
-/// nanosecond of that gap in one shard).
-fn first_version() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
-        .max(1)
+/// The first version a new cache hands out ([`crate::version`]): its store's generation's
+/// first (fenced), or the wall clock's nanoseconds since the Unix epoch when the store hands
+/// out none (a restarted process then writes above its predecessor unless the clock went
+/// back by more than the time between the two).
+fn first_version<K: 'static, V: 'static>(s: &Settings<K, V>) -> Result<u64, Error> {
+    match crate::guard::call_store(|| s.store.generation()) {
+        Ok(Ok(Some(g))) => {
+            crate::version::first_of_generation(g).ok_or_else(|| Error::InvalidConfig {
+                setting: "Store::generation",
+                reason: format!(
+                    "the store handed out generation {g}, above the most a version holds ({})",
+                    crate::version::MAX_GENERATION
+                ),
+            })
+        }
+        Ok(Ok(None)) => Ok(crate::version::wall_clock_first(&*s.clock)),
+        Ok(Err(e)) => Err(Error::Store(e)),
+        Err(panic) => Err(Error::Store(crate::StoreError::unavailable(format!(
+            "Store::generation panicked: {panic}"
+        )))),
+    }
 }
 
 #[cfg(all(test, not(writebehind_loom)))]

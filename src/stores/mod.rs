@@ -81,6 +81,35 @@ pub use codec::{Codec, CodecError, Raw};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT};
 
+/// The table where both adapters keep each store table's last generation
+/// ([`Store::generation`](crate::Store::generation)), and the statements that create it and
+/// take the next one (one upsert: atomic, and serialized on the row).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+const GENERATIONS: &str = "writebehind_generations";
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn generation_sql() -> (String, String) {
+    let t = GENERATIONS;
+    (
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (name TEXT PRIMARY KEY, generation BIGINT NOT NULL)"
+        ),
+        format!(
+            "INSERT INTO {t} (name, generation) VALUES ($1, 1) ON CONFLICT (name) \
+             DO UPDATE SET generation = {t}.generation + 1 RETURNING generation"
+        ),
+    )
+}
+
+/// A generation as read back from a database's signed column.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn generation_from(g: i64) -> Result<Option<u64>, crate::StoreError> {
+    u64::try_from(g).map(Some).map_err(|_| {
+        crate::StoreError::rejected(format!(
+            "table {GENERATIONS} holds a negative generation {g}"
+        ))
+    })
+}
+
 /// A write's version as the signed 64-bit integer both databases store.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 fn db_version(version: u64) -> Result<i64, crate::StoreError> {

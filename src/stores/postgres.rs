@@ -848,6 +848,22 @@ where
         Ok(out)
     }
 
+    /// The next generation of this table, from the `writebehind_generations` table of the
+    /// database (created when first needed).
+    fn generation(&self) -> Result<Option<u64>, StoreError> {
+        let (create, next) = super::generation_sql();
+        let mut slot = self.writer.lock();
+        let conn = self.conn(&mut slot)?;
+        let row = conn
+            .client
+            .batch_execute(&create)
+            .and_then(|()| conn.client.query_one(&next, &[&self.table]));
+        match row {
+            Ok(row) => super::generation_from(row.get(0)),
+            Err(e) => Err(store_error(e, &mut slot)),
+        }
+    }
+
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
         let mut failed = Vec::new();
         let mut rows = Vec::with_capacity(batch.len());

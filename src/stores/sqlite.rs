@@ -683,6 +683,18 @@ where
         Ok(out)
     }
 
+    /// The next generation of this table, from the `writebehind_generations` table of the
+    /// same database (created when first needed).
+    fn generation(&self) -> Result<Option<u64>, StoreError> {
+        let (create, next) = super::generation_sql();
+        let conn = self.writer.lock();
+        conn.execute_batch(&create).map_err(store_error)?;
+        let g: i64 = conn
+            .query_row(&next.replace("$1", "?1"), params![self.table], |r| r.get(0))
+            .map_err(store_error)?;
+        super::generation_from(g)
+    }
+
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
         if batch.is_empty() {
             return Ok(());
