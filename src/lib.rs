@@ -29,9 +29,12 @@
 //! * **No lock across the store.** A store may call back into the cache (`get`, `put`).
 //! * **At-least-once, versioned.** A batch may be delivered again after a failure; every
 //!   write carries a version that only grows per key, so idempotent adapters make that
-//!   harmless. Versions start at the wall clock (nanoseconds since the Unix epoch) when the
-//!   cache is built, so a restarted process writes above its predecessor, unless the clock
-//!   was set back by more than the time between the two runs.
+//!   harmless. A store that hands out generations ([`Store::generation`]; the shipped
+//!   adapters do) fences them: every version of a cache built later is above every version
+//!   of one built before ([`version`]), whatever the clocks say. Otherwise versions start at
+//!   the wall clock (nanoseconds since the Unix epoch) when the cache is built, so a
+//!   restarted process writes above its predecessor unless the clock was set back by more
+//!   than the time between the two runs.
 //!
 //! * **Crash safety is opt-in.** Without a journal, a process crash loses every write that
 //!   has not reached the store (while the store is down, that is everything since). With

@@ -14,6 +14,11 @@
 //! | `version` | `INTEGER NOT NULL` | `BIGINT NOT NULL` | version of the last write applied |
 //! | `deleted` | `INTEGER NOT NULL DEFAULT 0` | `BOOLEAN NOT NULL DEFAULT FALSE` | tombstone flag |
 //!
+//! Each cache built over a table takes the table's next generation
+//! ([`Store::generation`](crate::Store::generation)) from a `writebehind_generations` table
+//! in the same database (`name` the table's name, `generation` a `BIGINT`), created when
+//! first needed: the cache's versions are fenced ([`crate::version`]).
+//!
 //! # Codecs
 //! A [`Codec`] maps a Rust type to the bytes of a key or value column, both ways:
 //!
