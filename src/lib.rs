@@ -96,7 +96,7 @@ pub use settings::{
     DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, DEFAULT_SHARDS, DEFAULT_STORE_TIMEOUT,
     DEFAULT_WRITE_DELAY, MAX_BATCH, MAX_RING_CAPACITY, MAX_RING_SLOTS,
 };
-pub use store::{FailedWrite, MemoryStore, Store, Write};
+pub use store::{Applied, FailedWrite, MemoryStore, Store, Write};
 
 /// Compiles the examples of `docs/FEDERATION.md` as doctests.
 #[cfg(doctest)]

@@ -117,6 +117,10 @@ pub struct Metrics {
     pub store_unavailable: u64,
     /// Records the store rejected.
     pub records_rejected: u64,
+    /// Writes the store ignored because it held a newer version of their key, written by a
+    /// cache of a later generation ([`Applied::superseded`](crate::Applied)): handed to the
+    /// failed-writes sink (written through: returned as an error).
+    pub superseded: u64,
     /// Records queued again after a failure.
     pub retries: u64,
     /// Writes handed to the failed-writes sink.
@@ -201,6 +205,7 @@ pub(crate) struct FlusherStats {
     pub(crate) records_written: AtomicU64,
     pub(crate) store_unavailable: AtomicU64,
     pub(crate) records_rejected: AtomicU64,
+    pub(crate) superseded: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) failed_writes: AtomicU64,
     pub(crate) store_panics: AtomicU64,
@@ -224,6 +229,7 @@ impl Default for FlusherStats {
             records_written: AtomicU64::new(0),
             store_unavailable: AtomicU64::new(0),
             records_rejected: AtomicU64::new(0),
+            superseded: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             failed_writes: AtomicU64::new(0),
             store_panics: AtomicU64::new(0),
@@ -279,6 +285,7 @@ impl FlusherStats {
         m.records_written += r(&self.records_written);
         m.store_unavailable += r(&self.store_unavailable);
         m.records_rejected += r(&self.records_rejected);
+        m.superseded += r(&self.superseded);
         m.retries += r(&self.retries);
         m.failed_writes += r(&self.failed_writes);
         m.store_panics += r(&self.store_panics);
@@ -326,6 +333,7 @@ impl Metrics {
             records_written: 0,
             store_unavailable: 0,
             records_rejected: 0,
+            superseded: 0,
             retries: 0,
             failed_writes: 0,
             store_panics: 0,
@@ -362,7 +370,7 @@ impl Metrics {
     /// distributions' p50/p99/p99.9/max as gauges. Call it periodically (e.g. every few
     /// seconds from the application's metrics loop); every series carries no labels.
     pub fn export(&self, prefix: &str) {
-        let counters: [(&str, u64); 30] = [
+        let counters: [(&str, u64); 31] = [
             ("load_waits", self.load_waits),
             ("evictions", self.evictions),
             ("expirations", self.expirations),
@@ -380,6 +388,7 @@ impl Metrics {
             ("records_written", self.records_written),
             ("store_unavailable", self.store_unavailable),
             ("records_rejected", self.records_rejected),
+            ("superseded", self.superseded),
             ("retries", self.retries),
             ("failed_writes", self.failed_writes),
             ("store_panics", self.store_panics),

@@ -150,6 +150,23 @@ pub trait Store<K, V>: Send + Sync + 'static {
     /// [`BatchError::Partial`] naming the indices that failed when all others were applied.
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError>;
 
+    /// [`Store::write_all`], saying also which writes the version guard ignored because the
+    /// store holds a newer version of their key ([`Applied::superseded`]). Of one cache's
+    /// writes, only a cache of a later generation can have written that newer version
+    /// (one cache sends a key's versions in order), so the cache counts each in
+    /// `Metrics::superseded` and hands it to the failed-writes sink instead of reporting it
+    /// written: nothing it accepted vanishes without a trace.
+    ///
+    /// The default calls `write_all` and reports nothing superseded; the shipped adapters
+    /// implement it (`write_all` then calls it). A redelivered write whose version equals the
+    /// stored one is applied, not superseded.
+    ///
+    /// # Errors
+    /// As [`Store::write_all`].
+    fn write_all_checked(&self, batch: &[Write<K, V>]) -> Result<Applied, BatchError> {
+        self.write_all(batch).map(|()| Applied::default())
+    }
+
     /// A new generation for a cache being built over this store: a number the store hands
     /// out once, each larger than every one it handed out before, durably (a database
     /// sequence, or a row updated in one transaction). The cache's versions are then
@@ -191,6 +208,26 @@ where
 
     fn generation(&self) -> Result<Option<u64>, StoreError> {
         (**self).generation()
+    }
+
+    fn write_all_checked(&self, batch: &[Write<K, V>]) -> Result<Applied, BatchError> {
+        (**self).write_all_checked(batch)
+    }
+}
+
+/// What a store did with a batch it applied ([`Store::write_all_checked`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Applied {
+    /// Indices into the batch of the writes the version guard ignored because the store
+    /// holds a newer version of their key.
+    pub superseded: Vec<usize>,
+}
+
+impl Applied {
+    /// The writes at `superseded` were ignored for a newer stored version; the rest applied.
+    pub fn superseded(superseded: Vec<usize>) -> Self {
+        Applied { superseded }
     }
 }
 
@@ -359,13 +396,20 @@ where
     }
 
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
+        self.write_all_checked(batch).map(|_| ())
+    }
+
+    fn write_all_checked(&self, batch: &[Write<K, V>]) -> Result<Applied, BatchError> {
         let mut g = self.lock();
         g.batches += 1;
         g.records += batch.len() as u64;
-        for w in batch {
-            Self::apply_locked(&mut g, w);
+        let mut superseded = Vec::new();
+        for (i, w) in batch.iter().enumerate() {
+            if !Self::apply_locked(&mut g, w) {
+                superseded.push(i);
+            }
         }
-        Ok(())
+        Ok(Applied::superseded(superseded))
     }
 
     /// 1, 2, 3, ...: each cache built over this store outranks the ones built before it.

@@ -893,3 +893,25 @@ fn generations_grow_per_table_and_fence_a_cache_built_later() {
     cache.flush().unwrap();
     assert_eq!(raw_row(&url, "wb_test_gen_a", 1).unwrap().1, v as i64);
 }
+
+#[test]
+fn superseded_writes_are_reported_and_redeliveries_are_not() {
+    let _s = serial();
+    let url = need!("WRITEBEHIND_PG_URL");
+    let store = fresh(&url, "wb_test_superseded");
+    let applied = store
+        .write_all_checked(&[put(1, "new", 10), put(2, "two", 10)])
+        .unwrap();
+    assert!(applied.superseded.is_empty());
+    let applied = store
+        .write_all_checked(&[
+            put(1, "old", 5),
+            put(2, "two", 10),
+            put(3, "three", 1),
+            del(4, 2),
+        ])
+        .unwrap();
+    assert_eq!(applied.superseded, vec![0]);
+    assert_eq!(raw_row(&url, "wb_test_superseded", 1).unwrap().1, 10);
+    assert_eq!(raw_row(&url, "wb_test_superseded", 3).unwrap().1, 1);
+}

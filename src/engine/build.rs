@@ -97,6 +97,7 @@ where
             bp_waits: AtomicU64::new(0),
             bp_rejections: AtomicU64::new(0),
             through_fallbacks: AtomicU64::new(0),
+            superseded_through: AtomicU64::new(0),
             mode: AtomicU8::new(mode as u8),
             loader,
             threads: Mutex::new(Some(Vec::new())),

@@ -39,6 +39,8 @@ pub(crate) struct Inner<K, V> {
     pub(super) bp_waits: AtomicU64,
     pub(super) bp_rejections: AtomicU64,
     pub(super) through_fallbacks: AtomicU64,
+    /// Write-throughs the store ignored for a newer version of their key.
+    pub(super) superseded_through: AtomicU64,
     /// The write mode, switchable at run time (`WriteMode as u8`).
     pub(super) mode: AtomicU8,
     /// Refresh-ahead jobs (only with `refresh_ahead`).
@@ -107,6 +109,7 @@ where
         m.backpressure_waits = inner.bp_waits.load(Ordering::Relaxed);
         m.backpressure_rejections = inner.bp_rejections.load(Ordering::Relaxed);
         m.write_through_fallbacks = inner.through_fallbacks.load(Ordering::Relaxed);
+        m.superseded += inner.superseded_through.load(Ordering::Relaxed);
         let now = inner.now();
         let mut hists = Metrics::histograms();
         for f in inner.flushers.iter() {

@@ -617,10 +617,26 @@ where
             },
             None => Write::Delete { key, version },
         };
-        let result = call_store(|| inner.store.write_all(std::slice::from_ref(&write)));
+        let result = call_store(|| inner.store.write_all_checked(std::slice::from_ref(&write)));
+        let (result, superseded) = crate::flusher::split_superseded(result, 1);
         if let Some((_, e)) = crate::flusher::failures(result, 1).pop() {
             drop(mark); // ends the write-through: the key's next one may go
             return Err(Error::Store(e));
+        }
+        if !superseded.is_empty() {
+            // A cache of a later generation wrote the key: this write is refused, and what
+            // memory holds of the key (older than the store's) leaves it.
+            inner.superseded_through.fetch_add(1, Ordering::Relaxed);
+            let mut t = shard.table.lock();
+            t.invalidate(hash, write.key());
+            let waited = mark.end(&mut t);
+            let departed = t.departures();
+            drop(t);
+            self.deliver(departed);
+            if waited {
+                shard.through_done.notify_all();
+            }
+            return Err(Error::Store(crate::flusher::superseded_error()));
         }
         let mut t = shard.table.lock();
         t.count_write_through(write.is_delete());

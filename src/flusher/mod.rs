@@ -24,7 +24,7 @@ mod step;
 mod thread;
 mod ticket;
 
-pub(crate) use outcome::failures;
+pub(crate) use outcome::{failures, split_superseded, superseded_error};
 pub(crate) use thread::run;
 pub(crate) use ticket::{Ticket, TicketOutcome};
 

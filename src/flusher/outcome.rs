@@ -25,7 +25,7 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
         let stats = &cx.me.stats;
         FlusherStats::add(&stats.batches, 1);
         let started = std::time::Instant::now();
-        let outcome = call_store(|| cx.store.write_all(batch));
+        let outcome = call_store(|| cx.store.write_all_checked(batch));
         let took = started.elapsed();
         stats.record_batch(batch.len(), took);
         if took > cx.config.store_timeout {
@@ -38,11 +38,12 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             FlusherStats::add(&stats.store_panics, 1);
             tracing::error!(message = %panic_msg, "store panicked in write_all; treated as unavailable");
         }
+        let (outcome, superseded) = split_superseded(outcome, batch.len());
         let failed = failures(outcome, batch.len());
 
         self.note_health(cx, &failed, batch.len(), now);
 
-        if failed.is_empty() {
+        if failed.is_empty() && superseded.is_empty() {
             Self::mark_persisted(cx, batch, meta, coarse);
             FlusherStats::add(&stats.records_written, batch.len() as u64);
             crate::guard::clear_quietly(batch);
@@ -51,9 +52,23 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
             return;
         }
         let mut failed = failed.into_iter().peekable();
+        let mut superseded = superseded.into_iter().peekable();
         let mut written = 0u64;
         for (i, (write, m)) in batch.drain(..).zip(meta.drain(..)).enumerate() {
             let error = failed.next_if(|(fi, _)| *fi == i).map(|(_, e)| e);
+            if error.is_none() && superseded.next_if(|&si| si == i).is_some() {
+                // A cache of a later generation wrote the key: retrying cannot help. The
+                // write goes to the failed-writes sink as one rejected for the last time
+                // (or, while the sink is full, waits there at the longest backoff).
+                FlusherStats::add(&stats.superseded, 1);
+                tracing::warn!(version = write.version(), "the store holds a newer version of the key, written by a cache of a later generation; the write is handed to the failed-writes sink");
+                let last = Meta {
+                    attempts: cx.config.max_attempts.saturating_sub(1),
+                    ..m
+                };
+                self.settle_failed(cx, write, &last, superseded_error(), now);
+                continue;
+            }
             match error {
                 None => {
                     let mut table = cx.shards[m.shard].table.lock();
@@ -280,6 +295,36 @@ impl<K: Clone + Eq + std::hash::Hash + Send + Sync + 'static> FlusherCore<K> {
 /// A `Partial` that does not account for the batch (an empty list, or an index outside it)
 /// is treated as `Unavailable`: nothing is known to be applied, so the whole batch is retried,
 /// which the store's version guard makes harmless.
+/// The error a superseded write is handed to the failed-writes sink with.
+pub(crate) fn superseded_error() -> StoreError {
+    StoreError::rejected(
+        "superseded: the store holds a newer version of this key, written by a cache of a later generation",
+    )
+}
+
+/// A store call's answer with the superseded writes taken out: the answer as
+/// [`failures`] reads it, and the indices of the writes the store ignored for a newer
+/// version (sorted; out-of-range ones dropped, with a warning).
+pub(crate) fn split_superseded(
+    outcome: Result<Result<crate::store::Applied, BatchError>, String>,
+    len: usize,
+) -> (Result<Result<(), BatchError>, String>, Vec<usize>) {
+    match outcome {
+        Ok(Ok(applied)) => {
+            let mut s = applied.superseded;
+            s.sort_unstable();
+            s.dedup();
+            if s.last().is_some_and(|&i| i >= len) {
+                tracing::warn!(batch = len, reported = ?s, "the store reported superseded writes outside the batch; ignored");
+                s.retain(|&i| i < len);
+            }
+            (Ok(Ok(())), s)
+        }
+        Ok(Err(e)) => (Ok(Err(e)), Vec::new()),
+        Err(panic) => (Err(panic), Vec::new()),
+    }
+}
+
 pub(crate) fn failures(
     outcome: Result<Result<(), BatchError>, String>,
     len: usize,

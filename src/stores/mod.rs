@@ -115,6 +115,10 @@ fn generation_from(g: i64) -> Result<Option<u64>, crate::StoreError> {
     })
 }
 
+/// The error of a superseded row in a batch that also failed (`BatchError::Partial`).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+const SUPERSEDED: &str = "superseded: the table holds a newer version of this key";
+
 /// A write's version as the signed 64-bit integer both databases store.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 fn db_version(version: u64) -> Result<i64, crate::StoreError> {

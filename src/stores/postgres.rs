@@ -12,7 +12,7 @@ use postgres::{Client, Config, GenericClient, NoTls, Statement};
 use super::codec::{Codec, Raw};
 use super::{db_version, quote_ident};
 use crate::error::{BatchError, StoreError};
-use crate::store::{Store, Write};
+use crate::store::{Applied, Store, Write};
 
 /// How long connecting may take before the call fails as [`StoreError::Unavailable`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,6 +113,8 @@ struct Sql {
     explain_upsert: String,
     load_one: String,
     load_many: String,
+    /// The stored versions of some keys (live or deleted).
+    versions_of: String,
     purge: String,
 }
 
@@ -136,6 +138,7 @@ impl Sql {
             ),
             load_one: format!("SELECT value FROM {t} WHERE key = $1 AND NOT deleted"),
             load_many: format!("SELECT key, value FROM {t} WHERE key = ANY($1) AND NOT deleted"),
+            versions_of: format!("SELECT key, version FROM {t} WHERE key = ANY($1)"),
             purge: format!("DELETE FROM {t} WHERE deleted AND version < $1"),
         }
     }
@@ -865,7 +868,15 @@ where
     }
 
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
+        self.write_all_checked(batch).map(|_| ())
+    }
+
+    /// As `write_all`; when the upsert left rows alone (fewer rows changed than sent, or a
+    /// record error made it go row by row), one more query reads the stored versions of the
+    /// batch's keys, and a row whose stored version is newer is superseded.
+    fn write_all_checked(&self, batch: &[Write<K, V>]) -> Result<Applied, BatchError> {
         let mut failed = Vec::new();
+        let mut superseded = Vec::new();
         let mut rows = Vec::with_capacity(batch.len());
         for (i, w) in batch.iter().enumerate() {
             match self.encode(i, w) {
@@ -885,19 +896,42 @@ where
             let done = conn
                 .client
                 .execute(&conn.upsert, &[&keys, &values, &versions, &deleted]);
-            match done {
-                Ok(_) => {}
+            let left_alone = match done {
+                Ok(changed) => changed < rows.len() as u64,
                 Err(e) if is_record_error(&e) => {
                     if let Err(e) = Self::isolate(conn, &rows, &mut failed) {
                         return Err(BatchError::from(store_error(e, &mut slot)));
                     }
+                    true
                 }
                 Err(e) => return Err(BatchError::from(store_error(e, &mut slot))),
+            };
+            if left_alone {
+                let stored = match conn.client.query(&self.sql.versions_of, &[&keys]) {
+                    Ok(stored) => stored,
+                    Err(e) => return Err(BatchError::from(store_error(e, &mut slot))),
+                };
+                let stored: std::collections::HashMap<Vec<u8>, i64> =
+                    stored.iter().map(|r| (r.get(0), r.get(1))).collect();
+                for row in &rows {
+                    let done = !failed.iter().any(|(i, _)| *i == row.index);
+                    if done && stored.get(&row.key).is_some_and(|&v| v > row.version) {
+                        superseded.push(row.index);
+                    }
+                }
             }
         }
         if failed.is_empty() {
-            Ok(())
+            superseded.sort_unstable();
+            Ok(Applied::superseded(superseded))
         } else {
+            // A `Partial` cannot say which rows were superseded: they are reported failed
+            // too, and the retry (in a batch without the bad rows) says it.
+            failed.extend(
+                superseded
+                    .into_iter()
+                    .map(|i| (i, StoreError::rejected(super::SUPERSEDED))),
+            );
             failed.sort_by_key(|(i, _)| *i);
             Err(BatchError::Partial(failed))
         }

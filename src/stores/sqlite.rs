@@ -13,7 +13,9 @@ use rusqlite::{Transaction, TransactionBehavior};
 use super::codec::{Codec, Raw};
 use super::{db_version, quote_ident};
 use crate::error::{BatchError, StoreError};
-use crate::store::{Store, Write};
+use crate::store::{Applied, Store, Write};
+
+use super::SUPERSEDED;
 
 /// How long a write waits for another connection's lock before the batch is reported
 /// [`StoreError::Unavailable`] (and retried by the cache).
@@ -89,6 +91,8 @@ struct Sql {
     upsert: String,
     delete: String,
     load_one: String,
+    /// The stored version of a key (live or deleted).
+    version_of: String,
     /// `load_all` without the `IN (...)` list.
     load_many: String,
     purge: String,
@@ -111,6 +115,7 @@ impl Sql {
                  WHERE excluded.version > t.version"
             ),
             load_one: format!("SELECT value FROM {t} WHERE key = ?1 AND deleted = 0"),
+            version_of: format!("SELECT version FROM {t} WHERE key = ?1"),
             load_many: format!("SELECT key, value FROM {t} WHERE deleted = 0 AND key IN "),
             purge: format!("DELETE FROM {t} WHERE deleted = 1 AND version < ?1"),
         }
@@ -551,14 +556,36 @@ impl<K: 'static, V: 'static> SqliteStore<K, V> {
         })
     }
 
-    /// One transaction over every row still in `rows`; a rejected row is moved to `failed`.
+    /// Whether a row the version guard left alone (`changed == 0`) was superseded: the
+    /// stored version is newer (an equal one is a redelivery, applied before).
+    fn is_superseded(
+        &self,
+        tx: &Transaction<'_>,
+        row: &Row,
+        changed: usize,
+    ) -> Result<bool, rusqlite::Error> {
+        if changed > 0 {
+            return Ok(false);
+        }
+        let stored: Option<i64> = tx
+            .prepare_cached(&self.sql.version_of)?
+            .query_row(params![row.key], |r| r.get(0))
+            .optional()?;
+        Ok(stored.is_some_and(|v| v > row.version))
+    }
+
+    /// One transaction over every row still in `rows`; a rejected row is moved to `failed`,
+    /// and one the version guard ignored for a newer stored version is listed in
+    /// `superseded`.
     fn attempt(
         &self,
         conn: &mut Connection,
         rows: &mut [Option<Row>],
         order: &[usize],
         failed: &mut Vec<(usize, StoreError)>,
+        superseded: &mut Vec<usize>,
     ) -> Result<Attempt, rusqlite::Error> {
+        superseded.clear();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut upsert = tx.prepare_cached(&self.sql.upsert)?;
@@ -571,7 +598,11 @@ impl<K: 'static, V: 'static> SqliteStore<K, V> {
                     None => delete.execute(params![row.key, row.version]),
                 };
                 match done {
-                    Ok(_) => {}
+                    Ok(changed) => {
+                        if self.is_superseded(&tx, row, changed)? {
+                            superseded.push(i);
+                        }
+                    }
                     // Dropping `tx` rolls the whole batch back.
                     Err(e) if !is_record_error(&e) => return Err(e),
                     Err(e) => {
@@ -599,7 +630,9 @@ impl<K: 'static, V: 'static> SqliteStore<K, V> {
         conn: &mut Connection,
         rows: &mut [Option<Row>],
         failed: &mut Vec<(usize, StoreError)>,
+        superseded: &mut Vec<usize>,
     ) -> Result<(), rusqlite::Error> {
+        superseded.clear();
         for (i, slot) in rows.iter_mut().enumerate() {
             let Some(row) = slot else { continue };
             let tx: Transaction<'_> =
@@ -612,9 +645,16 @@ impl<K: 'static, V: 'static> SqliteStore<K, V> {
                     .prepare_cached(&self.sql.delete)
                     .and_then(|mut s| s.execute(params![row.key, row.version])),
             }
-            .and_then(|_| tx.commit());
+            .and_then(|changed| {
+                let stale = self.is_superseded(&tx, row, changed)?;
+                tx.commit().map(|()| stale)
+            });
             match done {
-                Ok(()) => {}
+                Ok(stale) => {
+                    if stale {
+                        superseded.push(i);
+                    }
+                }
                 Err(e) if is_record_error(&e) => {
                     failed.push((i, StoreError::rejected(e)));
                     *slot = None;
@@ -696,10 +736,15 @@ where
     }
 
     fn write_all(&self, batch: &[Write<K, V>]) -> Result<(), BatchError> {
+        self.write_all_checked(batch).map(|_| ())
+    }
+
+    fn write_all_checked(&self, batch: &[Write<K, V>]) -> Result<Applied, BatchError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Applied::default());
         }
         let mut failed = Vec::new();
+        let mut superseded = Vec::new();
         let mut rows: Vec<Option<Row>> = batch
             .iter()
             .enumerate()
@@ -722,11 +767,11 @@ where
         let mut conn = self.writer.lock();
         // Each restart removes at least one row, so this loop ends.
         loop {
-            match self.attempt(&mut conn, &mut rows, &order, &mut failed) {
+            match self.attempt(&mut conn, &mut rows, &order, &mut failed, &mut superseded) {
                 Ok(Attempt::Committed) => break,
                 Ok(Attempt::Restart) => continue,
                 Ok(Attempt::CommitRejected) => {
-                    self.one_by_one(&mut conn, &mut rows, &mut failed)
+                    self.one_by_one(&mut conn, &mut rows, &mut failed, &mut superseded)
                         .map_err(BatchError::unavailable)?;
                     break;
                 }
@@ -735,8 +780,16 @@ where
         }
         drop(conn);
         if failed.is_empty() {
-            Ok(())
+            superseded.sort_unstable();
+            Ok(Applied::superseded(superseded))
         } else {
+            // A `Partial` cannot say which rows were superseded: they are reported failed
+            // too, and the retry (in a batch without the bad rows) says it.
+            failed.extend(
+                superseded
+                    .into_iter()
+                    .map(|i| (i, StoreError::rejected(SUPERSEDED))),
+            );
             failed.sort_by_key(|(i, _)| *i);
             Err(BatchError::Partial(failed))
         }
