@@ -48,6 +48,13 @@
 //! Each write is all or nothing, as on the synchronous cache: a dropped future never leaves a
 //! write half-applied.
 //!
+//! # Dropping
+//! Dropping the last clone of an `AsyncCache` inside a runtime lets go of the cache on the
+//! blocking pool. If nothing else holds the cache, it is dropped there: closed with the
+//! builder's drop deadline if `close` was not called, and its store dropped, whose own `Drop`
+//! may block (the synchronous `postgres` client's must not run on a runtime thread at all).
+//! Await [`close`](AsyncCache::close) before the last drop to get the report back.
+//!
 //! # Panics and errors
 //! A panic in user code that runs on the blocking pool (a `compute` closure, an `init`, the
 //! store) reaches the awaiting task as that panic ([`std::panic::resume_unwind`]), as it would
@@ -89,13 +96,46 @@ use crate::settings::WriteMode;
 /// A [`Cache`] for async code on a Tokio runtime: what never blocks runs on the calling task,
 /// what may block runs on the runtime's blocking pool (see the [module docs](crate::async_cache)).
 ///
-/// Cloning it is cheap: the clones share one cache.
+/// Cloning it is cheap: the clones share one cache. Dropping the last clone inside a runtime
+/// drops its hold on the cache on the blocking pool: a cache that was not closed closes then
+/// (as [`Cache`]'s `Drop` does), and a store's own `Drop` may block too.
 pub struct AsyncCache<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    // Dropped before `last`: when the last clone's `last` goes, it holds the facade's only
+    // reference.
     cache: Arc<Cache<K, V>>,
+    last: Arc<LastHold<K, V>>,
+}
+
+/// One more reference to the cache, shared by every clone of an [`AsyncCache`] and dropped
+/// with the last of them: it lets go of the cache off the runtime's worker threads.
+struct LastHold<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    cache: Option<Arc<Cache<K, V>>>,
+}
+
+impl<K, V> Drop for LastHold<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        let Some(cache) = self.cache.take() else {
+            return;
+        };
+        // Inside a runtime this may be a worker thread, where the cache's close (and the
+        // store's `Drop`) must not run. A runtime shutting down drops the task unrun, and the
+        // cache with it, on the thread that shuts it down.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn_blocking(move || drop(cache)));
+        }
+    }
 }
 
 impl<K, V> Clone for AsyncCache<K, V>
@@ -106,6 +146,7 @@ where
     fn clone(&self) -> Self {
         AsyncCache {
             cache: Arc::clone(&self.cache),
+            last: Arc::clone(&self.last),
         }
     }
 }
@@ -142,7 +183,10 @@ where
 
     /// Wraps a cache that synchronous code shares too.
     pub fn from_arc(cache: Arc<Cache<K, V>>) -> Self {
-        AsyncCache { cache }
+        let last = Arc::new(LastHold {
+            cache: Some(Arc::clone(&cache)),
+        });
+        AsyncCache { cache, last }
     }
 
     /// The synchronous cache, for calls without an async form (`preload`, `set_write_mode`,

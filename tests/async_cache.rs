@@ -502,3 +502,62 @@ fn the_rest_of_the_api() {
         assert!(cache.metrics().puts >= 4);
     });
 }
+
+/// A store that reports the thread it is dropped on.
+struct DropReporter {
+    inner: Arc<FaultyStore<u64, u64>>,
+    dropped_on: mpsc::Sender<std::thread::ThreadId>,
+}
+
+impl Store<u64, u64> for DropReporter {
+    fn load(&self, key: &u64) -> Result<Option<u64>, StoreError> {
+        self.inner.load(key)
+    }
+
+    fn write_all(&self, batch: &[Write<u64, u64>]) -> Result<(), BatchError> {
+        self.inner.write_all(batch)
+    }
+}
+
+impl Drop for DropReporter {
+    fn drop(&mut self) {
+        let _ = self.dropped_on.send(std::thread::current().id());
+    }
+}
+
+/// The last `AsyncCache` dropped on a runtime thread lets go of the cache on the blocking
+/// pool: the cache's close (which writes the pending write) and the store's `Drop` run there,
+/// not on the thread that drives the tasks.
+#[test]
+fn the_last_drop_inside_a_runtime_closes_on_the_blocking_pool() {
+    let faulty = Arc::new(FaultyStore::new());
+    let (dropped_on, dropped) = mpsc::channel();
+    let store = DropReporter {
+        inner: faulty.clone(),
+        dropped_on,
+    };
+    // A current-thread runtime drives its tasks on the thread that calls `block_on`.
+    let runtime_thread = std::thread::current().id();
+    current_thread().block_on(async move {
+        let cache: AsyncCache<u64, u64> = Cache::builder(store)
+            .write_delay(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .into_async();
+        let copy = cache.clone();
+        copy.put(1, 10).await.unwrap();
+        drop(copy);
+        assert!(!cache.cache().is_closed(), "a clone's drop closes nothing");
+        drop(cache);
+    });
+    let on = dropped.recv_timeout(STUCK).expect("the store was dropped");
+    assert_ne!(
+        on, runtime_thread,
+        "not on the thread that drives the tasks"
+    );
+    assert_eq!(
+        faulty.memory().get(&1),
+        Some(10),
+        "the close wrote the pending write"
+    );
+}
