@@ -56,9 +56,9 @@
 //! Await [`close`](AsyncCache::close) before the last drop to get the report back.
 //!
 //! # Panics and errors
-//! A panic in user code that runs on the blocking pool (a `compute` closure, an `init`, the
-//! store) reaches the awaiting task as that panic ([`std::panic::resume_unwind`]), as it would
-//! reach the caller of the synchronous method. If the runtime is shutting down and its
+//! A panic in user code that runs on the blocking pool (a `compute` or `update` closure, an
+//! `init`) reaches the awaiting task as that panic ([`std::panic::resume_unwind`]), as it
+//! would reach the caller of the synchronous method. If the runtime is shutting down and its
 //! blocking pool no longer runs tasks, a call that needed it did nothing and returns
 //! [`Error::Spawn`] (`close` then runs on the calling thread instead).
 //!
