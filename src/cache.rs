@@ -588,6 +588,13 @@ where
     pub fn metrics(&self) -> Metrics {
         self.inner.metrics()
     }
+
+    /// This cache behind the async facade for Tokio services (feature `tokio`): what may
+    /// block runs on the runtime's blocking pool. See [`AsyncCache`](crate::AsyncCache).
+    #[cfg(feature = "tokio")]
+    pub fn into_async(self) -> crate::AsyncCache<K, V> {
+        crate::AsyncCache::new(self)
+    }
 }
 
 impl<K, V> Drop for Cache<K, V>

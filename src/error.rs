@@ -168,7 +168,9 @@ pub enum Error {
         /// What is wrong and what would be accepted.
         reason: String,
     },
-    /// A background flusher thread could not be started.
+    /// A thread a call needed could not be started: one of the cache's background threads
+    /// at `build`, or, for a call of `AsyncCache` (feature `tokio`), a task on the Tokio
+    /// runtime's blocking pool because the runtime is shutting down (the call did nothing).
     Spawn(Source),
     /// The journal ([`Builder::journal`](crate::Builder::journal)) could not take the write
     /// (a full disk, an I/O error, a codec that failed), or could not be opened at `build`
@@ -199,7 +201,7 @@ impl fmt::Display for Error {
             Error::InvalidConfig { setting, reason } => {
                 write!(f, "invalid cache configuration: {setting}: {reason}")
             }
-            Error::Spawn(e) => write!(f, "could not start a flusher thread: {e}"),
+            Error::Spawn(e) => write!(f, "could not start a thread: {e}"),
             Error::Journal(e) => write!(f, "journal: {e}"),
         }
     }

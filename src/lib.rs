@@ -56,6 +56,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+pub mod async_cache;
 mod cache;
 mod clock;
 mod config;
@@ -84,6 +86,8 @@ pub mod __verify {
     pub use crate::dirty_ring::DirtyRing;
 }
 
+#[cfg(feature = "tokio")]
+pub use async_cache::AsyncCache;
 pub use cache::Cache;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Builder;

@@ -12,6 +12,8 @@ mod write;
 
 pub use close::CloseReport;
 pub use compute::Computed;
+#[cfg(feature = "tokio")]
+pub(crate) use write::WriteNow;
 
 use std::hash::Hash;
 use std::time::Duration;

@@ -73,6 +73,15 @@ struct Prepared<K, V> {
     rec: Option<Encoded>,
 }
 
+/// What [`Inner::write_now`] did with a write.
+#[cfg(feature = "tokio")]
+pub(crate) enum WriteNow<K, V> {
+    /// The write was made, or refused, without waiting.
+    Done(Result<u64, Error>),
+    /// The write would have waited: its key and value, untouched, for a caller that may.
+    WouldWait(K, Option<V>),
+}
+
 impl<K, V> Inner<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -148,6 +157,61 @@ where
         let version = self.after_write(s, outcome, queued);
         self.wait_journaled(lsn)?;
         Ok(version)
+    }
+
+    /// Whether a write may wait on the caller's thread for more than a shard lock: any write
+    /// outside [`WriteMode::Behind`] (the store, or a local write waiting for a write-through),
+    /// backpressure that blocks or writes through, and a journal that syncs every write.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn writes_may_block(&self) -> bool {
+        self.write_mode() != WriteMode::Behind
+            || matches!(
+                self.backpressure,
+                Some((
+                    _,
+                    _,
+                    Backpressure::Block { .. } | Backpressure::WriteThrough
+                ))
+            )
+            || self.journal.as_ref().is_some_and(|j| j.waits_for_sync())
+    }
+
+    /// A write-behind that never waits: where [`Inner::write`] could wait (see
+    /// [`Inner::writes_may_block`], or another caller's turn of the key is in flight: a
+    /// read-modify-write or a write-through), it hands the key and value back instead.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn write_now(&self, key: K, value: Option<V>) -> WriteNow<K, V> {
+        if self.writes_may_block() {
+            return WriteNow::WouldWait(key, value);
+        }
+        let hash = self.hash(&key);
+        let s = self.shard_of(hash);
+        let shard = &self.shards[s];
+        let weight = self.weight(&key, value.as_ref());
+        let rec = match &self.journal {
+            Some(j) => match j.encode(&key, value.as_ref()) {
+                Ok(rec) => Some(rec),
+                Err(e) => return WriteNow::Done(Err(e.into())),
+            },
+            None => None,
+        };
+        let now = self.coarse_now();
+        let mut table = shard.table.lock();
+        if table.through_in_flight(hash, &key) {
+            return WriteNow::WouldWait(key, value);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return WriteNow::Done(Err(Error::Closed));
+        }
+        if let Some((high, low, policy)) = self.backpressure {
+            if !table.admits(high, low, hash, &key) {
+                drop(table);
+                // `Reject` here (`writes_may_block` sent the other policies away): no wait.
+                let refused = self.write_under_pressure(s, hash, key, value, weight, policy, rec);
+                return WriteNow::Done(refused);
+            }
+        }
+        WriteNow::Done(self.write_locked(s, table, hash, key, value, now, weight, rec.as_ref()))
     }
 
     /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is

@@ -589,6 +589,12 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
 }
 
 impl<K, V> JournalLog<K, V> {
+    /// `true` in `EveryWrite` mode, where a write waits for a sync of its record.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn waits_for_sync(&self) -> bool {
+        self.core.mode == JournalSync::EveryWrite
+    }
+
     /// Waits until a sync covers `lsn`, in `EveryWrite` mode; returns at once in the others.
     ///
     /// Concurrent callers share syncs (group commit): the journal thread syncs every segment
