@@ -96,6 +96,9 @@ fn workload(name: &str, w: Workload, rounds: u64, aim: Duration) -> Vec<Row> {
     // the design's shard lock costs with nothing of writebehind's own.
     let floors = if w.mix == Mix::GetHit {
         &Kind::FLOORS[..]
+    } else if w.mix == Mix::Put && w.dist == Dist::Zipf {
+        // And the Zipf put the journaled engine, beside the same engine without a journal.
+        &Kind::JOURNALED[..]
     } else {
         &[]
     };
@@ -366,6 +369,20 @@ fn main() {
     target(&what, &put, niced, Kind::Dashmap, 0.7);
     let what = format!("put Zipf vs hand-rolled, flusher_nice({WB_NICE})");
     target(&what, &put, niced, Kind::HandRolled, 2.0);
+    target(
+        "put Zipf, journal Os vs no journal",
+        &put,
+        Kind::JournalOs,
+        wb,
+        0.7,
+    );
+    target(
+        "put Zipf, journal Interval(10ms) vs no journal",
+        &put,
+        Kind::JournalInterval,
+        wb,
+        0.7,
+    );
     conflation(20, 50_000);
     println!("\ntotal time: {:.1}s", t0.elapsed().as_secs_f64());
 }

@@ -93,12 +93,12 @@ where
     ///     .clock(clock.clone())
     ///     .manual_flushing()
     ///     .build()?;
-    /// cache.put_with_ttl("session:1".to_string(), 7u64, Duration::from_secs(30))?;
+    /// cache.put_with_ttl("login:1".to_string(), 7u64, Duration::from_secs(30))?;
     /// cache.put("user:1".to_string(), 8)?;
     /// cache.flush()?;
     /// clock.advance(Duration::from_secs(31));
     /// cache.flush_step()?; // the flusher's sweep
-    /// assert!(!cache.contains_key(&"session:1".to_string()));
+    /// assert!(!cache.contains_key(&"login:1".to_string()));
     /// assert!(cache.contains_key(&"user:1".to_string()));
     /// # Ok::<(), writebehind::Error>(())
     /// ```

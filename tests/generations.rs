@@ -188,7 +188,7 @@ fn sqlite_hands_out_growing_generations_per_table() {
     drop(a);
     // Durable: a new connection to the same file continues; another table starts at 1.
     assert_eq!(open("profiles").unwrap().generation().unwrap(), Some(3));
-    assert_eq!(open("sessions").unwrap().generation().unwrap(), Some(1));
+    assert_eq!(open("carts").unwrap().generation().unwrap(), Some(1));
     let cache = Cache::builder(open("profiles").unwrap()).build().unwrap();
     let v = cache.put(1, "x".to_string()).unwrap();
     assert_eq!(version::generation_of(v), Some(4));

@@ -19,6 +19,7 @@ pub use wb_cache::{Rec, WbCache, WbcController};
 use super::contender::{Contender, SharedStore};
 use super::floors::{DesignFloor, MapFloor};
 use super::value::Val;
+use ::writebehind::journal::JournalSync;
 
 /// Capacity of the bounded peers: large enough that nothing the benches put is evicted.
 pub const PEER_CAPACITY: usize = 1 << 22;
@@ -40,12 +41,20 @@ pub enum Kind {
     MapFloor,
     /// [`LockFloor`] with a [`DesignEntry`], the least entry the design allows.
     DesignFloor,
+    /// writebehind with a journal, `JournalSync::Os`. Not in [`Kind::ALL`]: the ratio
+    /// report adds the journaled contenders to its Zipf put workload.
+    JournalOs,
+    /// writebehind with a journal, `JournalSync::Interval(10 ms)`.
+    JournalInterval,
 }
 
 impl Kind {
     /// The two shard-lock floors ([`LockFloor`]), which the ratio report adds to its get
     /// workload.
     pub const FLOORS: [Kind; 2] = [Kind::MapFloor, Kind::DesignFloor];
+
+    /// The journaled writebehinds, which the ratio report adds to its Zipf put workload.
+    pub const JOURNALED: [Kind; 2] = [Kind::JournalOs, Kind::JournalInterval];
 
     pub const ALL: [Kind; 7] = [
         Kind::Writebehind,
@@ -68,6 +77,8 @@ impl Kind {
             Kind::WbCache => "wb-cache",
             Kind::MapFloor => "lock floor 16B",
             Kind::DesignFloor => "lock floor 32B",
+            Kind::JournalOs => "writebehind-journal-os",
+            Kind::JournalInterval => "writebehind-journal-10ms",
         }
     }
 
@@ -93,6 +104,12 @@ impl Kind {
             Kind::WbCache => Box::new(WbCache::new(store, threads)),
             Kind::MapFloor => Box::new(MapFloor::new(store)),
             Kind::DesignFloor => Box::new(DesignFloor::new(store)),
+            Kind::JournalOs => Box::new(Wb::journaled(store, JournalSync::Os, self)),
+            Kind::JournalInterval => Box::new(Wb::journaled(
+                store,
+                JournalSync::Interval(std::time::Duration::from_millis(10)),
+                self,
+            )),
         }
     }
 }

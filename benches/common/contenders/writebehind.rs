@@ -1,16 +1,20 @@
-//! writebehind itself, with the defaults or with a niced flusher.
+//! writebehind itself, with the defaults, with a niced flusher, or with a journal.
 
 use std::sync::Arc;
 
+use writebehind::journal::{Journal, JournalSync};
+use writebehind::stores::Raw;
 use writebehind::Cache;
 
 use super::Kind;
 use crate::common::contender::{SharedStore, SyncCache};
-use crate::common::value::Val;
+use crate::common::value::{Val, ValCodec};
 
 pub struct Wb<V: Val> {
     pub cache: Cache<u64, V>,
     label: Option<&'static str>,
+    /// The journal's directory (removed when the contender drops), for the journaled ones.
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// The nice levels of the `writebehind-nice10` contender's flusher (`Builder::flusher_nice`).
@@ -26,6 +30,21 @@ impl<V: Val> Wb<V> {
     /// (the `writebehind-nice10` contender).
     pub fn niced(store: SharedStore<V>) -> Arc<Self> {
         Self::build(store, Some(WB_NICE))
+    }
+
+    /// The defaults with a journal syncing as `sync` says, in a temporary directory (the
+    /// `writebehind-journal-*` contenders).
+    pub fn journaled(store: SharedStore<V>, sync: JournalSync, kind: Kind) -> Arc<Self> {
+        let dir = tempfile::tempdir().expect("a temporary directory for the journal");
+        let cache = Cache::builder(store)
+            .journal(Journal::new(dir.path(), Raw, ValCodec).sync(sync))
+            .build()
+            .expect("a journal in a fresh directory opens");
+        Arc::new(Wb {
+            cache,
+            label: Some(kind.name()),
+            _dir: Some(dir),
+        })
     }
 
     fn build(store: SharedStore<V>, nice: Option<u8>) -> Arc<Self> {
@@ -50,6 +69,7 @@ impl<V: Val> Wb<V> {
         Arc::new(Wb {
             cache,
             label: nice.map(|_| Kind::WritebehindNice.name()),
+            _dir: None,
         })
     }
 }
