@@ -472,6 +472,54 @@ where
         self.inner.invalidate_all()
     }
 
+    /// Hands partitions away ([`Builder::partitions`](crate::Builder::partitions)): from
+    /// now on their keys' reads and writes are refused ([`Error::NotOwner`]); then every
+    /// pending write is written ([`Cache::flush`]) and their keys leave memory, so the new
+    /// owner can start serving them once this returns `Ok`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a cache that is not partitioned or a partition that does
+    /// not exist (nothing changes); as [`Cache::flush`] when the store could not take the
+    /// pending writes: the partitions stay released, their writes stay queued here and are
+    /// written later (or, if the new owner wrote the key first, reported superseded:
+    /// [`Metrics::superseded`]); call it again to finish the hand-off.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use writebehind::{Cache, Error, MemoryStore};
+    /// let store = Arc::new(MemoryStore::new());
+    /// let part = |k: &u64| (*k % 2) as u32;
+    /// let old = Cache::builder(store.clone()).partitions(2, part).build()?;
+    /// let new = Cache::builder(store.clone()).partitions(2, part).owned_partitions([0]).build()?;
+    /// old.put(3, "v1".to_string())?;                  // partition 1, old's
+    /// old.release_partitions(&[1])?;                   // written, dropped, refused from now
+    /// assert!(matches!(old.get(&3), Err(Error::NotOwner { partition: 1 })));
+    /// new.acquire_partitions(&[1])?;
+    /// assert_eq!(new.get(&3)?.as_deref(), Some("v1")); // read from the store
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn release_partitions(&self, parts: &[u32]) -> Result<(), Error> {
+        self.inner.release_partitions(parts)
+    }
+
+    /// Starts serving partitions handed over by another instance: whatever memory still
+    /// holds of their keys leaves it first (it may be older than the store), so their reads
+    /// go to the store. Call it once the previous owner's
+    /// [`Cache::release_partitions`] returned `Ok` (or it is gone).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a cache that is not partitioned or a partition that does
+    /// not exist (nothing changes); [`Error::Closed`] after `close`.
+    pub fn acquire_partitions(&self, parts: &[u32]) -> Result<(), Error> {
+        self.inner.acquire_partitions(parts)
+    }
+
+    /// The partitions this cache serves now (empty for a cache that is not partitioned).
+    pub fn owned_partitions(&self) -> Vec<u32> {
+        self.inner.owned_partitions()
+    }
+
     /// Blocks until the store holds the write that returned `version` for `key` (or a newer
     /// write of the key), or `timeout` passes. Use it to tell a client "saved" without
     /// writing through on every request; [`Cache::flush_key`] makes it quick.

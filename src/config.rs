@@ -349,6 +349,47 @@ impl<K, V> Builder<K, V> {
         self
     }
 
+    /// Splits the key space into `count` partitions (`partitioner(key) % count`), for running
+    /// several instances over one database: each serves the partitions the application gives
+    /// it ([`Builder::owned_partitions`]; all of them by default), and refuses reads and
+    /// writes of other keys with [`Error::NotOwner`](crate::Error::NotOwner).
+    /// [`Cache::release_partitions`](crate::Cache::release_partitions) and
+    /// [`Cache::acquire_partitions`](crate::Cache::acquire_partitions) move them between
+    /// instances. The partitioner must give a key the same partition in every instance (a
+    /// hash of the key's bytes, not `std`'s randomly seeded hasher); it runs outside the
+    /// cache's locks. See docs/SCALING.md.
+    ///
+    /// # Examples
+    /// ```
+    /// use writebehind::{Cache, Error, MemoryStore};
+    /// let cache = Cache::builder(MemoryStore::new())
+    ///     .partitions(4, |k: &u64| (*k % 4) as u32)
+    ///     .owned_partitions([0, 1])
+    ///     .build()?;
+    /// cache.put(4, "mine".to_string())?;                  // partition 0
+    /// assert!(matches!(cache.put(6, "theirs".to_string()), Err(Error::NotOwner { partition: 2 })));
+    /// # Ok::<(), writebehind::Error>(())
+    /// ```
+    pub fn partitions(
+        mut self,
+        count: u32,
+        partitioner: impl Fn(&K) -> u32 + Send + Sync + 'static,
+    ) -> Self {
+        self.s.partitions = Some(crate::partition::PartitionSettings {
+            count,
+            of: std::sync::Arc::new(partitioner),
+            owned: None,
+        });
+        self
+    }
+
+    /// The partitions this cache serves from the start (with [`Builder::partitions`]);
+    /// default: all of them.
+    pub fn owned_partitions(mut self, owned: impl IntoIterator<Item = u32>) -> Self {
+        self.s.owned_partitions = Some(owned.into_iter().collect());
+        self
+    }
+
     /// A listener called for every clean value that leaves memory, with its key and the
     /// [`RemovalCause`](crate::RemovalCause): evicted, expired, invalidated, replaced by a
     /// newer value, or removed. A value whose write the store may not hold yet never leaves

@@ -161,6 +161,12 @@ pub enum Error {
     /// that would have to hold a flusher's core (a write-through under
     /// `Backpressure::WriteThrough`, or of a key with write-behind work still pending).
     Reentrant,
+    /// The key belongs to a partition this cache does not own
+    /// ([`Builder::partitions`](crate::Builder::partitions)): another instance serves it.
+    NotOwner {
+        /// The key's partition.
+        partition: u32,
+    },
     /// The builder was given a setting it cannot use.
     InvalidConfig {
         /// The builder method at fault.
@@ -197,6 +203,10 @@ impl fmt::Display for Error {
             Error::Timeout => f.write_str("timed out before the store held the write; it stays queued"),
             Error::Reentrant => f.write_str(
                 "called from inside a Store callback (flush/close on a flusher thread, or a write-through that would wait for the call it is in); it would wait for itself",
+            ),
+            Error::NotOwner { partition } => write!(
+                f,
+                "the key is in partition {partition}, which this cache does not own; route it to its owner"
             ),
             Error::InvalidConfig { setting, reason } => {
                 write!(f, "invalid cache configuration: {setting}: {reason}")

@@ -69,6 +69,7 @@ mod guard;
 pub mod journal;
 mod loader;
 mod metrics;
+mod partition;
 mod settings;
 mod shard;
 mod shared;

@@ -29,6 +29,8 @@ pub(crate) struct Shared<K, V> {
     pub(crate) store_users: AtomicUsize,
     pub(crate) failed: Mutex<VecDeque<FailedWrite<K, V>>>,
     pub(crate) on_failed_write: Option<FailedWriteHook<K, V>>,
+    /// The partitions this cache owns ([`Builder::partitions`](crate::Builder::partitions)).
+    pub(crate) partitions: Option<crate::partition::Partitions<K>>,
     /// The removal listener ([`Builder::on_removal`](crate::Builder::on_removal)).
     pub(crate) on_removal: Option<crate::settings::RemovalListener<K, V>>,
     /// Panics caught in user code other than the store (see `Metrics::user_panics`).
@@ -170,6 +172,22 @@ where
         self.progress_cv.wait_for(&mut g, slice);
         drop(g);
         self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The partition of `key` when the cache is partitioned (the application's partitioner:
+    /// call it outside every lock).
+    #[inline]
+    pub(crate) fn partition_of(&self, key: &K) -> Option<u32> {
+        self.partitions.as_ref().map(|p| p.of(key))
+    }
+
+    /// Refuses a key of a partition this cache does not own ([`Error::NotOwner`]).
+    #[inline]
+    pub(crate) fn check_owner(&self, part: Option<u32>) -> Result<(), crate::Error> {
+        match (part, &self.partitions) {
+            (Some(p), Some(ps)) => ps.check(p),
+            _ => Ok(()),
+        }
     }
 
     /// Calls the removal listener for values that left memory, on the caller's thread,

@@ -39,6 +39,22 @@ where
     /// at their journaled versions, and new versions start above all of them.
     pub(crate) fn new(mut s: Settings<K, V>) -> Result<(Self, Threads), Error> {
         s.validate()?;
+        let partitions = match (s.partitions.take(), s.owned_partitions.take()) {
+            (Some(mut p), owned) => {
+                if owned.is_some() {
+                    p.owned = owned;
+                }
+                Some(crate::partition::Partitions::new(p)?)
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidConfig {
+                    setting: "owned_partitions",
+                    reason: "needs Builder::partitions (the partition count and the partitioner)"
+                        .into(),
+                })
+            }
+            (None, None) => None,
+        };
         let (journal, replayed) = match s.journal.take() {
             Some(j) => {
                 // One journal shard per flusher: flusher k's shards (s % flushers == k)
@@ -84,7 +100,7 @@ where
         };
         let (mode, loader) = (s.write_mode, s.refresh_ahead.map(|_| Loader::new()));
         let inner = Inner {
-            shared: shared(s, limits, ring_capacity, journal, min_version),
+            shared: shared(s, limits, ring_capacity, journal, min_version, partitions),
             flushers,
             count_chunk,
             load_errors: AtomicU64::new(0),
@@ -238,6 +254,7 @@ fn shared<K, V>(
     ring_capacity: usize,
     journal: Option<JournalLog<K, V>>,
     min_version: u64,
+    partitions: Option<crate::partition::Partitions<K>>,
 ) -> Shared<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -289,6 +306,7 @@ where
         failed: Mutex::new(VecDeque::new()),
         on_failed_write: s.on_failed_write,
         on_removal: s.on_removal,
+        partitions,
         user_panics: AtomicU64::new(0),
         last_clock: AtomicU64::new(0),
         progress: Mutex::new(0),

@@ -146,6 +146,97 @@ where
         Ok(gone)
     }
 
+    /// [`Cache::release_partitions`](crate::Cache::release_partitions).
+    pub(crate) fn release_partitions(&self, parts: &[u32]) -> Result<(), Error> {
+        let ps = self.partitioned()?;
+        ps.set(parts, false)?;
+        // A write checks ownership under its shard's lock: taking each lock once after the
+        // bits cleared orders every write that was let through before the flush below.
+        for shard in self.shards.iter() {
+            drop(shard.table.lock());
+        }
+        self.flush()?;
+        self.drop_partitions(parts);
+        Ok(())
+    }
+
+    /// [`Cache::acquire_partitions`](crate::Cache::acquire_partitions).
+    pub(crate) fn acquire_partitions(&self, parts: &[u32]) -> Result<(), Error> {
+        let ps = self.partitioned()?;
+        // Validated first, so that nothing is dropped for a call that is refused.
+        ps.validate(parts)?;
+        // A new generation, as a lease's fencing token: the previous owner may have been
+        // built later than this cache, and its writes of these keys would outrank this
+        // cache's until its versions move above them.
+        match crate::guard::call_store(|| self.store.generation()) {
+            Ok(Ok(Some(g))) => {
+                let first =
+                    crate::version::first_of_generation(g).ok_or_else(|| Error::InvalidConfig {
+                        setting: "Store::generation",
+                        reason: format!("generation {g} is above the most a version holds"),
+                    })?;
+                for shard in self.shards.iter() {
+                    shard.table.lock().raise_versions(first);
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return Err(Error::Store(e)),
+            Err(panic) => {
+                return Err(Error::Store(crate::StoreError::unavailable(format!(
+                    "Store::generation panicked: {panic}"
+                ))))
+            }
+        }
+        // What memory may hold of them from an earlier time of ownership is older than the
+        // store: it goes, and reads go to the store.
+        self.drop_partitions(parts);
+        ps.set(parts, true)
+    }
+
+    /// The partitions this cache owns now.
+    pub(crate) fn owned_partitions(&self) -> Vec<u32> {
+        self.partitions
+            .as_ref()
+            .map_or_else(Vec::new, crate::partition::Partitions::owned)
+    }
+
+    fn partitioned(&self) -> Result<&crate::partition::Partitions<K>, Error> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.partitions
+            .as_ref()
+            .ok_or_else(|| Error::InvalidConfig {
+                setting: "partitions",
+                reason: "the cache is not partitioned (Builder::partitions)".into(),
+            })
+    }
+
+    /// Drops the keys of `parts` from memory, except those holding a write the store may
+    /// not have yet. The keys are listed under each shard's lock and their partitions
+    /// computed outside it (the partitioner is the application's code).
+    fn drop_partitions(&self, parts: &[u32]) {
+        let Some(ps) = &self.partitions else { return };
+        for shard in self.shards.iter() {
+            let keys = shard.table.lock().keys();
+            let gone: Vec<(u64, K)> = keys
+                .into_iter()
+                .filter(|k| parts.contains(&ps.of(k)))
+                .map(|k| (self.hash(&k), k))
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut t = shard.table.lock();
+            for (hash, k) in &gone {
+                t.invalidate(*hash, k);
+            }
+            let departed = t.departures();
+            drop(t);
+            self.deliver(departed);
+        }
+    }
+
     /// Writes `key`'s pending write (if any) to the store now, on the caller's thread,
     /// without waiting for its delay, and returns once the store holds it.
     pub(crate) fn flush_key(&self, key: &K) -> Result<(), Error> {

@@ -114,6 +114,9 @@ where
     #[inline(always)]
     pub(crate) fn get(&self, key: &K) -> Result<Option<V>, Error> {
         let inner = self;
+        if inner.partitions.is_some() {
+            inner.check_owner(inner.partition_of(key))?;
+        }
         let hash = inner.hash(key);
         let s = inner.shard_of(hash);
         if inner.timed {
@@ -144,6 +147,9 @@ where
     /// The value of `key` in memory, if any: never reads the store (a miss is `None`, as is
     /// a pending delete).
     pub(crate) fn get_if_present(&self, key: &K) -> Option<V> {
+        if self.partitions.is_some() && self.check_owner(self.partition_of(key)).is_err() {
+            return None;
+        }
         let hash = self.hash(key);
         let s = self.shard_of(hash);
         if !self.timed && plain::<K>() && plain::<V>() {
@@ -253,6 +259,11 @@ where
     /// that load instead). The answer is in the order of `keys`.
     pub(crate) fn get_all(&self, keys: &[K]) -> Result<Vec<Option<V>>, Error> {
         let inner = self;
+        if inner.partitions.is_some() {
+            for key in keys {
+                inner.check_owner(inner.partition_of(key))?;
+            }
+        }
         let now = inner.coarse_now();
         let mut out: Vec<Option<V>> = Vec::with_capacity(keys.len());
         let mut lead: Vec<Led<V>> = Vec::new();
@@ -358,6 +369,10 @@ where
         let now = inner.coarse_now();
         let mut added = 0;
         for (key, value) in entries {
+            // A key of a partition another instance serves is not cached here.
+            if inner.check_owner(inner.partition_of(&key)).is_err() {
+                continue;
+            }
             let hash = inner.hash(&key);
             let weight = inner.weight(&key, Some(&value));
             let mut t = inner.shards[inner.shard_of(hash)].table.lock();

@@ -65,6 +65,8 @@ type Made<K, V> = (WriteOutcome<K, V>, Queued<K>, Option<Lsn>);
 struct Prepared<K, V> {
     /// Its position in the caller's items.
     at: usize,
+    /// Its partition, in a partitioned cache.
+    part: Option<u32>,
     s: usize,
     hash: u64,
     key: K,
@@ -134,7 +136,7 @@ where
         let inner = self;
         let shard = &inner.shards[s];
         let now = inner.coarse_now();
-        let mut table = Self::lock_behind(shard, hash, &key)?;
+        let mut table = self.lock_behind(shard, hash, &key)?;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -196,9 +198,13 @@ where
             None => None,
         };
         let now = self.coarse_now();
+        let part = self.partition_of(&key);
         let mut table = shard.table.lock();
         if table.through_in_flight(hash, &key) {
             return WriteNow::WouldWait(key, value);
+        }
+        if let Err(e) = self.check_owner(part) {
+            return WriteNow::Done(Err(e));
         }
         if self.closed.load(Ordering::Acquire) {
             return WriteNow::Done(Err(Error::Closed));
@@ -217,12 +223,17 @@ where
     /// Locks a shard's table for a write-behind of `key`: if a write-through of the key is
     /// still at the store (the mode switched while this write was on its way), waits for it
     /// first, or this write's batch could reach the store before the older write-through.
+    /// In a partitioned cache, the key's partition must be owned: checked under the lock,
+    /// so that [`Inner::release_partitions`] (which takes every shard's lock once after it
+    /// stops owning) orders every write it did not refuse before its flush.
     #[inline]
     pub(super) fn lock_behind<'a>(
+        &self,
         shard: &'a Shard<K, V>,
         hash: u64,
         key: &K,
     ) -> Result<MutexGuard<'a, Table<K, V>>, Error> {
+        let part = self.partition_of(key);
         let mut table = shard.table.lock();
         while table.through_in_flight(hash, key) {
             // This thread's own read-modify-write of the key writes its result.
@@ -231,6 +242,7 @@ where
             }
             Self::wait_through(shard, &mut table)?;
         }
+        self.check_owner(part)?;
         Ok(table)
     }
 
@@ -345,6 +357,7 @@ where
             let rec = self.encode(&key, value.as_ref())?;
             prepared.push(Prepared {
                 at,
+                part: self.partition_of(&key),
                 s: self.shard_of(hash),
                 hash,
                 key,
@@ -369,6 +382,10 @@ where
             for p in group {
                 if self.closed.load(Ordering::Acquire) {
                     result = Err(Error::Closed);
+                    break;
+                }
+                if let Err(e) = self.check_owner(p.part) {
+                    result = Err(e);
                     break;
                 }
                 let waits = match table.through_in_flight(p.hash, &p.key) {
@@ -500,7 +517,7 @@ where
                 let _core = inner.flusher_of(s).core.lock();
                 // A write-through of the key in flight does not need the core (it would hold
                 // it), so waiting for it here cannot wait for this thread.
-                let mut table = Self::lock_behind(shard, hash, &key)?;
+                let mut table = self.lock_behind(shard, hash, &key)?;
                 if table.admits(high, low, hash, &key) {
                     // Room appeared meanwhile: an ordinary write-behind.
                     let now = inner.coarse_now();
@@ -568,7 +585,7 @@ where
             inner.wait_progress(left.min(Duration::from_millis(10)));
             // The mode may have switched meanwhile, and a write-through of the key
             // gone to the store: `lock_behind` waits for it.
-            let mut table = Self::lock_behind(shard, hash, &key)?;
+            let mut table = self.lock_behind(shard, hash, &key)?;
             if inner.closed.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
@@ -742,8 +759,10 @@ where
     ) -> Result<(u64, Option<CoreGuard<'_, K>>), Error> {
         let shard = &self.shards[s];
         let mut core = None;
+        let part = self.partition_of(key);
         let mut table = shard.table.lock();
         loop {
+            self.check_owner(part)?;
             // This thread's own read-modify-write of the key, writing its result through:
             // the key is already its turn.
             let in_flight = table.through_in_flight(hash, key);
@@ -783,7 +802,7 @@ where
         let hash = inner.hash(&key);
         let shard = &inner.shards[inner.shard_of(hash)];
         let weight = inner.weight(&key, value.as_ref());
-        let mut t = Self::lock_behind(shard, hash, &key)?;
+        let mut t = self.lock_behind(shard, hash, &key)?;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }

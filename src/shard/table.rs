@@ -340,6 +340,14 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         (n, kept)
     }
 
+    /// A copy of every key in memory (a key whose `Clone` panics is left out).
+    pub(crate) fn keys(&self) -> Vec<K> {
+        self.map
+            .iter()
+            .filter_map(|e| crate::guard::catch(|| e.key.clone()).ok())
+            .collect()
+    }
+
     /// `true` if the key has any entry (a value, a pending delete, or a cached absence).
     pub(crate) fn contains_any(&self, hash: u64, key: &K) -> bool {
         self.find(hash, key).is_some()
@@ -388,6 +396,16 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
 
     /// Hands out the next version (for a write that does not go through `write`). It is not
     /// counted as a put until [`Table::count_write_through`] says the store took it.
+    /// Moves the version counter up to `first` (a newer generation's first version, so that
+    /// every later write outranks every earlier one), without counting the skipped versions
+    /// as writes. Never moves it down.
+    pub(crate) fn raise_versions(&mut self, first: u64) {
+        if first > self.next_version {
+            self.version_base += first - self.next_version;
+            self.next_version = first;
+        }
+    }
+
     pub(crate) fn next_version(&mut self) -> u64 {
         let v = self.next_version;
         self.next_version += 1;
