@@ -70,10 +70,14 @@
 
 mod codec;
 #[cfg(feature = "postgres")]
+mod leases;
+#[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "postgres")]
+pub use self::leases::{Leases, PgLeases};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{
     PostgresStore, PostgresStoreBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVES_IDLE,

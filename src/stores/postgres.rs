@@ -857,10 +857,20 @@ where
         let (create, next) = super::generation_sql();
         let mut slot = self.writer.lock();
         let conn = self.conn(&mut slot)?;
-        let row = conn
-            .client
-            .batch_execute(&create)
-            .and_then(|()| conn.client.query_one(&next, &[&self.table]));
+        let created = match conn.client.batch_execute(&create) {
+            // Another process creating the table at the same moment: it exists now.
+            Err(e)
+                if e.code().is_some_and(|c| {
+                    *c == SqlState::UNIQUE_VIOLATION
+                        || *c == SqlState::DUPLICATE_TABLE
+                        || *c == SqlState::DUPLICATE_OBJECT
+                }) =>
+            {
+                Ok(())
+            }
+            other => other,
+        };
+        let row = created.and_then(|()| conn.client.query_one(&next, &[&self.table]));
         match row {
             Ok(row) => super::generation_from(row.get(0)),
             Err(e) => Err(store_error(e, &mut slot)),
