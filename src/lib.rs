@@ -103,6 +103,11 @@ pub use settings::{
 };
 pub use store::{Applied, FailedWrite, MemoryStore, Store, Write};
 
+/// Compiles the examples of `docs/SCALING.md` as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/SCALING.md")]
+struct ScalingDocs;
+
 /// Compiles the examples of `docs/FEDERATION.md` as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/FEDERATION.md")]
