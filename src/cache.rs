@@ -475,14 +475,16 @@ where
     /// Hands partitions away ([`Builder::partitions`](crate::Builder::partitions)): from
     /// now on their keys' reads and writes are refused ([`Error::NotOwner`]); then every
     /// pending write is written ([`Cache::flush`]) and their keys leave memory, so the new
-    /// owner can start serving them once this returns `Ok`.
+    /// owner can start serving them once this returns.
+    ///
+    /// Returns the partitions' writes the store could not take (it is down, or rejected
+    /// them): they left this cache, for the application to hand to the new owner (or record).
+    /// Empty when everything was written.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a cache that is not partitioned or a partition that does
-    /// not exist (nothing changes); as [`Cache::flush`] when the store could not take the
-    /// pending writes: the partitions stay released, their writes stay queued here and are
-    /// written later (or, if the new owner wrote the key first, reported superseded:
-    /// [`Metrics::superseded`]); call it again to finish the hand-off.
+    /// not exist (nothing changes); [`Error::Closed`] after `close`; from inside a store
+    /// call, the flush's error (the partitions stay released and their writes queued).
     ///
     /// # Examples
     /// ```
@@ -493,13 +495,14 @@ where
     /// let old = Cache::builder(store.clone()).partitions(2, part).build()?;
     /// let new = Cache::builder(store.clone()).partitions(2, part).owned_partitions([0]).build()?;
     /// old.put(3, "v1".to_string())?;                  // partition 1, old's
-    /// old.release_partitions(&[1])?;                   // written, dropped, refused from now
+    /// let unwritten = old.release_partitions(&[1])?;   // written, dropped, refused from now
+    /// assert!(unwritten.is_empty());
     /// assert!(matches!(old.get(&3), Err(Error::NotOwner { partition: 1 })));
     /// new.acquire_partitions(&[1])?;
     /// assert_eq!(new.get(&3)?.as_deref(), Some("v1")); // read from the store
     /// # Ok::<(), writebehind::Error>(())
     /// ```
-    pub fn release_partitions(&self, parts: &[u32]) -> Result<(), Error> {
+    pub fn release_partitions(&self, parts: &[u32]) -> Result<Vec<crate::Write<K, V>>, Error> {
         self.inner.release_partitions(parts)
     }
 

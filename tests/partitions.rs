@@ -115,7 +115,7 @@ fn settings_and_calls_that_make_no_sense_are_refused() {
 }
 
 #[test]
-fn a_release_that_cannot_write_fails_and_finishes_when_called_again() {
+fn a_release_that_cannot_write_hands_the_writes_back() {
     let store = Arc::new(FaultyStore::<u64, u64>::new());
     let cache = Cache::builder(store.clone())
         .partitions(PARTS, part)
@@ -125,21 +125,28 @@ fn a_release_that_cannot_write_fails_and_finishes_when_called_again() {
         .unwrap();
     let k = 42;
     let p = part(&k);
+    let other = (0..1000u64).find(|o| part(o) != p).unwrap();
     cache.put(k, 1).unwrap();
+    cache.put(other, 1).unwrap();
     store.set_down(true);
-    assert!(cache.release_partitions(&[p]).is_err());
+    let handed = cache.release_partitions(&[p]).unwrap();
+    assert_eq!(handed.len(), 1, "{handed:?}");
+    assert_eq!((*handed[0].key(), handed[0].value().copied()), (k, Some(1)));
+    assert!(matches!(cache.put(k, 2), Err(Error::NotOwner { .. })));
+    assert!(!cache.contains_key(&k));
     assert!(
-        matches!(cache.put(k, 2), Err(Error::NotOwner { .. })),
-        "released anyway"
+        cache.contains_key(&other),
+        "another partition's write stays"
     );
     store.set_down(false);
-    cache.release_partitions(&[p]).unwrap();
+    cache.flush().unwrap();
     assert_eq!(
         store.memory().get(&k),
-        Some(1),
-        "the pending write was written"
+        None,
+        "handed back, not written by this cache"
     );
-    assert!(!cache.contains_key(&k));
+    assert_eq!(store.memory().get(&other), Some(1));
+    assert_eq!(cache.metrics().dirty, 0);
 }
 
 #[test]

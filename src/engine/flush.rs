@@ -10,6 +10,7 @@ use crate::flusher::{StepMode, Ticket, TicketOutcome};
 use crate::guard::{in_engine, EngineScope};
 use crate::settings::WriteMode;
 use crate::shard::Durability;
+use crate::store::Write;
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
 
@@ -147,7 +148,7 @@ where
     }
 
     /// [`Cache::release_partitions`](crate::Cache::release_partitions).
-    pub(crate) fn release_partitions(&self, parts: &[u32]) -> Result<(), Error> {
+    pub(crate) fn release_partitions(&self, parts: &[u32]) -> Result<Vec<Write<K, V>>, Error> {
         let ps = self.partitioned()?;
         ps.set(parts, false)?;
         // A write checks ownership under its shard's lock: taking each lock once after the
@@ -155,9 +156,31 @@ where
         for shard in self.shards.iter() {
             drop(shard.table.lock());
         }
-        self.flush()?;
+        let mut handed = Vec::new();
+        if let Err(e) = self.flush() {
+            if in_engine() {
+                // A store callback: the cores below may be this thread's caller's.
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "releasing partitions: pending writes could not be written; handing them back");
+            // With every flusher's core held, no batch is at the store: the partitions'
+            // writes still in memory leave it and go back to the caller.
+            let _cores: Vec<_> = self.flushers.iter().map(|f| f.core.lock()).collect();
+            for shard in self.shards.iter() {
+                let keys = shard.table.lock().keys();
+                let mine: Vec<(u64, K)> = keys
+                    .into_iter()
+                    .filter(|k| parts.contains(&ps.of(k)))
+                    .map(|k| (self.hash(&k), k))
+                    .collect();
+                let mut t = shard.table.lock();
+                for (hash, k) in &mine {
+                    handed.extend(t.hand_back(*hash, k));
+                }
+            }
+        }
         self.drop_partitions(parts);
-        Ok(())
+        Ok(handed)
     }
 
     /// [`Cache::acquire_partitions`](crate::Cache::acquire_partitions).

@@ -340,6 +340,31 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
         (n, kept)
     }
 
+    /// Takes a key's write the store may not hold out of memory and returns it, for the
+    /// application to write elsewhere (a partition handed away while the store was down).
+    /// The caller holds the owning flusher's core, so no batch holding the key is at the
+    /// store; a retry of it finds no entry and ends. `None` for a clean entry or a local
+    /// write.
+    pub(crate) fn hand_back(&mut self, hash: u64, key: &K) -> Option<Write<K, V>> {
+        let e = self.map.find(hash, |e| e.key == *key)?;
+        if !e.is_dirty() || (e.flag(LOCAL) && e.unsent == NONE) {
+            return None;
+        }
+        let (mut e, _) = self.map.find_entry(hash, |e| e.key == *key).ok()?.remove();
+        Self::unhot(&self.hot, hash, &mut e);
+        self.dirty -= 1;
+        let (persisted, version) = (e.persisted, e.version);
+        let write = self.forget(e);
+        self.touch_loading(hash, key);
+        if persisted < version {
+            match crate::guard::catch(|| key.clone()) {
+                Ok(k) => self.note_undurable(hash, k, persisted, version, true),
+                Err(_) => self.undurable_floor = self.undurable_floor.max(version),
+            }
+        }
+        Some(write)
+    }
+
     /// A copy of every key in memory (a key whose `Clone` panics is left out).
     pub(crate) fn keys(&self) -> Vec<K> {
         self.map
