@@ -579,16 +579,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
             if old_weight != weight {
                 self.weight = self.weight + u64::from(weight) - u64::from(old_weight);
             }
-            let old = if was_dirty {
-                old
-            } else {
-                let cause = if is_delete {
-                    RemovalCause::Removed
-                } else {
-                    RemovalCause::Replaced
-                };
-                self.replaced(&key, old, cause)
-            };
+            let old = self.overwritten(&key, old, was_dirty, is_delete);
             // The caller's key goes on the ring; the table already holds one.
             WriteOutcome {
                 version,
@@ -778,16 +769,7 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 (true, false) => self.tombstones -= 1,
                 _ => {}
             }
-            let old = if was_dirty {
-                old
-            } else {
-                let cause = if is_delete {
-                    RemovalCause::Removed
-                } else {
-                    RemovalCause::Replaced
-                };
-                self.replaced(&key, old, cause)
-            };
+            let old = self.overwritten(&key, old, was_dirty, is_delete);
             return (version, old);
         }
         let e = self.insert(hash, key, value, version, 0, now, weight);
@@ -1137,6 +1119,27 @@ impl<K: Eq + Clone + std::hash::Hash, V: Clone> Table<K, V> {
                 }
             }
         }
+    }
+
+    /// A write replaced `old` in place: a clean value goes to the removal listener
+    /// ([`Table::replaced`]: `Removed` by a delete, `Replaced` by a put); a pending one
+    /// (`was_dirty`) was superseded, not removed, and comes back to drop after the lock.
+    fn overwritten(
+        &mut self,
+        key: &K,
+        old: Option<V>,
+        was_dirty: bool,
+        is_delete: bool,
+    ) -> Option<V> {
+        if was_dirty {
+            return old;
+        }
+        let cause = if is_delete {
+            RemovalCause::Removed
+        } else {
+            RemovalCause::Replaced
+        };
+        self.replaced(key, old, cause)
     }
 
     /// A clean value replaced in place by a write (`cause` `Replaced` or `Removed`): to the
