@@ -1,25 +1,26 @@
 //! Times to live of entries' own (`Cache::put_with_ttl`), beside the cache's rules; a write
 //! that waits for the store never expires before it is written.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{manual_with, Store};
 use writebehind::testing::FaultyStore;
 use writebehind::{Builder, Cache, Error, ManualClock, WriteMode};
 
-type Store = Arc<FaultyStore<u64, u64>>;
-
+/// A cache driven by hand that allows entries' own times to live, configured further by `f`.
 fn manual(
     store: &Store,
     f: impl FnOnce(Builder<u64, u64>) -> Builder<u64, u64>,
 ) -> (Cache<u64, u64>, Arc<ManualClock>) {
-    let clock = Arc::new(ManualClock::new());
-    let b = Cache::builder(store.clone())
-        .manual_flushing()
-        .clock(clock.clone())
-        .retry_backoff(Duration::from_millis(1), Duration::from_millis(4))
-        .per_entry_ttl();
-    (f(b).build().unwrap(), clock)
+    manual_with(store, |b| {
+        f(
+            b.retry_backoff(Duration::from_millis(1), Duration::from_millis(4))
+                .per_entry_ttl(),
+        )
+    })
 }
 
 /// Moves the clock on and lets the flusher sweep.
