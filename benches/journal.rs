@@ -3,14 +3,18 @@
 //! 1. Put throughput, 2 threads, Zipf 1.0 updates over 131,072 keys, the flusher writing to
 //!    an in-memory store: the engine without a journal, with `JournalSync::Interval(10ms)` and
 //!    with `JournalSync::Os`, in interleaved rounds (the order rotates); medians and the
-//!    ratio to the journal-less engine.
+//!    ratio to the journal-less engine. A journal is measured in its steady state: before
+//!    the timed run it is written to until a checkpoint has reclaimed segments and appends
+//!    reuse them (not timed).
 //! 2. `JournalSync::EveryWrite` under 2, 8 and 64 writer threads: durable puts per second,
 //!    syncs per second, the group-commit factor (puts per sync) and the put latency
 //!    p50/p99/p99.9, next to a bare `fdatasync` loop on the same file system (the floor).
 //!
 //! `cargo bench --bench journal` (env: `JOURNAL_ROUNDS`, default 7; `JOURNAL_MS`, one run's
 //! length in milliseconds, default 300; `JOURNAL_PART`, `throughput` or `every` for one
-//! part only; `JOURNAL_DIR`, the directory to journal into, default
+//! part only; `JOURNAL_ONLY`, a comma-separated list of the throughput rows to run, among
+//! `no journal`, `Interval(10ms)`, `Os` and `floor`; `JOURNAL_DIR`, the directory to
+//! journal into, default
 //! a temporary directory under the target directory, which is on the disk the crate is on).
 
 use std::io::Write as _;
@@ -69,6 +73,20 @@ fn build(mode: Option<JournalSync>, dir: &std::path::Path) -> Cache<u64, u64> {
         None => b,
     };
     b.build().expect("bench cache")
+}
+
+/// Puts until the journal reuses reclaimed segments, its steady state in a service that has
+/// run for more than a moment (or 50 M puts, whichever first); then flushes.
+fn warm(cache: &Cache<u64, u64>) {
+    let reused = || cache.metrics().journal.map_or(0, |j| j.segments_reused);
+    let mut n = 0u64;
+    while reused() == 0 && n < 50_000_000 {
+        for _ in 0..4096 {
+            cache.put(n % KEYS, n).expect("put");
+            n += 1;
+        }
+    }
+    cache.flush().expect("flush");
 }
 
 /// Operations per second of `THREADS` threads, each running the operation `make(thread)`
@@ -140,11 +158,20 @@ fn throughput(rounds: u64, ms: u64) {
     ];
     let zipf = Arc::new(Zipf::new(KEYS, 1.0));
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let only = std::env::var("JOURNAL_ONLY").unwrap_or_default();
     for round in 0..rounds {
         for i in 0..modes.len() {
             let m = (i + round as usize) % modes.len();
+            if !only.is_empty() && !only.split(',').any(|o| o == modes[m].0) {
+                rates[m].push(0.0);
+                continue;
+            }
             let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
-            let cache = Arc::new(build(modes[m].1, dir.path()));
+            let cache = build(modes[m].1, dir.path());
+            if modes[m].1.is_some() {
+                warm(&cache);
+            }
+            let cache = Arc::new(cache);
             rates[m].push(put_rate(&cache, &zipf, ms, round * 31 + m as u64));
             let report = cache.close(Duration::from_secs(10));
             assert!(report.is_clean());
@@ -154,6 +181,9 @@ fn throughput(rounds: u64, ms: u64) {
     let mut floors: Vec<(&str, Vec<f64>)> =
         vec![("Interval(10ms)", Vec::new()), ("Os", Vec::new())];
     for _ in 0..rounds {
+        if !only.is_empty() && !only.split(',').any(|o| o == "floor") {
+            break;
+        }
         for (i, mode) in [
             JournalSync::Interval(Duration::from_millis(10)),
             JournalSync::Os,
@@ -173,6 +203,9 @@ fn throughput(rounds: u64, ms: u64) {
         println!("| {name} | {:.2} M | {:.2}x |", m / 1e6, m / base);
     }
     for (name, r) in &mut floors {
+        if r.is_empty() {
+            continue;
+        }
         let m = median(r);
         println!(
             "| floor: journal appends alone, {name} | {:.2} M | {:.2}x |",

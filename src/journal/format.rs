@@ -4,14 +4,14 @@
 /// Magic bytes at offset 0 of every segment file.
 pub(crate) const MAGIC: [u8; 8] = *b"WBJOURNL";
 /// The format version this code writes and reads.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Bytes of the segment header; records start here.
 pub(crate) const HEADER_LEN: usize = 64;
 /// Records start at multiples of this (the resynchronizing scan only looks there).
 pub(crate) const ALIGN: usize = 8;
 /// `len` (u32) and `crc` (u32) in front of every record.
 pub(crate) const FRAME_PREFIX: usize = 8;
-/// kind (u8) + shard (u32) + version (u64) + key length (u32).
+/// kind (u8) + segment tag (u32, see [`segment_tag`]) + version (u64) + key length (u32).
 pub(crate) const BODY_FIXED: usize = 17;
 /// Offset of the watermark word in the header.
 pub(crate) const WATERMARK_AT: usize = 40;
@@ -19,6 +19,14 @@ pub(crate) const WATERMARK_AT: usize = 40;
 const WATERMARK_BITS: u32 = 48;
 /// The largest offset a watermark can name (and so the largest segment).
 pub(crate) const MAX_SEGMENT_BYTES: u64 = (1 << WATERMARK_BITS) - 1;
+
+/// The tag every record of segment `seq` carries: the low 32 bits of its sequence number.
+/// A reused segment file keeps the records of its earlier use past the new ones; their tag
+/// names the earlier sequence number, which tells them apart ([`Read::Stale`]). Sequence
+/// numbers only grow, so a tag repeats only 2^32 segments later.
+pub(crate) fn segment_tag(seq: u64) -> u32 {
+    seq as u32
+}
 
 /// What a record says about its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +192,7 @@ pub(crate) fn body_len(key_len: usize, value_len: usize) -> Option<u32> {
 pub(crate) fn encode_record(
     out: &mut [u8],
     kind: Kind,
-    shard: u32,
+    tag: u32,
     version: u64,
     key: &[u8],
     value: &[u8],
@@ -194,7 +202,7 @@ pub(crate) fn encode_record(
     let body_end = FRAME_PREFIX + len as usize;
     out[0..4].copy_from_slice(&len.to_le_bytes());
     out[8] = kind as u8;
-    out[9..13].copy_from_slice(&shard.to_le_bytes());
+    out[9..13].copy_from_slice(&tag.to_le_bytes());
     out[13..21].copy_from_slice(&version.to_le_bytes());
     out[21..25].copy_from_slice(&key_len.to_le_bytes());
     out[25..25 + key.len()].copy_from_slice(key);
@@ -215,7 +223,6 @@ fn record_crc(len: &[u8], body: &[u8]) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RecordRef<'a> {
     pub(crate) kind: Kind,
-    pub(crate) shard: u32,
     pub(crate) version: u64,
     pub(crate) key: &'a [u8],
     pub(crate) value: &'a [u8],
@@ -230,12 +237,20 @@ pub(crate) enum Read<'a> {
     Record(RecordRef<'a>),
     /// Zeros from here to the end of the bytes: nothing more was ever written.
     End,
+    /// A whole, intact record of an earlier use of the segment file: its tag names another
+    /// segment. Nothing written in this use of the file is at or after it, unless the OS
+    /// lost a page before a power loss.
+    Stale {
+        /// Bytes the record takes, padding included.
+        size: usize,
+    },
     /// Not a valid record; the reason names the first check that failed.
     Bad(&'static str),
 }
 
-/// Reads the record at `at` of `seg` (a whole segment, header included), expecting `shard`.
-pub(crate) fn read_record(seg: &[u8], at: usize, shard: u32) -> Read<'_> {
+/// Reads the record at `at` of `seg` (a whole segment, header included), expecting `tag`
+/// (the segment's [`segment_tag`]).
+pub(crate) fn read_record(seg: &[u8], at: usize, tag: u32) -> Read<'_> {
     let rest = &seg[at.min(seg.len())..];
     if rest.len() < FRAME_PREFIX {
         return if rest.iter().all(|&b| b == 0) {
@@ -272,9 +287,6 @@ pub(crate) fn read_record(seg: &[u8], at: usize, shard: u32) -> Read<'_> {
     let Some(kind) = Kind::from_byte(rest[8]) else {
         return Read::Bad("unknown record kind");
     };
-    if u32_at(rest, 9) != shard {
-        return Read::Bad("record names another shard than its segment");
-    }
     let key_len = u32_at(rest, 21) as usize;
     if key_len > len - BODY_FIXED {
         return Read::Bad("key length runs past the record");
@@ -283,9 +295,11 @@ pub(crate) fn read_record(seg: &[u8], at: usize, shard: u32) -> Read<'_> {
     if kind == Kind::Delete && !value.is_empty() {
         return Read::Bad("a delete record carries a value");
     }
+    if u32_at(rest, 9) != tag {
+        return Read::Stale { size };
+    }
     Read::Record(RecordRef {
         kind,
-        shard,
         version: u64_at(rest, 13),
         key: &rest[25..25 + key_len],
         value,
@@ -308,7 +322,7 @@ mod tests {
         for &(kind, version, key, value) in records {
             let at = seg.len();
             seg.resize(at + record_size(key.len(), value.len()), 0xaa);
-            encode_record(&mut seg[at..], kind, 3, version, key, value);
+            encode_record(&mut seg[at..], kind, segment_tag(9), version, key, value);
         }
         seg.resize(seg.len() + 64, 0);
         seg
@@ -348,14 +362,14 @@ mod tests {
         let mut at = HEADER_LEN;
         let mut seen = Vec::new();
         loop {
-            match read_record(&seg, at, 3) {
+            match read_record(&seg, at, 9) {
                 Read::Record(r) => {
                     assert_eq!(at % ALIGN, 0);
                     seen.push((r.kind, r.version, r.key.to_vec(), r.value.to_vec()));
                     at += r.size;
                 }
                 Read::End => break,
-                Read::Bad(why) => panic!("{why} at {at}"),
+                other => panic!("{other:?} at {at}"),
             }
         }
         assert_eq!(seen.len(), 3);
@@ -376,23 +390,27 @@ mod tests {
                 let mut bad = seg.clone();
                 bad[i] ^= 1 << bit;
                 assert!(
-                    matches!(read_record(&bad, HEADER_LEN, 3), Read::Bad(_)),
+                    matches!(read_record(&bad, HEADER_LEN, 9), Read::Bad(_)),
                     "flip of bit {bit} at {i} accepted"
                 );
             }
         }
-        assert!(matches!(read_record(&seg, HEADER_LEN, 4), Read::Bad(_)));
+        // The same record read as part of a later use of the file is stale, not damaged.
+        assert_eq!(
+            read_record(&seg, HEADER_LEN, segment_tag(10)),
+            Read::Stale { size }
+        );
     }
 
     #[test]
     fn zero_tails_end_and_garbage_tails_do_not() {
         let seg = segment_with(&[]);
-        assert_eq!(read_record(&seg, HEADER_LEN, 3), Read::End);
-        assert_eq!(read_record(&seg, seg.len(), 3), Read::End);
+        assert_eq!(read_record(&seg, HEADER_LEN, 9), Read::End);
+        assert_eq!(read_record(&seg, seg.len(), 9), Read::End);
         let mut g = seg.clone();
         let n = g.len();
         g[n - 1] = 1;
-        assert!(matches!(read_record(&g, HEADER_LEN, 3), Read::Bad(_)));
+        assert!(matches!(read_record(&g, HEADER_LEN, 9), Read::Bad(_)));
         assert!(is_zero(&[0; 13]));
         assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }

@@ -17,7 +17,7 @@ use super::error::JournalError;
 use super::format::{self, Kind, SegmentKind, HEADER_LEN};
 use super::pool::{SyncPool, SYNC_HELPERS};
 use super::replay::{self, ReplayStats, Replayed};
-use super::segment::Segment;
+use super::segment::{Retired, Segment};
 use super::stats::{Counters, JournalStats};
 use super::{Journal, JournalSync};
 use crate::guard;
@@ -66,6 +66,9 @@ pub(crate) struct SegmentFile {
     pub(crate) used: u64,
     /// Bytes allocated on disk.
     pub(crate) allocated: u64,
+    /// The segment, still mapped, for reuse once reclaimed (`None` for a file found at
+    /// open).
+    pub(crate) seg: Option<Arc<Segment>>,
 }
 
 /// One file set's appending state, under its lock.
@@ -159,6 +162,10 @@ pub(crate) struct Core {
     legacy: Mutex<Legacy>,
     legacy_bytes: AtomicU64,
     allocated: AtomicU64,
+    /// Reclaimed segments kept for reuse, at most `max_free` (about one checkpoint's worth
+    /// and one per file set).
+    free: Mutex<Vec<Retired>>,
+    max_free: usize,
     pub(crate) counters: Counters,
     sync_micros: Mutex<Histogram<u64>>,
     group_sizes: Mutex<Histogram<u64>>,
@@ -267,6 +274,7 @@ fn keep_nonempty(found: Vec<replay::Found>) -> Result<Vec<SegmentFile>, JournalE
                 set: usize::MAX,
                 used: f.used,
                 allocated: f.len,
+                seg: None,
             });
         }
     }
@@ -363,6 +371,10 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             }),
             legacy_bytes: AtomicU64::new(legacy_bytes),
             allocated: AtomicU64::new(allocated),
+            free: Mutex::new(Vec::new()),
+            max_free: usize::try_from(checkpoint_bytes.div_ceil(segment_bytes))
+                .unwrap_or(usize::MAX)
+                .saturating_add(shard_count as usize),
             counters: Counters::default(),
             sync_micros: Mutex::new(new_histogram()),
             group_sizes: Mutex::new(new_histogram()),
@@ -570,13 +582,9 @@ impl<K: 'static, V: 'static> JournalLog<K, V> {
             log.files.splice(0..0, files);
         }
         for f in old {
-            match fs::remove_file(&f.path) {
-                Ok(()) => core.forget(&f),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => core.forget(&f),
-                Err(e) => {
-                    tracing::warn!(file = %f.path.display(), error = %e, "journal: could not delete a reclaimed segment; a later checkpoint retries");
-                    kept.push(f);
-                }
+            if let Err((f, e)) = core.reclaim(f) {
+                tracing::warn!(file = %f.path.display(), error = %e, "journal: could not delete a reclaimed segment; a later checkpoint retries");
+                kept.push(f);
             }
         }
         if !kept.is_empty() {
@@ -799,6 +807,7 @@ impl CheckpointWriter<'_> {
                 used: seg.written(),
                 allocated: seg.capacity(),
                 path: seg.path.clone(),
+                seg: Some(Arc::new(seg)),
             })
             .collect())
     }
@@ -853,6 +862,34 @@ impl Core {
         let need = (HEADER_LEN + size) as u64;
         let bytes = self.segment_bytes.max(need.div_ceil(4096) * 4096);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let retired = self.free.lock().pop();
+        if let Some(old) = retired {
+            let capacity = old.capacity();
+            if capacity >= need {
+                match Segment::reuse(
+                    old,
+                    &self.dir,
+                    shard as u32,
+                    seq,
+                    kind,
+                    self.shard_count,
+                    prefault,
+                ) {
+                    Ok(seg) => {
+                        self.counters
+                            .segments_reused
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Ok(seg);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "journal: could not reuse a segment; creating one");
+                    }
+                }
+            } else {
+                let _ = fs::remove_file(&old.path);
+            }
+            self.allocated.fetch_sub(capacity, Ordering::Relaxed);
+        }
         let seg = Segment::create(
             &self.dir,
             shard as u32,
@@ -974,18 +1011,55 @@ impl Core {
             set,
             used: seg.written(),
             allocated: seg.capacity(),
+            seg: Some(Arc::clone(seg)),
         });
     }
 
-    /// Accounts for a deleted segment.
-    fn forget(&self, f: &SegmentFile) {
+    /// Takes a segment a checkpoint made obsolete out of the journal: kept for reuse
+    /// ([`Segment::retire`]) while the pool has room and nothing else holds it (a waiter's
+    /// [`Lsn`], the sync list), else deleted.
+    ///
+    /// # Errors
+    /// The file could not be deleted: it is handed back to be kept.
+    fn reclaim(&self, mut f: SegmentFile) -> Result<(), (SegmentFile, io::Error)> {
+        if let Some(seg) = f.seg.take() {
+            let room = self.free.lock().len() < self.max_free;
+            if room && !seg.has_failed() {
+                if let Ok(seg) = Arc::try_unwrap(seg) {
+                    match seg.retire(&self.dir) {
+                        Ok(retired) => {
+                            self.forget(&f, false);
+                            self.free.lock().push(retired);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            tracing::debug!(file = %f.path.display(), error = %e, "journal: could not keep a reclaimed segment for reuse; deleting it");
+                        }
+                    }
+                }
+            }
+        }
+        match fs::remove_file(&f.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err((f, e)),
+        }
+        self.forget(&f, true);
+        Ok(())
+    }
+
+    /// Accounts for a segment that left the journal: its bytes, and its allocation when
+    /// its file was `deleted` (a segment kept for reuse keeps it).
+    fn forget(&self, f: &SegmentFile, deleted: bool) {
         let slot = &self.shards[f.set];
         let _log = slot.log.lock();
         slot.bytes.store(
             slot.bytes.load(Ordering::Relaxed) - f.used,
             Ordering::Relaxed,
         );
-        self.allocated.fetch_sub(f.allocated, Ordering::Relaxed);
+        if deleted {
+            self.allocated.fetch_sub(f.allocated, Ordering::Relaxed);
+        }
     }
 
     /// A checkpoint of `shard` completed: once every shard has one, the segments found at
@@ -1161,6 +1235,10 @@ impl Core {
                     result = Err(JournalError::io("sync", &seg.path, e));
                 }
             }
+        }
+        for old in self.free.lock().drain(..) {
+            let _ = fs::remove_file(&old.path);
+            self.allocated.fetch_sub(old.capacity(), Ordering::Relaxed);
         }
         for slot in self.shards.iter() {
             let spare = slot.log.lock().spare.take();

@@ -6,10 +6,13 @@
 //!
 //! * below the header's watermark (synced data): corruption;
 //! * no valid record after it: a torn tail, dropped;
-//! * a valid record after it, with an all-zero 4 KiB block in between: a page the OS had not
-//!   written back when the power went (only possible past the watermark): skipped, and the
-//!   records after it are kept;
-//! * a valid record after it and no such block: corruption.
+//! * a valid record after it, with an all-zero 4 KiB block or a record of the file's earlier
+//!   use in between: a page the OS had not written back when the power went (only possible
+//!   past the watermark): skipped, and the records after it are kept;
+//! * a valid record after it and neither in between: corruption.
+//!
+//! A record of the file's earlier use (a reused segment, [`Read::Stale`]) past the watermark
+//! ends the segment's records, unless a valid record follows it (the lost page again).
 //!
 //! Corruption is [`JournalError::Corrupt`], or with salvage, skipped up to the next valid
 //! record and counted.
@@ -135,10 +138,10 @@ struct SegmentScan {
 }
 
 /// Offset of the first valid record at or after `from` (8-aligned), before `limit`.
-fn resync(seg: &[u8], from: usize, limit: usize, shard: u32) -> Option<usize> {
+fn resync(seg: &[u8], from: usize, limit: usize, tag: u32) -> Option<usize> {
     let mut q = format::align_up(from);
     while q < limit {
-        if matches!(format::read_record(seg, q, shard), Read::Record(_)) {
+        if matches!(format::read_record(seg, q, tag), Read::Record(_)) {
             return Some(q);
         }
         q += ALIGN;
@@ -151,8 +154,10 @@ fn last_nonzero_end(seg: &[u8]) -> usize {
     seg.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
 }
 
-/// `true` if a 4 KiB-aligned, all-zero 4 KiB block overlaps `from..to`.
-fn zero_block_between(seg: &[u8], from: usize, to: usize) -> bool {
+/// `true` if `from..to` holds what a page the OS never wrote back leaves: a 4 KiB-aligned,
+/// all-zero 4 KiB block overlapping it (a new file's page), or a record of the file's
+/// earlier use starting in it (a reused file's page).
+fn lost_page_between(seg: &[u8], from: usize, to: usize, tag: u32) -> bool {
     const BLOCK: usize = 4096;
     let mut b = from / BLOCK * BLOCK;
     while b < to && b + BLOCK <= seg.len() {
@@ -161,15 +166,23 @@ fn zero_block_between(seg: &[u8], from: usize, to: usize) -> bool {
         }
         b += BLOCK;
     }
+    let mut q = format::align_up(from);
+    while q < to {
+        if matches!(format::read_record(seg, q, tag), Read::Stale { .. }) {
+            return true;
+        }
+        q += ALIGN;
+    }
     false
 }
 
-/// Reads one segment, calling `emit(offset, record)` for each valid record.
+/// Reads one segment, calling `emit(offset, shard, record)` for each valid record (`shard`
+/// from the segment's header).
 fn scan_segment<'a>(
     seg: &'a [u8],
     file: &Path,
     salvage: bool,
-    mut emit: impl FnMut(usize, format::RecordRef<'a>),
+    mut emit: impl FnMut(usize, u32, format::RecordRef<'a>),
 ) -> Result<SegmentScan, JournalError> {
     let corrupt = |offset: usize, reason: String| JournalError::Corrupt {
         file: file.to_path_buf(),
@@ -188,13 +201,14 @@ fn scan_segment<'a>(
         Err(reason) => return Err(corrupt(0, reason)),
     };
     let watermark = usize::try_from(header.watermark).unwrap_or(usize::MAX);
+    let tag = format::segment_tag(header.seq);
     let mut out = SegmentScan::default();
     let mut limit = None;
     let mut p = HEADER_LEN;
     loop {
-        match format::read_record(seg, p, header.shard) {
+        match format::read_record(seg, p, tag) {
             Read::Record(r) => {
-                emit(p, r);
+                emit(p, header.shard, r);
                 out.records += 1;
                 p += r.size;
             }
@@ -210,9 +224,32 @@ fn scan_segment<'a>(
                 }
                 return Err(corrupt(p, reason));
             }
+            Read::Stale { size } if p >= watermark => {
+                let limit = *limit.get_or_insert_with(|| last_nonzero_end(seg));
+                match resync(seg, p + size, limit, tag) {
+                    // The earlier use's records: this use wrote nothing further.
+                    None => break,
+                    Some(q) => {
+                        out.hole_bytes += (q - p) as u64;
+                        tracing::warn!(file = %file.display(), offset = p, resumes_at = q, "journal: skipping unsynced bytes the OS never wrote back (power loss)");
+                        p = q;
+                    }
+                }
+            }
+            Read::Stale { .. } => {
+                let reason = format!(
+                    "a record of the file's earlier use below the synced watermark (byte \
+                     {watermark})"
+                );
+                if salvage {
+                    tracing::warn!(file = %file.display(), offset = p, %reason, "journal: salvaging");
+                    break;
+                }
+                return Err(corrupt(p, reason));
+            }
             Read::Bad(reason) => {
                 let limit = *limit.get_or_insert_with(|| last_nonzero_end(seg));
-                let next = resync(seg, p + ALIGN, limit, header.shard);
+                let next = resync(seg, p + ALIGN, limit, tag);
                 let synced = p < watermark;
                 match next {
                     None if !synced => {
@@ -221,7 +258,7 @@ fn scan_segment<'a>(
                         tracing::info!(file = %file.display(), offset = p, reason, "journal: dropping a torn last record");
                         break;
                     }
-                    Some(q) if !synced && zero_block_between(seg, p, q) => {
+                    Some(q) if !synced && lost_page_between(seg, p, q, tag) => {
                         out.hole_bytes += (q - p) as u64;
                         tracing::warn!(file = %file.display(), offset = p, resumes_at = q, "journal: skipping unsynced bytes the OS never wrote back (power loss)");
                         p = q;
@@ -287,7 +324,7 @@ pub(crate) fn replay<K: 'static, V: 'static>(
     let mut winners: HashMap<&[u8], Winner<'_>, ahash::RandomState> = HashMap::default();
     for (i, (f, map)) in found.iter_mut().zip(&maps).enumerate() {
         let seg: &[u8] = map.as_deref().unwrap_or(&[]);
-        let scan = scan_segment(seg, &f.path, salvage, |offset, r| {
+        let scan = scan_segment(seg, &f.path, salvage, |offset, shard, r| {
             stats.max_version = stats.max_version.max(r.version);
             let newer = winners.get(r.key).is_none_or(|w| r.version > w.version);
             if newer {
@@ -297,7 +334,7 @@ pub(crate) fn replay<K: 'static, V: 'static>(
                         version: r.version,
                         kind: r.kind,
                         value: r.value,
-                        shard: r.shard,
+                        shard,
                         file: i,
                         offset,
                     },
@@ -364,19 +401,39 @@ mod tests {
     use format::{encode_header, encode_record, record_size, SegmentKind};
 
     fn segment(records: &[(u64, &[u8], &[u8])], len: usize) -> Vec<u8> {
-        let mut seg = encode_header(0, 1, SegmentKind::Log, 1).to_vec();
+        segment_of(1, records, len)
+    }
+
+    /// Segment `seq`'s bytes: its header, then `records`, then zeros up to `len`.
+    fn segment_of(seq: u64, records: &[(u64, &[u8], &[u8])], len: usize) -> Vec<u8> {
+        let mut seg = encode_header(0, seq, SegmentKind::Log, 1).to_vec();
         for &(version, key, value) in records {
             let at = seg.len();
             seg.resize(at + record_size(key.len(), value.len()), 0);
-            encode_record(&mut seg[at..], Kind::Put, 0, version, key, value);
+            let tag = format::segment_tag(seq);
+            encode_record(&mut seg[at..], Kind::Put, tag, version, key, value);
         }
         seg.resize(len, 0);
         seg
     }
 
+    /// The file of segment `old` reused as segment `new`: `new`'s header and records over
+    /// `old`'s bytes.
+    fn reused(old: &[u8], new: u64, records: &[(u64, &[u8], &[u8])]) -> Vec<u8> {
+        let fresh = segment_of(new, records, old.len());
+        let end = HEADER_LEN
+            + records
+                .iter()
+                .map(|(_, k, v)| record_size(k.len(), v.len()))
+                .sum::<usize>();
+        let mut seg = old.to_vec();
+        seg[..end].copy_from_slice(&fresh[..end]);
+        seg
+    }
+
     fn scan(seg: &[u8], salvage: bool) -> Result<(Vec<u64>, SegmentScan), JournalError> {
         let mut versions = Vec::new();
-        let s = scan_segment(seg, Path::new("x.log"), salvage, |_, r| {
+        let s = scan_segment(seg, Path::new("x.log"), salvage, |_, _, r| {
             versions.push(r.version)
         })?;
         Ok((versions, s))
@@ -440,5 +497,49 @@ mod tests {
         ));
         let (v, s) = scan(&seg, true).unwrap();
         assert!(v.is_empty() && s.skipped_file);
+    }
+
+    #[test]
+    fn a_reused_files_earlier_records_are_never_replayed() {
+        let old_recs: Vec<(u64, &[u8], &[u8])> =
+            (0..200u64).map(|v| (v, &b"k"[..], &b"old"[..])).collect();
+        let old = segment_of(5, &old_recs, 16384);
+        let new_recs: Vec<(u64, &[u8], &[u8])> = (1000..1010u64)
+            .map(|v| (v, &b"k"[..], &b"new"[..]))
+            .collect();
+        let seg = reused(&old, 9, &new_recs);
+        let (v, s) = scan(&seg, false).unwrap();
+        assert_eq!(v, (1000..1010).collect::<Vec<_>>());
+        assert!(!s.torn && s.hole_bytes == 0);
+        // The last new record torn over the old bytes: dropped, and nothing old read.
+        let size = record_size(1, 3);
+        let mut t = seg.clone();
+        t[HEADER_LEN + 9 * size + 12] ^= 1;
+        let (v, s) = scan(&t, false).unwrap();
+        assert_eq!((v, s.torn), ((1000..1009).collect::<Vec<_>>(), true));
+        // A page of new records the OS never wrote back: the old bytes are still there, and
+        // the new records after them are kept.
+        let long: Vec<(u64, &[u8], &[u8])> = (1000..1300u64)
+            .map(|v| (v, &b"k"[..], &b"new"[..]))
+            .collect();
+        let mut hole = reused(&old, 9, &long);
+        hole[4096..8192].copy_from_slice(&old[4096..8192]);
+        let (v, s) = scan(&hole, false).unwrap();
+        assert!(s.hole_bytes > 0);
+        assert!(
+            v.iter().all(|&x| x >= 1000),
+            "an old record was replayed: {v:?}"
+        );
+        assert!(v.len() < 300 && v.len() > 100, "{}", v.len());
+        // Below the watermark, an old record is corruption.
+        let mut synced = seg.clone();
+        synced[format::WATERMARK_AT..format::WATERMARK_AT + 8]
+            .copy_from_slice(&format::encode_watermark(9, 8192).to_le_bytes());
+        assert!(matches!(
+            scan(&synced, false),
+            Err(JournalError::Corrupt { .. })
+        ));
+        let (v, _) = scan(&synced, true).unwrap();
+        assert_eq!(v, (1000..1010).collect::<Vec<_>>());
     }
 }

@@ -66,7 +66,6 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// A segment open for appending (or, for a checkpoint, for its one writer).
 pub(crate) struct Segment {
     pub(crate) path: PathBuf,
-    pub(crate) shard: u32,
     pub(crate) seq: u64,
     map: MmapRaw,
     /// Kept open for the mapping's lifetime (and for the allocation it holds).
@@ -87,6 +86,24 @@ pub(crate) struct Segment {
     failure: Mutex<Option<(io::ErrorKind, String)>>,
     /// Serializes writes of the header's watermark word; holds the last value written.
     watermark: Mutex<u64>,
+    /// End of the pages whose mapping [`sync`](Self::sync) dropped (the header's page is
+    /// kept).
+    unmapped: AtomicU64,
+}
+
+/// A segment file taken out of the journal for reuse ([`Segment::retire`]).
+pub(crate) struct Retired {
+    /// Its temporary name.
+    pub(crate) path: PathBuf,
+    map: MmapRaw,
+    file: File,
+}
+
+impl Retired {
+    /// Bytes the file holds (its allocation).
+    pub(crate) fn capacity(&self) -> u64 {
+        self.map.len() as u64
+    }
 }
 
 /// What one [`Segment::sync`] did.
@@ -168,9 +185,13 @@ impl Segment {
             #[cfg(target_os = "linux")]
             let _ = map.advise(memmap2::Advice::PopulateWrite);
         }
-        Ok(Segment {
+        Ok(Segment::mapped(path, seq, map, file))
+    }
+
+    /// A segment over `map`, whose header is written, with no records yet.
+    fn mapped(path: PathBuf, seq: u64, map: MmapRaw, file: File) -> Segment {
+        Segment {
             path,
-            shard,
             seq,
             map,
             _file: file,
@@ -182,7 +203,77 @@ impl Segment {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             watermark: Mutex::new(0),
+            unmapped: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a segment whose records a checkpoint made obsolete out of the journal's view:
+    /// renamed to a temporary name (which replay never reads, and which opening a journal
+    /// deletes), with its file, allocation and mapping kept for [`reuse`](Self::reuse).
+    ///
+    /// # Errors
+    /// The rename's error; the segment is dropped and its file is left where it was.
+    pub(crate) fn retire(self, dir: &Path) -> io::Result<Retired> {
+        let path = dir.join(format!("{TMP_PREFIX}free-{:016x}", self.seq));
+        fs::rename(&self.path, &path)?;
+        Ok(Retired {
+            path,
+            map: self.map,
+            file: self._file,
         })
+    }
+
+    /// Makes a retired segment file segment `seq` of `shard`: its header is rewritten and
+    /// synced, then it is renamed into place and the directory synced, as
+    /// [`create`](Self::create) does for a new file. The bytes of its earlier use stay past
+    /// the header: replay tells them apart by their records' segment tag
+    /// ([`format::segment_tag`]). Its pages are in the page cache already, and with
+    /// `prefault` mapped for writing, so appends take no page fault and allocate nothing.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] if the header cannot be synced or the file renamed; the file
+    /// is deleted then.
+    pub(crate) fn reuse(
+        old: Retired,
+        dir: &Path,
+        shard: u32,
+        seq: u64,
+        kind: SegmentKind,
+        shards: u32,
+        prefault: bool,
+    ) -> Result<Segment, JournalError> {
+        let Retired {
+            path: tmp,
+            map,
+            file,
+        } = old;
+        let header = format::encode_header(shard, seq, kind, shards);
+        // SAFETY: the mapping is at least `HEADER_LEN` bytes (creation clamps it) and lives
+        // as long as `map`; a retired segment has no appender, no syncer and no reader in
+        // this process (it left every list when it was retired), so nothing else touches it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), HEADER_LEN);
+        }
+        let path = dir.join(file_name(shard, seq, kind));
+        let placed = map
+            .flush_range(0, HEADER_LEN)
+            .map_err(|e| JournalError::io("sync the header of", &tmp, e))
+            .and_then(|()| {
+                fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename into place", &path, e))
+            });
+        if let Err(e) = placed {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = sync_dir(dir) {
+            let _ = fs::remove_file(&path);
+            return Err(JournalError::io("sync the directory", dir, e));
+        }
+        if prefault {
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::PopulateWrite);
+        }
+        Ok(Segment::mapped(path, seq, map, file))
     }
 
     /// Bytes the segment file holds (its allocation).
@@ -256,7 +347,14 @@ impl Segment {
         // it is not truncated under the mapping.
         let out =
             unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at as usize), size) };
-        format::encode_record(out, kind, self.shard, version, key, value);
+        format::encode_record(
+            out,
+            kind,
+            format::segment_tag(self.seq),
+            version,
+            key,
+            value,
+        );
         let end = at + size as u64;
         // The only appender: a load and a store, no atomic add.
         self.records
@@ -274,6 +372,7 @@ impl Segment {
             return Ok(None);
         }
         let start = Instant::now();
+        self.unmap_below(end);
         // From 0: the header page carries the previous watermark, made durable here.
         if let Err(e) = self.map.flush_range(0, end as usize) {
             self.fail(&e);
@@ -287,6 +386,51 @@ impl Segment {
             records: records.saturating_sub(before),
             micros,
         }))
+    }
+
+    /// Drops this process's mapping of the whole pages below `end` (past the header's page)
+    /// before a sync writes them back. Writing back a page that is mapped writable makes
+    /// the kernel write-protect it, one TLB shootdown (an interrupt of every CPU running
+    /// this process) per page; writing back pages that are not mapped needs none, so the
+    /// sync's cost no longer grows with the appending threads'. The bytes stay in the page
+    /// cache; a later use of the file maps them again.
+    fn unmap_below(&self, end: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let Ok(page) = u64::try_from(page) else {
+                return;
+            };
+            if page == 0 {
+                return;
+            }
+            let from = self.unmapped.load(Ordering::Relaxed).max(page);
+            let to = end / page * page;
+            if to <= from {
+                return;
+            }
+            // SAFETY: `from..to` is whole pages inside the mapping (`to <= end <= capacity`,
+            // `from` is a multiple of the page size at or above the first page), and no
+            // reference into it exists: the appender writes only at or past `written`,
+            // which is at or past `end`; the watermark word is in the first page, which is
+            // excluded; replay maps the file on its own. The mapping is `MAP_SHARED` over a
+            // file, so `MADV_DONTNEED` only drops the page table entries (a dirty page's
+            // dirty state goes to the page cache): the bytes are unchanged, and any later
+            // access maps them again from the page cache.
+            let dropped = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    from as usize,
+                    (to - from) as usize,
+                )
+            };
+            if dropped.is_ok() {
+                self.unmapped.fetch_max(to, Ordering::Relaxed);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = end;
     }
 
     /// Makes the last watermark durable (a one-page `msync`), at close and after a
@@ -362,7 +506,7 @@ mod tests {
         assert_eq!(bytes.len(), 8192);
         let h = format::decode_header(&bytes).unwrap();
         assert_eq!((h.shard, h.seq, h.watermark), (2, 7, end));
-        match format::read_record(&bytes, HEADER_LEN, 2) {
+        match format::read_record(&bytes, HEADER_LEN, format::segment_tag(7)) {
             format::Read::Record(r) => {
                 assert_eq!((r.key, r.value, r.version), (&b"k"[..], &b"vv"[..], 1))
             }

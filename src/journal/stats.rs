@@ -25,6 +25,9 @@ pub struct JournalStats {
     pub checkpoints: u64,
     /// Segment files created (log, spare and checkpoint).
     pub segments_created: u64,
+    /// Segment files reused: reclaimed by a checkpoint and given a new sequence number,
+    /// with no new allocation on disk.
+    pub segments_reused: u64,
     /// Duration of each segment sync, in microseconds.
     pub sync_micros: Distribution,
     /// Records made durable per sync round: the group-commit size.
@@ -41,6 +44,7 @@ pub(crate) struct Counters {
     pub(crate) sync_errors: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
     pub(crate) segments_created: AtomicU64,
+    pub(crate) segments_reused: AtomicU64,
 }
 
 impl Counters {
@@ -51,6 +55,7 @@ impl Counters {
             sync_errors: self.sync_errors.load(Ordering::Relaxed),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
             segments_created: self.segments_created.load(Ordering::Relaxed),
+            segments_reused: self.segments_reused.load(Ordering::Relaxed),
             ..JournalStats::default()
         }
     }

@@ -33,13 +33,16 @@ impl<V: Val> Wb<V> {
     }
 
     /// The defaults with a journal syncing as `sync` says, in a temporary directory (the
-    /// `writebehind-journal-*` contenders).
+    /// `writebehind-journal-*` contenders), in its steady state: written to until a
+    /// checkpoint has reclaimed segments and appends have reused one, as in a service that
+    /// has run for more than a moment (not timed).
     pub fn journaled(store: SharedStore<V>, sync: JournalSync, kind: Kind) -> Arc<Self> {
         let dir = tempfile::tempdir().expect("a temporary directory for the journal");
         let cache = Cache::builder(store)
             .journal(Journal::new(dir.path(), Raw, ValCodec).sync(sync))
             .build()
             .expect("a journal in a fresh directory opens");
+        warm_journal(&cache);
         Arc::new(Wb {
             cache,
             label: Some(kind.name()),
@@ -74,6 +77,19 @@ impl<V: Val> Wb<V> {
     }
 }
 
+/// Puts until the journal reuses reclaimed segments (or 50 M puts, whichever first).
+pub fn warm_journal<V: Val>(cache: &Cache<u64, V>) {
+    let reused = || cache.metrics().journal.map_or(0, |j| j.segments_reused);
+    let mut n = 0u64;
+    while reused() == 0 && n < 50_000_000 {
+        for _ in 0..4096 {
+            cache.put(n % 65_536, V::make(n)).expect("cache is open");
+            n += 1;
+        }
+    }
+    cache.flush().expect("in-memory store accepts everything");
+}
+
 impl<V: Val> SyncCache<V> for Wb<V> {
     const NAME: &'static str = "writebehind";
     #[inline]
@@ -91,8 +107,14 @@ impl<V: Val> SyncCache<V> for Wb<V> {
     }
     fn report(&self) -> Option<String> {
         let m = self.cache.metrics();
+        let journal = m.journal.map_or(String::new(), |j| {
+            format!(
+                "; journal checkpoints {}, segments created {}, reused {}",
+                j.checkpoints, j.segments_created, j.segments_reused
+            )
+        });
         Some(format!(
-            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch), flusher handoffs {}, keeper takeovers {}",
+            "puts {}, conflated {} ({:.1}%), store batches {}, records written {} ({:.1} per batch), flusher handoffs {}, keeper takeovers {}{journal}",
             m.puts,
             m.conflated,
             100.0 * m.conflated as f64 / m.puts.max(1) as f64,
