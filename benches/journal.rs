@@ -14,8 +14,8 @@
 //! length in milliseconds, default 300; `JOURNAL_PART`, `throughput` or `every` for one
 //! part only; `JOURNAL_ONLY`, a comma-separated list of the throughput rows to run, among
 //! `no journal`, `Interval(10ms)`, `Os` and `floor`; `JOURNAL_DIR`, the directory to
-//! journal into, default
-//! a temporary directory under the target directory, which is on the disk the crate is on).
+//! journal into, default a temporary directory under the target directory, which is on the
+//! disk the crate is on).
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
