@@ -236,18 +236,37 @@ fn journal_child_process() {
         Ok("interval") => JournalSync::Interval(Duration::from_millis(5)),
         _ => JournalSync::Os,
     };
-    // The store is down: the writes live in the cache and the journal only.
+    // The store is down: the writes live in the cache and the journal only. Small segments
+    // and checkpoints: checkpoints reclaim segments within the first thousand puts, and the
+    // appends after go to reused files, which the kill then leaves holding records of their
+    // earlier use past the new ones.
     let store: Store64 = Arc::new(FaultyStore::new());
     store.set_down(true);
-    let c = cache(&store, Path::new(&dir), mode).unwrap();
+    let c = Cache::builder(store.clone())
+        .journal(
+            Journal::new(Path::new(&dir), Raw, Raw)
+                .sync(mode)
+                .segment_bytes(8 << 10)
+                .checkpoint_bytes(16 << 10),
+        )
+        .write_delay(Duration::from_millis(5))
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(20))
+        .shards(4)
+        .build()
+        .unwrap();
     let start: u64 = std::env::var("WRITEBEHIND_CACHE_JOURNAL_START")
         .unwrap()
         .parse()
         .unwrap();
+    let mut reused = false;
     for n in start.. {
         let key = n % 97;
         c.put(key, n).unwrap();
         println!("ACK {key} {n}");
+        if !reused && c.metrics().journal.is_some_and(|j| j.segments_reused > 0) {
+            reused = true;
+            println!("REUSED");
+        }
     }
 }
 
@@ -284,13 +303,20 @@ fn acknowledged_puts_survive_sigkill() {
         let dir = tempfile::tempdir().unwrap();
         let mut acked: HashMap<u64, u64> = HashMap::new();
         let mut next = 1;
+        // Rounds killed after the child appended to a reused segment file.
+        let mut reused_rounds = 0;
         // The system of record, which outlives every crash of the cache.
         let store = Arc::new(MemoryStore::<u64, u64>::new());
         for round in 0..3 {
             let mut c = child(dir.path(), mode, next);
             let mut out = BufReader::new(c.stdout.take().unwrap());
-            // Kill at a random moment: after a random number of acknowledged puts.
-            let kill_after = 100 + below(if mode == "every" { 300 } else { 5000 });
+            // Kill at a random moment: after a random number of acknowledged puts (in the
+            // faster modes, past the first reuse of a segment file).
+            let kill_after = if mode == "every" {
+                100 + below(300)
+            } else {
+                2000 + below(4000)
+            };
             let mut line = String::new();
             let mut n = 0;
             while n < kill_after {
@@ -299,6 +325,9 @@ fn acknowledged_puts_survive_sigkill() {
                     out.read_line(&mut line).unwrap() > 0,
                     "the child died early"
                 );
+                if line.trim_end() == "REUSED" {
+                    reused_rounds += 1;
+                }
                 if let Some((k, v)) = parse_ack(line.trim_end()) {
                     acked.insert(k, v);
                     next = next.max(v + 1);
@@ -336,6 +365,12 @@ fn acknowledged_puts_survive_sigkill() {
                 );
             }
             assert!(restarted.close(Duration::from_secs(5)).is_clean());
+        }
+        if mode != "every" {
+            assert!(
+                reused_rounds > 0,
+                "{mode}: no round appended to a reused segment before its kill"
+            );
         }
     }
 }
