@@ -3,9 +3,9 @@
 //! 1. Put throughput, 2 threads, Zipf 1.0 updates over 131,072 keys, the flusher writing to
 //!    an in-memory store: the engine without a journal, with `JournalSync::Interval(10ms)` and
 //!    with `JournalSync::Os`, in interleaved rounds (the order rotates); medians and the
-//!    ratio to the journal-less engine. A journal is measured in its steady state: before
-//!    the timed run it is written to until a checkpoint has reclaimed segments and appends
-//!    reuse them (not timed).
+//!    ratio to the journal-less engine. Keys are drawn before a run, as in the ratio report.
+//!    A journal is measured in its steady state: before the timed run it is written to
+//!    until a checkpoint has reclaimed segments and appends reuse them (not timed).
 //! 2. `JournalSync::EveryWrite` under 2, 8 and 64 writer threads: durable puts per second,
 //!    syncs per second, the group-commit factor (puts per sync) and the put latency
 //!    p50/p99/p99.9, next to a bare `fdatasync` loop on the same file system (the floor).
@@ -41,22 +41,31 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Zipf(1.0) keys over `0..n` from a seeded generator.
+/// Keys drawn per thread before a run (as the ratio report does), so that a timed loop
+/// costs a put, not a draw.
+const DRAWN: usize = 1 << 20;
+
+/// Zipf(1.0) keys over `0..KEYS` from a seeded generator, drawn ahead and taken in a cycle.
 struct Keys {
-    zipf: Arc<Zipf>,
-    rng: Rng,
+    keys: Vec<u64>,
+    at: usize,
 }
 
 impl Keys {
     fn new(zipf: &Arc<Zipf>, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
         Keys {
-            zipf: zipf.clone(),
-            rng: Rng::new(seed),
+            keys: (0..DRAWN)
+                .map(|_| scatter(zipf.sample(&mut rng), KEYS))
+                .collect(),
+            at: 0,
         }
     }
 
+    #[inline]
     fn next(&mut self) -> u64 {
-        scatter(self.zipf.sample(&mut self.rng), KEYS)
+        self.at = (self.at + 1) & (DRAWN - 1);
+        self.keys[self.at]
     }
 }
 
@@ -196,11 +205,18 @@ fn throughput(rounds: u64, ms: u64) {
         }
     }
     let base = median(&mut rates[0].clone());
-    println!("| engine | puts/s (median) | / no journal |");
-    println!("|---|---:|---:|");
+    // Wall time per operation of one thread.
+    let ns = |rate: f64| THREADS as f64 * 1e9 / rate;
+    println!("| engine | puts/s (median) | ns per put, per thread | / no journal |");
+    println!("|---|---:|---:|---:|");
     for (i, (name, _)) in modes.iter().enumerate() {
         let m = median(&mut rates[i]);
-        println!("| {name} | {:.2} M | {:.2}x |", m / 1e6, m / base);
+        println!(
+            "| {name} | {:.2} M | {:.0} | {:.2}x |",
+            m / 1e6,
+            ns(m),
+            m / base
+        );
     }
     for (name, r) in &mut floors {
         if r.is_empty() {
@@ -208,8 +224,9 @@ fn throughput(rounds: u64, ms: u64) {
         }
         let m = median(r);
         println!(
-            "| floor: journal appends alone, {name} | {:.2} M | {:.2}x |",
+            "| floor: journal appends alone, {name} | {:.2} M | {:.0} | {:.2}x |",
             m / 1e6,
+            ns(m),
             m / base
         );
     }
@@ -218,11 +235,23 @@ fn throughput(rounds: u64, ms: u64) {
 
 /// Appends per second of `THREADS` threads appending put records (8-byte key and value)
 /// straight to a journal, each to a shard of its own: what journaling a put costs without
-/// the cache around it.
+/// the cache around it. In the journal's steady state, as the engine's rows: before the
+/// timed run, appends fill a checkpoint's worth of segments and a checkpoint of an empty
+/// live set reclaims them for reuse (not timed).
 fn append_rate(dir: &std::path::Path, mode: JournalSync, zipf: &Arc<Zipf>, ms: u64) -> f64 {
     use writebehind::journal::JournalLog;
     let (log, _) = JournalLog::<u64, u64>::open(Journal::new(dir, Raw, Raw).sync(mode), THREADS)
         .expect("journal");
+    for t in 0..THREADS {
+        let mut n = 0;
+        while log.bytes() < (t as u64 + 1) * log.checkpoint_bytes() / THREADS as u64 {
+            log.append(t, &(n % KEYS), Some(&n), n).expect("append");
+            n += 1;
+        }
+    }
+    for t in 0..THREADS {
+        log.checkpoint(t, std::iter::empty()).expect("checkpoint");
+    }
     let log = Arc::new(log);
     run_rate(ms, |t| {
         let log = log.clone();
