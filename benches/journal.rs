@@ -6,13 +6,15 @@
 //!    ratio to the journal-less engine. Keys are drawn before a run, as in the ratio report.
 //!    A journal is measured in its steady state: before the timed run it is written to
 //!    until a checkpoint has reclaimed segments and appends reuse them (not timed).
-//! 2. `JournalSync::EveryWrite` under 2, 8 and 64 writer threads: durable puts per second,
+//! 2. One thread's append through the journal's memory map, next to a `write(2)` per
+//!    record and `write(2)` batched in user space: why the journal maps its segments.
+//! 3. `JournalSync::EveryWrite` under 2, 8 and 64 writer threads: durable puts per second,
 //!    syncs per second, the group-commit factor (puts per sync) and the put latency
 //!    p50/p99/p99.9, next to a bare `fdatasync` loop on the same file system (the floor).
 //!
 //! `cargo bench --bench journal` (env: `JOURNAL_ROUNDS`, default 7; `JOURNAL_MS`, one run's
-//! length in milliseconds, default 300; `JOURNAL_PART`, `throughput` or `every` for one
-//! part only; `JOURNAL_ONLY`, a comma-separated list of the throughput rows to run, among
+//! length in milliseconds, default 300; `JOURNAL_PART`, `throughput`, `append` or `every` for
+//! one part only; `JOURNAL_ONLY`, a comma-separated list of the throughput rows to run, among
 //! `no journal`, `Interval(10ms)`, `Os` and `floor`; `JOURNAL_DIR`, the directory to
 //! journal into, default a temporary directory under the target directory, which is on the
 //! disk the crate is on).
@@ -339,6 +341,88 @@ fn every_write(ms: u64) {
     println!();
 }
 
+/// One thread appending 136-byte records (an 8-byte key, a 100-byte value): through the
+/// journal's memory map (`Os` mode, 4 MiB segments), with a `write(2)` per record, and with
+/// `write(2)` batched 64 KiB at a time in user space (which a process crash loses until the
+/// batch is written). Why the journal maps its segments. Median nanoseconds per append.
+fn append_paths(rounds: u64) {
+    use writebehind::journal::JournalLog;
+    const N: u64 = 400_000;
+    let val = vec![0x5au8; 100];
+    let record_len = (8 + 17 + 8 + val.len()).div_ceil(8) * 8;
+    println!("## One append of a {record_len}-byte record, 1 thread ({rounds} rounds of {N})\n");
+    // The same bytes as the journal's record, for the write(2) paths.
+    let encode = |buf: &mut Vec<u8>, v: u64| {
+        buf.clear();
+        buf.extend_from_slice(&[0; 8]);
+        buf.push(1);
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        buf.extend_from_slice(&v.to_le_bytes());
+        buf.extend_from_slice(&8u32.to_le_bytes());
+        buf.extend_from_slice(&(v % 1000).to_le_bytes());
+        buf.extend_from_slice(&val);
+        let crc = crc32fast::hash(&buf[8..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        buf.resize(record_len, 0);
+    };
+    let mut mmap = Vec::new();
+    let mut write = Vec::new();
+    let mut batched = Vec::new();
+    for _ in 0..rounds {
+        let dir = tempfile::tempdir_in(base_dir()).expect("temp dir");
+        let (log, _) = JournalLog::<u64, Vec<u8>>::open(
+            Journal::new(dir.path().join("j"), Raw, Raw).sync(JournalSync::Os),
+            1,
+        )
+        .expect("journal");
+        log.append(0, &0, Some(&val), 0).expect("append");
+        let t = Instant::now();
+        for v in 1..=N {
+            log.append(0, &(v % 1000), Some(&val), v).expect("append");
+        }
+        mmap.push(t.elapsed().as_nanos() as f64 / N as f64);
+        log.close().expect("close");
+
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("write"))
+            .expect("file");
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        for v in 1..=N {
+            encode(&mut buf, v);
+            (&f).write_all(&buf).expect("write");
+        }
+        write.push(t.elapsed().as_nanos() as f64 / N as f64);
+
+        let f = std::fs::File::create(dir.path().join("batched")).expect("file");
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
+        let t = Instant::now();
+        for v in 1..=N {
+            encode(&mut buf, v);
+            w.write_all(&buf).expect("write");
+        }
+        w.flush().expect("flush");
+        batched.push(t.elapsed().as_nanos() as f64 / N as f64);
+    }
+    println!("| path | ns per append (median) | survives a process crash on return |");
+    println!("|---|---:|---|");
+    println!(
+        "| journal (memory map, `Os`) | {:.0} | yes |",
+        median(&mut mmap)
+    );
+    println!(
+        "| `write(2)` per record | {:.0} | yes |",
+        median(&mut write)
+    );
+    println!(
+        "| `write(2)` batched 64 KiB | {:.0} | no |",
+        median(&mut batched)
+    );
+    println!();
+}
+
 fn us(ns: u64) -> String {
     if ns >= 1_000_000 {
         format!("{:.2} ms", ns as f64 / 1e6)
@@ -355,10 +439,13 @@ fn main() {
     let rounds = env_u64("JOURNAL_ROUNDS", 7);
     let ms = env_u64("JOURNAL_MS", 300);
     let part = std::env::var("JOURNAL_PART").unwrap_or_default();
-    if part != "every" {
+    if part.is_empty() || part == "throughput" {
         throughput(rounds, ms);
     }
-    if part != "throughput" {
+    if part.is_empty() || part == "append" {
+        append_paths(rounds);
+    }
+    if part.is_empty() || part == "every" {
         every_write(ms.max(1000));
     }
 }

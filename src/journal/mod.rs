@@ -38,13 +38,22 @@
 //! (which for a memory-mapped file would be a `SIGBUS`). The journal thread prepares the
 //! next segment of a shard when its current one is half full, so writers rarely create one.
 //!
+//! Segments a checkpoint reclaimed are reused rather than deleted (up to a checkpoint's
+//! worth, [`Journal::checkpoint_bytes`], and one per file set; the rest are deleted): the
+//! checkpoint renames them to a temporary name, which replay never reads and opening a
+//! journal deletes, and keeps them mapped. A new segment takes one of them when there is
+//! one: its header is rewritten and synced, and it is renamed into place and the directory
+//! synced, as for a new file. Its blocks are allocated and its pages are in the page cache
+//! already, so appends into it allocate, zero and (in `Os` mode, where nothing unmaps them)
+//! fault nothing.
+//!
 //! # Format
 //! All integers little-endian. A segment starts with a 64-byte header:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `WBJOURNL` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2) |
 //! | 12 | 4 | shard |
 //! | 16 | 8 | sequence number (unique in the directory) |
 //! | 24 | 4 | kind: 0 log, 1 checkpoint |
@@ -61,14 +70,17 @@
 //! | 0 | 4 | `len`: bytes of the body (from offset 8 to the end of the value) |
 //! | 4 | 4 | CRC-32 of `len` and the body |
 //! | 8 | 1 | kind: 1 put, 2 delete |
-//! | 9 | 4 | shard |
+//! | 9 | 4 | segment tag: the low 32 bits of the segment's sequence number |
 //! | 13 | 8 | version |
 //! | 21 | 4 | key length |
 //! | 25 | .. | key bytes, then value bytes (none for a delete) |
 //! | .. | 0–7 | zero padding to a multiple of 8 |
 //!
 //! The rest of a segment is zeros (fresh allocations read as zeros), so a zero `len`
-//! followed by zeros is the end of the records.
+//! followed by zeros is the end of the records. In a reused segment the rest holds the
+//! records of the file's earlier use: whole, checksummed records whose tag names another
+//! segment ("stale" records). Sequence numbers only grow, so a tag comes back only 2^32
+//! segments later.
 //!
 //! # Torn tails and corruption
 //! Replay reads each segment front to back. A record that does not check (its length runs
@@ -79,11 +91,16 @@
 //! * **No valid record after it**: a torn last record, the one being written when the
 //!   process died (or the unsynced tail when the power went). Dropped, counted in
 //!   [`ReplayStats::torn_records`].
-//! * **Valid records after it, with an all-zero 4 KiB page in between**: after a power
-//!   loss the OS may have written back a later page of the unsynced tail but not an earlier
-//!   one. The missing page is skipped ([`ReplayStats::hole_bytes`]) and the records after it
-//!   are kept.
-//! * **Valid records after it, and no such page**: corruption.
+//! * **Valid records after it, with an all-zero 4 KiB page or the start of a stale record
+//!   in between**: after a power loss the OS may have written back a later page of the
+//!   unsynced tail but not an earlier one, which still holds what the file held before (zeros,
+//!   or a reused file's earlier records). The missing page is skipped
+//!   ([`ReplayStats::hole_bytes`]) and the records after it are kept.
+//! * **Valid records after it, and neither in between**: corruption.
+//!
+//! A stale record past the watermark ends the segment's records (the same lost page when
+//! valid records follow it); below the watermark it is corruption. A stale record is never
+//! replayed.
 //!
 //! Corruption makes opening fail with [`JournalError::Corrupt`], naming the file and the
 //! offset, unless [`Journal::salvage`] is on: then the damaged bytes are skipped up to the
@@ -113,12 +130,18 @@
 //! `write(2)` that is a system call per record, made under the shard's lock; batching the
 //! calls in user space leaves the batch in the process until it is written, so a crash
 //! loses it unless every put waits for its batch. A shared mapping hands the page cache the
-//! record with a `memcpy` and no system call. Measured on a shared 2-core virtual machine
-//! (ext4, 136-byte records, the ignored test `append_cost` in `tests/journal_format.rs`):
-//! about 0.2–0.7 µs per append through the map against 1.1–1.4 µs with a `write(2)` per
-//! record (0.13 µs for `write(2)` batched 64 KiB at a time, which a crash can lose). About
-//! half of an append into a fresh mapping is the page fault of its first write to each
-//! page, so spare segments are prefaulted by the journal thread before a shard needs them.
+//! record with a `memcpy` and no system call: about a fifth of a `write(2)` per record, and
+//! twice a `write(2)` batched in user space, which a crash can lose (`JOURNAL_PART=append
+//! cargo bench --bench journal`; the numbers are in `docs/BENCHMARKS.md`). Much of an
+//! append into a fresh mapping is the page fault of its first write to each page, so spare
+//! segments are prefaulted by the journal thread before a shard needs them, and reclaimed
+//! segments are reused.
+//!
+//! Writing back a page that is mapped writable makes the kernel write-protect it, with a
+//! TLB shootdown (an interrupt of every CPU running the process) per page. A sync therefore
+//! first drops the mapping of the whole pages it is about to write back (`MADV_DONTNEED`,
+//! which on a shared file mapping leaves the bytes in the page cache), and writes back
+//! pages no thread has mapped.
 //!
 //! The price: a file must be allocated up front (done when a segment is created, so a full
 //! disk is an error and never a `SIGBUS`), and it must not be truncated while mapped (the
@@ -150,11 +173,14 @@
 //! the shard's older segments. The engine's side: under the shard's lock, call
 //! `JournalLog::begin_checkpoint` and take a snapshot of the dirty set; release the lock;
 //! call `JournalLog::finish_checkpoint` with the snapshot (writing and syncing it takes no
-//! lock of the engine's). `JournalLog::bytes` tells when a checkpoint is worth it. A journal's size is thus bounded by the dirty set plus what
-//! was appended since the last checkpoint of each shard plus one preallocated segment per
-//! shard that has written (and a spare when one is half full). Segments found when the
-//! journal is opened are deleted once every shard has completed a checkpoint. A clean close
-//! after a flush and a checkpoint of every shard with an empty dirty set leaves no segment.
+//! lock of the engine's). `JournalLog::bytes` tells when a checkpoint is worth it. A
+//! journal's size is thus bounded by the dirty set plus what was appended since the last
+//! checkpoint of each shard plus one preallocated segment per shard that has written (and a
+//! spare when one is half full); on disk, the reclaimed segments kept for reuse add up to a
+//! checkpoint's worth and one per file set. Segments found when the journal is opened are
+//! deleted once every shard has completed a checkpoint. A clean close after a flush and a
+//! checkpoint of every shard with an empty dirty set leaves no segment, and deletes the
+//! segments kept for reuse.
 //!
 //! # User code
 //! Codecs run on the writer's thread; an error or a panic in one becomes
@@ -294,7 +320,9 @@ impl<K, V> Journal<K, V> {
 
     /// Space reclamation: a cache's flushers checkpoint their shards once the journal holds
     /// this many bytes and twice what it held after their last checkpoint, so it stays within
-    /// about twice the writes the store does not hold, plus this. Default
+    /// about twice the writes the store does not hold, plus this. The segments a checkpoint
+    /// reclaims are kept for reuse, up to this many bytes of them and one per file set, so
+    /// the directory also holds up to that much preallocated space. Default
     /// [`DEFAULT_CHECKPOINT_BYTES`]; at least one segment.
     pub fn checkpoint_bytes(mut self, n: u64) -> Self {
         self.checkpoint_bytes = n.max(MIN_SEGMENT_BYTES);
