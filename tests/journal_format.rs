@@ -310,6 +310,69 @@ fn journal_size_stays_bounded_under_repeated_checkpoints() {
     log.close().unwrap();
 }
 
+/// Files kept for reuse: reclaimed segments renamed out of the journal's view.
+fn kept_for_reuse(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_str().unwrap().starts_with(".tmp-free-")
+        })
+        .count()
+}
+
+#[test]
+fn reclaimed_segments_are_reused_and_replay_reads_only_their_new_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(dir.path(), JournalSync::Os, 4096, 1);
+    let mut version = 0;
+    // A first life: 3000 writes over 300 keys, then the store holds all of them.
+    let mut first = Model::new();
+    write_random(&log, &mut first, &mut Rng(17), 3000, 300, 1, &mut version);
+    let created = log.stats().segments_created;
+    assert!(created > 20, "{created}");
+    log.checkpoint(0, std::iter::empty()).unwrap();
+    assert!(kept_for_reuse(dir.path()) > 0, "nothing kept for reuse");
+    // A second life over other keys, in the reused files.
+    let mut second = Model::new();
+    let mut rng = Rng(23);
+    for _ in 0..1500 {
+        let key = 1_000 + rng.below(50);
+        version += 1;
+        let val = value(key, version);
+        log.append(0, &key, Some(&val), version).unwrap();
+        second.insert(key, (Some(val), version));
+    }
+    let s = log.stats();
+    assert!(s.segments_reused > 0, "{s:?}");
+    assert!(
+        s.segments_created - created < created / 2,
+        "reuse did not replace creation: {s:?}"
+    );
+    // As a crash leaves it: the reused files still hold the first life's records past the
+    // new ones; replay returns the second life only.
+    log.abandon();
+    let (log, replayed) = open(dir.path(), JournalSync::Os, 4096, 1);
+    assert_eq!(replayed, second);
+    assert_eq!(kept_for_reuse(dir.path()), 0, "open keeps no reuse file");
+    write_random(
+        &log,
+        &mut Model::new(),
+        &mut Rng(29),
+        2000,
+        300,
+        1,
+        &mut version,
+    );
+    log.checkpoint(0, std::iter::empty()).unwrap();
+    assert!(kept_for_reuse(dir.path()) > 0);
+    log.close().unwrap();
+    assert_eq!(kept_for_reuse(dir.path()), 0, "a clean close deletes them");
+    let (log, replayed) = open(dir.path(), JournalSync::Os, 4096, 1);
+    assert!(replayed.is_empty());
+    log.close().unwrap();
+}
+
 #[test]
 fn appends_racing_a_checkpoint_are_all_replayed() {
     // The engine's protocol: appends happen under the shard lock together with the update of
