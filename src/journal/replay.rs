@@ -68,7 +68,8 @@ pub struct ReplayedEntry<K, V> {
     pub value: Option<V>,
     /// The version of that write.
     pub version: u64,
-    /// The shard that wrote it (from the record; shard counts may differ between runs).
+    /// The journal file set that wrote it (from its segment's header; shard counts may differ
+    /// between runs).
     pub shard: usize,
 }
 
