@@ -519,37 +519,31 @@ mod tests {
         let (v, s) = scan(&t, false).unwrap();
         assert_eq!((v, s.torn), ((1000..1009).collect::<Vec<_>>(), true));
         // A page of new records the OS never wrote back: the old bytes are still there, and
-        // the new records after them are kept.
+        // the new records after it are kept, none of the old ones.
+        let lost_page = |old: &[u8], new: &[(u64, &[u8], &[u8])]| {
+            let mut hole = reused(old, 9, new);
+            hole[4096..8192].copy_from_slice(&old[4096..8192]);
+            let (v, s) = scan(&hole, false).unwrap();
+            assert!(s.hole_bytes > 0);
+            assert!(
+                v.iter().all(|&x| x >= 1000),
+                "an old record was replayed: {v:?}"
+            );
+            assert!(v.len() < 300 && v.len() > 100, "{}", v.len());
+        };
         let long: Vec<(u64, &[u8], &[u8])> = (1000..1300u64)
             .map(|v| (v, &b"k"[..], &b"new"[..]))
             .collect();
-        let mut hole = reused(&old, 9, &long);
-        hole[4096..8192].copy_from_slice(&old[4096..8192]);
-        let (v, s) = scan(&hole, false).unwrap();
-        assert!(s.hole_bytes > 0);
-        assert!(
-            v.iter().all(|&x| x >= 1000),
-            "an old record was replayed: {v:?}"
-        );
-        assert!(v.len() < 300 && v.len() > 100, "{}", v.len());
-        // The same with the earlier use's records laid out differently: the lost page
-        // starts inside a new record, which reads as damaged, and old records follow it.
+        lost_page(&old, &long);
+        // The earlier use's records laid out differently: the lost page starts inside a new
+        // record, which reads as damaged, and old records follow it.
         let old_long: Vec<(u64, &[u8], &[u8])> = (0..200u64)
             .map(|v| (v, &b"k"[..], &b"an older, longer value"[..]))
             .collect();
         let odd: Vec<(u64, &[u8], &[u8])> = (1000..1300u64)
             .map(|v| (v, &b"k"[..], &b"new value!!"[..]))
             .collect();
-        let old2 = segment_of(5, &old_long, 16384);
-        let mut hole = reused(&old2, 9, &odd);
-        hole[4096..8192].copy_from_slice(&old2[4096..8192]);
-        let (v, s) = scan(&hole, false).unwrap();
-        assert!(s.hole_bytes > 0);
-        assert!(
-            v.iter().all(|&x| x >= 1000),
-            "an old record was replayed: {v:?}"
-        );
-        assert!(v.len() < 300 && v.len() > 100, "{}", v.len());
+        lost_page(&segment_of(5, &old_long, 16384), &odd);
         // Below the watermark, an old record is corruption.
         let mut synced = seg.clone();
         synced[format::WATERMARK_AT..format::WATERMARK_AT + 8]
