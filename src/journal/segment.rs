@@ -69,7 +69,7 @@ pub(crate) struct Segment {
     pub(crate) seq: u64,
     map: MmapRaw,
     /// Kept open for the mapping's lifetime (and for the allocation it holds).
-    _file: File,
+    file: File,
     /// End of the complete records. Written only by the one appender (the shard's log lock
     /// or the checkpoint that owns the segment), with `Release` after the bytes are in place.
     written: AtomicU64,
@@ -179,22 +179,23 @@ impl Segment {
             .len(len)
             .map_raw(&file)
             .map_err(|e| undo(JournalError::io("map", &path, e)))?;
+        Ok(Segment::mapped(path, seq, map, file, prefault))
+    }
+
+    /// A segment over `map`, whose header is written, with no records yet; with `prefault`,
+    /// every page of the mapping is faulted in for writing first.
+    fn mapped(path: PathBuf, seq: u64, map: MmapRaw, file: File, prefault: bool) -> Segment {
         if prefault {
             // Best effort: kernels before 5.14 do not know the advice; appends then fault
             // pages in as they reach them.
             #[cfg(target_os = "linux")]
             let _ = map.advise(memmap2::Advice::PopulateWrite);
         }
-        Ok(Segment::mapped(path, seq, map, file))
-    }
-
-    /// A segment over `map`, whose header is written, with no records yet.
-    fn mapped(path: PathBuf, seq: u64, map: MmapRaw, file: File) -> Segment {
         Segment {
             path,
             seq,
             map,
-            _file: file,
+            file,
             written: AtomicU64::new(HEADER_LEN as u64),
             records: AtomicU64::new(0),
             synced: AtomicU64::new(HEADER_LEN as u64),
@@ -219,7 +220,7 @@ impl Segment {
         Ok(Retired {
             path,
             map: self.map,
-            file: self._file,
+            file: self.file,
         })
     }
 
@@ -269,11 +270,7 @@ impl Segment {
             let _ = fs::remove_file(&path);
             return Err(JournalError::io("sync the directory", dir, e));
         }
-        if prefault {
-            #[cfg(target_os = "linux")]
-            let _ = map.advise(memmap2::Advice::PopulateWrite);
-        }
-        Ok(Segment::mapped(path, seq, map, file))
+        Ok(Segment::mapped(path, seq, map, file, prefault))
     }
 
     /// Bytes the segment file holds (its allocation).
