@@ -237,16 +237,23 @@ fn scan_segment<'a>(
                     }
                 }
             }
-            Read::Stale { .. } => {
+            Read::Stale { size } => {
                 let reason = format!(
                     "a record of the file's earlier use below the synced watermark (byte \
                      {watermark})"
                 );
-                if salvage {
-                    tracing::warn!(file = %file.display(), offset = p, %reason, "journal: salvaging");
-                    break;
+                if !salvage {
+                    return Err(corrupt(p, reason));
                 }
-                return Err(corrupt(p, reason));
+                let limit = *limit.get_or_insert_with(|| last_nonzero_end(seg));
+                let next = resync(seg, p + size, limit, tag);
+                let resume = next.unwrap_or(limit.max(p));
+                tracing::warn!(file = %file.display(), offset = p, resumes_at = resume, %reason, "journal: salvaging past a damaged record");
+                out.salvaged_bytes += (resume - p) as u64;
+                match next {
+                    Some(q) => p = q,
+                    None => break,
+                }
             }
             Read::Bad(reason) => {
                 let limit = *limit.get_or_insert_with(|| last_nonzero_end(seg));
@@ -554,6 +561,16 @@ mod tests {
         ));
         let (v, _) = scan(&synced, true).unwrap();
         assert_eq!(v, (1000..1010).collect::<Vec<_>>());
+        // Salvaging past an old record below the watermark keeps the new records after it.
+        let mut mid = seg.clone();
+        mid[HEADER_LEN + 3 * size..HEADER_LEN + 4 * size]
+            .copy_from_slice(&old[HEADER_LEN + 3 * size..HEADER_LEN + 4 * size]);
+        let synced_end = (HEADER_LEN + 10 * size) as u64;
+        mid[format::WATERMARK_AT..format::WATERMARK_AT + 8]
+            .copy_from_slice(&format::encode_watermark(9, synced_end).to_le_bytes());
+        let (v, s) = scan(&mid, true).unwrap();
+        assert_eq!(v, [1000, 1001, 1002, 1004, 1005, 1006, 1007, 1008, 1009]);
+        assert_eq!(s.salvaged_bytes, size as u64);
     }
 
     /// `(start, end)` of each record of `records` laid out from the header on.
