@@ -322,7 +322,9 @@ impl<K, V> Journal<K, V> {
     /// this many bytes and twice what it held after their last checkpoint, so it stays within
     /// about twice the writes the store does not hold, plus this. The segments a checkpoint
     /// reclaims are kept for reuse, up to this many bytes of them and one per file set, so
-    /// the directory also holds up to that much preallocated space. Default
+    /// the directory also holds up to that much preallocated space, and while the journal is
+    /// open the page cache holds their pages (mapped, so they count in the process's
+    /// resident file pages; the kernel may write them back and reclaim them). Default
     /// [`DEFAULT_CHECKPOINT_BYTES`]; at least one segment.
     pub fn checkpoint_bytes(mut self, n: u64) -> Self {
         self.checkpoint_bytes = n.max(MIN_SEGMENT_BYTES);
