@@ -177,6 +177,23 @@ fn lost_page_between(seg: &[u8], from: usize, to: usize, tag: u32) -> bool {
     false
 }
 
+/// Salvage: skips the damaged bytes at `p` up to `next`, the next valid record (or, with
+/// none, up to `limit`, the end of the segment's bytes), counting them; returns where reading
+/// goes on, if anywhere.
+fn salvage_past(
+    out: &mut SegmentScan,
+    file: &Path,
+    p: usize,
+    next: Option<usize>,
+    limit: usize,
+    reason: &str,
+) -> Option<usize> {
+    let resume = next.unwrap_or(limit.max(p));
+    tracing::warn!(file = %file.display(), offset = p, resumes_at = resume, %reason, "journal: salvaging past a damaged record");
+    out.salvaged_bytes += (resume - p) as u64;
+    next
+}
+
 /// Reads one segment, calling `emit(offset, shard, record)` for each valid record (`shard`
 /// from the segment's header).
 fn scan_segment<'a>(
@@ -247,10 +264,7 @@ fn scan_segment<'a>(
                 }
                 let limit = *limit.get_or_insert_with(|| last_nonzero_end(seg));
                 let next = resync(seg, p + size, limit, tag);
-                let resume = next.unwrap_or(limit.max(p));
-                tracing::warn!(file = %file.display(), offset = p, resumes_at = resume, %reason, "journal: salvaging past a damaged record");
-                out.salvaged_bytes += (resume - p) as u64;
-                match next {
+                match salvage_past(&mut out, file, p, next, limit, &reason) {
                     Some(q) => p = q,
                     None => break,
                 }
@@ -280,10 +294,7 @@ fn scan_segment<'a>(
                         if !salvage {
                             return Err(corrupt(p, reason));
                         }
-                        let resume = next.unwrap_or(limit.max(p));
-                        tracing::warn!(file = %file.display(), offset = p, resumes_at = resume, %reason, "journal: salvaging past a damaged record");
-                        out.salvaged_bytes += (resume - p) as u64;
-                        match next {
+                        match salvage_past(&mut out, file, p, next, limit, &reason) {
                             Some(q) => p = q,
                             None => break,
                         }
